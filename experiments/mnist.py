@@ -1,0 +1,20 @@
+"""Default experiment: the `seed` ViT (width 64, 4 heads of 16, depth 6) on MNIST.
+
+    python launch.py --config=experiments/mnist.py --workdir=runs/mnist
+
+Every field and its default is documented in `vit_jax/experiment_config.py`;
+this file states only what the experiment chooses.
+"""
+
+from vit_jax.experiment_config import ExperimentConfig, as_config_dict
+from vit_jax.model_configs import get_model_config
+
+
+def get_config():
+  return as_config_dict(ExperimentConfig(
+      model=get_model_config("seed"),
+      dataset="mnist",
+      batch_size=128,
+      num_epochs=5,
+      learning_rate=1e-3,
+  ))

@@ -1,0 +1,71 @@
+"""Train, evaluate or use a ViT from the command line.
+
+    python launch.py --config=experiments/mnist.py --workdir=runs/mnist
+    python launch.py --config=experiments/mnist.py --workdir=runs/mnist --mode=eval
+    python launch.py --config=experiments/mnist.py --workdir=runs/mnist --mode=predict \
+        --images=digit.png,other.npy
+    python launch.py --config=experiments/mnist.py --config.model.num_heads=8 --workdir=...
+
+Runs on whatever JAX finds: CPU, GPU or TPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "experiments/mnist.py", "Experiment config file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Folder for checkpoints, config and metrics.",
+                    required=True)
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to do.")
+flags.DEFINE_list("images", [], "predict: image files (PNG or .npy, 28x28 grey).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  # Orbax and TFDS log every step of their work at INFO; keep the console for ours.
+  logging.getLogger("absl").setLevel(logging.WARNING)
+
+  import jax
+  import numpy as np
+
+  from vit_jax import image_files, train
+  from vit_jax.experiment_config import validate
+
+  config = validate(FLAGS.config)
+  print(f"devices: {jax.devices()}", flush=True)
+  if FLAGS.mode == "train":
+    result = train.train_and_evaluate(config, FLAGS.workdir)
+    print(f"test accuracy: {result['eval_accuracy']:.4f} (loss {result['eval_loss']:.4f}, "
+          f"step {result['step']})")
+  elif FLAGS.mode == "eval":
+    result = train.evaluate_checkpoint(config, FLAGS.workdir)
+    print(f"test accuracy: {result['eval_accuracy']:.4f} (loss {result['eval_loss']:.4f}, "
+          f"step {result['step']})")
+  else:
+    if not FLAGS.images:
+      raise app.UsageError("--mode=predict needs --images=FILE[,FILE...]")
+    size = config.model.image_size
+    images = np.stack([image_files.load_image(p, size) for p in FLAGS.images])
+    probabilities = train.predict(config, FLAGS.workdir, images)
+    for path, probs in zip(FLAGS.images, probabilities, strict=True):
+      shown = " ".join(f"{p:.3f}" for p in probs)
+      print(f"{path}: digit {int(np.argmax(probs))} (p={probs.max():.3f}) probabilities [{shown}]")
+
+
+def run():
+  try:
+    app.run(main)
+  except ValueError as e:  # bad config, data or files: one line, no traceback
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,1 @@
+"""vit_jax: Vision Transformers on MNIST, with the attention maths in plain sight."""

@@ -1,0 +1,102 @@
+"""The schema of a training run's config, checked once before anything runs.
+
+Experiment files in `experiments/` return ml_collections ConfigDicts; `validate`
+turns one into a frozen `ExperimentConfig`, rejecting unknown keys, wrong types
+and impossible values with a one-line ValueError naming the key and value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Literal
+
+from vit_jax.model_configs import ModelConfig
+from vit_jax.schema import from_mapping, require
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """Everything a run needs. Steps count optimizer updates of one global batch."""
+  model: ModelConfig
+  dataset: Literal["mnist", "fashion_mnist"] = "mnist"
+  # TFDS data dir (None: TFDS's default). idx_dir: a folder of the four IDX files to
+  # build the TFDS dataset from offline; 'auto' looks in the known places; None downloads.
+  tfds_data_dir: str | None = None
+  idx_dir: str | None = "auto"
+  # Train on the first N training examples only (None: all 60,000).
+  train_examples: int | None = None
+  seed: int = 0
+  batch_size: int = 128
+  num_epochs: float = 5.0
+  learning_rate: float = 1e-3
+  warmup_steps: int = 200
+  weight_decay: float = 0.05
+  grad_clip_norm: float = 1.0
+  label_smoothing: float = 0.0
+  # Random translation of up to this many pixels in each direction (0: none).
+  augment_max_shift: int = 2
+  eval_batch_size: int = 1000
+  # 'auto' uses pmap when JAX sees more than one local device, else jit.
+  parallel: Literal["auto", "jit", "pmap"] = "auto"
+  log_every_steps: int = 50
+  # 0: evaluate at the end only.
+  eval_every_steps: int = 0
+  checkpoint_every_steps: int = 500
+  keep_checkpoints: int = 3
+
+  def __post_init__(self):
+    for key in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps",
+                "keep_checkpoints"):
+      value = getattr(self, key)
+      require(value > 0, key, value, "must be positive")
+    for key in ("warmup_steps", "eval_every_steps", "augment_max_shift"):
+      value = getattr(self, key)
+      require(value >= 0, key, value, "must not be negative")
+    require(self.num_epochs > 0, "num_epochs", self.num_epochs, "must be positive")
+    require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be positive")
+    require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must not be negative")
+    require(self.grad_clip_norm > 0, "grad_clip_norm", self.grad_clip_norm, "must be positive")
+    require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing,
+            "must be in [0, 1)")
+    require(self.train_examples is None or self.train_examples >= self.batch_size,
+            "train_examples", self.train_examples,
+            f"must be at least batch_size={self.batch_size}")
+    require(self.train_examples is None or self.train_examples <= 60000,
+            "train_examples", self.train_examples, "exceeds the 60000 training examples")
+
+
+def validate(config: Any) -> ExperimentConfig:
+  """ConfigDict or mapping -> ExperimentConfig, or a one-line ValueError."""
+  return from_mapping(ExperimentConfig, config, path="config")
+
+
+def as_config_dict(config: ExperimentConfig):
+  """-> a locked ml_collections.ConfigDict holding every field, for `--config.x=y` flags.
+
+  Fields that are None become typed placeholders, so that a flag can still set them.
+  """
+  import ml_collections
+  from ml_collections.config_dict import placeholder
+
+  def convert(obj):
+    hints = typing.get_type_hints(type(obj))
+    out = {}
+    for field in dataclasses.fields(obj):
+      value = getattr(obj, field.name)
+      if dataclasses.is_dataclass(value):
+        value = convert(value)
+      elif value is None:
+        value = placeholder(_non_none_type(hints[field.name]))
+      elif hints[field.name] is float:
+        value = float(value)  # so that a flag may later set 2.5 where the file says 2
+      out[field.name] = value
+    return ml_collections.ConfigDict(out)
+
+  config_dict = convert(config)
+  config_dict.lock()
+  return config_dict
+
+
+def _non_none_type(annotation: Any) -> type:
+  return next(t for t in typing.get_args(annotation) if t is not type(None))

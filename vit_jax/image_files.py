@@ -1,0 +1,52 @@
+"""Reading a user's digit images (PNG or .npy) into the model's input format.
+
+Layer 3 of vit_jax: knows nothing of models or training.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class ImageFileError(ValueError):
+  """An image file that cannot be used; the message names the file and why."""
+
+
+def load_image(path: str | os.PathLike, size: int = 28) -> np.ndarray:
+  """-> uint8 (size, size, 1): a grey image, white digit on black as in MNIST.
+
+  PNG (or any format Pillow reads) in any mode is converted to grey; .npy holds an
+  (H, W) or (H, W, 1) array of 0-255 grey levels (uint8, or floats in [0, 1]).
+  Either must already be size x size: resizing would change what the model sees.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise ImageFileError(f"{path}: no such file")
+  if path.suffix.lower() == ".npy":
+    try:
+      array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+      raise ImageFileError(f"{path}: not a readable .npy array ({e})") from None
+    if array.ndim == 3 and array.shape[-1] == 1:
+      array = array[..., 0]
+    if not np.issubdtype(array.dtype, np.number):
+      raise ImageFileError(f"{path}: dtype {array.dtype} is not numeric")
+    if np.issubdtype(array.dtype, np.floating) and array.size and array.max() <= 1.0:
+      array = array * 255.0
+    if array.size and (array.min() < 0 or array.max() > 255):
+      raise ImageFileError(f"{path}: values outside 0-255")
+    array = np.round(array).astype(np.uint8) if array.dtype != np.uint8 else array
+  else:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+      with Image.open(path) as image:
+        array = np.asarray(image.convert("L"))
+    except (UnidentifiedImageError, OSError) as e:
+      raise ImageFileError(f"{path}: not an image Pillow can read ({e})") from None
+  if array.shape != (size, size):
+    raise ImageFileError(f"{path}: shape {array.shape} is not {size}x{size} grey")
+  return array[..., None]

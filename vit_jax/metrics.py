@@ -1,0 +1,84 @@
+"""Where a run's numbers go: JSON lines, TensorBoard, and a progress line or bar."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class MetricWriter:
+  """Appends {'step': s, **metrics} to workdir/metrics.jsonl and to TensorBoard."""
+
+  def __init__(self, workdir: Path):
+    from flax.metrics import tensorboard  # imports TensorFlow: only when a run writes
+
+    self.jsonl = open(Path(workdir) / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+    self.tensorboard = tensorboard.SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    self.jsonl.write(json.dumps(record) + "\n")
+    self.jsonl.flush()
+    for key, value in metrics.items():
+      self.tensorboard.scalar(key, float(value), int(step))
+
+  def close(self) -> None:
+    self.jsonl.close()
+    self.tensorboard.flush()
+    self.tensorboard.close()
+
+
+def read_metrics(workdir: str | Path) -> list[dict[str, float]]:
+  path = Path(workdir) / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+  """A tqdm bar on a terminal, plain log lines elsewhere (files, CI)."""
+
+  def __init__(self, total_steps: int, start_step: int, stream=None):
+    self.stream = stream or sys.stderr
+    self.total, self.start = total_steps, start_step
+    self.t0 = time.monotonic()
+    self.bar = None
+    if self.stream.isatty():
+      from tqdm import tqdm
+
+      self.bar = tqdm(total=total_steps, initial=start_step, file=self.stream,
+                      unit="step", dynamic_ncols=True)
+
+  def update(self, step: int, metrics: dict[str, float]) -> None:
+    shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in ("train_loss", "train_accuracy")}
+    if self.bar is not None:
+      self.bar.set_postfix(shown, refresh=False)
+      self.bar.update(step - self.bar.n)
+      return
+    done = step - self.start
+    elapsed = time.monotonic() - self.t0
+    eta = elapsed / max(done, 1) * (self.total - step)
+    fields = " ".join(f"{k}={v}" for k, v in shown.items())
+    print(f"step {step}/{self.total} {fields} "
+          f"{metrics.get('images_per_sec', float('nan')):.0f} img/s "
+          f"ETA {_duration(eta)}", file=self.stream, flush=True)
+
+  def message(self, text: str) -> None:
+    if self.bar is not None:
+      self.bar.write(text)
+    else:
+      print(text, file=self.stream, flush=True)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+  if not np.isfinite(seconds):
+    return "?"
+  minutes, secs = divmod(int(seconds), 60)
+  return f"{minutes}m{secs:02d}s"

@@ -1,0 +1,81 @@
+"""The registry of named ViT shapes, each pinned by its parameter count in tests.
+
+    >>> get_model_config("seed", num_heads=8)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from vit_jax.schema import from_mapping, require
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The shape of a ViT. Validated on construction; a bad field raises ValueError.
+
+  qkv chooses how queries, keys and values are made from the tokens:
+  'fused' (one `to_qkv` matrix D -> 3D, then chunk), 'separate' (W_Q, W_K, W_V)
+  or 'identity' (Q = K = V = the tokens: the no-projection ablation).
+  """
+  patch_size: int
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  num_classes: int = 10
+  image_size: int = 28
+  num_channels: int = 1
+  classifier: Literal["token", "gap"] = "token"
+  qkv: Literal["fused", "separate", "identity"] = "fused"
+  qkv_bias: bool = False
+  dropout_rate: float = 0.0
+
+  def __post_init__(self):
+    for key in ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
+                "num_classes", "image_size", "num_channels"):
+      value = getattr(self, key)
+      require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+              key, value, "must be a positive integer")
+    require(self.hidden_size % self.num_heads == 0, "num_heads", self.num_heads,
+            f"does not divide hidden_size={self.hidden_size}")
+    require(self.image_size % self.patch_size == 0, "patch_size", self.patch_size,
+            f"does not divide image_size={self.image_size}")
+    require(self.classifier in ("token", "gap"), "classifier", self.classifier,
+            "is not one of 'token', 'gap'")
+    require(self.qkv in ("fused", "separate", "identity"), "qkv", self.qkv,
+            "is not one of 'fused', 'separate', 'identity'")
+    require(0.0 <= self.dropout_rate < 1.0, "dropout_rate", self.dropout_rate,
+            "must be in [0, 1)")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    # A few thousand parameters: for unit tests and smoke runs.
+    "testing": ModelConfig(patch_size=7, hidden_size=16, num_layers=1, num_heads=2,
+                           mlp_dim=32),
+    # The design's example: width 64 split into 4 heads of 16.
+    "seed": ModelConfig(patch_size=4, hidden_size=64, num_layers=6, num_heads=4,
+                        mlp_dim=128),
+    # Wider and deeper, for when the seed shape is not enough (e.g. Fashion-MNIST).
+    "wide": ModelConfig(patch_size=4, hidden_size=192, num_layers=8, num_heads=6,
+                        mlp_dim=384),
+}
+
+
+def get_model_config(name: str, **overrides: Any) -> ModelConfig:
+  """The registered config `name`, with `overrides` applied and validated."""
+  if name not in MODEL_CONFIGS:
+    raise ValueError(f"model name={name!r} is not registered "
+                     f"(known: {', '.join(sorted(MODEL_CONFIGS))})")
+  fields = dataclasses.asdict(MODEL_CONFIGS[name])
+  fields.update(overrides)
+  return from_mapping(ModelConfig, fields, path="model")

@@ -1,0 +1,148 @@
+"""Flax modules that own the ViT's parameters and call the maths in `attention`.
+
+`ViT.apply(variables, images, mutable=["intermediates"])` returns the logits and,
+beside them, every layer's attention weights (sown as
+`intermediates/.../attention/attention_weights`), so attention maps need no
+second forward pass; `attention_maps` stacks them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vit_jax import attention as A
+from vit_jax.model_configs import ModelConfig
+
+
+class Linear(nn.Module):
+  """A learned projection x @ kernel (+ bias) over the last axis of (B, N, D_in).
+
+  `projection` is the pure function that applies the weights (`attention.project`,
+  or `attention.project_out` for the attention's output layer).
+  """
+  features: int
+  use_bias: bool = True
+  kernel_init: Any = nn.initializers.xavier_uniform()
+  projection: Callable[..., jax.Array] = A.project
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+    return self.projection(x, kernel, bias)
+
+
+class PatchEmbedding(nn.Module):
+  """(B, H, W, C) images -> (B, N, D) tokens: patchify, then a linear projection."""
+  patch_size: int
+  hidden_size: int
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    patches = A.patchify(images, self.patch_size)
+    return Linear(self.hidden_size, name="projection")(patches)
+
+
+class MultiHeadSelfAttention(nn.Module):
+  """Project, chunk, split heads, attend, merge heads, project out.
+
+  qkv: 'fused' (one `to_qkv` matrix D -> 3D), 'separate' (`to_q`, `to_k`, `to_v`)
+  or 'identity' (no projection: Q = K = V = x, so head h reads slice h of x).
+  """
+  num_heads: int
+  qkv: str = "fused"
+  qkv_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    width = x.shape[-1]
+    if self.qkv == "fused":
+      q, k, v = A.chunk_qkv(Linear(3 * width, self.qkv_bias, name="to_qkv")(x))
+    elif self.qkv == "separate":
+      q, k, v = (Linear(width, self.qkv_bias, name=f"to_{t}")(x) for t in "qkv")
+    elif self.qkv == "identity":
+      q = k = v = x
+    else:
+      raise ValueError(f"qkv={self.qkv!r} is not one of 'fused', 'separate', 'identity'")
+    q, k, v = (A.split_heads(t, self.num_heads) for t in (q, k, v))
+    out, weights = A.attend(q, k, v, mask)
+    self.sow("intermediates", "attention_weights", weights)
+    out = A.merge_heads(out)
+    return Linear(width, projection=A.project_out, name="to_out")(out)
+
+
+class MlpBlock(nn.Module):
+  """Linear -> GELU -> dropout -> Linear -> dropout, token-wise."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    width = x.shape[-1]
+    x = nn.gelu(Linear(self.mlp_dim, name="fc1")(x))
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = Linear(width, name="fc2")(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    c = self.config
+    y = nn.LayerNorm(name="norm1")(x)
+    y = MultiHeadSelfAttention(c.num_heads, c.qkv, c.qkv_bias, name="attention")(y)
+    x = x + nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
+    y = nn.LayerNorm(name="norm2")(x)
+    return x + MlpBlock(c.mlp_dim, c.dropout_rate, name="mlp")(y, deterministic)
+
+
+class Encoder(nn.Module):
+  """`num_layers` encoder blocks, then a final LayerNorm."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    for i in range(self.config.num_layers):
+      x = EncoderBlock(self.config, name=f"block{i}")(x, deterministic)
+    return nn.LayerNorm(name="norm")(x)
+
+
+class ViT(nn.Module):
+  """Vision Transformer classifier: (B, H, W, C) images -> (B, num_classes) logits."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+    c = self.config
+    x = PatchEmbedding(c.patch_size, c.hidden_size, name="patch_embedding")(images)
+    batch = x.shape[0]
+    if c.classifier == "token":
+      cls = self.param("cls_token", nn.initializers.zeros, (1, 1, c.hidden_size))
+      x = jnp.concatenate([jnp.tile(cls, (batch, 1, 1)), x], axis=1)
+    pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
+                     (1, x.shape[1], c.hidden_size))
+    x = nn.Dropout(c.dropout_rate)(x + pos, deterministic=not train)
+    x = Encoder(c, name="encoder")(x, deterministic=not train)
+    pooled = x[:, 0] if c.classifier == "token" else x.mean(axis=1)
+    # A zero-initialised head starts every class at equal probability.
+    head = Linear(c.num_classes, kernel_init=nn.initializers.zeros, name="head")
+    return head(pooled[:, None, :])[:, 0]
+
+
+def attention_maps(intermediates: Any) -> jax.Array:
+  """Stacks the sown attention weights: -> (num_layers, B, H, N, N)."""
+  encoder = intermediates["encoder"]
+  layers = sorted((k for k in encoder if k.startswith("block")), key=lambda k: int(k[5:]))
+  return jnp.stack([encoder[k]["attention"]["attention_weights"][0] for k in layers])
+
+
+def count_params(params: Any) -> int:
+  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
