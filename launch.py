@@ -60,11 +60,16 @@ def main(argv):
 
 
 def run():
+  from vit_jax.train import TrainingInterruptedError
+
   try:
     app.run(main)
   except ValueError as e:  # bad config, data or files: one line, no traceback
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except TrainingInterruptedError as e:  # SIGTERM / Ctrl-C, after saving a checkpoint
+    print(f"interrupted: {e}", file=sys.stderr)
+    sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

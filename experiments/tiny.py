@@ -21,5 +21,4 @@ def get_config():
       augment_max_shift=1,
       log_every_steps=16,
       checkpoint_every_steps=128,
-      eval_batch_size=500,
   ))

@@ -8,9 +8,12 @@ that cannot be read is reported and the next older one is used.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import logging
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,38 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
   if not os.access(path, os.W_OK):
     raise ValueError(f"workdir={str(workdir)!r} is not writable")
   return path
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir for the life of one run.
+
+  It is an flock on `workdir/lock`: the kernel releases it when the process dies,
+  however it dies, so a killed run never leaves the workdir locked.
+  """
+
+  def __init__(self, workdir: Path):
+    self.path = Path(workdir) / "lock"
+    self.file = None
+
+  def __enter__(self):
+    self.file = open(self.path, "a+")  # noqa: SIM115 - held until __exit__
+    try:
+      fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self.file.seek(0)
+      holder = self.file.read().strip() or "another process"
+      self.file.close()
+      raise ValueError(f"workdir={str(self.path.parent)!r} is in use by {holder}; "
+                       "wait for it or use another workdir") from None
+    self.file.seek(0)
+    self.file.truncate()
+    self.file.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    self.file.flush()
+    return self
+
+  def __exit__(self, *exc):
+    fcntl.flock(self.file, fcntl.LOCK_UN)
+    self.file.close()
 
 
 def write_or_check_config(workdir: Path, config: Any) -> None:
@@ -71,8 +106,9 @@ class Checkpoints:
   """Saves the train state every `every_steps` steps, keeping the last `keep`."""
 
   def __init__(self, workdir: Path, every_steps: int, keep: int):
+    self.directory = Path(workdir).absolute() / "checkpoints"
     self.manager = ocp.CheckpointManager(
-        Path(workdir).absolute() / "checkpoints",
+        self.directory,
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=every_steps, max_to_keep=keep, create=True,
             enable_async_checkpointing=False, cleanup_tmp_directories=True))
@@ -81,15 +117,28 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def restore_latest(self, like: Any) -> Any | None:
-    """The newest readable checkpoint, shaped like `like`; None if there is none."""
+    """The newest readable checkpoint, shaped like `like`; None if there is none.
+
+    An unreadable checkpoint is reported and moved to `checkpoints_unreadable/`
+    (kept for inspection, out of the way of the step that will be saved again).
+    """
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+    restored, moved = None, False
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped alike
-        log.warning("checkpoint at step %d cannot be read (%s: %s); trying an older one",
-                    step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-    return None
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        break
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is handled alike
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        aside = self.directory.parent / "checkpoints_unreadable" / f"{step}-{time.time():.0f}"
+        log.warning("checkpoint at step %d cannot be read (%s); moved to %s, trying an older one",
+                    step, reason, aside)
+        aside.parent.mkdir(exist_ok=True)
+        shutil.move(str(self.directory / str(step)), aside)
+        moved = True
+    if moved:
+      self.manager.reload()
+    return restored
 
   def save(self, step: int, state: Any, force: bool = False) -> bool:
     """Saves if `step` is due (or `force`); returns whether it saved."""

@@ -112,7 +112,8 @@ def read_idx(path: str | os.PathLike, kind: str, num_examples: int,
     if raw[:2] == b"\x1f\x8b":
       raw = gzip.decompress(raw)
   except (OSError, EOFError, zlib.error) as e:
-    raise DataError(f"{path}: cannot be decompressed ({e}); the file is truncated or corrupt") from None
+    raise DataError(
+        f"{path}: cannot be decompressed ({e}); the file is truncated or corrupt") from None
   magic = _IMAGES_MAGIC if kind == "images" else _LABELS_MAGIC
   header_len = 16 if kind == "images" else 8
   if len(raw) < header_len:
@@ -140,7 +141,8 @@ def read_idx(path: str | os.PathLike, kind: str, num_examples: int,
   return data
 
 
-def read_idx_split(name: str, idx_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
+def read_idx_split(name: str, idx_dir: str | os.PathLike,
+                   split: str) -> tuple[np.ndarray, np.ndarray]:
   """-> images uint8 (N, 28, 28, 1), labels uint8 (N,) of one split, from IDX files."""
   spec = dataset_spec(name)
   idx_dir = Path(idx_dir)

@@ -42,7 +42,16 @@ class Runner:
     """Puts `tree` on the device(s): one copy per device under pmap."""
     if self.mode == "jit":
       return jax.device_put(tree)
-    return jax.device_put_replicated(tree, jax.local_devices())
+    devices = jax.local_devices()
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                                          jax.sharding.PartitionSpec(AXIS))
+
+    def put(x):
+      x = np.asarray(x)[None]
+      return jax.make_array_from_single_device_arrays(
+          (len(devices), *x.shape[1:]), sharding, [jax.device_put(x, d) for d in devices])
+
+    return jax.tree_util.tree_map(put, jax.device_get(tree))
 
   def unreplicate(self, tree: Any) -> Any:
     """The inverse of `replicate`: one host-side copy."""

@@ -36,7 +36,8 @@ def _check_value(path: str, annotation: Any, value: Any) -> Any:
     raise ValueError(f"{path}={value!r} is not one of {choices}")
   if isinstance(value, bool) and bool not in allowed:
     raise ValueError(f"{path}={value!r} has type bool, expected {_type_names(allowed)}")
-  if isinstance(value, int) and not isinstance(value, bool) and float in allowed and int not in allowed:
+  int_for_float = float in allowed and int not in allowed
+  if isinstance(value, int) and not isinstance(value, bool) and int_for_float:
     return float(value)
   if isinstance(value, (list, tuple)) and tuple in allowed:
     return tuple(value)

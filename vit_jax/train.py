@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import logging
 import math
 import signal
 import time
@@ -25,13 +24,17 @@ import optax
 from flax.training import train_state
 
 from vit_jax import input_pipeline, mnist_source
-from vit_jax.checkpoints import Checkpoints, prepare_workdir, write_or_check_config
+from vit_jax.checkpoints import (
+    Checkpoints,
+    WorkdirLock,
+    prepare_workdir,
+    write_or_check_config,
+)
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.metrics import MetricWriter, Progress
 from vit_jax.models import ViT
 from vit_jax.parallel import Runner, choose_mode
 
-log = logging.getLogger("vit_jax")
 TrainState = train_state.TrainState
 
 
@@ -181,6 +184,11 @@ class _StopSignal:
 class TrainingInterruptedError(Exception):
   """Raised after a SIGTERM / SIGINT once the state is checkpointed."""
 
+  def __init__(self, signum: int, step: int):
+    super().__init__(f"stopped by signal {signum} at step {step}; "
+                     "rerun the same command to resume")
+    self.signum, self.step = signum, step
+
 
 def load_data(config: ExperimentConfig) -> dict[str, dict[str, np.ndarray]]:
   """{'train': {...}, 'test': {...}} host arrays, train cut to `config.train_examples`."""
@@ -216,9 +224,14 @@ def train_and_evaluate(config: Any, workdir: str | Path,
   runner.check_batch_size("batch_size", config.batch_size)
   runner.check_batch_size("eval_batch_size", config.eval_batch_size)
   workdir = prepare_workdir(workdir)
-  write_or_check_config(workdir, config)
+  with WorkdirLock(workdir):
+    write_or_check_config(workdir, config)
+    return _train(config, workdir, runner, data if data is not None else load_data(config))
 
-  data = data if data is not None else load_data(config)
+
+def _train(config: ExperimentConfig, workdir: Path, runner: Runner,
+           data: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
+  """The loop of `train_and_evaluate`, in a workdir that is ready and locked."""
   num_train = len(data["train"]["label"])
   order = input_pipeline.EpochOrder(num_train, config.batch_size, config.seed)
   total_steps = total_train_steps(config, num_train)
@@ -226,9 +239,7 @@ def train_and_evaluate(config: Any, workdir: str | Path,
   state = create_train_state(config, total_steps)
   checkpoints = Checkpoints(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
   restored = checkpoints.restore_latest(state)
-  if restored is not None:
-    state = restored
-    log.info("resumed %s at step %d", workdir, int(state.step))
+  state = restored if restored is not None else state
   start_step = int(state.step)
 
   schedule = learning_rate_schedule(config, total_steps)
@@ -243,6 +254,8 @@ def train_and_evaluate(config: Any, workdir: str | Path,
 
   writer = MetricWriter(workdir)
   progress = Progress(total_steps, start_step)
+  if restored is not None:
+    progress.message(f"resuming {workdir} at step {start_step}")
   pending: list[tuple[int, Any]] = []  # per-step metrics not yet fetched from the device
   window_start, window_steps = time.monotonic(), 0
   final: dict[str, float] = {"step": start_step}
@@ -270,7 +283,8 @@ def train_and_evaluate(config: Any, workdir: str | Path,
     window_start, window_steps = time.monotonic(), 0
 
   def save(step: int, force: bool = False) -> None:
-    if force or step % config.checkpoint_every_steps == 0:
+    due = force or step % config.checkpoint_every_steps == 0
+    if due and checkpoints.latest_step() != step:
       flush_metrics(step)  # never checkpoint a state whose loss went non-finite
       checkpoints.save(step, runner.unreplicate(device_state), force=force)
 
@@ -294,11 +308,9 @@ def train_and_evaluate(config: Any, workdir: str | Path,
           window_start = time.monotonic()
         if stop.received is not None:
           save(done, force=True)
-          raise TrainingInterruptedError(f"stopped by signal {stop.received} at step {done}; "
-                                    "rerun the same command to resume")
+          raise TrainingInterruptedError(stop.received, done)
       flush_metrics(total_steps)
-      if checkpoints.latest_step() != total_steps:
-        save(total_steps, force=True)
+      save(total_steps, force=True)
     result = evaluate(device_state)
     writer.write(total_steps, result)
     final.update(result, step=total_steps)

@@ -1,0 +1,42 @@
+"""Shared fixtures: eight fake CPU devices, and MNIST built offline once per session."""
+
+import os
+
+# Must happen before JAX initialises its backend: pmap tests need several devices.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import logging  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+MNIST_IDX_DIR = REPO.parent / "shared" / "data" / "mnist"
+
+logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory) -> str:
+  """A TFDS data dir holding `mnist`, built offline from the shared IDX files."""
+  from vit_jax import mnist_source
+
+  if not MNIST_IDX_DIR.is_dir():
+    pytest.fail(f"{MNIST_IDX_DIR} is missing: the tests need the four MNIST IDX files there")
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  mnist_source.builder("mnist", data_dir=data_dir, idx_dir=str(MNIST_IDX_DIR))
+  return data_dir
+
+
+@pytest.fixture(scope="session")
+def mnist(tfds_dir):
+  """{'train': {'image', 'label'}, 'test': {...}}: full MNIST as arrays."""
+  from vit_jax import mnist_source
+
+  out = {}
+  for split in ("train", "test"):
+    images, labels = mnist_source.load_split("mnist", split, tfds_dir, idx_dir=None)
+    out[split] = {"image": images, "label": labels}
+  return out

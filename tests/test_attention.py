@@ -1,0 +1,159 @@
+"""The pure attention maths against numpy references written from the formulas."""
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from vit_jax import attention as A
+
+RTOL = ATOL = 1e-5  # float32 throughout; einsum reordering stays well inside this
+
+
+def rand(*shape, seed=0):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+# --- Independent numpy references ------------------------------------------------------
+
+def ref_patchify(images, p):
+  b, h, w, c = images.shape
+  out = []
+  for img in images:
+    patches = [img[r:r + p, s:s + p, :].reshape(-1)
+               for r in range(0, h, p) for s in range(0, w, p)]
+    out.append(np.stack(patches))
+  return np.stack(out)
+
+
+def ref_split_heads(x, h):
+  b, n, d = x.shape
+  out = np.zeros((b, h, n, d // h), x.dtype)
+  for head in range(h):
+    out[:, head] = x[:, :, head * (d // h):(head + 1) * (d // h)]
+  return out
+
+
+def ref_attention(q, k, v, mask=None):
+  dh = q.shape[-1]
+  logits = q @ np.swapaxes(k, -1, -2) / np.sqrt(dh)
+  if mask is not None:
+    logits = np.where(mask, logits, -np.inf)
+  logits = logits - logits.max(-1, keepdims=True)
+  w = np.exp(logits)
+  w = w / w.sum(-1, keepdims=True)
+  return w @ v, w
+
+
+# --- Each function against its reference --------------------------------------------
+
+@pytest.mark.parametrize("p,c", [(7, 1), (4, 1), (2, 3)])
+def test_patchify_matches_reference(p, c):
+  images = rand(2, 28, 28, c)
+  np.testing.assert_allclose(A.patchify(images, p), ref_patchify(images, p), rtol=0, atol=0)
+
+
+def test_patchify_rejects_patch_that_does_not_divide_the_image():
+  with pytest.raises(ValueError, match="patch_size=5"):
+    A.patchify(rand(1, 28, 28, 1), 5)
+
+
+def test_project_matches_matmul():
+  x, w, b = rand(2, 5, 8), rand(8, 12, seed=1), rand(12, seed=2)
+  np.testing.assert_allclose(A.project(x, w, b), x @ w + b, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(A.project(x, w), x @ w, rtol=RTOL, atol=ATOL)
+
+
+def test_chunk_qkv_splits_in_order():
+  qkv = rand(2, 5, 3 * 8)
+  q, k, v = A.chunk_qkv(qkv)
+  np.testing.assert_array_equal(q, qkv[..., :8])
+  np.testing.assert_array_equal(k, qkv[..., 8:16])
+  np.testing.assert_array_equal(v, qkv[..., 16:])
+
+
+def test_split_heads_matches_reference_and_merge_inverts_it():
+  x = rand(3, 7, 16)
+  heads = A.split_heads(x, 4)
+  np.testing.assert_array_equal(heads, ref_split_heads(x, 4))
+  np.testing.assert_array_equal(A.merge_heads(heads), x)
+
+
+def test_attend_matches_reference():
+  q, k, v = rand(2, 4, 6, 8), rand(2, 4, 6, 8, seed=1), rand(2, 4, 6, 8, seed=2)
+  out, weights = A.attend(q, k, v)
+  ref_out, ref_w = ref_attention(q, k, v)
+  np.testing.assert_allclose(weights, ref_w, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(out, ref_out, rtol=RTOL, atol=ATOL)
+
+
+def test_attention_rows_sum_to_one():
+  q, k = rand(2, 3, 9, 4) * 10, rand(2, 3, 9, 4, seed=1) * 10
+  weights = A.attention_weights(q, k)
+  np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
+  assert (weights >= 0).all()
+
+
+def test_mask_blocks_what_it_should():
+  q, k, v = rand(1, 2, 5, 4), rand(1, 2, 5, 4, seed=1), rand(1, 2, 5, 4, seed=2)
+  mask = np.tril(np.ones((5, 5), bool))[None, None]  # causal: no attention to later keys
+  out, weights = A.attend(q, k, v, mask)
+  assert np.all(np.asarray(weights)[..., ~mask[0, 0]] == 0)
+  ref_out, ref_w = ref_attention(q, k, v, mask)
+  np.testing.assert_allclose(weights, ref_w, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(out, ref_out, rtol=RTOL, atol=ATOL)
+  # A masked key's value cannot reach the output: change it, first query unchanged.
+  v2 = v.copy()
+  v2[:, :, 4] += 100.0
+  np.testing.assert_allclose(A.attend(q, k, v2, mask)[0][:, :, 0], out[:, :, 0], atol=ATOL)
+
+
+def test_project_out_matches_reference():
+  x, w, b = rand(2, 5, 8), rand(8, 8, seed=1), rand(8, seed=2)
+  np.testing.assert_allclose(A.project_out(x, w, b), x @ w + b, rtol=RTOL, atol=ATOL)
+
+
+# --- Shape assertions trip -------------------------------------------------------------
+
+@pytest.mark.parametrize("call", [
+    lambda: A.patchify(rand(28, 28, 1), 7),                       # rank 3, not 4
+    lambda: A.project(rand(2, 5, 8), rand(9, 4)),                 # D_in mismatch
+    lambda: A.project(rand(2, 5, 8), rand(8, 4), rand(5)),        # bias width
+    lambda: A.split_heads(rand(2, 5, 8, 1), 2),                   # rank 4, not 3
+    lambda: A.attend(rand(2, 4, 6, 8), rand(2, 4, 5, 8), rand(2, 4, 6, 8)),  # N differs
+    lambda: A.merge_heads(rand(2, 5, 8)),                         # rank 3, not 4
+    lambda: A.project_out(rand(2, 5, 8), rand(8, 4), rand(4)),    # not D -> D
+])
+def test_wrong_shapes_trip_chex(call):
+  with pytest.raises(AssertionError):
+    call()
+
+
+def test_split_heads_rejects_head_count_that_does_not_divide_width():
+  with pytest.raises(ValueError, match="num_heads=3"):
+    A.split_heads(rand(2, 5, 8), 3)
+
+
+# --- The same numbers with and without jit, and under pmap ----------------------------
+
+def full_attention(x, w_qkv, w_out, b_out):
+  q, k, v = A.chunk_qkv(A.project(x, w_qkv))
+  q, k, v = (A.split_heads(t, 4) for t in (q, k, v))
+  out, weights = A.attend(q, k, v)
+  return A.project_out(A.merge_heads(out), w_out, b_out), weights
+
+
+class TransformsTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
+  def test_same_outputs_under_each_transform(self):
+    # chex's pmap variant runs the function on every (fake) device and returns the first's.
+    self.assertGreaterEqual(jax.local_device_count(), 2, "conftest gives 8 fake CPU devices")
+    x = rand(2, 5, 16)
+    w_qkv, w_out, b_out = rand(16, 48, seed=1), rand(16, 16, seed=2), rand(16, seed=3)
+    expected_out, expected_weights = full_attention(x, w_qkv, w_out, b_out)
+    out, weights = self.variant(full_attention)(x, w_qkv, w_out, b_out)
+    np.testing.assert_allclose(out, expected_out, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(weights, expected_weights, rtol=RTOL, atol=ATOL)
+    ref_w = ref_attention(*(ref_split_heads(t, 4) for t in np.split(x @ w_qkv, 3, -1)))[1]
+    np.testing.assert_allclose(weights, ref_w, rtol=RTOL, atol=ATOL)

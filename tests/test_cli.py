@@ -1,0 +1,100 @@
+"""launch.py end to end, in subprocesses, as a researcher runs it."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import MNIST_IDX_DIR, REPO
+
+
+def launch(*args, cwd=REPO):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as a user
+  return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tfds_dir):
+  workdir = tmp_path_factory.mktemp("cli") / "run"
+  common = ["--config=experiments/tiny.py", f"--workdir={workdir}",
+            f"--config.tfds_data_dir={tfds_dir}"]
+  # Learning is tested in test_train; here a short run is enough.
+  result = launch(*common, "--config.train_examples=2048", "--config.num_epochs=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return common, result, workdir
+
+
+@pytest.mark.slow
+def test_train_prints_progress_and_final_accuracy(trained):
+  _, result, _ = trained
+  assert "step 32/32" in result.stderr  # plain progress lines when not on a terminal
+  assert "ETA" in result.stderr
+  last = result.stdout.strip().splitlines()[-1]
+  assert last.startswith("test accuracy: "), result.stdout
+  assert 0.0 <= float(last.split()[2]) <= 1.0
+
+
+@pytest.mark.slow
+def test_eval_reports_the_checkpoint(trained):
+  common, train_result, _ = trained
+  result = launch(*common, "--mode=eval")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().splitlines()[-1] == train_result.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_predict_reads_png_and_npy(trained, mnist, tmp_path):
+  from PIL import Image
+
+  common, _, workdir = trained
+  images = mnist["test"]["image"][:2, ..., 0]
+  Image.fromarray(images[0]).save(tmp_path / "a.png")
+  np.save(tmp_path / "b.npy", images[1])
+  files = f"{tmp_path / 'a.png'},{tmp_path / 'b.npy'}"
+  result = launch(*common, "--mode=predict", f"--images={files}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()[-2:]
+  for line, path in zip(lines, ("a.png", "b.npy"), strict=True):
+    assert line.startswith(str(tmp_path / path) + ": digit ")
+    probs = [float(p) for p in line.split("[")[1].rstrip("]").split()]
+    assert len(probs) == 10 and sum(probs) == pytest.approx(1.0, abs=0.01)
+  # The same probabilities as the library gives for the same checkpoint.
+  from vit_jax import train
+  from vit_jax.checkpoints import read_config
+
+  expected = train.predict(read_config(workdir), workdir, images[..., None])
+  for line, row in zip(lines, expected, strict=True):
+    assert int(line.split("digit ")[1].split()[0]) == int(np.argmax(row))
+    shown = [float(p) for p in line.split("[")[1].rstrip("]").split()]
+    np.testing.assert_allclose(shown, row, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_predict_bad_image_is_one_clear_line(trained, tmp_path):
+  common, _, workdir = trained
+  (tmp_path / "x.png").write_text("not a png")
+  result = launch(*common, "--mode=predict", f"--images={tmp_path / 'x.png'}")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f"error: {tmp_path / 'x.png'}: not an image Pillow can read")
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.model.num_heads=3",
+     "error: config.model.num_heads=3 does not divide hidden_size=64"),
+    ("--config.learning_rate=-1", "error: config.learning_rate=-1.0 must be positive"),
+    ("--config.dataset=cifar10", "error: config.dataset='cifar10' is not one of"),
+])
+def test_bad_config_is_one_clear_line_before_any_work(flag, message, tmp_path):
+  result = launch("--config=experiments/tiny.py", f"--workdir={tmp_path / 'run'}", flag)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(message)
+  assert not (tmp_path / "run").exists()
+
+
+def test_default_config_resolves_the_shared_mnist_folder():
+  from vit_jax import mnist_source
+
+  assert mnist_source.resolve_idx_dir("mnist", "auto") == str(MNIST_IDX_DIR)

@@ -1,0 +1,230 @@
+"""The input side: IDX files, the offline TFDS build, batch order, augmentation, images."""
+
+import gzip
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from conftest import MNIST_IDX_DIR
+
+from vit_jax import image_files, input_pipeline, mnist_source
+from vit_jax.mnist_source import DataError
+
+TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def test_offline_build_is_tfds_mnist_with_the_known_counts(tfds_dir, mnist):
+  builder = tfds.builder("mnist", data_dir=tfds_dir)  # TFDS's own builder reads it
+  assert builder.is_prepared()
+  assert str(builder.info.version) == "3.0.1"
+  assert builder.info.splits["train"].num_examples == 60000
+  assert builder.info.splits["test"].num_examples == 10000
+  assert builder.info.features["image"].shape == (28, 28, 1)
+  assert mnist["train"]["image"].shape == (60000, 28, 28, 1)
+  assert np.bincount(mnist["train"]["label"]).tolist() == TRAIN_COUNTS
+  assert np.bincount(mnist["test"]["label"]).tolist() == TEST_COUNTS
+
+
+def test_the_build_is_reused_not_redone(tfds_dir):
+  # No idx_dir and no network: this only works if the prepared dataset is found.
+  assert mnist_source.builder("mnist", data_dir=tfds_dir, idx_dir=None).is_prepared()
+
+
+def test_normalisation_constants_match_the_data(mnist):
+  spec = mnist_source.dataset_spec("mnist")
+  scaled = mnist["train"]["image"] / 255.0
+  assert scaled.mean() == pytest.approx(spec.mean, abs=5e-4)
+  assert scaled.std() == pytest.approx(spec.std, abs=5e-4)
+
+
+def copy_idx(tmp_path):
+  folder = tmp_path / "idx"
+  shutil.copytree(MNIST_IDX_DIR, folder)
+  for f in folder.iterdir():
+    f.chmod(0o644)
+  return folder
+
+
+def test_missing_file_is_named(tmp_path):
+  folder = copy_idx(tmp_path)
+  (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+  with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: IDX file not found"):
+    mnist_source.builder("mnist", data_dir=str(tmp_path / "tfds"), idx_dir=str(folder))
+  assert not (tmp_path / "tfds" / "mnist").exists()  # nothing half-written
+
+
+def test_truncated_gzip_is_named(tmp_path):
+  folder = copy_idx(tmp_path)
+  path = folder / "train-images-idx3-ubyte.gz"
+  path.write_bytes(path.read_bytes()[:100_000])
+  with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: cannot be decompressed"):
+    mnist_source.read_idx_split("mnist", folder, "train")
+
+
+def test_truncated_content_is_named(tmp_path):
+  folder = copy_idx(tmp_path)
+  path = folder / "t10k-images-idx3-ubyte.gz"
+  raw = gzip.decompress(path.read_bytes())
+  path.write_bytes(gzip.compress(raw[:-784]))
+  with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz: .* bytes uncompressed"):
+    mnist_source.read_idx_split("mnist", folder, "test")
+
+
+def test_corrupt_content_is_named(tmp_path):
+  folder = copy_idx(tmp_path)
+  path = folder / "t10k-labels-idx1-ubyte.gz"
+  raw = bytearray(gzip.decompress(path.read_bytes()))
+  raw[100] = (raw[100] + 1) % 10
+  path.write_bytes(gzip.compress(bytes(raw)))
+  with pytest.raises(DataError, match="t10k-labels-idx1-ubyte.gz: SHA-256"):
+    mnist_source.read_idx_split("mnist", folder, "test")
+
+
+def test_wrong_kind_of_file_is_named(tmp_path):
+  folder = copy_idx(tmp_path)
+  shutil.copy(folder / "t10k-labels-idx1-ubyte.gz", folder / "t10k-images-idx3-ubyte.gz")
+  with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz: magic number 2049"):
+    mnist_source.read_idx_split("mnist", folder, "test")
+
+
+def test_wrong_folder_is_named(tmp_path):
+  with pytest.raises(DataError, match="idx_dir=.*nowhere.* is not a folder"):
+    mnist_source.read_idx_split("mnist", tmp_path / "nowhere", "train")
+
+
+def test_unknown_dataset_is_named():
+  with pytest.raises(DataError, match="dataset='cifar10' is not supported"):
+    mnist_source.dataset_spec("cifar10")
+
+
+# --- Batch order -----------------------------------------------------------------------
+
+def test_epoch_order_covers_each_example_at_most_once_per_epoch_and_reshuffles():
+  order = input_pipeline.EpochOrder(num_examples=1000, batch_size=64, seed=3)
+  assert order.steps_per_epoch == 15
+  epoch0 = np.concatenate([order.indices(s) for s in range(15)])
+  epoch1 = np.concatenate([order.indices(s) for s in range(15, 30)])
+  assert len(set(epoch0)) == len(epoch0) == 960
+  assert len(set(epoch1)) == 960
+  assert not np.array_equal(epoch0, epoch1)
+  # A function of (seed, step) alone: a fresh object gives the same batch.
+  np.testing.assert_array_equal(
+      input_pipeline.EpochOrder(1000, 64, 3).indices(17), order.indices(17))
+  assert not np.array_equal(input_pipeline.EpochOrder(1000, 64, 4).indices(17),
+                            order.indices(17))
+
+
+@pytest.mark.parametrize("n,batch", [(10000, 1000), (10000, 768), (7, 3)])
+def test_eval_indices_count_every_example_exactly_once(n, batch):
+  seen = np.concatenate([idx[mask] for idx, mask in input_pipeline.eval_indices(n, batch)])
+  np.testing.assert_array_equal(np.sort(seen), np.arange(n))
+  assert all(len(idx) == batch for idx, _ in input_pipeline.eval_indices(n, batch))
+
+
+# --- Augmentation ----------------------------------------------------------------------
+
+def test_random_translate_shifts_within_bounds_and_never_flips():
+  images = np.zeros((64, 28, 28, 1), np.uint8)
+  images[:, 10:18, 12:14] = 255  # a bar away from the border
+  images[:, 10, 12:16] = 255     # with an asymmetric top stroke
+  keys = input_pipeline.example_keys(jax.random.PRNGKey(0), np.arange(64))
+  out = np.asarray(input_pipeline.random_translate(images, keys, 3))
+  shifts = set()
+  for src, dst in zip(images, out, strict=True):
+    found = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)
+             if np.array_equal(np.roll(src, (dy, dx), axis=(0, 1)), dst)]
+    assert found, "output is not a translate of the input by at most 3 pixels"
+    shifts.add(found[0])
+  assert len(shifts) > 10  # images get different shifts
+
+
+def test_random_translate_is_per_example_not_per_batch_split():
+  images = np.random.default_rng(1).integers(0, 255, (8, 28, 28, 1)).astype(np.uint8)
+  keys = input_pipeline.example_keys(jax.random.PRNGKey(5), np.arange(8))
+  whole = input_pipeline.random_translate(images, keys, 2)
+  halves = np.concatenate([input_pipeline.random_translate(images[:4], keys[:4], 2),
+                           input_pipeline.random_translate(images[4:], keys[4:], 2)])
+  np.testing.assert_array_equal(whole, halves)
+
+
+def test_normalize_maps_mean_to_zero():
+  x = np.full((1, 28, 28, 1), round(0.1307 * 255), np.uint8)
+  assert abs(float(input_pipeline.normalize(x, 0.1307, 0.3081).mean())) < 0.01
+
+
+# --- User image files ------------------------------------------------------------------
+
+def test_load_image_png_and_npy(tmp_path):
+  from PIL import Image
+
+  digit = np.random.default_rng(0).integers(0, 255, (28, 28)).astype(np.uint8)
+  Image.fromarray(digit).convert("RGB").save(tmp_path / "d.png")
+  np.save(tmp_path / "d.npy", digit)
+  np.save(tmp_path / "f.npy", digit[..., None] / 255.0)
+  for name in ("d.png", "d.npy", "f.npy"):
+    np.testing.assert_array_equal(image_files.load_image(tmp_path / name)[..., 0], digit)
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("text.png", b"not an image", "not an image Pillow can read"),
+    ("bad.npy", b"junk", "not a readable .npy array"),
+    ("missing.png", None, "no such file"),
+])
+def test_load_image_errors(tmp_path, name, content, message):
+  if content is not None:
+    (tmp_path / name).write_bytes(content)
+  with pytest.raises(image_files.ImageFileError, match=message):
+    image_files.load_image(tmp_path / name)
+
+
+def test_load_image_wrong_shape(tmp_path):
+  np.save(tmp_path / "big.npy", np.zeros((32, 32), np.uint8))
+  with pytest.raises(image_files.ImageFileError, match=r"shape \(32, 32\) is not 28x28"):
+    image_files.load_image(tmp_path / "big.npy")
+
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(FASHION_DIR).is_dir(),
+                    reason="apt-get install -y dataset-fashion-mnist (.ci/run does)")
+def test_fashion_mnist_builds_offline_with_its_known_counts(tmp_path):
+  images, labels = mnist_source.load_split("fashion_mnist", "train", str(tmp_path), FASHION_DIR)
+  assert images.shape == (60000, 28, 28, 1)
+  assert np.bincount(labels).tolist() == [6000] * 10
+  spec = mnist_source.dataset_spec("fashion_mnist")
+  assert (images / 255.0).mean() == pytest.approx(spec.mean, abs=5e-4)
+  assert (images / 255.0).std() == pytest.approx(spec.std, abs=5e-4)
+  info = tfds.builder("fashion_mnist", data_dir=str(tmp_path)).info
+  assert info.splits["test"].num_examples == 10000
+
+
+@pytest.mark.slow
+def test_interrupted_build_is_not_taken_for_a_finished_one(tmp_path):
+  import subprocess
+  import sys
+  import time
+
+  data_dir = tmp_path / "tfds"
+  code = ("from vit_jax import mnist_source; mnist_source.builder('mnist', "
+          f"data_dir={str(data_dir)!r}, idx_dir={str(MNIST_IDX_DIR)!r})")
+  proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.monotonic() + 120
+    while not list(data_dir.glob("mnist/incomplete*/*.tfrecord*")):
+      assert proc.poll() is None, "the build ended before it could be interrupted"
+      assert time.monotonic() < deadline, "the build never started writing"
+      time.sleep(0.05)
+    proc.kill()  # SIGKILL mid-write: no cleanup code runs
+  finally:
+    proc.kill()
+    proc.wait()
+  assert not tfds.builder("mnist", data_dir=str(data_dir)).is_prepared()
+  images, labels = mnist_source.load_split("mnist", "test", str(data_dir), str(MNIST_IDX_DIR))
+  assert np.bincount(labels).tolist() == TEST_COUNTS

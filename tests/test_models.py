@@ -1,0 +1,149 @@
+"""The Flax modules: agreement with Flax's own attention, invariants, the config registry."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import models
+from vit_jax.model_configs import MODEL_CONFIGS, ModelConfig, get_model_config
+
+RTOL = ATOL = 1e-5
+
+
+def rand(*shape, seed=0):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def test_attention_matches_flax_multi_head_dot_product_attention():
+  b, n, d, h = 2, 6, 16, 4
+  x = rand(b, n, d)
+  ours = models.MultiHeadSelfAttention(num_heads=h, qkv="fused")
+  params = ours.init(jax.random.PRNGKey(0), x)["params"]
+  w_q, w_k, w_v = np.split(np.asarray(params["to_qkv"]["kernel"]), 3, axis=1)
+  w_out, b_out = params["to_out"]["kernel"], params["to_out"]["bias"]
+  b_out = b_out + rand(d, seed=5)  # a non-zero bias, so the mapping of biases is tested too
+  params = {**params, "to_out": {"kernel": w_out, "bias": b_out}}
+
+  theirs = nn.MultiHeadDotProductAttention(num_heads=h, qkv_features=d, out_features=d)
+  zeros = jnp.zeros((h, d // h))
+  their_params = {
+      "query": {"kernel": w_q.reshape(d, h, d // h), "bias": zeros},
+      "key": {"kernel": w_k.reshape(d, h, d // h), "bias": zeros},
+      "value": {"kernel": w_v.reshape(d, h, d // h), "bias": zeros},
+      "out": {"kernel": np.asarray(w_out).reshape(h, d // h, d), "bias": b_out},
+  }
+  expected = theirs.apply({"params": their_params}, x, deterministic=True)
+  got = ours.apply({"params": params}, x)
+  np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+
+
+def test_fused_qkv_equals_separate_qkv_with_concatenated_weights():
+  x = rand(2, 5, 12)
+  separate = models.MultiHeadSelfAttention(num_heads=3, qkv="separate")
+  p = separate.init(jax.random.PRNGKey(1), x)["params"]
+  fused_params = {
+      "to_qkv": {"kernel": jnp.concatenate([p[f"to_{t}"]["kernel"] for t in "qkv"], axis=1)},
+      "to_out": p["to_out"],
+  }
+  fused = models.MultiHeadSelfAttention(num_heads=3, qkv="fused")
+  np.testing.assert_allclose(fused.apply({"params": fused_params}, x),
+                             separate.apply({"params": p}, x), rtol=RTOL, atol=ATOL)
+
+
+def test_qkv_bias_is_off_by_default_and_on_when_asked():
+  x = rand(1, 4, 8)
+  plain = models.MultiHeadSelfAttention(num_heads=2).init(jax.random.PRNGKey(0), x)["params"]
+  assert set(plain["to_qkv"]) == {"kernel"}
+  biased = models.MultiHeadSelfAttention(num_heads=2, qkv_bias=True).init(
+      jax.random.PRNGKey(0), x)["params"]
+  assert biased["to_qkv"]["bias"].shape == (24,)
+
+
+def expected_param_count(c: ModelConfig) -> int:
+  """Counted from the architecture, independently of the modules."""
+  d, p = c.hidden_size, c.patch_size
+  tokens = c.num_patches + (c.classifier == "token")
+  qkv = {"fused": 3 * d * d, "separate": 3 * d * d, "identity": 0}[c.qkv]
+  qkv += 3 * d * c.qkv_bias * (c.qkv != "identity")
+  block = qkv + (d * d + d) + (d * c.mlp_dim + c.mlp_dim) + (c.mlp_dim * d + d) + 4 * d
+  return ((p * p * c.num_channels * d + d) + (d if c.classifier == "token" else 0)
+          + tokens * d + c.num_layers * block + 2 * d + (d * c.num_classes + c.num_classes))
+
+
+PINNED_PARAM_COUNTS = {"testing": 3_466, "seed": 204_810, "wide": 2_386_954}
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
+def test_parameter_counts_are_pinned(name):
+  config = MODEL_CONFIGS[name]
+  params = models.ViT(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  assert models.count_params(params) == PINNED_PARAM_COUNTS[name]
+  assert models.count_params(params) == expected_param_count(config)
+
+
+def test_every_registered_config_is_pinned():
+  assert set(PINNED_PARAM_COUNTS) == set(MODEL_CONFIGS)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"classifier": "gap"}, {"qkv": "separate", "qkv_bias": True}, {"qkv": "identity"},
+    {"patch_size": 4, "num_heads": 1},
+])
+def test_vit_output_shapes_and_attention_intermediates(overrides):
+  config = get_model_config("testing", **overrides)
+  model = models.ViT(config)
+  images = rand(3, 28, 28, 1)
+  variables = model.init(jax.random.PRNGKey(0), images)
+  assert models.count_params(variables["params"]) == expected_param_count(config)
+  logits, state = model.apply(variables, images, mutable=["intermediates"])
+  assert logits.shape == (3, 10)
+  maps = models.attention_maps(state["intermediates"])
+  tokens = config.num_patches + (config.classifier == "token")
+  assert maps.shape == (config.num_layers, 3, config.num_heads, tokens, tokens)
+  np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_dropout_acts_only_in_training():
+  config = get_model_config("testing", dropout_rate=0.5)
+  model = models.ViT(config)
+  images = rand(2, 28, 28, 1)
+  variables = model.init(jax.random.PRNGKey(0), images)
+  # The zero-initialised head would hide everything: give it weights.
+  params = jax.tree_util.tree_map(lambda p: p, variables["params"])
+  params["head"] = {"kernel": rand(16, 10), "bias": rand(10, seed=1)}
+  v = {"params": params}
+  a = model.apply(v, images, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+  b = model.apply(v, images, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+  assert not np.allclose(a, b)
+  np.testing.assert_array_equal(model.apply(v, images), model.apply(v, images))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"num_heads": 3}, "num_heads=3 does not divide hidden_size=16"),
+    ({"patch_size": 5}, "patch_size=5 does not divide image_size=28"),
+    ({"hidden_size": 0}, "hidden_size=0 must be a positive integer"),
+    ({"num_layers": -1}, "num_layers=-1 must be a positive integer"),
+    ({"qkv": "shared"}, "qkv='shared' is not one of"),
+    ({"classifier": "max"}, "classifier='max' is not one of"),
+    ({"dropout_rate": 1.5}, "dropout_rate=1.5 must be in"),
+    ({"num_heads": 2.0}, "num_heads=2.0 has type float"),
+    ({"heads": 2}, "model.heads is not a known key"),
+])
+def test_bad_model_configs_are_rejected_with_one_line(overrides, message):
+  with pytest.raises(ValueError, match=message) as info:
+    get_model_config("testing", **overrides)
+  assert "\n" not in str(info.value)
+
+
+def test_unknown_model_name_is_rejected():
+  with pytest.raises(ValueError, match="model name='huge' is not registered"):
+    get_model_config("huge")
+
+
+def test_registry_configs_are_frozen():
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    MODEL_CONFIGS["seed"].num_heads = 8
