@@ -4,6 +4,7 @@
     python launch.py --config=experiments/mnist.py --workdir=runs/mnist --mode=eval
     python launch.py --config=experiments/mnist.py --workdir=runs/mnist --mode=predict \
         --images=digit.png,other.npy
+    python launch.py --config=experiments/mnist.py --workdir=runs/mnist --mode=visualize
     python launch.py --config=experiments/mnist.py --config.model.num_heads=8 --workdir=...
 
 Runs on whatever JAX finds: CPU, GPU or TPU.
@@ -22,8 +23,9 @@ config_flags.DEFINE_config_file("config", "experiments/mnist.py", "Experiment co
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, config and metrics.",
                     required=True)
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "visualize"], "What to do.")
 flags.DEFINE_list("images", [], "predict: image files (PNG or .npy, 28x28 grey).")
+flags.DEFINE_integer("num_images", 4, "visualize: how many test digits to draw.")
 
 
 def main(argv):
@@ -48,6 +50,11 @@ def main(argv):
     result = train.evaluate_checkpoint(config, FLAGS.workdir)
     print(f"test accuracy: {result['eval_accuracy']:.4f} (loss {result['eval_loss']:.4f}, "
           f"step {result['step']})")
+  elif FLAGS.mode == "visualize":
+    from vit_jax import visualize
+
+    for path in visualize.visualize_checkpoint(config, FLAGS.workdir, FLAGS.num_images):
+      print(f"wrote {path}")
   else:
     if not FLAGS.images:
       raise app.UsageError("--mode=predict needs --images=FILE[,FILE...]")

@@ -98,3 +98,14 @@ def test_default_config_resolves_the_shared_mnist_folder():
   from vit_jax import mnist_source
 
   assert mnist_source.resolve_idx_dir("mnist", "auto") == str(MNIST_IDX_DIR)
+
+
+@pytest.mark.slow
+def test_visualize_writes_pngs(trained):
+  common, _, workdir = trained
+  result = launch(*common, "--mode=visualize", "--num_images=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  written = sorted(p.name for p in (workdir / "visualize").glob("*.png"))
+  assert written == ["attention_0.png", "attention_1.png", "position_similarity.png",
+                     "rollout.png"]
+  assert f"wrote {workdir / 'visualize' / 'rollout.png'}" in result.stdout

@@ -93,21 +93,23 @@ def test_resume_gives_identical_parameters(tmp_path, mnist, monkeypatch):
 
 
 @pytest.mark.slow
-def test_pmap_over_8_devices_matches_jit(tmp_path, mnist):
+def test_pmap_and_sharded_jit_over_8_devices_match_one_device(tmp_path, mnist):
   assert jax.local_device_count() == 8
   config = small_config(num_epochs=0.5)  # 8 steps of a 64-image global batch
   data = subset(mnist, 1024)
   single = train.train_and_evaluate(config, tmp_path / "jit", data=data)
-  multi = train.train_and_evaluate(dataclasses.replace(config, parallel="pmap"),
-                                   tmp_path / "pmap", data=data)
-  jit_losses, pmap_losses = read_losses(tmp_path / "jit"), read_losses(tmp_path / "pmap")
+  jit_losses = [x for _, x in read_losses(tmp_path / "jit")]
   assert len(jit_losses) == 8
-  # Same global batch, same augmentation per example; only summation order differs.
-  np.testing.assert_allclose([x for _, x in pmap_losses], [x for _, x in jit_losses],
-                             rtol=1e-4)
-  assert multi["eval_accuracy"] == pytest.approx(single["eval_accuracy"], abs=2e-3)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
-                         params_of(config, tmp_path / "jit"), params_of(config, tmp_path / "pmap"))
+  for mode in ("pmap", "shard"):
+    result = train.train_and_evaluate(dataclasses.replace(config, parallel=mode),
+                                      tmp_path / mode, data=data)
+    # Same global batch, same augmentation per example; only summation order differs.
+    np.testing.assert_allclose([x for _, x in read_losses(tmp_path / mode)], jit_losses,
+                               rtol=1e-4, err_msg=mode)
+    assert result["eval_accuracy"] == pytest.approx(single["eval_accuracy"], abs=2e-3)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
+        params_of(config, tmp_path / "jit"), params_of(config, tmp_path / mode))
 
 
 def test_non_finite_loss_stops_training_and_is_not_checkpointed(tmp_path, mnist, monkeypatch):

@@ -37,8 +37,9 @@ class ExperimentConfig:
   # Random translation of up to this many pixels in each direction (0: none).
   augment_max_shift: int = 2
   eval_batch_size: int = 1000
-  # 'auto' uses pmap when JAX sees more than one local device, else jit.
-  parallel: Literal["auto", "jit", "pmap"] = "auto"
+  # 'auto' uses pmap when JAX sees more than one local device, else jit; 'shard' is
+  # jit over a device mesh with the batch sharded (see vit_jax/parallel.py).
+  parallel: Literal["auto", "jit", "pmap", "shard"] = "auto"
   log_every_steps: int = 50
   # 0: evaluate at the end only.
   eval_every_steps: int = 0

@@ -1,8 +1,13 @@
-"""How arrays and steps are laid over devices: one device (jit) or all local ones (pmap).
+"""How arrays and steps are laid over devices.
 
-A step function is written once, with an `axis_name` keyword that is None under
-jit and names the device axis under pmap (for `lax.pmean` / `lax.psum`). The
-runner compiles it, places the state and data, and splits global batches.
+Three modes, one step function:
+- 'jit': one device.
+- 'pmap': every local device runs the step on its slice of the global batch;
+  the step's `axis_name` keyword names the device axis for `lax.pmean`/`psum`.
+- 'shard': `jax.jit` over a device `Mesh`, the batch sharded along its 'data'
+  axis and the parameters replicated; XLA inserts the cross-device reductions, so
+  the step is the single-device one (`axis_name=None`).
+The runner compiles the step, places the state and data, and splits global batches.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-AXIS = "devices"
+AXIS = "data"
+MODES = ("jit", "pmap", "shard")
 
 
 def choose_mode(parallel: str) -> str:
@@ -28,10 +35,14 @@ class Runner:
   """Places state and data, splits global batches and compiles step functions."""
 
   def __init__(self, mode: str):
-    if mode not in ("jit", "pmap"):
-      raise ValueError(f"parallel={mode!r} is not one of 'auto', 'jit', 'pmap'")
+    if mode not in MODES:
+      raise ValueError(f"parallel={mode!r} is not one of 'auto', {', '.join(map(repr, MODES))}")
     self.mode = mode
-    self.num_devices = jax.local_device_count() if mode == "pmap" else 1
+    self.num_devices = 1 if mode == "jit" else jax.local_device_count()
+    if mode != "jit":
+      self.mesh = Mesh(np.array(jax.local_devices()), (AXIS,))
+      self.split = NamedSharding(self.mesh, PartitionSpec(AXIS))
+      self.whole = NamedSharding(self.mesh, PartitionSpec())
 
   def check_batch_size(self, key: str, batch_size: int) -> None:
     if batch_size % self.num_devices:
@@ -39,30 +50,36 @@ class Runner:
                        f"{self.num_devices} devices that {self.mode} runs on")
 
   def replicate(self, tree: Any) -> Any:
-    """Puts `tree` on the device(s): one copy per device under pmap."""
+    """Puts `tree` on the device(s): a copy on each (with a leading device axis under pmap)."""
     if self.mode == "jit":
       return jax.device_put(tree)
-    devices = jax.local_devices()
-    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
-                                          jax.sharding.PartitionSpec(AXIS))
+    if self.mode == "shard":
+      return jax.device_put(tree, self.whole)
+    devices = self.mesh.devices.tolist()
 
     def put(x):
       x = np.asarray(x)[None]
       return jax.make_array_from_single_device_arrays(
-          (len(devices), *x.shape[1:]), sharding, [jax.device_put(x, d) for d in devices])
+          (len(devices), *x.shape[1:]), self.split, [jax.device_put(x, d) for d in devices])
 
     return jax.tree_util.tree_map(put, jax.device_get(tree))
 
   def unreplicate(self, tree: Any) -> Any:
     """The inverse of `replicate`: one host-side copy."""
-    if self.mode == "jit":
-      return jax.device_get(tree)
-    return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], tree))
+    if self.mode == "pmap":
+      tree = jax.tree_util.tree_map(lambda x: x[0], tree)
+    return jax.device_get(tree)
 
-  def split_batch(self, x: np.ndarray) -> np.ndarray:
-    """(B, ...) -> (devices, B / devices, ...) under pmap; unchanged under jit."""
+  def split_batch(self, x: np.ndarray) -> Any:
+    """A global batch (B, ...) laid over the devices.
+
+    jit: unchanged. pmap: reshaped to (devices, B / devices, ...). shard: one
+    global array whose rows are split over the mesh's 'data' axis.
+    """
     if self.mode == "jit":
       return x
+    if self.mode == "shard":
+      return jax.device_put(x, self.split)
     return x.reshape(self.num_devices, x.shape[0] // self.num_devices, *x.shape[1:])
 
   def compile(self, fn: Callable[..., Any], in_axes: tuple[int | None, ...],
@@ -70,9 +87,10 @@ class Runner:
     """Compiles `fn(*args, axis_name=...)`.
 
     `in_axes` is pmap's: 0 for an argument split along its leading (device) axis,
-    None for one that every device receives whole. jit ignores it.
+    None for one that every device receives whole. jit and shard ignore it: their
+    arguments carry their own placement.
     """
-    if self.mode == "jit":
-      return jax.jit(functools.partial(fn, axis_name=None), donate_argnums=donate_argnums)
-    return jax.pmap(functools.partial(fn, axis_name=AXIS), axis_name=AXIS, in_axes=in_axes,
-                    donate_argnums=donate_argnums)
+    if self.mode == "pmap":
+      return jax.pmap(functools.partial(fn, axis_name=AXIS), axis_name=AXIS, in_axes=in_axes,
+                      donate_argnums=donate_argnums)
+    return jax.jit(functools.partial(fn, axis_name=None), donate_argnums=donate_argnums)

@@ -149,7 +149,7 @@ class Evaluator:
     for indices, mask in input_pipeline.eval_indices(self.num_examples, self.batch_size):
       sums = self.step(state, self.data, self.runner.split_batch(indices),
                        self.runner.split_batch(mask))
-      sums = self.runner.unreplicate(sums) if self.runner.mode == "pmap" else jax.device_get(sums)
+      sums = self.runner.unreplicate(sums)
       for k in totals:
         totals[k] += float(sums[k])
     assert int(totals["count"]) == self.num_examples, totals

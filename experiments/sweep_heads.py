@@ -1,0 +1,56 @@
+"""Sweep the number of heads, and ablate the learned Q/K/V projections.
+
+    python experiments/sweep_heads.py --root=runs/sweep                   # heads 1..16, 3 seeds
+    python experiments/sweep_heads.py --root=runs/sweep --qkv=fused,identity   # + the ablation
+    python experiments/sweep_heads.py --root=runs/sweep_hs --fixed=head_size   # width grows
+    python experiments/sweep_heads.py --root=runs/sweep --config.num_epochs=1  # any override
+
+Runs go through the same `train_and_evaluate` as launch.py, one workdir each under
+--root. Rerunning skips finished runs and resumes interrupted ones. The tables
+and the plot are written to --root.
+"""
+
+import logging
+import sys
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", str(Path(__file__).resolve().parent / "sweep_small.py"),
+    "Base experiment config; heads, width, qkv and seed are set per run.", lock_config=True)
+flags.DEFINE_string("root", None, "Folder holding one workdir per run, and the reports.",
+                    required=True)
+flags.DEFINE_list("heads", ["1", "2", "4", "8", "16"], "Head counts.")
+flags.DEFINE_integer("seeds", 3, "Seeds per setting: 0 .. seeds-1.")
+flags.DEFINE_list("qkv", ["fused"], "Projection modes: fused, separate, identity.")
+flags.DEFINE_enum("fixed", "width", ["width", "head_size"],
+                  "Keep the width (head size = width / heads) or the head size.")
+
+
+def main(argv):
+  del argv
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  from vit_jax import sweep, train
+  from vit_jax.experiment_config import validate
+
+  base = validate(FLAGS.config)
+  runs = sweep.plan(base, [int(h) for h in FLAGS.heads], range(FLAGS.seeds), FLAGS.qkv,
+                    FLAGS.fixed)
+  data = train.load_data(base)
+  records = sweep.run_all(runs, Path(FLAGS.root), data)
+  for path in sweep.write_reports(records, Path(FLAGS.root)):
+    print(f"wrote {path}")
+  print((Path(FLAGS.root) / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+  try:
+    app.run(main)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

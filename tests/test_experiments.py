@@ -1,0 +1,142 @@
+"""Sweeps' bookkeeping, the identity-projection ablation, and the pictures."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from vit_jax import analysis, models, sweep, train, visualize
+from vit_jax import attention as A
+from vit_jax.experiment_config import ExperimentConfig
+from vit_jax.model_configs import get_model_config
+
+
+def base_config(**model):
+  return ExperimentConfig(model=get_model_config("testing", hidden_size=16, num_heads=2, **model),
+                          train_examples=256, batch_size=64, num_epochs=0.25, warmup_steps=1,
+                          eval_batch_size=200, parallel="jit", log_every_steps=1)
+
+
+# --- The identity projection ------------------------------------------------------------
+
+def test_identity_projection_attends_over_the_input_slices():
+  x = np.random.default_rng(0).standard_normal((2, 5, 12)).astype(np.float32)
+  layer = models.MultiHeadSelfAttention(num_heads=3, qkv="identity")
+  params = layer.init(jax.random.PRNGKey(0), x)["params"]
+  assert set(params) == {"to_out"}  # no W_Q, W_K, W_V to learn
+  heads = A.split_heads(x, 3)
+  out, _ = A.attend(heads, heads, heads)
+  expected = A.merge_heads(out) @ params["to_out"]["kernel"] + params["to_out"]["bias"]
+  np.testing.assert_allclose(layer.apply({"params": params}, x), expected, rtol=1e-5, atol=1e-5)
+  # Head h sees only slice h: changing slice 0 leaves head 1's attention unchanged.
+  _, state = layer.apply({"params": params}, x, mutable=["intermediates"])
+  x2 = x.copy()
+  x2[..., :4] += 1.0
+  _, state2 = layer.apply({"params": params}, x2, mutable=["intermediates"])
+  w1, w2 = state["intermediates"]["attention_weights"][0], state2["intermediates"][
+      "attention_weights"][0]
+  np.testing.assert_allclose(w1[:, 1:], w2[:, 1:], rtol=1e-6)
+  assert not np.allclose(w1[:, 0], w2[:, 0])
+
+
+# --- Analysis ---------------------------------------------------------------------------
+
+def test_attention_entropy_of_uniform_and_one_hot():
+  uniform = np.full((2, 3, 5, 5), 0.2)
+  assert analysis.attention_entropy(uniform) == pytest.approx(np.log(5))
+  one_hot = np.broadcast_to(np.eye(5), (2, 3, 5, 5))
+  assert analysis.attention_entropy(one_hot) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_attention_rollout_rows_sum_to_one_and_identity_maps_give_identity():
+  rng = np.random.default_rng(0)
+  maps = rng.random((3, 2, 4, 6, 6))
+  maps /= maps.sum(-1, keepdims=True)
+  rollout = analysis.attention_rollout(maps)
+  assert rollout.shape == (2, 6, 6)
+  np.testing.assert_allclose(rollout.sum(-1), 1.0)
+  eye = np.broadcast_to(np.eye(6), (3, 2, 4, 6, 6))
+  np.testing.assert_allclose(analysis.attention_rollout(eye), np.broadcast_to(np.eye(6),
+                                                                              (2, 6, 6)))
+
+
+# --- Sweep bookkeeping -----------------------------------------------------------------
+
+def test_plan_fixed_width_and_fixed_head_size():
+  base = base_config()
+  runs = sweep.plan(base, heads=[1, 2, 4], seeds=[0, 1], qkv_modes=["fused", "identity"])
+  assert len(runs) == 12
+  assert {(r.heads, r.hidden_size) for r, _ in runs} == {(1, 16), (2, 16), (4, 16)}
+  assert all(c.model.num_heads == r.heads and c.seed == r.seed and c.model.qkv == r.qkv
+             for r, c in runs)
+  runs = sweep.plan(base, heads=[1, 4], seeds=[0], fixed="head_size")  # base head size 8
+  assert [(r.heads, r.hidden_size) for r, _ in runs] == [(1, 8), (4, 32)]
+  with pytest.raises(ValueError, match="num_heads=3 does not divide hidden_size=16"):
+    sweep.plan(base, heads=[3], seeds=[0])
+
+
+def fake_record(run, accuracy):
+  return {**run.__dict__, "name": run.name, "params": 100 * run.heads, "eval_accuracy": accuracy,
+          "eval_loss": 0.1, "images_per_sec": 1000.0, "wall_seconds": 10.0, "resumed": False,
+          "attention_entropy": 1.5}
+
+
+def test_run_all_skips_finished_and_resumes_unfinished(tmp_path, monkeypatch):
+  runs = sweep.plan(base_config(), heads=[1, 2], seeds=[0])
+  finished, unfinished = runs
+  (tmp_path / finished[0].name).mkdir()
+  (tmp_path / finished[0].name / "result.json").write_text(
+      json.dumps(fake_record(finished[0], 0.9)))
+  (tmp_path / unfinished[0].name / "checkpoints").mkdir(parents=True)
+  trained = []
+
+  def fake_run_one(run, config, workdir, data):
+    trained.append((run.name, (workdir / "checkpoints").is_dir()))
+    return fake_record(run, 0.8)
+
+  monkeypatch.setattr(sweep, "run_one", fake_run_one)
+  said = []
+  records = sweep.run_all(runs, tmp_path, data=None, say=said.append)
+  assert trained == [(unfinished[0].name, True)]
+  assert [r["eval_accuracy"] for r in records] == [0.9, 0.8]
+  assert "finished before, skipped" in said[0] and "resuming" in said[1]
+
+
+def test_summary_table_and_plot_from_fake_records(tmp_path):
+  runs = sweep.plan(base_config(), heads=[1, 2], seeds=[0, 1, 2], qkv_modes=["fused", "identity"])
+  accuracies = {0: 0.90, 1: 0.92, 2: 0.94}
+  records = [fake_record(r, accuracies[r.seed] - (r.qkv == "identity") * 0.1) for r, _ in runs]
+  rows = sweep.summarize(records)
+  assert len(rows) == 4
+  fused_1 = next(r for r in rows if r["qkv"] == "fused" and r["heads"] == 1)
+  assert fused_1["accuracy_mean"] == pytest.approx(0.92)
+  assert fused_1["accuracy_std"] == pytest.approx(0.02)  # sample std of .90 .92 .94
+  assert fused_1["seeds"] == 3 and fused_1["head_size"] == 16
+  paths = sweep.write_reports(records, tmp_path)
+  table = (tmp_path / "summary.md").read_text()
+  assert "| fused | 1 | 16 | 16 | 100 | 3 | 92.00 ± 2.00 % |" in table
+  assert "| identity | 2 | 16 | 8 | 200 | 3 | 82.00 ± 2.00 % |" in table
+  assert len((tmp_path / "runs.csv").read_text().splitlines()) == 13
+  with Image.open(paths[-1]) as png:
+    assert png.size == (900, 360)
+
+
+# --- Pictures from a real (tiny) checkpoint --------------------------------------------
+
+@pytest.mark.slow
+def test_visualize_writes_images_of_the_right_size(tmp_path, mnist):
+  config = base_config()
+  data = {"train": {k: v[:256] for k, v in mnist["train"].items()},
+          "test": {k: v[:200] for k, v in mnist["test"].items()}}
+  train.train_and_evaluate(config, tmp_path, data=data)
+  paths = visualize.visualize_checkpoint(config, tmp_path, num_images=3, test_data=data["test"])
+  names = sorted(p.name for p in paths)
+  assert names == ["attention_0.png", "attention_1.png", "attention_2.png",
+                   "position_similarity.png", "rollout.png"]
+  sizes = {p.name: Image.open(p).size for p in paths}
+  # 1 layer x 2 heads of 1.6-inch panels, at 100 dpi.
+  assert sizes["attention_0.png"] == (320, 200)
+  assert sizes["rollout.png"] == (480, 200)
+  assert sizes["position_similarity.png"] == (360, 400)  # a 4x4 grid of 7x7 patches

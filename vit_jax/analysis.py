@@ -1,0 +1,78 @@
+"""What the attention did: maps from a trained state, their entropy, rollout, positions.
+
+The maps come from the attention weights the model sows during its ordinary
+forward pass (`models.attention_maps`); nothing here re-implements attention.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from vit_jax import input_pipeline
+from vit_jax.models import attention_maps
+
+
+def collect_attention(state, images: np.ndarray, mean: float, std: float,
+                      batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+  """Runs the model on uint8 images (B, H, W, C) -> logits (B, K), maps (L, B, H, N, N)."""
+
+  @jax.jit
+  def forward(params, batch):
+    logits, state_vars = state.apply_fn({"params": params},
+                                        input_pipeline.normalize(batch, mean, std),
+                                        mutable=["intermediates"])
+    return logits, attention_maps(state_vars["intermediates"])
+
+  outputs = [forward(state.params, images[i:i + batch_size])
+             for i in range(0, len(images), batch_size)]
+  logits = np.concatenate([np.asarray(o[0]) for o in outputs])
+  maps = np.concatenate([np.asarray(o[1]) for o in outputs], axis=1)
+  return logits, maps
+
+
+def attention_entropy(maps: np.ndarray) -> float:
+  """Mean entropy (nats) of the attention distributions in (..., N, N) maps.
+
+  log(N) for uniform attention; 0 when every query attends to a single key.
+  """
+  p = np.asarray(maps, np.float64)
+  return float(np.mean(-np.sum(p * np.log(np.clip(p, 1e-12, None)), axis=-1)))
+
+
+def attention_rollout(maps: np.ndarray) -> np.ndarray:
+  """Attention rollout (Abnar & Zuidema, 2020): (L, B, H, N, N) -> (B, N, N).
+
+  Heads are averaged, the residual connection is added as identity, rows are
+  renormalised, and the layers are multiplied from the first to the last.
+  """
+  maps = np.asarray(maps, np.float64)
+  num_layers, batch, _, tokens, _ = maps.shape
+  rollout = np.broadcast_to(np.eye(tokens), (batch, tokens, tokens))
+  for layer in range(num_layers):
+    a = maps[layer].mean(axis=1) + np.eye(tokens)
+    a = a / a.sum(axis=-1, keepdims=True)
+    rollout = a @ rollout
+  return rollout
+
+
+def position_similarity(pos_embedding: np.ndarray, num_patches: int) -> np.ndarray:
+  """Cosine similarity of the patches' position embeddings: -> (num_patches, num_patches).
+
+  A leading class-token row in `pos_embedding` (1, T, D) is dropped.
+  """
+  pos = np.asarray(pos_embedding)[0, -num_patches:]
+  pos = pos / np.linalg.norm(pos, axis=-1, keepdims=True)
+  return pos @ pos.T
+
+
+def query_attention(maps: np.ndarray, classifier: str) -> np.ndarray:
+  """What the classifier reads: (L, B, H, N, N) -> (L, B, H, patches).
+
+  With a class token: its attention over the patches. With average pooling: the
+  mean attention over all queries.
+  """
+  maps = np.asarray(maps)
+  if classifier == "token":
+    return maps[..., 0, 1:]
+  return maps.mean(axis=-2)

@@ -1,0 +1,122 @@
+"""Pictures of a trained model: attention over the digit, rollout, position embeddings.
+
+    python launch.py --config=... --workdir=runs/mnist --mode=visualize
+
+writes PNGs into WORKDIR/visualize/. Uses the attention weights the model returns
+beside its logits (no second forward pass written by hand).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vit_jax import analysis  # noqa: E402
+from vit_jax.model_configs import ModelConfig  # noqa: E402
+
+DPI = 100
+
+
+def _overlay(ax, image: np.ndarray, weights: np.ndarray, grid: int, title: str | None = None):
+  """Draws a digit in grey with (grid*grid,) patch weights as a translucent heat map."""
+  size = image.shape[0]
+  heat = np.kron(weights.reshape(grid, grid), np.ones((size // grid, size // grid)))
+  ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255)
+  ax.imshow(heat, cmap="inferno", alpha=0.6, vmin=0, vmax=max(float(heat.max()), 1e-9))
+  ax.set_xticks([])
+  ax.set_yticks([])
+  if title:
+    ax.set_title(title, fontsize=8)
+
+
+def plot_attention(image: np.ndarray, per_head: np.ndarray, config: ModelConfig, label: int,
+                   predicted: int, path: Path) -> Path:
+  """One digit: a row per layer, a column per head, the classifier's attention over patches.
+
+  per_head: (L, H, patches) from `analysis.query_attention`.
+  """
+  layers, heads, _ = per_head.shape
+  grid = config.image_size // config.patch_size
+  fig, axes = plt.subplots(layers, heads, figsize=(1.6 * heads, 1.6 * layers + 0.4),
+                           squeeze=False)
+  for layer in range(layers):
+    for head in range(heads):
+      _overlay(axes[layer, head], image, per_head[layer, head], grid,
+               f"layer {layer + 1} head {head + 1}")
+  source = "class token" if config.classifier == "token" else "mean query"
+  fig.suptitle(f"attention from the {source}: label {label}, predicted {predicted}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=DPI)
+  plt.close(fig)
+  return path
+
+
+def plot_rollout(images: np.ndarray, rollout: np.ndarray, config: ModelConfig,
+                 path: Path) -> Path:
+  """A row of digits with their attention rollout (from `analysis.attention_rollout`)."""
+  grid = config.image_size // config.patch_size
+  # What the classifier reads: the class token's row, or the mean of all rows.
+  weights = rollout[:, 0, 1:] if config.classifier == "token" else rollout.mean(axis=1)
+  n = len(images)
+  fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 2.0), squeeze=False)
+  for i in range(n):
+    _overlay(axes[0, i], images[i], weights[i], grid)
+  fig.suptitle("attention rollout across all layers", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=DPI)
+  plt.close(fig)
+  return path
+
+
+def plot_position_similarity(similarity: np.ndarray, config: ModelConfig, path: Path) -> Path:
+  """For each patch position, the cosine similarity of its embedding to every other's."""
+  grid = config.image_size // config.patch_size
+  fig, axes = plt.subplots(grid, grid, figsize=(grid * 0.9, grid * 0.9 + 0.4), squeeze=False)
+  for i in range(grid * grid):
+    ax = axes[i // grid, i % grid]
+    ax.imshow(similarity[i].reshape(grid, grid), cmap="viridis", vmin=-1, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.suptitle("position embedding similarity (row, column of the patch)", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=DPI)
+  plt.close(fig)
+  return path
+
+
+def write_all(state, config: ModelConfig, images: np.ndarray, labels: np.ndarray,
+              mean: float, std: float, out_dir: Path) -> list[Path]:
+  """Writes every picture for `images` (uint8 (B, H, W, C)) into `out_dir`."""
+  out_dir.mkdir(parents=True, exist_ok=True)
+  logits, maps = analysis.collect_attention(state, images, mean, std)
+  predicted = logits.argmax(-1)
+  per_head = analysis.query_attention(maps, config.classifier)  # (L, B, H, patches)
+  paths = [plot_attention(images[i], per_head[:, i], config, int(labels[i]), int(predicted[i]),
+                          out_dir / f"attention_{i}.png") for i in range(len(images))]
+  paths.append(plot_rollout(images, analysis.attention_rollout(maps), config,
+                            out_dir / "rollout.png"))
+  similarity = analysis.position_similarity(state.params["pos_embedding"], config.num_patches)
+  paths.append(plot_position_similarity(similarity, config, out_dir / "position_similarity.png"))
+  return paths
+
+
+def visualize_checkpoint(config, workdir, num_images: int = 4, test_data=None) -> list[Path]:
+  """Pictures of the latest checkpoint in `workdir` on the first test digits."""
+  from vit_jax import mnist_source, train
+  from vit_jax.experiment_config import validate
+
+  config = validate(config)
+  state = train.restore_state(config, workdir)
+  if test_data is None:
+    images, labels = mnist_source.load_split(config.dataset, "test", config.tfds_data_dir,
+                                             config.idx_dir)
+  else:
+    images, labels = test_data["image"], test_data["label"]
+  spec = mnist_source.dataset_spec(config.dataset)
+  return write_all(state, config.model, images[:num_images], labels[:num_images], spec.mean,
+                   spec.std, Path(workdir) / "visualize")
