@@ -13,12 +13,19 @@ Runs on whatever JAX finds: CPU, GPU or TPU.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
+
+
+def _env_int(name: str) -> int | None:
+  value = os.environ.get(name)
+  return int(value) if value else None
+
 config_flags.DEFINE_config_file("config", "experiments/mnist.py", "Experiment config file.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, config and metrics.",
@@ -26,6 +33,16 @@ flags.DEFINE_string("workdir", None, "Folder for checkpoints, config and metrics
 flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "visualize"], "What to do.")
 flags.DEFINE_list("images", [], "predict: image files (PNG or .npy, 28x28 grey).")
 flags.DEFINE_integer("num_images", 4, "visualize: how many test digits to draw.")
+# Several processes (hosts), on JAX's own multi-controller runtime. Either name the
+# coordinator and this process, or let JAX detect the cluster (SLURM, Open MPI, TPU pods).
+flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                    "host:port of process 0's coordinator (env JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", _env_int("JAX_NUM_PROCESSES"),
+                     "How many processes in all (env JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", _env_int("JAX_PROCESS_ID"),
+                     "This process's rank, 0 .. num_processes-1 (env JAX_PROCESS_ID).")
+flags.DEFINE_bool("distributed", False,
+                  "Initialise JAX's distributed runtime from the cluster's environment.")
 
 
 def main(argv):
@@ -35,16 +52,26 @@ def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)
 
   import jax
+
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    # Before anything else touches JAX's backends. On CPU, collectives go through gloo.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   import numpy as np
 
   from vit_jax import image_files, train
   from vit_jax.experiment_config import validate
 
   config = validate(FLAGS.config)
-  print(f"devices: {jax.devices()}", flush=True)
+  many = jax.process_count() > 1
+  if jax.process_index() == 0:
+    print(f"devices: {jax.devices()}", flush=True)
   if FLAGS.mode == "train":
     result = train.train_and_evaluate(config, FLAGS.workdir)
-    print(f"test accuracy: {result['eval_accuracy']:.4f} (loss {result['eval_loss']:.4f}, "
+    # Every process prints its result, so that they can be compared.
+    print(f"{f'process {jax.process_index()}: ' if many else ''}"
+          f"test accuracy: {result['eval_accuracy']:.4f} (loss {result['eval_loss']:.4f}, "
           f"step {result['step']})")
   elif FLAGS.mode == "eval":
     result = train.evaluate_checkpoint(config, FLAGS.workdir)

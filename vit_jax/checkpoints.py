@@ -70,8 +70,8 @@ class WorkdirLock:
     self.file.close()
 
 
-def write_or_check_config(workdir: Path, config: Any) -> None:
-  """Saves the resolved config in `workdir`, or refuses one that changes the model.
+def write_or_check_config(workdir: Path, config: Any, write: bool = True) -> None:
+  """Saves the resolved config in `workdir` (if `write`), or refuses one that changes the model.
 
   A workdir's checkpoints only fit the model they were trained with, so resuming
   with a different `model` section is an error; other changes are allowed.
@@ -88,8 +88,10 @@ def write_or_check_config(workdir: Path, config: Any) -> None:
       raise ValueError(f"workdir={str(workdir)!r} holds a run of a different model ({diffs}); "
                        "use a new workdir")
     others = sorted(k for k in resolved if k != "model" and saved.get(k) != resolved[k])
-    if others:
+    if others and write:
       log.warning("resuming %s with changed settings: %s", workdir, ", ".join(others))
+  if not write:
+    return
   tmp = path.with_suffix(".json.tmp")
   tmp.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
   tmp.replace(path)

@@ -14,13 +14,18 @@ import numpy as np
 class MetricWriter:
   """Appends {'step': s, **metrics} to workdir/metrics.jsonl and to TensorBoard."""
 
-  def __init__(self, workdir: Path):
+  def __init__(self, workdir: Path, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:  # another process writes
+      return
     from flax.metrics import tensorboard  # imports TensorFlow: only when a run writes
 
     self.jsonl = open(Path(workdir) / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
     self.tensorboard = tensorboard.SummaryWriter(str(Path(workdir) / "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
     record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
     self.jsonl.write(json.dumps(record) + "\n")
     self.jsonl.flush()
@@ -28,6 +33,8 @@ class MetricWriter:
       self.tensorboard.scalar(key, float(value), int(step))
 
   def close(self) -> None:
+    if not self.enabled:
+      return
     self.jsonl.close()
     self.tensorboard.flush()
     self.tensorboard.close()
@@ -41,18 +48,21 @@ def read_metrics(workdir: str | Path) -> list[dict[str, float]]:
 class Progress:
   """A tqdm bar on a terminal, plain log lines elsewhere (files, CI)."""
 
-  def __init__(self, total_steps: int, start_step: int, stream=None):
+  def __init__(self, total_steps: int, start_step: int, stream=None, enabled: bool = True):
+    self.enabled = enabled
     self.stream = stream or sys.stderr
     self.total, self.start = total_steps, start_step
     self.t0 = time.monotonic()
     self.bar = None
-    if self.stream.isatty():
+    if enabled and self.stream.isatty():
       from tqdm import tqdm
 
       self.bar = tqdm(total=total_steps, initial=start_step, file=self.stream,
                       unit="step", dynamic_ncols=True)
 
   def update(self, step: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
     shown = {k: f"{v:.4g}" for k, v in metrics.items() if k in ("train_loss", "train_accuracy")}
     if self.bar is not None:
       self.bar.set_postfix(shown, refresh=False)
@@ -67,6 +77,8 @@ class Progress:
           f"ETA {_duration(eta)}", file=self.stream, flush=True)
 
   def message(self, text: str) -> None:
+    if not self.enabled:
+      return
     if self.bar is not None:
       self.bar.write(text)
     else:

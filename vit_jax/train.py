@@ -224,8 +224,9 @@ def train_and_evaluate(config: Any, workdir: str | Path,
   runner.check_batch_size("batch_size", config.batch_size)
   runner.check_batch_size("eval_batch_size", config.eval_batch_size)
   workdir = prepare_workdir(workdir)
-  with WorkdirLock(workdir):
-    write_or_check_config(workdir, config)
+  main = runner.is_main_process  # with several processes, process 0 owns the workdir's files
+  with WorkdirLock(workdir) if main else contextlib.nullcontext():
+    write_or_check_config(workdir, config, write=main)
     return _train(config, workdir, runner, data if data is not None else load_data(config))
 
 
@@ -252,8 +253,8 @@ def _train(config: ExperimentConfig, workdir: Path, runner: Runner,
   positions = runner.split_batch(np.arange(config.batch_size, dtype=np.int32))
   device_state = runner.replicate(state)
 
-  writer = MetricWriter(workdir)
-  progress = Progress(total_steps, start_step)
+  writer = MetricWriter(workdir, enabled=runner.is_main_process)
+  progress = Progress(total_steps, start_step, enabled=runner.is_main_process)
   if restored is not None:
     progress.message(f"resuming {workdir} at step {start_step}")
   pending: list[tuple[int, Any]] = []  # per-step metrics not yet fetched from the device
@@ -265,10 +266,10 @@ def _train(config: ExperimentConfig, workdir: Path, runner: Runner,
     nonlocal window_start, window_steps, pending
     if not pending:
       return
-    fetched = [(s, jax.device_get(m)) for s, m in pending]
+    fetched = [(s, runner.unreplicate(m)) for s, m in pending]
     pending = []
     for s, m in fetched:
-      loss = np.asarray(m["loss"]).reshape(-1)[0]
+      loss = m["loss"]
       if not np.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss} at step {s}; no checkpoint of a "
                                  "non-finite state was saved")
