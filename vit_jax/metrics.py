@@ -12,7 +12,7 @@ import numpy as np
 
 
 class MetricWriter:
-  """Appends {'step': s, **metrics} to workdir/metrics.jsonl and to TensorBoard."""
+  """Appends {'step': s, 'time': t, **metrics} to workdir/metrics.jsonl and to TensorBoard."""
 
   def __init__(self, workdir: Path, enabled: bool = True):
     self.enabled = enabled
@@ -26,7 +26,9 @@ class MetricWriter:
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
       return
-    record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+    # `time` (Unix seconds) lets a benchmark read off when an accuracy was first reached.
+    record = {"step": int(step), "time": time.time(),
+              **{k: float(v) for k, v in metrics.items()}}
     self.jsonl.write(json.dumps(record) + "\n")
     self.jsonl.flush()
     for key, value in metrics.items():

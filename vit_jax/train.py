@@ -176,6 +176,22 @@ class _StopSignal:
     del frame
     self.received = signum
 
+  def should_stop(self, step: int, every_steps: int) -> bool:
+    """Whether to checkpoint and stop after `step`.
+
+    One process stops at once. Several must stop at the same step (checkpoints are
+    collective), so they agree at checkpoint steps, where any signalled one stops all.
+    """
+    if jax.process_count() == 1:
+      return self.received is not None
+    if step % every_steps:
+      return False
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.array(self.received or 0, np.int32))
+    self.received = self.received or int(np.max(flags)) or None
+    return self.received is not None
+
   def __exit__(self, *exc):
     for sig, handler in self.previous.items():
       signal.signal(sig, handler)
@@ -307,7 +323,7 @@ def _train(config: ExperimentConfig, workdir: Path, runner: Runner,
           writer.write(done, result)
           progress.message(f"step {done}: eval_accuracy={result['eval_accuracy']:.4f}")
           window_start = time.monotonic()
-        if stop.received is not None:
+        if stop.should_stop(done, config.checkpoint_every_steps):
           save(done, force=True)
           raise TrainingInterruptedError(stop.received, done)
       flush_metrics(total_steps)

@@ -1,0 +1,53 @@
+"""The benchmark runs (so it cannot rot) and its FLOP count agrees with XLA's. No speed asserts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from vit_jax import benchmark
+from vit_jax.experiment_config import ExperimentConfig
+from vit_jax.model_configs import get_model_config
+
+FLOP_TOLERANCE = 0.10  # XLA also counts softmax, LayerNorm, GELU, the optimizer update
+
+
+def test_forward_flops_by_hand_for_the_testing_config():
+  c = get_model_config("testing")  # 16 patches of 49 pixels + a class token, width 16
+  n, d = 17, 16
+  per_layer = 3 * n * d * d + 2 * n * n * d + n * d * d + 2 * n * d * 32
+  assert benchmark.forward_flops(c) == 2 * (16 * 49 * d + per_layer + d * 10)
+  assert benchmark.train_flops(c) == 3 * benchmark.forward_flops(c)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["jit", "pmap"])
+def test_benchmark_runs_and_counts_flops_like_xla(parallel):
+  config = ExperimentConfig(model=get_model_config("seed", num_layers=2), batch_size=64,
+                            eval_batch_size=64, parallel=parallel)
+  result = benchmark.run(config, windows=2, steps_per_window=2,
+                         with_compile_times=parallel == "jit")
+  for key in ("train", "eval"):
+    ours, xla = result[f"{key}_flops_per_image"], result[f"xla_{key}_flops_per_image"]
+    assert abs(xla - ours) / ours < FLOP_TOLERANCE, (key, ours, xla)
+    assert result[f"{key}_images_per_sec"] > 0 and result[f"{key}_mfu"] > 0
+  assert result["matmul_peak_flops"] > 0 and result["peak_rss_megabytes"] > 0
+  if parallel == "jit":
+    assert result["compile_cold_seconds"] > 0 and result["compile_cached_seconds"] > 0
+  assert "| train_mfu |" in benchmark.table(result)
+
+
+@pytest.mark.slow
+def test_benchmark_command_writes_json(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = tmp_path / "bench.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "vit_jax.benchmark", "--config=experiments/tiny.py", "--windows=1",
+       "--steps_per_window=1", "--nocompile_times", f"--out={out}"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "| train_images_per_sec |" in result.stdout
+  assert json.loads(out.read_text())["batch_size"] == 128

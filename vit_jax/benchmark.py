@@ -1,0 +1,287 @@
+"""How fast a config turns compute into accuracy, measured in one process.
+
+    python -m vit_jax.benchmark --config=experiments/mnist.py --out=bench.json
+    python -m vit_jax.benchmark --config=experiments/mnist.py --time_to_accuracy=0.98,0.99
+
+Reports, for the config's model and global batch:
+- the machine's fp32 matmul peak (a large matmul timed here, now);
+- model FLOPs per training and per evaluation image, counted from the architecture
+  and cross-checked against XLA's cost analysis of the compiled steps;
+- training and evaluation images/s (median over timed windows after warm-up) and
+  the share of the measured peak they achieve (MFU);
+- compile time of the training step, cold and from the persistent compilation cache;
+- peak resident memory;
+- optionally, time to accuracy: wall time from starting `launch.py` until the test
+  accuracy first reaches each target.
+Speed goals live here, never in timed tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax import input_pipeline, train
+from vit_jax.experiment_config import ExperimentConfig, validate
+from vit_jax.model_configs import ModelConfig
+from vit_jax.parallel import Runner, choose_mode
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --- FLOPs ----------------------------------------------------------------------------
+
+def forward_flops(c: ModelConfig) -> int:
+  """Multiply-adds x 2 of one image's forward pass (matmuls and attention only)."""
+  n = c.num_patches + (c.classifier == "token")
+  d, p = c.hidden_size, c.patch_size
+  qkv = 0 if c.qkv == "identity" else 3 * n * d * d
+  per_layer = qkv + 2 * n * n * d + n * d * d + 2 * n * d * c.mlp_dim  # QK^T and AV: 2 n^2 d
+  return 2 * (c.num_patches * p * p * c.num_channels * d + c.num_layers * per_layer
+              + d * c.num_classes)
+
+
+def train_flops(c: ModelConfig) -> int:
+  """Forward plus backward (twice the forward: gradients for inputs and weights)."""
+  return 3 * forward_flops(c)
+
+
+# --- Measurements ----------------------------------------------------------------------
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+  """fp32 FLOP/s of a large square matmul on the default device (median of repeats)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * size**3 / statistics.median(times)
+
+
+def _windows(run_window, windows: int) -> list[float]:
+  """Seconds of each timed window, after one untimed warm-up window."""
+  run_window()
+  times = []
+  for _ in range(windows):
+    start = time.perf_counter()
+    run_window()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def _xla_flops(compiled) -> float | None:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, list):  # older JAX: one dict per device program
+    analysis = analysis[0]
+  return float(analysis["flops"]) if analysis and "flops" in analysis else None
+
+
+def measure_steps(config: ExperimentConfig, steps_per_window: int = 10, windows: int = 5
+                  ) -> dict[str, Any]:
+  """Training and evaluation throughput of `config` on synthetic digits (speed only)."""
+  runner = Runner(choose_mode(config.parallel))
+  runner.check_batch_size("batch_size", config.batch_size)
+  c = config.model
+  # Whole evaluation batches: every evaluated image is a real one.
+  eval_batches = -(-config.batch_size * steps_per_window // config.eval_batch_size)
+  num_examples = eval_batches * config.eval_batch_size
+  rng = np.random.default_rng(0)
+  data = {"image": rng.integers(0, 256, (num_examples, c.image_size, c.image_size,
+                                         c.num_channels), dtype=np.uint8),
+          "label": rng.integers(0, c.num_classes, num_examples).astype(np.int32)}
+  device_data = runner.replicate(data)
+  holder = {"state": runner.replicate(train.create_train_state(config, total_steps=10_000))}
+  order = input_pipeline.EpochOrder(num_examples, config.batch_size, config.seed)
+  positions = runner.split_batch(np.arange(config.batch_size, dtype=np.int32))
+  key = jax.random.PRNGKey(0)
+
+  step_fn = runner.compile(functools.partial(train._train_on_indices, config=config),
+                           in_axes=(0, 0, 0, 0, None), donate_argnums=(0,))
+  start = time.perf_counter()
+  compiled = step_fn.lower(holder["state"], device_data, runner.split_batch(order.indices(0)),
+                           positions, key).compile()
+  compile_seconds = time.perf_counter() - start
+
+  def train_window():
+    state = holder["state"]
+    for i in range(steps_per_window):
+      state, metrics = step_fn(state, device_data, runner.split_batch(order.indices(i)),
+                               positions, jax.random.fold_in(key, i))
+    jax.block_until_ready(metrics)
+    holder["state"] = state
+
+  train_times = _windows(train_window, windows)
+  evaluate = train.Evaluator(runner, device_data, num_examples, config.eval_batch_size,
+                             config.dataset)
+  eval_times = _windows(lambda: evaluate(holder["state"]), windows)
+  eval_compiled = evaluate.step.lower(
+      holder["state"], device_data,
+      runner.split_batch(np.arange(config.eval_batch_size, dtype=np.int32)),
+      runner.split_batch(np.ones(config.eval_batch_size, bool))).compile()
+  xla_train, xla_eval = _xla_flops(compiled), _xla_flops(eval_compiled)
+  return {
+      "parallel": runner.mode,
+      "devices": runner.num_devices,
+      "train_images_per_sec": config.batch_size * steps_per_window / statistics.median(train_times),
+      "eval_images_per_sec": num_examples / statistics.median(eval_times),
+      "train_step_compile_seconds": compile_seconds,
+      # XLA counts a pmap-ed program once, for one device's share of the batch.
+      "xla_train_flops_per_image": xla_train and xla_train / (config.batch_size
+                                                              / _per_program(runner)),
+      "xla_eval_flops_per_image": xla_eval and xla_eval / (config.eval_batch_size
+                                                           / _per_program(runner)),
+  }
+
+
+def _per_program(runner: Runner) -> int:
+  return runner.num_devices if runner.mode == "pmap" else 1
+
+
+def compile_times(config: ExperimentConfig) -> dict[str, float]:
+  """Training-step compile time: cold, then from a fresh persistent compilation cache."""
+  code = (
+      "import sys, time, json, jax, numpy as np, functools\n"
+      "cache = sys.argv[1]\n"
+      "jax.config.update('jax_compilation_cache_dir', cache)\n"
+      "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+      "jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)\n"
+      "from vit_jax import benchmark, train\n"
+      "from vit_jax.experiment_config import validate\n"
+      "config = validate(json.loads(sys.argv[2]))\n"
+      "print(json.dumps(benchmark.time_one_compile(config)))\n")
+  with tempfile.TemporaryDirectory() as cache:
+    as_json = json.dumps(_config_json(config))
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code, cache, as_json], check=True,
+                                      capture_output=True, text=True).stdout.splitlines()[-1])
+            for _ in range(2)]
+  return {"compile_cold_seconds": runs[0]["seconds"],
+          "compile_cached_seconds": runs[1]["seconds"]}
+
+
+def _config_json(config: ExperimentConfig) -> dict:
+  import dataclasses
+
+  return dataclasses.asdict(dataclasses.replace(config, parallel="jit"))
+
+
+def time_one_compile(config: ExperimentConfig) -> dict[str, float]:
+  """Lower and compile the single-device training step once; for `compile_times`."""
+  state = train.create_train_state(config, total_steps=10_000)
+  c = config.model
+  data = {"image": np.zeros((config.batch_size, c.image_size, c.image_size, c.num_channels),
+                            np.uint8), "label": np.zeros(config.batch_size, np.int32)}
+  step = jax.jit(functools.partial(train._train_on_indices, config=config, axis_name=None))
+  idx = np.arange(config.batch_size, dtype=np.int32)
+  start = time.perf_counter()
+  step.lower(state, data, idx, idx, jax.random.PRNGKey(0)).compile()
+  return {"seconds": time.perf_counter() - start}
+
+
+def time_to_accuracy(config_path: str, overrides: list[str], targets: list[float],
+                     workdir: Path, eval_every_steps: int) -> dict[str, float | None]:
+  """Wall seconds from starting launch.py until the test accuracy first reaches each target."""
+  start = time.time()
+  subprocess.run([sys.executable, str(REPO / "launch.py"), f"--config={config_path}",
+                  f"--workdir={workdir}", f"--config.eval_every_steps={eval_every_steps}",
+                  *overrides], check=True, cwd=REPO)
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  evals = [r for r in records if "eval_accuracy" in r]
+  out = {}
+  for target in targets:
+    hit = next((r for r in evals if r["eval_accuracy"] >= target), None)
+    out[f"seconds_to_{target:g}"] = None if hit is None else hit["time"] - start
+    out[f"step_at_{target:g}"] = None if hit is None else hit["step"]
+  out["final_accuracy"] = evals[-1]["eval_accuracy"]
+  return out
+
+
+def run(config: Any, windows: int = 5, steps_per_window: int = 10,
+        with_compile_times: bool = True) -> dict[str, Any]:
+  """Every measurement except time to accuracy, as one JSON-able dict."""
+  config = validate(config)
+  peak = matmul_peak()
+  result: dict[str, Any] = {
+      "date": time.strftime("%Y-%m-%d"),
+      "device": jax.devices()[0].device_kind,
+      "matmul_peak_flops": peak,
+      "train_flops_per_image": train_flops(config.model),
+      "eval_flops_per_image": forward_flops(config.model),
+      "batch_size": config.batch_size,
+  }
+  result.update(measure_steps(config, steps_per_window, windows))
+  result["train_mfu"] = result["train_images_per_sec"] * result["train_flops_per_image"] / peak
+  result["eval_mfu"] = result["eval_images_per_sec"] * result["eval_flops_per_image"] / peak
+  if with_compile_times:
+    result.update(compile_times(config))
+  result["peak_rss_megabytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return result
+
+
+def table(result: dict[str, Any]) -> str:
+  rows = []
+  for key, value in result.items():
+    if isinstance(value, float):
+      value = f"{value:.4g}"
+    rows.append(f"| {key} | {value} |")
+  return "| measure | value |\n| --- | --- |\n" + "\n".join(rows) + "\n"
+
+
+def main(argv):
+  del argv
+  import logging
+
+  from absl import flags
+
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  config_flags_value = flags.FLAGS.config
+  result = run(config_flags_value, flags.FLAGS.windows, flags.FLAGS.steps_per_window,
+               flags.FLAGS.compile_times)
+  targets = [float(t) for t in flags.FLAGS.time_to_accuracy]
+  if targets:
+    with tempfile.TemporaryDirectory() as workdir:
+      result.update(time_to_accuracy(flags.FLAGS["config"].config_filename,
+                                     [a for a in sys.argv[1:] if a.startswith("--config.")],
+                                     targets, Path(workdir) / "run",
+                                     flags.FLAGS.eval_every_steps))
+  print(table(result))
+  if flags.FLAGS.out:
+    Path(flags.FLAGS.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {flags.FLAGS.out}")
+
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", str(REPO / "experiments" / "mnist.py"),
+                                  "Experiment config to measure.", lock_config=True)
+  flags.DEFINE_integer("windows", 5, "Timed windows (after one warm-up window).")
+  flags.DEFINE_integer("steps_per_window", 10, "Training steps per timed window.")
+  flags.DEFINE_bool("compile_times", True, "Measure cold and cached compile times.")
+  flags.DEFINE_list("time_to_accuracy", [], "Test accuracies to time a real run to, e.g. "
+                    "0.98,0.99 (empty: skip).")
+  flags.DEFINE_integer("eval_every_steps", 100, "Evaluation interval of the timed run.")
+  flags.DEFINE_string("out", None, "Write the results here as JSON.")
+
+
+if __name__ == "__main__":
+  from absl import app
+
+  _define_flags()
+  app.run(main)
