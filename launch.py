@@ -41,6 +41,10 @@ flags.DEFINE_integer("num_processes", _env_int("JAX_NUM_PROCESSES"),
                      "How many processes in all (env JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", _env_int("JAX_PROCESS_ID"),
                      "This process's rank, 0 .. num_processes-1 (env JAX_PROCESS_ID).")
+flags.DEFINE_integer("cpu_devices", 1,
+                     "Split the CPU into this many JAX devices (data parallelism across "
+                     "cores with parallel=auto/pmap; see docs/performance.md). No effect on "
+                     "GPU or TPU.")
 flags.DEFINE_bool("distributed", False,
                   "Initialise JAX's distributed runtime from the cluster's environment.")
 
@@ -51,6 +55,9 @@ def main(argv):
   # Orbax and TFDS log every step of their work at INFO; keep the console for ours.
   logging.getLogger("absl").setLevel(logging.WARNING)
 
+  if FLAGS.cpu_devices > 1:  # must precede the first import of JAX
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                               f"device_count={FLAGS.cpu_devices}").strip()
   import jax
 
   if FLAGS.distributed or FLAGS.coordinator_address:
@@ -94,11 +101,20 @@ def main(argv):
 
 
 def run():
-  from vit_jax.train import TrainingInterruptedError
+  from vit_jax.interrupt import TrainingInterruptedError
 
   try:
     app.run(main)
-  except ValueError as e:  # bad config, data or files: one line, no traceback
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these, with a traceback, for `--config.x=...` naming no field.
+    name = str(e).strip("\"'")
+    flag = next((a.split("=")[0] for a in sys.argv[1:]
+                 if a.startswith("--config.") and a.split("=")[0].endswith(f".{name}")), None)
+    if flag is None:
+      raise
+    print(f"error: {flag.removeprefix('--')} is not a known key of the config", file=sys.stderr)
+    sys.exit(2)
+  except (ValueError, FloatingPointError) as e:  # bad config, data or files; a NaN loss
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except TrainingInterruptedError as e:  # SIGTERM / Ctrl-C, after saving a checkpoint

@@ -45,6 +45,15 @@ def test_eval_reports_the_checkpoint(trained):
 
 
 @pytest.mark.slow
+def test_eval_split_over_two_cpu_devices_gives_the_same_result(trained):
+  common, train_result, _ = trained
+  result = launch(*common, "--mode=eval", "--cpu_devices=2")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "devices: [CpuDevice(id=0), CpuDevice(id=1)]" in result.stdout
+  assert result.stdout.strip().splitlines()[-1] == train_result.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
 def test_predict_reads_png_and_npy(trained, mnist, tmp_path):
   from PIL import Image
 
@@ -86,6 +95,7 @@ def test_predict_bad_image_is_one_clear_line(trained, tmp_path):
      "error: config.model.num_heads=3 does not divide hidden_size=64"),
     ("--config.learning_rate=-1", "error: config.learning_rate=-1.0 must be positive"),
     ("--config.dataset=cifar10", "error: config.dataset='cifar10' is not one of"),
+    ("--config.model.heads=4", "error: config.model.heads is not a known key of the config"),
 ])
 def test_bad_config_is_one_clear_line_before_any_work(flag, message, tmp_path):
   result = launch("--config=experiments/tiny.py", f"--workdir={tmp_path / 'run'}", flag)

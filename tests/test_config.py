@@ -8,7 +8,8 @@ import pytest
 from vit_jax.experiment_config import ExperimentConfig, as_config_dict, validate
 from vit_jax.model_configs import get_model_config
 
-EXPERIMENTS = sorted((Path(__file__).resolve().parent.parent / "experiments").glob("*.py"))
+EXPERIMENT_DIR = Path(__file__).resolve().parent.parent / "experiments"
+EXPERIMENTS = sorted(p for p in EXPERIMENT_DIR.glob("*.py") if "def get_config" in p.read_text())
 
 
 def load(path):
@@ -20,10 +21,7 @@ def load(path):
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
 def test_every_experiment_file_validates(path):
-  module = load(path)
-  if not hasattr(module, "get_config"):
-    pytest.skip("not a config file")
-  config = validate(module.get_config())
+  config = validate(load(path).get_config())
   assert isinstance(config, ExperimentConfig)
 
 
@@ -62,6 +60,13 @@ def test_bad_values_fail_with_one_line_naming_key_and_value(key, value, message)
   with pytest.raises(ValueError, match=message.replace("(", r"\(")) as info:
     validate(config)
   assert "\n" not in str(info.value)
+
+
+def test_model_that_does_not_fit_the_dataset_is_refused():
+  config = base().to_dict()
+  config["model"]["num_classes"] = 5
+  with pytest.raises(ValueError, match="config.model.num_classes=5 does not fit mnist"):
+    validate(config)
 
 
 def test_bad_model_value_is_named_with_its_path():

@@ -29,9 +29,13 @@ def test_offline_build_is_tfds_mnist_with_the_known_counts(tfds_dir, mnist):
   assert np.bincount(mnist["test"]["label"]).tolist() == TEST_COUNTS
 
 
-def test_the_build_is_reused_not_redone(tfds_dir):
-  # No idx_dir and no network: this only works if the prepared dataset is found.
-  assert mnist_source.builder("mnist", data_dir=tfds_dir, idx_dir=None).is_prepared()
+def test_the_build_is_reused_not_redone(tfds_dir, monkeypatch):
+  def no_rebuild(self, *args, **kwargs):
+    raise AssertionError("rebuilt a prepared dataset")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_rebuild)
+  assert mnist_source.builder("mnist", data_dir=tfds_dir, idx_dir=str(MNIST_IDX_DIR))\
+      .is_prepared()
 
 
 def test_normalisation_constants_match_the_data(mnist):

@@ -1,5 +1,6 @@
 """Sweeps' bookkeeping, the identity-projection ablation, and the pictures."""
 
+import dataclasses
 import json
 
 import jax
@@ -77,10 +78,10 @@ def test_plan_fixed_width_and_fixed_head_size():
     sweep.plan(base, heads=[3], seeds=[0])
 
 
-def fake_record(run, accuracy):
+def fake_record(run, accuracy, config):
   return {**run.__dict__, "name": run.name, "params": 100 * run.heads, "eval_accuracy": accuracy,
           "eval_loss": 0.1, "images_per_sec": 1000.0, "wall_seconds": 10.0, "resumed": False,
-          "attention_entropy": 1.5}
+          "attention_entropy": 1.5, "config": sweep._as_json(config)}
 
 
 def test_run_all_skips_finished_and_resumes_unfinished(tmp_path, monkeypatch):
@@ -88,13 +89,13 @@ def test_run_all_skips_finished_and_resumes_unfinished(tmp_path, monkeypatch):
   finished, unfinished = runs
   (tmp_path / finished[0].name).mkdir()
   (tmp_path / finished[0].name / "result.json").write_text(
-      json.dumps(fake_record(finished[0], 0.9)))
+      json.dumps(fake_record(finished[0], 0.9, finished[1])))
   (tmp_path / unfinished[0].name / "checkpoints").mkdir(parents=True)
   trained = []
 
   def fake_run_one(run, config, workdir, data):
     trained.append((run.name, (workdir / "checkpoints").is_dir()))
-    return fake_record(run, 0.8)
+    return fake_record(run, 0.8, config)
 
   monkeypatch.setattr(sweep, "run_one", fake_run_one)
   said = []
@@ -102,12 +103,17 @@ def test_run_all_skips_finished_and_resumes_unfinished(tmp_path, monkeypatch):
   assert trained == [(unfinished[0].name, True)]
   assert [r["eval_accuracy"] for r in records] == [0.9, 0.8]
   assert "finished before, skipped" in said[0] and "resuming" in said[1]
+  # A finished run of another config is not silently reused.
+  other = sweep.plan(dataclasses.replace(base_config(), num_epochs=0.5), heads=[1], seeds=[0])
+  with pytest.raises(ValueError, match="finished with a different num_epochs"):
+    sweep.run_all(other, tmp_path, data=None, say=said.append)
 
 
 def test_summary_table_and_plot_from_fake_records(tmp_path):
   runs = sweep.plan(base_config(), heads=[1, 2], seeds=[0, 1, 2], qkv_modes=["fused", "identity"])
   accuracies = {0: 0.90, 1: 0.92, 2: 0.94}
-  records = [fake_record(r, accuracies[r.seed] - (r.qkv == "identity") * 0.1) for r, _ in runs]
+  records = [fake_record(r, accuracies[r.seed] - (r.qkv == "identity") * 0.1, c)
+             for r, c in runs]
   rows = sweep.summarize(records)
   assert len(rows) == 4
   fused_1 = next(r for r in rows if r["qkv"] == "fused" and r["heads"] == 1)

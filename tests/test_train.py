@@ -137,6 +137,25 @@ def test_resuming_with_another_model_is_refused(tmp_path, mnist):
     train.train_and_evaluate(other, tmp_path / "run", data=data)
 
 
+def test_eval_of_a_workdir_with_another_model_is_refused(tmp_path, mnist):
+  data = subset(mnist, 256)
+  config = small_config(num_epochs=0.25)
+  train.train_and_evaluate(config, tmp_path / "run", data=data)
+  other = dataclasses.replace(config, model=get_model_config("testing", num_heads=4))
+  with pytest.raises(ValueError, match=r"different model \(model.num_heads: 2 -> 4\)"):
+    train.evaluate_checkpoint(other, tmp_path / "run", data=data)
+  assert (tmp_path / "run" / "checkpoints" / "1").is_dir()  # nothing moved aside
+
+
+def test_resuming_past_the_configured_end_is_refused(tmp_path, mnist):
+  data = subset(mnist, 256)
+  config = small_config(num_epochs=1)  # 4 steps
+  train.train_and_evaluate(config, tmp_path / "run", data=data)
+  with pytest.raises(ValueError, match="num_epochs=0.5 makes 2 steps, but .* at step 4"):
+    train.train_and_evaluate(dataclasses.replace(config, num_epochs=0.5), tmp_path / "run",
+                             data=data)
+
+
 def test_batch_not_divisible_by_devices_is_refused_before_writing(tmp_path, mnist):
   config = small_config(batch_size=60, parallel="pmap")
   with pytest.raises(ValueError, match="config.batch_size=60 is not divisible by the 8 devices"):
@@ -148,6 +167,12 @@ def test_workdir_that_is_a_file_is_refused(tmp_path, mnist):
   (tmp_path / "file").write_text("")
   with pytest.raises(ValueError, match="workdir=.*file.* is a file, not a folder"):
     train.train_and_evaluate(small_config(), tmp_path / "file", data=subset(mnist, 256))
+
+
+def test_workdir_that_cannot_be_created_is_refused(tmp_path, mnist):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match="workdir=.*file/run.* cannot be created: Not a directory"):
+    train.train_and_evaluate(small_config(), tmp_path / "file" / "run", data=subset(mnist, 256))
 
 
 def test_eval_and_predict_need_a_checkpoint(tmp_path):

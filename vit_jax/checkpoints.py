@@ -135,10 +135,15 @@ class Checkpoints:
         aside = self.directory.parent / "checkpoints_unreadable" / f"{step}-{time.time():.0f}"
         log.warning("checkpoint at step %d cannot be read (%s); moved to %s, trying an older one",
                     step, reason, aside)
-        aside.parent.mkdir(exist_ok=True)
-        shutil.move(str(self.directory / str(step)), aside)
+        if jax.process_index() == 0:  # one process moves it; the others wait below
+          aside.parent.mkdir(exist_ok=True)
+          shutil.move(str(self.directory / str(step)), aside)
         moved = True
     if moved:
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("unreadable checkpoints moved")
       self.manager.reload()
     return restored
 

@@ -60,6 +60,10 @@ class ExperimentConfig:
     require(self.grad_clip_norm > 0, "grad_clip_norm", self.grad_clip_norm, "must be positive")
     require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing,
             "must be in [0, 1)")
+    # Both datasets are 28x28 grey images of 10 classes.
+    for key, value in (("num_classes", 10), ("image_size", 28), ("num_channels", 1)):
+      require(getattr(self.model, key) == value, f"model.{key}", getattr(self.model, key),
+              f"does not fit {self.dataset}: its 28x28 grey images in 10 classes need {value}")
     require(self.train_examples is None or self.train_examples >= self.batch_size,
             "train_examples", self.train_examples,
             f"must be at least batch_size={self.batch_size}")

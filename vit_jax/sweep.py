@@ -83,11 +83,16 @@ def run_one(run: Run, config: ExperimentConfig, workdir: Path, data: dict) -> di
       "images_per_sec": float(np.median(speeds[1:] if len(speeds) > 1 else speeds)),
       "wall_seconds": wall, "resumed": resumed,
       "attention_entropy": analysis.attention_entropy(maps),
+      "config": _as_json(config),
   }
   tmp = workdir / (RESULT_FILE + ".tmp")
   tmp.write_text(json.dumps(record, indent=2) + "\n")
   tmp.replace(workdir / RESULT_FILE)
   return record
+
+
+def _as_json(config: ExperimentConfig) -> dict[str, Any]:
+  return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 def run_all(runs: list[tuple[Run, ExperimentConfig]], root: Path, data: dict,
@@ -98,8 +103,13 @@ def run_all(runs: list[tuple[Run, ExperimentConfig]], root: Path, data: dict,
     workdir = Path(root) / run.name
     result = workdir / RESULT_FILE
     if result.is_file():
+      record = json.loads(result.read_text())
+      changed = sorted(k for k, v in _as_json(config).items() if record["config"].get(k) != v)
+      if changed:
+        raise ValueError(f"{workdir} finished with a different {', '.join(changed)}; "
+                         "use another --root for another config")
       say(f"[{i}/{len(runs)}] {run.name}: finished before, skipped")
-      records.append(json.loads(result.read_text()))
+      records.append(record)
       continue
     say(f"[{i}/{len(runs)}] {run.name}: "
         f"{'resuming' if (workdir / 'checkpoints').is_dir() else 'training'}")
@@ -153,7 +163,8 @@ def write_reports(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
   rows = summarize(records)
   paths = [out_dir / "runs.csv", out_dir / "summary.csv", out_dir / "summary.md",
            out_dir / "sweep.png"]
-  _write_csv(paths[0], records, list(records[0]))
+  _write_csv(paths[0], [{k: v for k, v in r.items() if k != "config"} for r in records],
+             [k for k in records[0] if k != "config"])
   _write_csv(paths[1], rows, SUMMARY_COLUMNS)
   paths[2].write_text(markdown_table(rows))
   plot(rows, paths[3])

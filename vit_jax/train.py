@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import functools
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from vit_jax.checkpoints import (
     write_or_check_config,
 )
 from vit_jax.experiment_config import ExperimentConfig, validate
+from vit_jax.interrupt import StopSignal, TrainingInterruptedError
 from vit_jax.metrics import MetricWriter, Progress
 from vit_jax.models import ViT
 from vit_jax.parallel import Runner, choose_mode
@@ -159,53 +159,6 @@ class Evaluator:
 
 # --- The loop --------------------------------------------------------------------------
 
-class _StopSignal:
-  """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
-
-  def __init__(self):
-    self.received: int | None = None
-    self.previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-        self.previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.received = signum
-
-  def should_stop(self, step: int, every_steps: int) -> bool:
-    """Whether to checkpoint and stop after `step`.
-
-    One process stops at once. Several must stop at the same step (checkpoints are
-    collective), so they agree at checkpoint steps, where any signalled one stops all.
-    """
-    if jax.process_count() == 1:
-      return self.received is not None
-    if step % every_steps:
-      return False
-    from jax.experimental import multihost_utils
-
-    flags = multihost_utils.process_allgather(np.array(self.received or 0, np.int32))
-    self.received = self.received or int(np.max(flags)) or None
-    return self.received is not None
-
-  def __exit__(self, *exc):
-    for sig, handler in self.previous.items():
-      signal.signal(sig, handler)
-
-
-class TrainingInterruptedError(Exception):
-  """Raised after a SIGTERM / SIGINT once the state is checkpointed."""
-
-  def __init__(self, signum: int, step: int):
-    super().__init__(f"stopped by signal {signum} at step {step}; "
-                     "rerun the same command to resume")
-    self.signum, self.step = signum, step
-
-
 def load_data(config: ExperimentConfig) -> dict[str, dict[str, np.ndarray]]:
   """{'train': {...}, 'test': {...}} host arrays, train cut to `config.train_examples`."""
   out = {}
@@ -253,11 +206,20 @@ def _train(config: ExperimentConfig, workdir: Path, runner: Runner,
   order = input_pipeline.EpochOrder(num_train, config.batch_size, config.seed)
   total_steps = total_train_steps(config, num_train)
 
+  with contextlib.ExitStack() as cleanup:
+    checkpoints = Checkpoints(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+    cleanup.callback(checkpoints.close)
+    return _train_loop(config, workdir, runner, data, order, total_steps, checkpoints, cleanup)
+
+
+def _train_loop(config, workdir, runner, data, order, total_steps, checkpoints, cleanup):
   state = create_train_state(config, total_steps)
-  checkpoints = Checkpoints(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
   restored = checkpoints.restore_latest(state)
   state = restored if restored is not None else state
   start_step = int(state.step)
+  if start_step > total_steps:
+    raise ValueError(f"config.num_epochs={config.num_epochs} makes {total_steps} steps, but "
+                     f"workdir={str(workdir)!r} is already at step {start_step}")
 
   schedule = learning_rate_schedule(config, total_steps)
   train_data = runner.replicate(data["train"])
@@ -270,7 +232,9 @@ def _train(config: ExperimentConfig, workdir: Path, runner: Runner,
   device_state = runner.replicate(state)
 
   writer = MetricWriter(workdir, enabled=runner.is_main_process)
+  cleanup.callback(writer.close)
   progress = Progress(total_steps, start_step, enabled=runner.is_main_process)
+  cleanup.callback(progress.close)
   if restored is not None:
     progress.message(f"resuming {workdir} at step {start_step}")
   pending: list[tuple[int, Any]] = []  # per-step metrics not yet fetched from the device
@@ -305,45 +269,41 @@ def _train(config: ExperimentConfig, workdir: Path, runner: Runner,
       flush_metrics(step)  # never checkpoint a state whose loss went non-finite
       checkpoints.save(step, runner.unreplicate(device_state), force=force)
 
-  try:
-    with _StopSignal() as stop:
-      for step in range(start_step, total_steps):
-        rng = jax.random.fold_in(base_rng, step)
-        indices = runner.split_batch(order.indices(step))
-        device_state, metrics = step_fn(device_state, train_data, indices, positions, rng)
-        pending.append((step + 1, metrics))
-        window_steps += 1
-        done = step + 1
-        if done % config.log_every_steps == 0:
-          flush_metrics(done)
-        save(done)
-        if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total_steps:
-          flush_metrics(done)
-          result = evaluate(device_state)
-          writer.write(done, result)
-          progress.message(f"step {done}: eval_accuracy={result['eval_accuracy']:.4f}")
-          window_start = time.monotonic()
-        if stop.should_stop(done, config.checkpoint_every_steps):
-          save(done, force=True)
-          raise TrainingInterruptedError(stop.received, done)
-      flush_metrics(total_steps)
-      save(total_steps, force=True)
-    result = evaluate(device_state)
-    writer.write(total_steps, result)
-    final.update(result, step=total_steps)
-    progress.message(f"final test accuracy {result['eval_accuracy']:.4f} "
-                     f"(loss {result['eval_loss']:.4f}) at step {total_steps}")
-    return final
-  finally:
-    progress.close()
-    writer.close()
-    checkpoints.close()
+  with StopSignal() as stop:
+    for step in range(start_step, total_steps):
+      rng = jax.random.fold_in(base_rng, step)
+      indices = runner.split_batch(order.indices(step))
+      device_state, metrics = step_fn(device_state, train_data, indices, positions, rng)
+      pending.append((step + 1, metrics))
+      window_steps += 1
+      done = step + 1
+      if done % config.log_every_steps == 0:
+        flush_metrics(done)
+      save(done)
+      if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total_steps:
+        flush_metrics(done)
+        result = evaluate(device_state)
+        writer.write(done, result)
+        progress.message(f"step {done}: eval_accuracy={result['eval_accuracy']:.4f}")
+        window_start = time.monotonic()
+      if stop.should_stop(done, config.checkpoint_every_steps):
+        save(done, force=True)
+        raise TrainingInterruptedError(stop.received, done)
+    flush_metrics(total_steps)
+    save(total_steps, force=True)
+  result = evaluate(device_state)
+  writer.write(total_steps, result)
+  final.update(result, step=total_steps)
+  progress.message(f"final test accuracy {result['eval_accuracy']:.4f} "
+                   f"(loss {result['eval_loss']:.4f}) at step {total_steps}")
+  return final
 
 
 def restore_state(config: Any, workdir: str | Path) -> TrainState:
   """The latest readable checkpoint of `workdir`; a clear error if there is none."""
   config = validate(config)
   workdir = Path(workdir)
+  write_or_check_config(workdir, config, write=False)  # refuse a different model
   template = create_train_state(config, total_steps=1)
   checkpoints = Checkpoints(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
   try:
@@ -364,9 +324,9 @@ def evaluate_checkpoint(config: Any, workdir: str | Path,
       ("image", "label"),
       mnist_source.load_split(config.dataset, "test", config.tfds_data_dir, config.idx_dir),
       strict=True))
-  runner = Runner("jit")
+  runner = Runner(choose_mode(config.parallel))
   result = Evaluator(runner, runner.replicate(test), len(test["label"]),
-                     config.eval_batch_size, config.dataset)(state)
+                     config.eval_batch_size, config.dataset)(runner.replicate(state))
   return {**result, "step": int(state.step)}
 
 
