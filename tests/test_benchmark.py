@@ -51,3 +51,16 @@ def test_benchmark_command_writes_json(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "| train_images_per_sec |" in result.stdout
   assert json.loads(out.read_text())["batch_size"] == 128
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_reads_a_real_run(tmp_path, tfds_dir):
+  overrides = [f"--config.tfds_data_dir={tfds_dir}", "--config.train_examples=1024",
+               "--config.num_epochs=1"]
+  result = benchmark.time_to_accuracy("experiments/tiny.py", overrides, [0.05, 0.999],
+                                      tmp_path / "run", eval_every_steps=4,
+                                      launch_flags=["--cpu_devices=2"])
+  assert result["step_at_0.05"] == 4  # the first evaluation already beats chance / 2
+  assert 0 < result["seconds_to_0.05"] < 300
+  assert result["seconds_to_0.999"] is None and result["step_at_0.999"] is None
+  assert 0 < result["final_accuracy"] <= 1

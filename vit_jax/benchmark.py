@@ -194,12 +194,13 @@ def time_one_compile(config: ExperimentConfig) -> dict[str, float]:
 
 
 def time_to_accuracy(config_path: str, overrides: list[str], targets: list[float],
-                     workdir: Path, eval_every_steps: int) -> dict[str, float | None]:
+                     workdir: Path, eval_every_steps: int,
+                     launch_flags: list[str] = ()) -> dict[str, float | None]:
   """Wall seconds from starting launch.py until the test accuracy first reaches each target."""
   start = time.time()
   subprocess.run([sys.executable, str(REPO / "launch.py"), f"--config={config_path}",
                   f"--workdir={workdir}", f"--config.eval_every_steps={eval_every_steps}",
-                  *overrides], check=True, cwd=REPO)
+                  *launch_flags, *overrides], check=True, cwd=REPO)
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   evals = [r for r in records if "eval_accuracy" in r]
   out = {}
@@ -258,7 +259,7 @@ def main(argv):
       result.update(time_to_accuracy(flags.FLAGS["config"].config_filename,
                                      [a for a in sys.argv[1:] if a.startswith("--config.")],
                                      targets, Path(workdir) / "run",
-                                     flags.FLAGS.eval_every_steps))
+                                     flags.FLAGS.eval_every_steps, flags.FLAGS.launch_flags))
   print(table(result))
   if flags.FLAGS.out:
     Path(flags.FLAGS.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -277,6 +278,8 @@ def _define_flags():
   flags.DEFINE_list("time_to_accuracy", [], "Test accuracies to time a real run to, e.g. "
                     "0.98,0.99 (empty: skip).")
   flags.DEFINE_integer("eval_every_steps", 100, "Evaluation interval of the timed run.")
+  flags.DEFINE_list("launch_flags", [], "Extra launch.py flags for the timed run, e.g. "
+                    "--cpu_devices=2.")
   flags.DEFINE_string("out", None, "Write the results here as JSON.")
 
 
