@@ -39,8 +39,6 @@ def _check_value(path: str, annotation: Any, value: Any) -> Any:
   int_for_float = float in allowed and int not in allowed
   if isinstance(value, int) and not isinstance(value, bool) and int_for_float:
     return float(value)
-  if isinstance(value, (list, tuple)) and tuple in allowed:
-    return tuple(value)
   if not isinstance(value, allowed):
     raise ValueError(
         f"{path}={value!r} has type {type(value).__name__}, expected {_type_names(allowed)}")
