@@ -13,8 +13,7 @@ from vit_jax.model_configs import get_model_config
 
 def get_config():
   return as_config_dict(ExperimentConfig(
-      model=get_model_config("testing", hidden_size=128, num_layers=4, num_heads=4,
-                             mlp_dim=256),
+      model=get_model_config("fast"),
       batch_size=128,
       num_epochs=12,
       learning_rate=2e-3,

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 from conftest import REPO
 
@@ -23,6 +25,18 @@ def test_forward_flops_by_hand_for_the_testing_config():
   assert benchmark.train_flops(c) == 3 * 113_536
 
 
+@pytest.mark.parametrize("qkv", ["fused", "identity"])
+def test_matmul_only_step_does_the_models_matmul_work(qkv):
+  # The ceiling is only a ceiling if it multiplies the same matrices as the model.
+  c = get_model_config("seed", num_layers=2, qkv=qkv)
+  loss, params, patches = benchmark.matmul_only_problem(c, batch_size=8)
+  for fn, ours in ((jax.jit(loss), benchmark.forward_flops(c)),
+                   (jax.jit(jax.grad(loss)), benchmark.train_flops(c))):
+    xla = benchmark._xla_flops(fn.lower(params, patches).compile()) / 8
+    assert abs(xla - ours) / ours < FLOP_TOLERANCE, (ours, xla)
+  assert np.isfinite(loss(params, patches))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["jit", "pmap"])
 def test_benchmark_runs_and_counts_flops_like_xla(parallel):
@@ -35,6 +49,7 @@ def test_benchmark_runs_and_counts_flops_like_xla(parallel):
     assert abs(xla - ours) / ours < FLOP_TOLERANCE, (key, ours, xla)
     assert result[f"{key}_images_per_sec"] > 0 and result[f"{key}_mfu"] > 0
   assert result["matmul_peak_flops"] > 0 and result["peak_rss_megabytes"] > 0
+  assert result["matmul_only_train_mfu"] > 0 and result["matmul_only_eval_mfu"] > 0
   if parallel == "jit":
     assert result["compile_cold_seconds"] > 0 and result["compile_cached_seconds"] > 0
   assert "| train_mfu |" in benchmark.table(result)

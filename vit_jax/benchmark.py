@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import attention as A
 from vit_jax import input_pipeline, train
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.model_configs import ModelConfig
@@ -72,6 +73,57 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     matmul(a, b).block_until_ready()
     times.append(time.perf_counter() - start)
   return 2 * size**3 / statistics.median(times)
+
+
+def _matmuls_only(params: dict[str, Any], patches: jax.Array, c: ModelConfig) -> jax.Array:
+  """The ViT's matmuls alone, in the model's order: no LayerNorm, softmax, GELU or optimizer.
+
+  What XLA makes of the step's matrix products with everything else free of charge: the
+  ceiling that a faster LayerNorm, softmax or GELU could approach, but not pass.
+  """
+  x = A.project(patches, params["embed"])
+  if c.classifier == "token":
+    x = jnp.concatenate([x[:, :1], x], axis=1)
+  for layer in params["layers"]:
+    q, k, v = A.chunk_qkv(A.project(x, layer["qkv"])) if "qkv" in layer else (x, x, x)
+    q, k, v = (A.split_heads(t, c.num_heads) for t in (q, k, v))
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / x.shape[1]  # keeps magnitudes steady
+    out = jnp.einsum("bhqk,bhkd->bhqd", scores, v)
+    x = x + A.project_out(A.merge_heads(out), layer["out"], layer["out_bias"])
+    x = x + A.project(A.project(x, layer["fc1"]), layer["fc2"])
+  return A.project(x[:, :1], params["head"]).sum()
+
+
+def matmul_only_problem(c: ModelConfig, batch_size: int):
+  """(loss, params, patches) for `_matmuls_only`: random weights of the model's shapes."""
+  d, m = c.hidden_size, c.mlp_dim
+  keys = iter(jax.random.split(jax.random.PRNGKey(0), 8 * c.num_layers + 2))
+
+  def weight(*shape):
+    return jax.random.normal(next(keys), shape, jnp.float32) / np.sqrt(shape[0])
+
+  def layer():
+    shapes = {"out": (d, d), "fc1": (d, m), "fc2": (m, d)}
+    if c.qkv != "identity":
+      shapes["qkv"] = (d, 3 * d)
+    return {**{k: weight(*s) for k, s in shapes.items()}, "out_bias": jnp.zeros(d)}
+
+  params = {"embed": weight(c.patch_size**2 * c.num_channels, d),
+            "layers": [layer() for _ in range(c.num_layers)],
+            "head": weight(d, c.num_classes)}
+  patches = A.patchify(jax.random.normal(next(keys), (batch_size, c.image_size, c.image_size,
+                                                      c.num_channels)), c.patch_size)
+  return functools.partial(_matmuls_only, c=c), params, patches
+
+
+def matmul_only_speed(c: ModelConfig, batch_size: int, repeats: int = 10) -> dict[str, float]:
+  """Images/s of `_matmuls_only` on one device: with its gradient (train) and without (eval)."""
+  loss, params, patches = matmul_only_problem(c, batch_size)
+  out = {}
+  for key, fn in (("train", jax.jit(jax.grad(loss))), ("eval", jax.jit(loss))):
+    times = _windows(lambda fn=fn: jax.block_until_ready(fn(params, patches)), repeats)
+    out[f"matmul_only_{key}_images_per_sec"] = batch_size / statistics.median(times)
+  return out
 
 
 def _windows(run_window, windows: int) -> list[float]:
@@ -228,6 +280,10 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
   result.update(measure_steps(config, steps_per_window, windows))
   result["train_mfu"] = result["train_images_per_sec"] * result["train_flops_per_image"] / peak
   result["eval_mfu"] = result["eval_images_per_sec"] * result["eval_flops_per_image"] / peak
+  result.update(matmul_only_speed(config.model, config.batch_size))
+  for key in ("train", "eval"):
+    result[f"matmul_only_{key}_mfu"] = (result[f"matmul_only_{key}_images_per_sec"]
+                                        * result[f"{key}_flops_per_image"] / peak)
   if with_compile_times:
     result.update(compile_times(config))
   result["peak_rss_megabytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -65,6 +65,10 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
     # The design's example: width 64 split into 4 heads of 16.
     "seed": ModelConfig(patch_size=4, hidden_size=64, num_layers=6, num_heads=4,
                         mlp_dim=128),
+    # 7x7 patches (16 tokens, a third of the seed's 49), wider and shallower: the shape
+    # of the time-to-accuracy recipes in experiments/mnist_fast.py and mnist_sprint.py.
+    "fast": ModelConfig(patch_size=7, hidden_size=128, num_layers=4, num_heads=4,
+                        mlp_dim=256),
     # Wider and deeper, for when the seed shape is not enough (e.g. Fashion-MNIST).
     "wide": ModelConfig(patch_size=4, hidden_size=192, num_layers=8, num_heads=6,
                         mlp_dim=384),
