@@ -278,11 +278,10 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
       "batch_size": config.batch_size,
   }
   result.update(measure_steps(config, steps_per_window, windows))
-  result["train_mfu"] = result["train_images_per_sec"] * result["train_flops_per_image"] / peak
-  result["eval_mfu"] = result["eval_images_per_sec"] * result["eval_flops_per_image"] / peak
   result.update(matmul_only_speed(config.model, config.batch_size))
-  for key in ("train", "eval"):
-    result[f"matmul_only_{key}_mfu"] = (result[f"matmul_only_{key}_images_per_sec"]
+  for measured in ("", "matmul_only_"):
+    for key in ("train", "eval"):
+      result[f"{measured}{key}_mfu"] = (result[f"{measured}{key}_images_per_sec"]
                                         * result[f"{key}_flops_per_image"] / peak)
   if with_compile_times:
     result.update(compile_times(config))
