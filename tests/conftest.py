@@ -18,6 +18,14 @@ MNIST_IDX_DIR = REPO.parent / "shared" / "data" / "mnist"
 logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache_dir(tmp_path_factory):
+  """launch.py's persistent compilation cache, in a temporary folder, not the user's ~/.cache."""
+  path = tmp_path_factory.mktemp("xla_cache")
+  os.environ["VIT_JAX_COMPILATION_CACHE_DIR"] = str(path)  # read by launch.py subprocesses
+  return path
+
+
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory) -> str:
   """A TFDS data dir holding `mnist`, built offline from the shared IDX files."""

@@ -157,3 +157,71 @@ class TransformsTest(chex.TestCase):
     np.testing.assert_allclose(weights, expected_weights, rtol=RTOL, atol=ATOL)
     ref_w = ref_attention(*(ref_split_heads(t, 4) for t in np.split(x @ w_qkv, 3, -1)))[1]
     np.testing.assert_allclose(weights, ref_w, rtol=RTOL, atol=ATOL)
+
+
+# --- Mixed precision: bfloat16 operands, float32 accumulation, forward and backward ----
+
+def round_to_bf16(x):
+  return np.asarray(jax.numpy.asarray(x).astype(jax.numpy.bfloat16).astype(np.float32))
+
+
+@pytest.mark.parametrize("subscripts,a_shape,b_shape", [
+    ("bnd,de->bne", (2, 5, 8), (8, 3)),
+    ("bhqd,bhkd->bhqk", (2, 3, 5, 4), (2, 3, 6, 4)),
+    ("bhqk,bhkd->bhqd", (2, 3, 5, 6), (2, 3, 6, 4)),
+])
+def test_bfloat16_products_and_gradients_match_float32_on_rounded_operands(
+    subscripts, a_shape, b_shape):
+  a, b = rand(*a_shape), rand(*b_shape, seed=1)
+  cotangent = rand(*np.einsum(subscripts, a, b).shape, seed=2)
+  out, vjp = jax.vjp(lambda a, b: A.products(subscripts, a, b, jax.numpy.bfloat16), a, b)
+  assert out.dtype == np.float32
+  # The forward product is exact float32 arithmetic on the rounded operands.
+  ra, rb = round_to_bf16(a), round_to_bf16(b)
+  np.testing.assert_allclose(out, np.einsum(subscripts, ra, rb), rtol=1e-5, atol=1e-5)
+  # The gradients round the cotangent too, then accumulate in float32.
+  rg = round_to_bf16(cotangent)
+  lhs, rest = subscripts.split(",")
+  rhs, res = rest.split("->")
+  grad_a, grad_b = vjp(cotangent)
+  assert grad_a.dtype == grad_b.dtype == np.float32
+  np.testing.assert_allclose(grad_a, np.einsum(f"{res},{rhs}->{lhs}", rg, rb),
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(grad_b, np.einsum(f"{lhs},{res}->{rhs}", ra, rg),
+                             rtol=1e-5, atol=1e-5)
+  # And they differ from float32's: the rounding is real, not skipped.
+  assert not np.allclose(out, np.einsum(subscripts, a, b), rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_gradients_multiply_bfloat16_operands_only():
+  # Plain autodiff of a bfloat16 product would multiply the float32 cotangent by a
+  # rounded operand in float32, the slow path; every product of the gradient must not.
+  def loss(x, w):
+    return A.project(x, w, compute_dtype=jax.numpy.bfloat16).sum()
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(rand(2, 5, 8), rand(8, 3))
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  dots += [e for eqn in jaxpr.jaxpr.eqns for sub in jax.core.jaxprs_in_params(eqn.params)
+           for e in sub.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) >= 3  # forward, and the gradients of x and w
+  for dot in dots:
+    assert [v.aval.dtype for v in dot.invars] == [jax.numpy.bfloat16] * 2, dot
+
+
+def test_float32_products_are_plain_einsum():
+  a, b = rand(2, 5, 8), rand(8, 3, seed=1)
+  np.testing.assert_array_equal(A.products("bnd,de->bne", a, b),
+                                A.products("bnd,de->bne", a, b, np.float32))
+  np.testing.assert_allclose(A.products("bnd,de->bne", a, b), a @ b, rtol=RTOL, atol=ATOL)
+
+
+def test_low_precision_products_reject_an_index_summed_in_one_operand():
+  with pytest.raises(ValueError, match="subscripts='ij,jk->k'"):
+    A.products("ij,jk->k", rand(2, 3), rand(3, 4), jax.numpy.bfloat16)
+
+
+def test_bfloat16_attention_rows_still_sum_to_one():
+  q, k = rand(2, 3, 5, 4), rand(2, 3, 5, 4, seed=1)
+  weights = A.attention_weights(q, k, compute_dtype=jax.numpy.bfloat16)
+  assert weights.dtype == np.float32
+  np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)

@@ -25,10 +25,11 @@ def test_forward_flops_by_hand_for_the_testing_config():
   assert benchmark.train_flops(c) == 3 * 113_536
 
 
-@pytest.mark.parametrize("qkv", ["fused", "identity"])
-def test_matmul_only_step_does_the_models_matmul_work(qkv):
+@pytest.mark.parametrize("qkv,compute_dtype", [
+    ("fused", "float32"), ("identity", "float32"), ("fused", "bfloat16")])
+def test_matmul_only_step_does_the_models_matmul_work(qkv, compute_dtype):
   # The ceiling is only a ceiling if it multiplies the same matrices as the model.
-  c = get_model_config("seed", num_layers=2, qkv=qkv)
+  c = get_model_config("seed", num_layers=2, qkv=qkv, compute_dtype=compute_dtype)
   loss, params, patches = benchmark.matmul_only_problem(c, batch_size=8)
   for fn, ours in ((jax.jit(loss), benchmark.forward_flops(c)),
                    (jax.jit(jax.grad(loss)), benchmark.train_flops(c))):
@@ -61,11 +62,13 @@ def test_benchmark_command_writes_json(tmp_path):
   out = tmp_path / "bench.json"
   result = subprocess.run(
       [sys.executable, "-m", "vit_jax.benchmark", "--config=experiments/tiny.py", "--windows=1",
-       "--steps_per_window=1", "--nocompile_times", f"--out={out}"],
+       "--steps_per_window=1", "--nocompile_times", "--config.model.compute_dtype=bfloat16",
+       f"--out={out}"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "| train_images_per_sec |" in result.stdout
-  assert json.loads(out.read_text())["batch_size"] == 128
+  written = json.loads(out.read_text())
+  assert written["batch_size"] == 128 and written["compute_dtype"] == "bfloat16"
 
 
 @pytest.mark.slow

@@ -37,6 +37,22 @@ def test_train_prints_progress_and_final_accuracy(trained):
 
 
 @pytest.mark.slow
+def test_a_second_run_loads_its_compiled_steps_from_the_persistent_cache(tmp_path, tfds_dir):
+  cache = tmp_path / "xla_cache"
+  common = ["--config=experiments/tiny.py", f"--config.tfds_data_dir={tfds_dir}",
+            "--config.train_examples=512", "--config.num_epochs=1",
+            f"--compilation_cache_dir={cache}"]
+  first = launch(*common, f"--workdir={tmp_path / 'first'}")
+  assert first.returncode == 0, first.stderr[-3000:]
+  entries = sorted(p.name for p in cache.iterdir())
+  assert len(entries) >= 2  # at least the training and the evaluation step
+  second = launch(*common, f"--workdir={tmp_path / 'second'}")
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert sorted(p.name for p in cache.iterdir()) == entries  # every compilation was a hit
+  assert second.stdout.splitlines()[-1] == first.stdout.splitlines()[-1]
+
+
+@pytest.mark.slow
 def test_eval_reports_the_checkpoint(trained):
   common, train_result, _ = trained
   result = launch(*common, "--mode=eval")

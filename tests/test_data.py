@@ -38,6 +38,41 @@ def test_the_build_is_reused_not_redone(tfds_dir, monkeypatch):
       .is_prepared()
 
 
+def test_a_loaded_split_is_kept_as_arrays_and_read_back_without_decoding(
+    tfds_dir, mnist, monkeypatch):
+  # The `mnist` fixture decoded both splits through TFDS, which left the array files.
+  folder = Path(tfds.builder("mnist", data_dir=tfds_dir).data_dir)
+  assert sorted(p.name for p in folder.glob("*.arrays.npz")) == [
+      "test.arrays.npz", "train.arrays.npz"]
+
+  def no_decode(self, *args, **kwargs):
+    raise AssertionError("decoded the TFDS records again")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "as_dataset", no_decode)
+  for split in ("train", "test"):
+    images, labels = mnist_source.load_split("mnist", split, tfds_dir, idx_dir=None)
+    np.testing.assert_array_equal(images, mnist[split]["image"])
+    np.testing.assert_array_equal(labels, mnist[split]["label"])
+    assert images.dtype == np.uint8 and labels.dtype == np.int32
+
+
+@pytest.mark.parametrize("damage", ["truncate", "wrong_count"])
+def test_a_damaged_array_file_is_decoded_again_and_rewritten(tfds_dir, mnist, tmp_path, damage):
+  data_dir = tmp_path / "tfds"
+  shutil.copytree(tfds_dir, data_dir)
+  cache = Path(tfds.builder("mnist", data_dir=str(data_dir)).data_dir) / "test.arrays.npz"
+  if damage == "truncate":
+    cache.write_bytes(cache.read_bytes()[:1000])
+  else:
+    np.savez(cache, images=mnist["test"]["image"][:10], labels=mnist["test"]["label"][:10])
+  images, labels = mnist_source.load_split("mnist", "test", str(data_dir), idx_dir=None)
+  np.testing.assert_array_equal(images, mnist["test"]["image"])
+  np.testing.assert_array_equal(labels, mnist["test"]["label"])
+  with np.load(cache) as rewritten:
+    np.testing.assert_array_equal(rewritten["labels"], mnist["test"]["label"])
+  assert not list(cache.parent.glob("*.partial"))
+
+
 def test_normalisation_constants_match_the_data(mnist):
   spec = mnist_source.dataset_spec("mnist")
   scaled = mnist["train"]["image"] / 255.0

@@ -74,7 +74,8 @@ def expected_param_count(c: ModelConfig) -> int:
           + tokens * d + c.num_layers * block + 2 * d + (d * c.num_classes + c.num_classes))
 
 
-PINNED_PARAM_COUNTS = {"testing": 3_466, "seed": 204_810, "fast": 538_634, "wide": 2_386_954}
+PINNED_PARAM_COUNTS = {"testing": 3_466, "seed": 204_810, "fast": 538_634, "sprint": 138_250,
+                       "wide": 2_386_954}
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
@@ -122,6 +123,28 @@ def test_dropout_acts_only_in_training():
   np.testing.assert_array_equal(model.apply(v, images), model.apply(v, images))
 
 
+def test_bfloat16_compute_keeps_float32_parameters_and_gradients_and_close_logits():
+  f32 = get_model_config("testing", num_layers=2, qkv="separate")
+  bf16 = dataclasses.replace(f32, compute_dtype="bfloat16")
+  images = rand(4, 28, 28, 1)
+  variables = models.ViT(f32).init(jax.random.PRNGKey(0), images)
+  params = dict(variables["params"])
+  params["head"] = {"kernel": rand(16, 10), "bias": rand(10, seed=1)}  # not all zero
+
+  def loss(params, config):
+    return models.ViT(config).apply({"params": params}, images).sum()
+
+  expected, got = loss(params, f32), loss(params, bf16)
+  assert got.dtype == jnp.float32
+  assert got != expected  # the products really were rounded
+  np.testing.assert_allclose(got, expected, rtol=2e-2)
+  grads = jax.grad(loss)(params, bf16)
+  for leaf, ref in zip(jax.tree_util.tree_leaves(grads),
+                       jax.tree_util.tree_leaves(jax.grad(loss)(params, f32)), strict=True):
+    assert leaf.dtype == jnp.float32
+    np.testing.assert_allclose(leaf, ref, rtol=0.1, atol=0.05 * float(np.abs(ref).max()))
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"num_heads": 3}, "num_heads=3 does not divide hidden_size=16"),
     ({"patch_size": 5}, "patch_size=5 does not divide image_size=28"),
@@ -132,6 +155,7 @@ def test_dropout_acts_only_in_training():
     ({"dropout_rate": 1.5}, "dropout_rate=1.5 must be in"),
     ({"num_heads": 2.0}, "num_heads=2.0 has type float"),
     ({"heads": 2}, "model.heads is not a known key"),
+    ({"compute_dtype": "float16"}, "model.compute_dtype='float16' is not one of"),
 ])
 def test_bad_model_configs_are_rejected_with_one_line(overrides, message):
   with pytest.raises(ValueError, match=message) as info:

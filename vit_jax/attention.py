@@ -13,9 +13,15 @@ meets them here:
     project_out    (B, N, D)         -> (B, N, D)          x @ W_out + b_out
 
 B is the batch, N the number of tokens, D the width, H the number of heads.
+
+Every matrix product goes through `products`, which by default is `jnp.einsum` in
+float32; with `compute_dtype=jnp.bfloat16` (mixed precision) the operands are
+rounded to bfloat16 and the products, forward and backward, accumulate in float32.
 """
 
 from __future__ import annotations
+
+import functools
 
 import chex
 import jax
@@ -48,13 +54,15 @@ def patchify(images: jax.Array, patch_size: int) -> jax.Array:
   return patches
 
 
-def project(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+def project(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
+            compute_dtype=None) -> jax.Array:
   """The linear projection x @ W (+ b) applied to every token.
 
   Args:
     x: (B, N, D_in).
     kernel: (D_in, D_out).
     bias: (D_out,) or None.
+    compute_dtype: the precision of the product (see `products`).
 
   Returns:
     (B, N, D_out).
@@ -64,7 +72,7 @@ def project(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> j
   batch, tokens, d_in = x.shape
   d_out = kernel.shape[1]
   chex.assert_axis_dimension(kernel, 0, d_in)
-  y = jnp.einsum("bnd,de->bne", x, kernel)
+  y = products("bnd,de->bne", x, kernel, compute_dtype)
   if bias is not None:
     chex.assert_shape(bias, (d_out,))
     y = y + bias
@@ -113,8 +121,8 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
   return x
 
 
-def attention_weights(q: jax.Array, k: jax.Array,
-                      mask: jax.Array | None = None) -> jax.Array:
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None,
+                      compute_dtype=None) -> jax.Array:
   """softmax(Q K^T / sqrt(D/H)) for every head.
 
   Args:
@@ -122,32 +130,34 @@ def attention_weights(q: jax.Array, k: jax.Array,
     k: (B, H, N, D/H) keys.
     mask: optional boolean array broadcastable to (B, H, N, N); False entries
       get zero weight. A row with no True entry gets uniform weights.
+    compute_dtype: the precision of the product Q K^T (see `products`).
 
   Returns:
-    (B, H, N, N); each row (fixed query) sums to 1 over the keys.
+    (B, H, N, N), float32; each row (fixed query) sums to 1 over the keys.
   """
   chex.assert_rank([q, k], 4)
   chex.assert_equal_shape([q, k])
   batch, heads, tokens, head_dim = q.shape
-  # Softmax in float32 even for bf16 inputs: the exponent is where precision goes.
-  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k,
-                      preferred_element_type=jnp.float32) / jnp.sqrt(head_dim)
+  # Softmax in float32 even for low-precision products: the exponent is where precision goes.
+  logits = products("bhqd,bhkd->bhqk", q, k, compute_dtype).astype(jnp.float32)
+  logits = logits / jnp.sqrt(head_dim)
   chex.assert_shape(logits, (batch, heads, tokens, tokens))
   if mask is not None:
     chex.assert_rank(mask, 4)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  weights = jax.nn.softmax(logits, axis=-1)
   chex.assert_shape(weights, (batch, heads, tokens, tokens))
   return weights
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array,
-           mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+           compute_dtype=None) -> tuple[jax.Array, jax.Array]:
   """Scaled dot-product attention per head.
 
   Args:
     q, k, v: (B, H, N, D/H) each.
     mask: optional boolean, broadcastable to (B, H, N, N); see `attention_weights`.
+    compute_dtype: the precision of both products (see `products`).
 
   Returns:
     out: (B, H, N, D/H), the weighted sums of the values.
@@ -155,8 +165,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array,
   """
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([q, k, v])
-  weights = attention_weights(q, k, mask)
-  out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+  weights = attention_weights(q, k, mask, compute_dtype)
+  out = products("bhqk,bhkd->bhqd", weights, v, compute_dtype)
   chex.assert_equal_shape([out, q])
   return out, weights
 
@@ -179,8 +189,66 @@ def merge_heads(x: jax.Array) -> jax.Array:
   return x
 
 
-def project_out(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+def project_out(x: jax.Array, kernel: jax.Array, bias: jax.Array,
+                compute_dtype=None) -> jax.Array:
   """The output projection `to_out`: (B, N, D) -> (B, N, D), with bias."""
   chex.assert_rank(x, 3)
   chex.assert_shape(kernel, (x.shape[-1], x.shape[-1]))
-  return project(x, kernel, bias)
+  return project(x, kernel, bias, compute_dtype)
+
+
+# --- Precision: how every product above is computed -------------------------------
+
+def products(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype=None) -> jax.Array:
+  """The two-operand einsum `subscripts` (e.g. 'bnd,de->bne'), optionally in low precision.
+
+  Args:
+    subscripts: 'lhs,rhs->out'; every index of one operand appears in the other or
+      in the output (so the gradients are einsums of the same kind).
+    a, b: the operands, any float dtype.
+    compute_dtype: None or float32: a plain float32 `jnp.einsum`. A lower precision
+      (bfloat16): `a` and `b` are rounded to it, the products accumulate in float32
+      and the result is float32; the gradients' products also take operands in
+      `compute_dtype` (autodiff alone would multiply the float32 cotangent by the
+      rounded operand in float32, losing the speed of the low-precision path).
+
+  Returns:
+    The einsum's result, float32.
+  """
+  if compute_dtype is None or jnp.dtype(compute_dtype) == jnp.float32:
+    return jnp.einsum(subscripts, a, b)
+  inputs, out = subscripts.replace(" ", "").split("->")
+  lhs, rhs = inputs.split(",")
+  for name, indices, others in (("first", lhs, rhs + out), ("second", rhs, lhs + out)):
+    if any(i not in others for i in indices):
+      raise ValueError(f"subscripts={subscripts!r}: the {name} operand has an index that "
+                       "appears nowhere else, which low-precision products do not support")
+  return _low_precision_products(lhs, rhs, out, jnp.dtype(compute_dtype), a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _low_precision_products(lhs: str, rhs: str, out: str, dtype, a: jax.Array,
+                            b: jax.Array) -> jax.Array:
+  return jnp.einsum(f"{lhs},{rhs}->{out}", a.astype(dtype), b.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def _low_precision_forward(lhs, rhs, out, dtype, a, b):
+  low_a, low_b = a.astype(dtype), b.astype(dtype)
+  result = jnp.einsum(f"{lhs},{rhs}->{out}", low_a, low_b, preferred_element_type=jnp.float32)
+  # Keep the rounded operands (half the memory) and the original dtypes (zero-size).
+  return result, (low_a, low_b, jnp.zeros(0, a.dtype), jnp.zeros(0, b.dtype))
+
+
+def _low_precision_backward(lhs, rhs, out, dtype, residuals, cotangent):
+  low_a, low_b, a_like, b_like = residuals
+  cotangent = cotangent.astype(dtype)
+  # The gradients accumulate in float32 and keep it: only the operands are rounded.
+  grad_a = jnp.einsum(f"{out},{rhs}->{lhs}", cotangent, low_b,
+                      preferred_element_type=jnp.float32)
+  grad_b = jnp.einsum(f"{lhs},{out}->{rhs}", low_a, cotangent,
+                      preferred_element_type=jnp.float32)
+  return grad_a.astype(a_like.dtype), grad_b.astype(b_like.dtype)
+
+
+_low_precision_products.defvjp(_low_precision_forward, _low_precision_backward)

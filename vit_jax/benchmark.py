@@ -4,7 +4,8 @@
     python -m vit_jax.benchmark --config=experiments/mnist.py --time_to_accuracy=0.98,0.99
 
 Reports, for the config's model and global batch:
-- the machine's fp32 matmul peak (a large matmul timed here, now);
+- the machine's matmul peak (a large matmul timed here, now) in the model's compute
+  dtype: float32, or for mixed precision bfloat16 operands accumulating in float32;
 - model FLOPs per training and per evaluation image, counted from the architecture
   and cross-checked against XLA's cost analysis of the compiled steps;
 - training and evaluation images/s (median over timed windows after warm-up) and
@@ -61,11 +62,15 @@ def train_flops(c: ModelConfig) -> int:
 
 # --- Measurements ----------------------------------------------------------------------
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-  """fp32 FLOP/s of a large square matmul on the default device (median of repeats)."""
+def matmul_peak(size: int = 2048, repeats: int = 10, compute_dtype: str = "float32") -> float:
+  """FLOP/s of a large square matmul on the default device (median of repeats).
+
+  The product is `attention.products` in `compute_dtype`, as the model computes its own.
+  """
   a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
   b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
-  matmul = jax.jit(jnp.matmul)
+  a, b = a.astype(compute_dtype), b.astype(compute_dtype)  # rounded once, outside the timing
+  matmul = jax.jit(functools.partial(A.products, "ij,jk->ik", compute_dtype=compute_dtype))
   matmul(a, b).block_until_ready()
   times = []
   for _ in range(repeats):
@@ -81,17 +86,20 @@ def _matmuls_only(params: dict[str, Any], patches: jax.Array, c: ModelConfig) ->
   What XLA makes of the step's matrix products with everything else free of charge: the
   ceiling that a faster LayerNorm, softmax or GELU could approach, but not pass.
   """
-  x = A.project(patches, params["embed"])
+  dtype = c.compute_dtype
+  x = A.project(patches, params["embed"], compute_dtype=dtype)
   if c.classifier == "token":
     x = jnp.concatenate([x[:, :1], x], axis=1)
   for layer in params["layers"]:
-    q, k, v = A.chunk_qkv(A.project(x, layer["qkv"])) if "qkv" in layer else (x, x, x)
+    q, k, v = ((A.chunk_qkv(A.project(x, layer["qkv"], compute_dtype=dtype)))
+               if "qkv" in layer else (x, x, x))
     q, k, v = (A.split_heads(t, c.num_heads) for t in (q, k, v))
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k) / x.shape[1]  # keeps magnitudes steady
-    out = jnp.einsum("bhqk,bhkd->bhqd", scores, v)
-    x = x + A.project_out(A.merge_heads(out), layer["out"], layer["out_bias"])
-    x = x + A.project(A.project(x, layer["fc1"]), layer["fc2"])
-  return A.project(x[:, :1], params["head"]).sum()
+    scores = A.products("bhqd,bhkd->bhqk", q, k, dtype) / x.shape[1]  # keeps magnitudes steady
+    out = A.products("bhqk,bhkd->bhqd", scores, v, dtype)
+    x = x + A.project_out(A.merge_heads(out), layer["out"], layer["out_bias"], dtype)
+    x = x + A.project(A.project(x, layer["fc1"], compute_dtype=dtype), layer["fc2"],
+                      compute_dtype=dtype)
+  return A.project(x[:, :1], params["head"], compute_dtype=dtype).sum()
 
 
 def matmul_only_problem(c: ModelConfig, batch_size: int):
@@ -268,10 +276,11 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
         with_compile_times: bool = True) -> dict[str, Any]:
   """Every measurement except time to accuracy, as one JSON-able dict."""
   config = validate(config)
-  peak = matmul_peak()
+  peak = matmul_peak(compute_dtype=config.model.compute_dtype)
   result: dict[str, Any] = {
       "date": time.strftime("%Y-%m-%d"),
       "device": jax.devices()[0].device_kind,
+      "compute_dtype": config.model.compute_dtype,
       "matmul_peak_flops": peak,
       "train_flops_per_image": train_flops(config.model),
       "eval_flops_per_image": forward_flops(config.model),

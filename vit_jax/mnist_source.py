@@ -6,6 +6,11 @@ holding the four standard IDX files, once per TFDS data dir, and reused after th
 TFDS writes into a temporary folder and renames it when complete, so an interrupted
 build leaves nothing a later run would read as a finished dataset.
 
+Decoding TFDS's records goes through TensorFlow and takes seconds (importing it alone
+takes about four). So the first load of a split also keeps its arrays beside the
+records, as `<split>.arrays.npz` in the prepared dataset's folder (written whole,
+then renamed into place); later loads read that file and never import TensorFlow.
+
 Layer 3 of vit_jax: knows nothing of models or training.
 """
 
@@ -15,6 +20,7 @@ import dataclasses
 import gzip
 import hashlib
 import os
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -227,6 +233,43 @@ def load_split(name: str, split: str, data_dir: str | None = None,
   """One split, whole, as arrays: images uint8 (N, 28, 28, 1), labels int32 (N,)."""
   import tensorflow_datasets as tfds
 
-  ds = builder(name, data_dir, idx_dir).as_dataset(split=split, batch_size=-1, shuffle_files=False)
+  prepared = builder(name, data_dir, idx_dir)
+  num_examples = dataset_spec(name).num_examples[split]
+  cache = Path(os.fspath(prepared.data_dir)) / f"{split}.arrays.npz"
+  cached = _read_array_cache(cache, num_examples)
+  if cached is not None:
+    return cached
+  ds = prepared.as_dataset(split=split, batch_size=-1, shuffle_files=False)
   arrays = tfds.as_numpy(ds)
-  return arrays["image"].astype(np.uint8), arrays["label"].astype(np.int32)
+  images, labels = arrays["image"].astype(np.uint8), arrays["label"].astype(np.int32)
+  _write_array_cache(cache, images, labels)
+  return images, labels
+
+
+def _read_array_cache(path: Path, num_examples: int) -> tuple[np.ndarray, np.ndarray] | None:
+  """The cached (images, labels) of a split, or None if the file is missing or not whole."""
+  try:
+    with np.load(path) as arrays:
+      images, labels = arrays["images"], arrays["labels"]
+  except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    return None
+  if (images.shape != (num_examples, _IMAGE_SIZE, _IMAGE_SIZE, 1) or images.dtype != np.uint8
+      or labels.shape != (num_examples,) or labels.dtype != np.int32):
+    return None
+  return images, labels
+
+
+def _write_array_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+  """Writes the cache whole under a temporary name, then renames it into place.
+
+  A folder we cannot write to (a read-only or remote data dir) just goes without.
+  """
+  if not path.parent.is_dir():
+    return
+  partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+  try:
+    with open(partial, "wb") as f:
+      np.savez(f, images=images, labels=labels)
+    os.replace(partial, path)
+  except OSError:
+    partial.unlink(missing_ok=True)

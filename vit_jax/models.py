@@ -23,29 +23,32 @@ class Linear(nn.Module):
   """A learned projection x @ kernel (+ bias) over the last axis of (B, N, D_in).
 
   `projection` is the pure function that applies the weights (`attention.project`,
-  or `attention.project_out` for the attention's output layer).
+  or `attention.project_out` for the attention's output layer), with products in
+  `compute_dtype` (None: float32).
   """
   features: int
   use_bias: bool = True
   kernel_init: Any = nn.initializers.xavier_uniform()
   projection: Callable[..., jax.Array] = A.project
+  compute_dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
-    return self.projection(x, kernel, bias)
+    return self.projection(x, kernel, bias, self.compute_dtype)
 
 
 class PatchEmbedding(nn.Module):
   """(B, H, W, C) images -> (B, N, D) tokens: patchify, then a linear projection."""
   patch_size: int
   hidden_size: int
+  compute_dtype: Any = None
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     patches = A.patchify(images, self.patch_size)
-    return Linear(self.hidden_size, name="projection")(patches)
+    return Linear(self.hidden_size, compute_dtype=self.compute_dtype, name="projection")(patches)
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -57,36 +60,41 @@ class MultiHeadSelfAttention(nn.Module):
   num_heads: int
   qkv: str = "fused"
   qkv_bias: bool = False
+  compute_dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     width = x.shape[-1]
+    dtype = self.compute_dtype
     if self.qkv == "fused":
-      q, k, v = A.chunk_qkv(Linear(3 * width, self.qkv_bias, name="to_qkv")(x))
+      q, k, v = A.chunk_qkv(Linear(3 * width, self.qkv_bias, compute_dtype=dtype,
+                                   name="to_qkv")(x))
     elif self.qkv == "separate":
-      q, k, v = (Linear(width, self.qkv_bias, name=f"to_{t}")(x) for t in "qkv")
+      q, k, v = (Linear(width, self.qkv_bias, compute_dtype=dtype, name=f"to_{t}")(x)
+                 for t in "qkv")
     elif self.qkv == "identity":
       q = k = v = x
     else:
       raise ValueError(f"qkv={self.qkv!r} is not one of 'fused', 'separate', 'identity'")
     q, k, v = (A.split_heads(t, self.num_heads) for t in (q, k, v))
-    out, weights = A.attend(q, k, v, mask)
+    out, weights = A.attend(q, k, v, mask, dtype)
     self.sow("intermediates", "attention_weights", weights)
     out = A.merge_heads(out)
-    return Linear(width, projection=A.project_out, name="to_out")(out)
+    return Linear(width, projection=A.project_out, compute_dtype=dtype, name="to_out")(out)
 
 
 class MlpBlock(nn.Module):
   """Linear -> GELU -> dropout -> Linear -> dropout, token-wise."""
   mlp_dim: int
   dropout_rate: float = 0.0
+  compute_dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     width = x.shape[-1]
-    x = nn.gelu(Linear(self.mlp_dim, name="fc1")(x))
+    x = nn.gelu(Linear(self.mlp_dim, compute_dtype=self.compute_dtype, name="fc1")(x))
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-    x = Linear(width, name="fc2")(x)
+    x = Linear(width, compute_dtype=self.compute_dtype, name="fc2")(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
 
@@ -98,10 +106,11 @@ class EncoderBlock(nn.Module):
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     c = self.config
     y = nn.LayerNorm(name="norm1")(x)
-    y = MultiHeadSelfAttention(c.num_heads, c.qkv, c.qkv_bias, name="attention")(y)
+    dtype = jnp.dtype(c.compute_dtype)
+    y = MultiHeadSelfAttention(c.num_heads, c.qkv, c.qkv_bias, dtype, name="attention")(y)
     x = x + nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
     y = nn.LayerNorm(name="norm2")(x)
-    return x + MlpBlock(c.mlp_dim, c.dropout_rate, name="mlp")(y, deterministic)
+    return x + MlpBlock(c.mlp_dim, c.dropout_rate, dtype, name="mlp")(y, deterministic)
 
 
 class Encoder(nn.Module):
@@ -122,7 +131,8 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     c = self.config
-    x = PatchEmbedding(c.patch_size, c.hidden_size, name="patch_embedding")(images)
+    dtype = jnp.dtype(c.compute_dtype)
+    x = PatchEmbedding(c.patch_size, c.hidden_size, dtype, name="patch_embedding")(images)
     batch = x.shape[0]
     if c.classifier == "token":
       cls = self.param("cls_token", nn.initializers.zeros, (1, 1, c.hidden_size))
@@ -133,7 +143,8 @@ class ViT(nn.Module):
     x = Encoder(c, name="encoder")(x, deterministic=not train)
     pooled = x[:, 0] if c.classifier == "token" else x.mean(axis=1)
     # A zero-initialised head starts every class at equal probability.
-    head = Linear(c.num_classes, kernel_init=nn.initializers.zeros, name="head")
+    head = Linear(c.num_classes, kernel_init=nn.initializers.zeros, compute_dtype=dtype,
+                  name="head")
     return head(pooled[:, None, :])[:, 0]
 
 
