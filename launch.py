@@ -45,11 +45,13 @@ flags.DEFINE_integer("cpu_devices", 1,
                      "Split the CPU into this many JAX devices (data parallelism across "
                      "cores with parallel=auto/pmap; see docs/performance.md). No effect on "
                      "GPU or TPU.")
-flags.DEFINE_string("compilation_cache_dir",
-                    os.environ.get("VIT_JAX_COMPILATION_CACHE_DIR", "~/.cache/vit_jax/xla"),
-                    "JAX's persistent compilation cache: a later run of the same config loads "
-                    "its compiled steps from here instead of compiling them again. Empty: off "
-                    "(env VIT_JAX_COMPILATION_CACHE_DIR).")
+flags.DEFINE_string(
+    "compilation_cache_dir",
+    os.environ.get("VIT_JAX_COMPILATION_CACHE_DIR",
+                   os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "vit_jax", "xla")),
+    "JAX's persistent compilation cache: a later run of the same config loads its compiled "
+    "steps from here instead of compiling them again. It grows by a few MB per new config "
+    "and may be deleted at any time. Empty: off (env VIT_JAX_COMPILATION_CACHE_DIR).")
 flags.DEFINE_bool("distributed", False,
                   "Initialise JAX's distributed runtime from the cluster's environment.")
 

@@ -44,11 +44,14 @@ def test_a_second_run_loads_its_compiled_steps_from_the_persistent_cache(tmp_pat
             f"--compilation_cache_dir={cache}"]
   first = launch(*common, f"--workdir={tmp_path / 'first'}")
   assert first.returncode == 0, first.stderr[-3000:]
-  entries = sorted(p.name for p in cache.iterdir())
-  assert len(entries) >= 2  # at least the training and the evaluation step
+  def entries():  # name -> last modification: a failed load would recompile and rewrite
+    return {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+
+  written = entries()
+  assert len(written) >= 2  # at least the training and the evaluation step
   second = launch(*common, f"--workdir={tmp_path / 'second'}")
   assert second.returncode == 0, second.stderr[-3000:]
-  assert sorted(p.name for p in cache.iterdir()) == entries  # every compilation was a hit
+  assert entries() == written  # every compilation was loaded, none redone
   assert second.stdout.splitlines()[-1] == first.stdout.splitlines()[-1]
 
 

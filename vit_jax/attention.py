@@ -206,17 +206,19 @@ def products(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype=None) ->
     subscripts: 'lhs,rhs->out'; every index of one operand appears in the other or
       in the output (so the gradients are einsums of the same kind).
     a, b: the operands, any float dtype.
-    compute_dtype: None or float32: a plain float32 `jnp.einsum`. A lower precision
-      (bfloat16): `a` and `b` are rounded to it, the products accumulate in float32
-      and the result is float32; the gradients' products also take operands in
-      `compute_dtype` (autodiff alone would multiply the float32 cotangent by the
-      rounded operand in float32, losing the speed of the low-precision path).
+    compute_dtype: None or float32: a plain `jnp.einsum` with a float32 result. A
+      lower precision (bfloat16): `a` and `b` are rounded to it, the products
+      accumulate in float32 and the result is float32; the gradients' products also
+      take operands in `compute_dtype` (autodiff alone would multiply the float32
+      cotangent by the rounded operand in float32, losing the speed of the
+      low-precision path). That path is a `jax.custom_vjp`: reverse-mode only, so
+      `jax.jvp`, `jax.jacfwd` and `jax.hessian` need float32.
 
   Returns:
     The einsum's result, float32.
   """
   if compute_dtype is None or jnp.dtype(compute_dtype) == jnp.float32:
-    return jnp.einsum(subscripts, a, b)
+    return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
   inputs, out = subscripts.replace(" ", "").split("->")
   lhs, rhs = inputs.split(",")
   for name, indices, others in (("first", lhs, rhs + out), ("second", rhs, lhs + out)):

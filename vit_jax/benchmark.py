@@ -256,10 +256,15 @@ def time_one_compile(config: ExperimentConfig) -> dict[str, float]:
 def time_to_accuracy(config_path: str, overrides: list[str], targets: list[float],
                      workdir: Path, eval_every_steps: int,
                      launch_flags: list[str] = ()) -> dict[str, float | None]:
-  """Wall seconds from starting launch.py until the test accuracy first reaches each target."""
+  """Wall seconds from starting launch.py until the test accuracy first reaches each target.
+
+  The run compiles cold: its persistent compilation cache is off unless `launch_flags`
+  turn it on again.
+  """
   start = time.time()
   subprocess.run([sys.executable, str(REPO / "launch.py"), f"--config={config_path}",
                   f"--workdir={workdir}", f"--config.eval_every_steps={eval_every_steps}",
+                  "--compilation_cache_dir=",
                   *launch_flags, *overrides], check=True, cwd=REPO)
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   evals = [r for r in records if "eval_accuracy" in r]

@@ -20,6 +20,7 @@ import dataclasses
 import gzip
 import hashlib
 import os
+import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -266,10 +267,15 @@ def _write_array_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> No
   """
   if not path.parent.is_dir():
     return
-  partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
   try:
-    with open(partial, "wb") as f:
+    fd, partial = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=path.parent)
+  except OSError:
+    return
+  try:
+    with os.fdopen(fd, "wb") as f:
       np.savez(f, images=images, labels=labels)
     os.replace(partial, path)
-  except OSError:
-    partial.unlink(missing_ok=True)
+  except BaseException as e:  # an interrupted write leaves no partial file behind either
+    Path(partial).unlink(missing_ok=True)
+    if not isinstance(e, OSError):
+      raise

@@ -21,7 +21,10 @@ class ModelConfig:
 
   compute_dtype 'bfloat16' is mixed precision: parameters, LayerNorm, softmax and GELU
   stay float32, every matrix product takes bfloat16 operands and accumulates in float32
-  (`attention.products`). It leaves the parameter count alone.
+  (`attention.products`). It leaves the parameter count alone. It pays on hardware with
+  bfloat16 matmul units (GPUs, TPUs, CPUs with AVX-512 BF16 or AMX); elsewhere XLA may
+  emulate the products, slower than float32. Forward-mode autodiff (`jax.jvp`) needs
+  float32.
   """
   patch_size: int
   hidden_size: int
