@@ -124,11 +124,22 @@ def matmul_only_problem(c: ModelConfig, batch_size: int):
   return functools.partial(_matmuls_only, c=c), params, patches
 
 
-def matmul_only_speed(c: ModelConfig, batch_size: int, repeats: int = 10) -> dict[str, float]:
-  """Images/s of `_matmuls_only` on one device: with its gradient (train) and without (eval)."""
+def matmul_only_speed(c: ModelConfig, batch_size: int, runner: Runner | None = None,
+                      repeats: int = 10) -> dict[str, float]:
+  """Images/s of `_matmuls_only`, with its gradient (train) and without (eval).
+
+  Laid over the devices as `runner` lays the config's own step (default: one device), so
+  that the ceiling and the step it bounds use the same cores. Each device keeps its own
+  gradient: the cross-device mean is not a matmul.
+  """
+  runner = runner or Runner("jit")
   loss, params, patches = matmul_only_problem(c, batch_size)
+  params, patches = runner.replicate(params), runner.split_batch(np.asarray(patches))
+  steps = {"train": lambda p, x, axis_name: jax.grad(loss)(p, x),
+           "eval": lambda p, x, axis_name: loss(p, x)}
   out = {}
-  for key, fn in (("train", jax.jit(jax.grad(loss))), ("eval", jax.jit(loss))):
+  for key, step in steps.items():
+    fn = runner.compile(step, in_axes=(0, 0))
     times = _windows(lambda fn=fn: jax.block_until_ready(fn(params, patches)), repeats)
     out[f"matmul_only_{key}_images_per_sec"] = batch_size / statistics.median(times)
   return out
@@ -292,7 +303,8 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
       "batch_size": config.batch_size,
   }
   result.update(measure_steps(config, steps_per_window, windows))
-  result.update(matmul_only_speed(config.model, config.batch_size))
+  result.update(matmul_only_speed(config.model, config.batch_size,
+                                  Runner(choose_mode(config.parallel))))
   for measured in ("", "matmul_only_"):
     for key in ("train", "eval"):
       result[f"{measured}{key}_mfu"] = (result[f"{measured}{key}_images_per_sec"]

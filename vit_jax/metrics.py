@@ -106,7 +106,7 @@ class Progress:
     if not self.enabled:
       return
     if self.bar is not None:
-      self.bar.write(text)
+      self.bar.write(text, file=self.stream)  # tqdm.write defaults to stdout
     else:
       print(text, file=self.stream, flush=True)
 
