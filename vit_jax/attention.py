@@ -139,8 +139,7 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None,
   chex.assert_equal_shape([q, k])
   batch, heads, tokens, head_dim = q.shape
   # Softmax in float32 even for low-precision products: the exponent is where precision goes.
-  logits = products("bhqd,bhkd->bhqk", q, k, compute_dtype).astype(jnp.float32)
-  logits = logits / jnp.sqrt(head_dim)
+  logits = products("bhqd,bhkd->bhqk", q, k, compute_dtype) / jnp.sqrt(head_dim)
   chex.assert_shape(logits, (batch, heads, tokens, tokens))
   if mask is not None:
     chex.assert_rank(mask, 4)
@@ -225,32 +224,33 @@ def products(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype=None) ->
     if any(i not in others for i in indices):
       raise ValueError(f"subscripts={subscripts!r}: the {name} operand has an index that "
                        "appears nowhere else, which low-precision products do not support")
-  return _low_precision_products(lhs, rhs, out, jnp.dtype(compute_dtype), a, b)
+  # Float32 in: the custom VJP's gradients then are float32, and the casts' own
+  # derivatives take them back to whatever dtype `a` and `b` came in.
+  return _low_precision_products(lhs, rhs, out, jnp.dtype(compute_dtype),
+                                 a.astype(jnp.float32), b.astype(jnp.float32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _low_precision_products(lhs: str, rhs: str, out: str, dtype, a: jax.Array,
                             b: jax.Array) -> jax.Array:
-  return jnp.einsum(f"{lhs},{rhs}->{out}", a.astype(dtype), b.astype(dtype),
-                    preferred_element_type=jnp.float32)
+  return _low_precision_forward(lhs, rhs, out, dtype, a, b)[0]
 
 
 def _low_precision_forward(lhs, rhs, out, dtype, a, b):
   low_a, low_b = a.astype(dtype), b.astype(dtype)
   result = jnp.einsum(f"{lhs},{rhs}->{out}", low_a, low_b, preferred_element_type=jnp.float32)
-  # Keep the rounded operands (half the memory) and the original dtypes (zero-size).
-  return result, (low_a, low_b, jnp.zeros(0, a.dtype), jnp.zeros(0, b.dtype))
+  return result, (low_a, low_b)  # the rounded operands: half the memory
 
 
 def _low_precision_backward(lhs, rhs, out, dtype, residuals, cotangent):
-  low_a, low_b, a_like, b_like = residuals
+  low_a, low_b = residuals
   cotangent = cotangent.astype(dtype)
   # The gradients accumulate in float32 and keep it: only the operands are rounded.
   grad_a = jnp.einsum(f"{out},{rhs}->{lhs}", cotangent, low_b,
                       preferred_element_type=jnp.float32)
   grad_b = jnp.einsum(f"{lhs},{out}->{rhs}", low_a, cotangent,
                       preferred_element_type=jnp.float32)
-  return grad_a.astype(a_like.dtype), grad_b.astype(b_like.dtype)
+  return grad_a, grad_b
 
 
 _low_precision_products.defvjp(_low_precision_forward, _low_precision_backward)

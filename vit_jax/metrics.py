@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+# TensorBoard's own protos and record writer, which need no TensorFlow: flax's writer (and
+# TensorBoard's EventFileWriter, when TensorFlow is installed) would import it, about four
+# seconds of every run's start.
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 
 class MetricWriter:
@@ -29,8 +37,6 @@ class MetricWriter:
               **{k: float(v) for k, v in metrics.items()}}
     self.jsonl.write(json.dumps(record) + "\n")
     self.jsonl.flush()
-    from tensorboard.compat.proto import event_pb2, summary_pb2
-
     values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in record.items()
               if k not in ("step", "time")]
     self.tensorboard.write(event_pb2.Event(
@@ -45,19 +51,8 @@ class MetricWriter:
     self.tensorboard.close()
 
 
-def _open_event_file(folder: Path):
-  """A new TensorBoard event file in `folder`, as a record writer.
-
-  TensorBoard's record format written by TensorBoard's own pure-Python writer:
-  `flax.metrics.tensorboard` (and TensorBoard's `EventFileWriter`, when TensorFlow is
-  installed) would import TensorFlow, about four seconds of every run's start.
-  """
-  import os
-  import socket
-
-  from tensorboard.compat.proto import event_pb2
-  from tensorboard.summary.writer.record_writer import RecordWriter
-
+def _open_event_file(folder: Path) -> RecordWriter:
+  """A new TensorBoard event file in `folder`, its version record written."""
   folder.mkdir(parents=True, exist_ok=True)
   now = time.time()
   path = folder / f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}.{os.getpid()}"

@@ -265,8 +265,6 @@ def _write_array_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> No
 
   A folder we cannot write to (a read-only or remote data dir) just goes without.
   """
-  if not path.parent.is_dir():
-    return
   try:
     fd, partial = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=path.parent)
   except OSError:

@@ -106,11 +106,11 @@ class EncoderBlock(nn.Module):
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     c = self.config
     y = nn.LayerNorm(name="norm1")(x)
-    dtype = jnp.dtype(c.compute_dtype)
-    y = MultiHeadSelfAttention(c.num_heads, c.qkv, c.qkv_bias, dtype, name="attention")(y)
+    y = MultiHeadSelfAttention(c.num_heads, c.qkv, c.qkv_bias, c.compute_dtype,
+                               name="attention")(y)
     x = x + nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
     y = nn.LayerNorm(name="norm2")(x)
-    return x + MlpBlock(c.mlp_dim, c.dropout_rate, dtype, name="mlp")(y, deterministic)
+    return x + MlpBlock(c.mlp_dim, c.dropout_rate, c.compute_dtype, name="mlp")(y, deterministic)
 
 
 class Encoder(nn.Module):
@@ -131,8 +131,8 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     c = self.config
-    dtype = jnp.dtype(c.compute_dtype)
-    x = PatchEmbedding(c.patch_size, c.hidden_size, dtype, name="patch_embedding")(images)
+    x = PatchEmbedding(c.patch_size, c.hidden_size, c.compute_dtype,
+                       name="patch_embedding")(images)
     batch = x.shape[0]
     if c.classifier == "token":
       cls = self.param("cls_token", nn.initializers.zeros, (1, 1, c.hidden_size))
@@ -143,7 +143,7 @@ class ViT(nn.Module):
     x = Encoder(c, name="encoder")(x, deterministic=not train)
     pooled = x[:, 0] if c.classifier == "token" else x.mean(axis=1)
     # A zero-initialised head starts every class at equal probability.
-    head = Linear(c.num_classes, kernel_init=nn.initializers.zeros, compute_dtype=dtype,
+    head = Linear(c.num_classes, kernel_init=nn.initializers.zeros, compute_dtype=c.compute_dtype,
                   name="head")
     return head(pooled[:, None, :])[:, 0]
 
