@@ -48,10 +48,14 @@ def test_a_second_run_loads_its_compiled_steps_from_the_persistent_cache(tmp_pat
     return {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
 
   written = entries()
-  assert len(written) >= 2  # at least the training and the evaluation step
+  steps = {name.split("-")[0] for name in written}
+  assert {"jit__train_on_indices", "jit__eval_on_indices"} <= steps, sorted(written)
   second = launch(*common, f"--workdir={tmp_path / 'second'}")
   assert second.returncode == 0, second.stderr[-3000:]
-  assert entries() == written  # every compilation was loaded, none redone
+  # Every entry the first run wrote was loaded, none rewritten. The second run may add entries:
+  # a small function that compiled under the 0.1 s threshold the first time may not the second.
+  after = entries()
+  assert {name: after.get(name) for name in written} == written
   assert second.stdout.splitlines()[-1] == first.stdout.splitlines()[-1]
 
 
