@@ -16,6 +16,8 @@ def get_config():
   return as_config_dict(ExperimentConfig(
       model=get_model_config("sprint", compute_dtype="bfloat16"),
       batch_size=128,
+      microbatch_size=32,  # per device and pass: activations stay in CPU caches
+      eval_batch_size=256,
       num_epochs=8,
       learning_rate=3e-3,
       warmup_steps=100,

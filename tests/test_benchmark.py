@@ -39,10 +39,12 @@ def test_matmul_only_step_does_the_models_matmul_work(qkv, compute_dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["jit", "pmap"])
-def test_benchmark_runs_and_counts_flops_like_xla(parallel):
+@pytest.mark.parametrize("parallel,microbatch_size", [("jit", None), ("pmap", None),
+                                                     ("pmap", 4)])
+def test_benchmark_runs_and_counts_flops_like_xla(parallel, microbatch_size):
   config = ExperimentConfig(model=get_model_config("seed", num_layers=2), batch_size=64,
-                            eval_batch_size=64, parallel=parallel)
+                            microbatch_size=microbatch_size, eval_batch_size=64,
+                            parallel=parallel)
   result = benchmark.run(config, windows=2, steps_per_window=2,
                          with_compile_times=parallel == "jit")
   for key in ("train", "eval"):

@@ -42,6 +42,7 @@ def test_config_dict_round_trips_and_optional_fields_stay_settable():
 
 @pytest.mark.parametrize("key,value,message", [
     ("batch_size", 0, "config.batch_size=0 must be positive"),
+    ("microbatch_size", 0, "config.microbatch_size=0 must be positive"),
     ("batch_size", 1.5, "config.batch_size=1.5 has type float, expected int"),
     ("learning_rate", 0.0, "config.learning_rate=0.0 must be positive"),
     ("learning_rate", "fast", "config.learning_rate='fast' has type str"),

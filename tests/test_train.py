@@ -14,6 +14,7 @@ from vit_jax import train
 from vit_jax.checkpoints import Checkpoints
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.model_configs import get_model_config
+from vit_jax.parallel import Runner
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "experiments"))
@@ -110,16 +111,20 @@ def test_pmap_and_sharded_jit_over_8_devices_match_one_device(tmp_path, mnist):
   single = train.train_and_evaluate(config, tmp_path / "jit", data=data)
   jit_losses = [x for _, x in read_losses(tmp_path / "jit")]
   assert len(jit_losses) == 8
-  for mode in ("pmap", "shard"):
-    result = train.train_and_evaluate(dataclasses.replace(config, parallel=mode),
-                                      tmp_path / mode, data=data)
+  # Micro-batches: 4 passes of 16 on one device; 2 passes of 4 examples on each of 8 devices.
+  for mode, microbatch_size in (("pmap", None), ("shard", None), ("jit", 16), ("pmap", 4),
+                                ("shard", 4)):
+    name = f"{mode}-{microbatch_size}"
+    result = train.train_and_evaluate(
+        dataclasses.replace(config, parallel=mode, microbatch_size=microbatch_size),
+        tmp_path / name, data=data)
     # Same global batch, same augmentation per example; only summation order differs.
-    np.testing.assert_allclose([x for _, x in read_losses(tmp_path / mode)], jit_losses,
-                               rtol=1e-4, err_msg=mode)
+    np.testing.assert_allclose([x for _, x in read_losses(tmp_path / name)], jit_losses,
+                               rtol=1e-4, err_msg=name)
     assert result["eval_accuracy"] == pytest.approx(single["eval_accuracy"], abs=2e-3)
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
-        params_of(config, tmp_path / "jit"), params_of(config, tmp_path / mode))
+        params_of(config, tmp_path / "jit"), params_of(config, tmp_path / name))
 
 
 def test_non_finite_loss_stops_training_and_is_not_checkpointed(tmp_path, mnist, monkeypatch):
@@ -171,6 +176,55 @@ def test_batch_not_divisible_by_devices_is_refused_before_writing(tmp_path, mnis
   with pytest.raises(ValueError, match="config.batch_size=60 is not divisible by the 8 devices"):
     train.train_and_evaluate(config, tmp_path / "run", data=subset(mnist, 256))
   assert not (tmp_path / "run").exists()
+
+
+def test_microbatch_size_that_does_not_divide_a_devices_share_is_refused(tmp_path, mnist):
+  config = small_config(microbatch_size=3, parallel="pmap")  # 64 over 8 devices: 8 each
+  with pytest.raises(ValueError, match="config.microbatch_size=3 does not divide the 8 "
+                                       "examples per device of batch_size=64 over 8 devices"):
+    train.train_and_evaluate(config, tmp_path / "run", data=subset(mnist, 256))
+  assert not (tmp_path / "run").exists()
+
+
+def test_number_of_passes_per_step():
+  runner = Runner("jit")
+  assert runner.num_microbatches(128, None) == 1
+  assert runner.num_microbatches(128, 16) == 8
+  assert runner.num_microbatches(128, 128) == runner.num_microbatches(128, 500) == 1
+  assert Runner("pmap").num_microbatches(128, 4) == 4  # 16 examples on each of 8 devices
+  with pytest.raises(ValueError, match="config.microbatch_size=48 does not divide the 128"):
+    runner.num_microbatches(128, 48)
+
+
+def test_microbatches_are_strided_so_that_each_spans_the_batch():
+  batch = {"label": jnp.arange(6), "image": jnp.arange(6 * 2).reshape(6, 2)}
+  passes = train.split_microbatches(batch, 3)
+  np.testing.assert_array_equal(passes["label"], [[0, 3], [1, 4], [2, 5]])
+  np.testing.assert_array_equal(passes["image"][1], [[2, 3], [8, 9]])
+  with pytest.raises(ValueError, match="4 micro-batches do not divide a batch of 6"):
+    train.split_microbatches(batch, 4)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_microbatched_step_gives_the_update_of_one_pass(mnist, label_smoothing):
+  config = small_config()
+  state = train.create_train_state(config, total_steps=10)
+  # The head starts at zero, which would leave the rest with zero gradient: give it weights.
+  head = jax.random.normal(jax.random.PRNGKey(1), state.params["head"]["kernel"].shape)
+  params = {**state.params, "head": {**state.params["head"], "kernel": head}}
+  state = state.replace(params=params)
+  batch = {"image": jnp.asarray(mnist["train"]["image"][:32], jnp.float32) / 255,
+           "label": jnp.asarray(mnist["train"]["label"][:32])}
+  rng = jax.random.PRNGKey(0)
+  step = jax.jit(train.train_step, static_argnames=("label_smoothing", "num_microbatches"))
+  whole, whole_metrics = step(state, batch, rng, label_smoothing=label_smoothing)
+  for k in (2, 8):
+    passes, metrics = step(state, batch, rng, label_smoothing=label_smoothing,
+                           num_microbatches=k)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                           passes.params, whole.params)
+    np.testing.assert_allclose(metrics["loss"], whole_metrics["loss"], rtol=1e-6)
+    assert metrics["accuracy"] == whole_metrics["accuracy"]
 
 
 def test_workdir_that_is_a_file_is_refused(tmp_path, mnist):

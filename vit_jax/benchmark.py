@@ -4,12 +4,14 @@
     python -m vit_jax.benchmark --config=experiments/mnist.py --time_to_accuracy=0.98,0.99
 
 Reports, for the config's model and global batch:
-- the machine's matmul peak (a large matmul timed here, now) in the model's compute
-  dtype: float32, or for mixed precision bfloat16 operands accumulating in float32;
+- the machine's matmul peak (a large matmul timed here, before every timed window) in the
+  model's compute dtype: float32, or for mixed precision bfloat16 operands accumulating
+  in float32;
 - model FLOPs per training and per evaluation image, counted from the architecture
   and cross-checked against XLA's cost analysis of the compiled steps;
 - training and evaluation images/s (median over timed windows after warm-up) and
-  the share of the measured peak they achieve (MFU);
+  the share of the peak they achieve (MFU: the median over windows of each window's
+  share of the peak measured just before it);
 - compile time of the training step, cold and from the persistent compilation cache;
 - peak resident memory;
 - optionally, time to accuracy: wall time from starting `launch.py` until the test
@@ -62,22 +64,32 @@ def train_flops(c: ModelConfig) -> int:
 
 # --- Measurements ----------------------------------------------------------------------
 
-def matmul_peak(size: int = 2048, repeats: int = 10, compute_dtype: str = "float32") -> float:
-  """FLOP/s of a large square matmul on the default device (median of repeats).
+class MatmulPeak:
+  """FLOP/s of a large square matmul on the default device: the machine's peak, now.
 
+  Called again before every timed window, so that each window's MFU is against the peak of
+  the same moment: on a shared machine the speed of both moves with the neighbours' load.
   The product is `attention.products` in `compute_dtype`, as the model computes its own.
   """
-  a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
-  b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
-  a, b = a.astype(compute_dtype), b.astype(compute_dtype)  # rounded once, outside the timing
-  matmul = jax.jit(functools.partial(A.products, "ij,jk->ik", compute_dtype=compute_dtype))
-  matmul(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a, b).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * size**3 / statistics.median(times)
+
+  def __init__(self, compute_dtype: str = "float32", size: int = 2048):
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
+    self.a, self.b = a.astype(compute_dtype), b.astype(compute_dtype)  # rounded once
+    self.matmul = jax.jit(functools.partial(A.products, "ij,jk->ik", compute_dtype=compute_dtype))
+    self.matmul(self.a, self.b).block_until_ready()
+    self.flops = 2 * size**3
+    self.measured: list[float] = []
+
+  def __call__(self, repeats: int = 3) -> float:
+    """The median of `repeats` timed matmuls; also appended to `measured`."""
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      self.matmul(self.a, self.b).block_until_ready()
+      times.append(time.perf_counter() - start)
+    self.measured.append(self.flops / statistics.median(times))
+    return self.measured[-1]
 
 
 def _matmuls_only(params: dict[str, Any], patches: jax.Array, c: ModelConfig) -> jax.Array:
@@ -124,36 +136,48 @@ def matmul_only_problem(c: ModelConfig, batch_size: int):
   return functools.partial(_matmuls_only, c=c), params, patches
 
 
-def matmul_only_speed(c: ModelConfig, batch_size: int, runner: Runner | None = None,
-                      repeats: int = 10) -> dict[str, float]:
-  """Images/s of `_matmuls_only`, with its gradient (train) and without (eval).
+def matmul_only_speed(c: ModelConfig, train_batch: int, eval_batch: int, peak: MatmulPeak,
+                      runner: Runner | None = None, repeats: int = 10) -> dict[str, float]:
+  """Images/s and MFU of `_matmuls_only`, with its gradient (train) and without (eval).
 
-  Laid over the devices as `runner` lays the config's own step (default: one device), so
-  that the ceiling and the step it bounds use the same cores. Each device keeps its own
-  gradient: the cross-device mean is not a matmul.
+  Each pass takes the batch that one pass of the config's step takes (`train_batch`:
+  a micro-batch from every device when the step accumulates), and is laid over the devices
+  as `runner` lays the config's own step (default: one device), so that the ceiling and
+  the step it bounds multiply the same shapes on the same cores. Each device keeps its
+  own gradient: the cross-device mean is not a matmul.
   """
   runner = runner or Runner("jit")
-  loss, params, patches = matmul_only_problem(c, batch_size)
-  params, patches = runner.replicate(params), runner.split_batch(np.asarray(patches))
-  steps = {"train": lambda p, x, axis_name: jax.grad(loss)(p, x),
-           "eval": lambda p, x, axis_name: loss(p, x)}
   out = {}
-  for key, step in steps.items():
-    fn = runner.compile(step, in_axes=(0, 0))
-    times = _windows(lambda fn=fn: jax.block_until_ready(fn(params, patches)), repeats)
-    out[f"matmul_only_{key}_images_per_sec"] = batch_size / statistics.median(times)
+  for key, batch_size in (("train", train_batch), ("eval", eval_batch)):
+    loss, params, patches = matmul_only_problem(c, batch_size)
+    params, patches = runner.replicate(params), runner.split_batch(np.asarray(patches))
+    step = jax.grad(loss) if key == "train" else loss
+    fn = runner.compile(lambda p, x, axis_name, step=step: step(p, x), in_axes=(0, 0))
+    run_once = functools.partial(fn, params, patches)
+    flops = train_flops(c) if key == "train" else forward_flops(c)
+    (out[f"matmul_only_{key}_images_per_sec"], out[f"matmul_only_{key}_mfu"]) = _speed(
+        lambda run_once=run_once: jax.block_until_ready(run_once()), repeats, batch_size,
+        flops, peak)
   return out
 
 
-def _windows(run_window, windows: int) -> list[float]:
-  """Seconds of each timed window, after one untimed warm-up window."""
+def _speed(run_window, windows: int, images: int, flops_per_image: int,
+           peak: MatmulPeak) -> tuple[float, float]:
+  """(images/s, MFU) of `run_window`, which processes `images` images.
+
+  Medians over `windows` timed windows after an untimed warm-up; each window's MFU is
+  against the peak measured just before it.
+  """
   run_window()
-  times = []
+  rates, mfus = [], []
   for _ in range(windows):
+    machine = peak()
     start = time.perf_counter()
     run_window()
-    times.append(time.perf_counter() - start)
-  return times
+    rate = images / (time.perf_counter() - start)
+    rates.append(rate)
+    mfus.append(rate * flops_per_image / machine)
+  return statistics.median(rates), statistics.median(mfus)
 
 
 def _xla_flops(compiled) -> float | None:
@@ -163,11 +187,12 @@ def _xla_flops(compiled) -> float | None:
   return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
-def measure_steps(config: ExperimentConfig, steps_per_window: int = 10, windows: int = 5
-                  ) -> dict[str, Any]:
-  """Training and evaluation throughput of `config` on synthetic digits (speed only)."""
+def measure_steps(config: ExperimentConfig, peak: MatmulPeak, steps_per_window: int = 10,
+                  windows: int = 5) -> dict[str, Any]:
+  """Training and evaluation images/s and MFU of `config` on synthetic digits (speed only)."""
   runner = Runner(choose_mode(config.parallel))
   runner.check_batch_size("batch_size", config.batch_size)
+  runner.check_batch_size("eval_batch_size", config.eval_batch_size)
   c = config.model
   # Whole evaluation batches: every evaluated image is a real one.
   eval_batches = -(-config.batch_size * steps_per_window // config.eval_batch_size)
@@ -182,8 +207,8 @@ def measure_steps(config: ExperimentConfig, steps_per_window: int = 10, windows:
   positions = runner.split_batch(np.arange(config.batch_size, dtype=np.int32))
   key = jax.random.PRNGKey(0)
 
-  step_fn = runner.compile(functools.partial(train._train_on_indices, config=config),
-                           in_axes=(0, 0, 0, 0, None), donate_argnums=(0,))
+  step_fn = train.compile_train_step(config, runner)
+  passes = runner.num_microbatches(config.batch_size, config.microbatch_size)
   start = time.perf_counter()
   compiled = step_fn.lower(holder["state"], device_data, runner.split_batch(order.indices(0)),
                            positions, key).compile()
@@ -197,10 +222,12 @@ def measure_steps(config: ExperimentConfig, steps_per_window: int = 10, windows:
     jax.block_until_ready(metrics)
     holder["state"] = state
 
-  train_times = _windows(train_window, windows)
+  train_speed = _speed(train_window, windows, config.batch_size * steps_per_window,
+                       train_flops(c), peak)
   evaluate = train.Evaluator(runner, device_data, num_examples, config.eval_batch_size,
                              config.dataset)
-  eval_times = _windows(lambda: evaluate(holder["state"]), windows)
+  eval_speed = _speed(lambda: evaluate(holder["state"]), windows, num_examples,
+                      forward_flops(c), peak)
   eval_compiled = evaluate.step.lower(
       holder["state"], device_data,
       runner.split_batch(np.arange(config.eval_batch_size, dtype=np.int32)),
@@ -209,12 +236,15 @@ def measure_steps(config: ExperimentConfig, steps_per_window: int = 10, windows:
   return {
       "parallel": runner.mode,
       "devices": runner.num_devices,
-      "train_images_per_sec": config.batch_size * steps_per_window / statistics.median(train_times),
-      "eval_images_per_sec": num_examples / statistics.median(eval_times),
+      "train_images_per_sec": train_speed[0],
+      "train_mfu": train_speed[1],
+      "eval_images_per_sec": eval_speed[0],
+      "eval_mfu": eval_speed[1],
       "train_step_compile_seconds": compile_seconds,
-      # XLA counts a pmap-ed program once, for one device's share of the batch.
-      "xla_train_flops_per_image": xla_train and xla_train / (config.batch_size
-                                                              / _per_program(runner)),
+      # XLA counts a pmap-ed program once, for one device's share of the batch, and a
+      # loop's body once, for one of the step's micro-batch passes.
+      "xla_train_flops_per_image": xla_train and xla_train * passes / (
+          config.batch_size / _per_program(runner)),
       "xla_eval_flops_per_image": xla_eval and xla_eval / (config.eval_batch_size
                                                            / _per_program(runner)),
   }
@@ -257,7 +287,7 @@ def time_one_compile(config: ExperimentConfig) -> dict[str, float]:
   c = config.model
   data = {"image": np.zeros((config.batch_size, c.image_size, c.image_size, c.num_channels),
                             np.uint8), "label": np.zeros(config.batch_size, np.int32)}
-  step = jax.jit(functools.partial(train._train_on_indices, config=config, axis_name=None))
+  step = train.compile_train_step(config, Runner("jit"))
   idx = np.arange(config.batch_size, dtype=np.int32)
   start = time.perf_counter()
   step.lower(state, data, idx, idx, jax.random.PRNGKey(0)).compile()
@@ -292,23 +322,24 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
         with_compile_times: bool = True) -> dict[str, Any]:
   """Every measurement except time to accuracy, as one JSON-able dict."""
   config = validate(config)
-  peak = matmul_peak(compute_dtype=config.model.compute_dtype)
+  peak = MatmulPeak(config.model.compute_dtype)
   result: dict[str, Any] = {
       "date": time.strftime("%Y-%m-%d"),
       "device": jax.devices()[0].device_kind,
       "compute_dtype": config.model.compute_dtype,
-      "matmul_peak_flops": peak,
       "train_flops_per_image": train_flops(config.model),
       "eval_flops_per_image": forward_flops(config.model),
       "batch_size": config.batch_size,
+      "microbatch_size": config.microbatch_size,
+      "eval_batch_size": config.eval_batch_size,
   }
-  result.update(measure_steps(config, steps_per_window, windows))
-  result.update(matmul_only_speed(config.model, config.batch_size,
-                                  Runner(choose_mode(config.parallel))))
-  for measured in ("", "matmul_only_"):
-    for key in ("train", "eval"):
-      result[f"{measured}{key}_mfu"] = (result[f"{measured}{key}_images_per_sec"]
-                                        * result[f"{key}_flops_per_image"] / peak)
+  result.update(measure_steps(config, peak, steps_per_window, windows))
+  runner = Runner(choose_mode(config.parallel))
+  passes = runner.num_microbatches(config.batch_size, config.microbatch_size)
+  result.update(matmul_only_speed(config.model, config.batch_size // passes,
+                                  config.eval_batch_size, peak, runner))
+  result["matmul_peak_flops"] = statistics.median(peak.measured)
+  result["matmul_peak_flops_range"] = [min(peak.measured), max(peak.measured)]
   if with_compile_times:
     result.update(compile_times(config))
   result["peak_rss_megabytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -28,6 +28,11 @@ class ExperimentConfig:
   train_examples: int | None = None
   seed: int = 0
   batch_size: int = 128
+  # Training examples per device in one forward/backward pass (None, or not less than the
+  # device's share of the batch: the whole share in one pass). Smaller passes keep the
+  # activations in CPU caches; the step sums the passes' gradients (lax.scan), so the
+  # update is the same up to float rounding.
+  microbatch_size: int | None = None
   num_epochs: float = 5.0
   learning_rate: float = 1e-3
   warmup_steps: int = 200
@@ -54,6 +59,8 @@ class ExperimentConfig:
     for key in ("warmup_steps", "eval_every_steps", "augment_max_shift"):
       value = getattr(self, key)
       require(value >= 0, key, value, "must not be negative")
+    require(self.microbatch_size is None or self.microbatch_size > 0, "microbatch_size",
+            self.microbatch_size, "must be positive")
     require(self.num_epochs > 0, "num_epochs", self.num_epochs, "must be positive")
     require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be positive")
     require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must not be negative")

@@ -62,6 +62,20 @@ class Runner:
       raise ValueError(f"config.{key}={batch_size} is not divisible by the "
                        f"{self.num_devices} devices that {self.mode} runs on")
 
+  def num_microbatches(self, batch_size: int, microbatch_size: int | None) -> int:
+    """Passes per step when each device takes `microbatch_size` examples at a time.
+
+    A device's share of the batch that is no larger than `microbatch_size` goes in one pass.
+    """
+    per_device = batch_size // self.num_devices
+    if microbatch_size is None or per_device <= microbatch_size:
+      return 1
+    if per_device % microbatch_size:
+      raise ValueError(f"config.microbatch_size={microbatch_size} does not divide the "
+                       f"{per_device} examples per device of batch_size={batch_size} over "
+                       f"{self.num_devices} devices")
+    return per_device // microbatch_size
+
   def replicate(self, tree: Any) -> Any:
     """Puts `tree` on every device (with a leading device axis under pmap)."""
     tree = jax.device_get(tree)

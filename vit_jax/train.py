@@ -70,24 +70,56 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits, targets)
 
 
+def split_microbatches(batch: dict[str, jax.Array], num_microbatches: int
+                       ) -> dict[str, jax.Array]:
+  """(B, ...) arrays -> (k, B/k, ...): pass j holds examples j, j + k, j + 2k, ...
+
+  Strided, not contiguous, so that under 'shard' (the batch's rows split over the devices)
+  every pass still spreads over all devices.
+  """
+  def split(x):
+    if x.shape[0] % num_microbatches:
+      raise ValueError(f"{num_microbatches} micro-batches do not divide a batch of "
+                       f"{x.shape[0]}")
+    passes = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:])
+    return passes.swapaxes(0, 1)
+
+  return jax.tree_util.tree_map(split, batch)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
-               label_smoothing: float = 0.0, axis_name: str | None = None):
+               label_smoothing: float = 0.0, num_microbatches: int = 1,
+               axis_name: str | None = None):
   """One AdamW update on `batch` = {'image': (B, H, W, C) float, 'label': (B,) int}.
 
+  The batch goes through the model in `num_microbatches` passes of B / num_microbatches
+  examples (`lax.scan`), their gradients summed: the update of one pass over the whole
+  batch, up to float rounding, with one pass's activations in memory at a time.
   Under pmap (`axis_name` set) gradients and metrics are averaged across devices,
   so each device must hold the same number of examples.
 
   Returns:
     (new state, {'loss', 'accuracy'} of this batch, before the update).
   """
-  def loss_fn(params):
-    logits = state.apply_fn({"params": params}, batch["image"], train=True,
+  def sums(params, micro, rng):
+    logits = state.apply_fn({"params": params}, micro["image"], train=True,
                             rngs={"dropout": rng})
-    loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
-    return loss, logits
+    correct = jnp.sum(jnp.argmax(logits, -1) == micro["label"])
+    return jnp.sum(cross_entropy(logits, micro["label"], label_smoothing)), correct
 
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
+  def accumulate(totals, one_pass):
+    index, micro = one_pass
+    (loss, correct), grads = jax.value_and_grad(sums, has_aux=True)(
+        state.params, micro, jax.random.fold_in(rng, index))
+    return jax.tree_util.tree_map(jnp.add, totals, (loss, correct, grads)), None
+
+  zeros = (jnp.zeros(()), jnp.zeros((), jnp.int32),
+           jax.tree_util.tree_map(jnp.zeros_like, state.params))
+  passes = (jnp.arange(num_microbatches), split_microbatches(batch, num_microbatches))
+  (loss, correct, grads), _ = jax.lax.scan(accumulate, zeros, passes)
+  num_examples = batch["label"].shape[0]
+  grads = jax.tree_util.tree_map(lambda g: g / num_examples, grads)
+  metrics = {"loss": loss / num_examples, "accuracy": correct / num_examples}
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
     metrics = jax.lax.pmean(metrics, axis_name)
@@ -109,7 +141,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str 
 # --- The steps on device-resident data --------------------------------------------------
 
 def _train_on_indices(state, data, indices, positions, rng, *, config: ExperimentConfig,
-                      axis_name):
+                      num_microbatches: int, axis_name):
   """Gathers, augments and normalises a batch on device, then `train_step`."""
   spec = mnist_source.dataset_spec(config.dataset)
   augment_rng, dropout_rng = jax.random.split(rng)
@@ -121,7 +153,18 @@ def _train_on_indices(state, data, indices, positions, rng, *, config: Experimen
   if axis_name is not None:
     dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
   return train_step(state, batch, dropout_rng, label_smoothing=config.label_smoothing,
-                    axis_name=axis_name)
+                    num_microbatches=num_microbatches, axis_name=axis_name)
+
+
+def compile_train_step(config: ExperimentConfig, runner: Runner):
+  """`_train_on_indices` for `runner`: (state, data, indices, positions, rng) -> (state, metrics).
+
+  The state's buffers are donated: the caller keeps only the returned state.
+  """
+  step = functools.partial(
+      _train_on_indices, config=config,
+      num_microbatches=runner.num_microbatches(config.batch_size, config.microbatch_size))
+  return runner.compile(step, in_axes=(0, 0, 0, 0, None), donate_argnums=(0,))
 
 
 def _eval_on_indices(state, data, indices, mask, *, dataset: str, axis_name):
@@ -145,13 +188,13 @@ class Evaluator:
         functools.partial(_eval_on_indices, dataset=self.dataset), in_axes=(0, 0, 0, 0))
 
   def __call__(self, state) -> dict[str, float]:
-    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for indices, mask in input_pipeline.eval_indices(self.num_examples, self.batch_size):
-      sums = self.step(state, self.data, self.runner.split_batch(indices),
-                       self.runner.split_batch(mask))
-      sums = self.runner.unreplicate(sums)
-      for k in totals:
-        totals[k] += float(sums[k])
+    # Every batch is dispatched before any result is fetched: no wait between batches.
+    batch_sums = [self.step(state, self.data, self.runner.split_batch(indices),
+                            self.runner.split_batch(mask))
+                  for indices, mask in input_pipeline.eval_indices(self.num_examples,
+                                                                   self.batch_size)]
+    fetched = self.runner.unreplicate(batch_sums)
+    totals = {k: sum(float(sums[k]) for sums in fetched) for k in ("loss", "correct", "count")}
     assert int(totals["count"]) == self.num_examples, totals
     return {"eval_loss": totals["loss"] / totals["count"],
             "eval_accuracy": totals["correct"] / totals["count"]}
@@ -192,6 +235,7 @@ def train_and_evaluate(config: Any, workdir: str | Path,
   runner = Runner(choose_mode(config.parallel))
   runner.check_batch_size("batch_size", config.batch_size)
   runner.check_batch_size("eval_batch_size", config.eval_batch_size)
+  runner.num_microbatches(config.batch_size, config.microbatch_size)  # refused here, not later
   workdir = prepare_workdir(workdir)
   main = runner.is_main_process  # with several processes, process 0 owns the workdir's files
   with WorkdirLock(workdir) if main else contextlib.nullcontext():
@@ -225,8 +269,7 @@ def _train_loop(config, workdir, runner, data, order, total_steps, checkpoints, 
   train_data = runner.replicate(data["train"])
   evaluate = Evaluator(runner, runner.replicate(data["test"]), len(data["test"]["label"]),
                        config.eval_batch_size, config.dataset)
-  step_fn = runner.compile(functools.partial(_train_on_indices, config=config),
-                           in_axes=(0, 0, 0, 0, None), donate_argnums=(0,))
+  step_fn = compile_train_step(config, runner)
   base_rng = jax.random.PRNGKey(config.seed)
   positions = runner.split_batch(np.arange(config.batch_size, dtype=np.int32))
   device_state = runner.replicate(state)
