@@ -65,11 +65,12 @@ def train_flops(c: ModelConfig) -> int:
 # --- Measurements ----------------------------------------------------------------------
 
 class MatmulPeak:
-  """FLOP/s of a large square matmul on the default device: the machine's peak, now.
+  """FLOP/s of a large square matmul on the default device: the machine's peak.
 
-  Called again before every timed window, so that each window's MFU is against the peak of
-  the same moment: on a shared machine the speed of both moves with the neighbours' load.
-  The product is `attention.products` in `compute_dtype`, as the model computes its own.
+  Probed before every timed window, so that the probes spread over the whole run: on a
+  shared machine the speed of both moves with the neighbours' load, and the median of many
+  probes is steadier than one. The product is `attention.products` in `compute_dtype`, as
+  the model computes its own.
   """
 
   def __init__(self, compute_dtype: str = "float32", size: int = 2048):
@@ -138,7 +139,7 @@ def matmul_only_problem(c: ModelConfig, batch_size: int):
 
 def matmul_only_speed(c: ModelConfig, train_batch: int, eval_batch: int, peak: MatmulPeak,
                       runner: Runner | None = None, repeats: int = 10) -> dict[str, float]:
-  """Images/s and MFU of `_matmuls_only`, with its gradient (train) and without (eval).
+  """Images/s of `_matmuls_only`, with its gradient (train) and without (eval).
 
   Each pass takes the batch that one pass of the config's step takes (`train_batch`:
   a micro-batch from every device when the step accumulates), and is laid over the devices
@@ -154,30 +155,26 @@ def matmul_only_speed(c: ModelConfig, train_batch: int, eval_batch: int, peak: M
     step = jax.grad(loss) if key == "train" else loss
     fn = runner.compile(lambda p, x, axis_name, step=step: step(p, x), in_axes=(0, 0))
     run_once = functools.partial(fn, params, patches)
-    flops = train_flops(c) if key == "train" else forward_flops(c)
-    (out[f"matmul_only_{key}_images_per_sec"], out[f"matmul_only_{key}_mfu"]) = _speed(
-        lambda run_once=run_once: jax.block_until_ready(run_once()), repeats, batch_size,
-        flops, peak)
+    out[f"matmul_only_{key}_images_per_sec"] = _speed(
+        lambda run_once=run_once: jax.block_until_ready(run_once()), repeats, batch_size, peak)
   return out
 
 
-def _speed(run_window, windows: int, images: int, flops_per_image: int,
-           peak: MatmulPeak) -> tuple[float, float]:
-  """(images/s, MFU) of `run_window`, which processes `images` images.
+def _speed(run_window, windows: int, images: int, peak: MatmulPeak) -> float:
+  """Images/s of `run_window`, which processes `images` images: the median over windows.
 
-  Medians over `windows` timed windows after an untimed warm-up; each window's MFU is
-  against the peak measured just before it.
+  Before each timed window the peak is probed, then the window runs once untimed, to warm
+  the caches again that the probe's large matmul evicted.
   """
   run_window()
-  rates, mfus = [], []
+  rates = []
   for _ in range(windows):
-    machine = peak()
+    peak()
+    run_window()
     start = time.perf_counter()
     run_window()
-    rate = images / (time.perf_counter() - start)
-    rates.append(rate)
-    mfus.append(rate * flops_per_image / machine)
-  return statistics.median(rates), statistics.median(mfus)
+    rates.append(images / (time.perf_counter() - start))
+  return statistics.median(rates)
 
 
 def _xla_flops(compiled) -> float | None:
@@ -189,7 +186,7 @@ def _xla_flops(compiled) -> float | None:
 
 def measure_steps(config: ExperimentConfig, peak: MatmulPeak, steps_per_window: int = 10,
                   windows: int = 5) -> dict[str, Any]:
-  """Training and evaluation images/s and MFU of `config` on synthetic digits (speed only)."""
+  """Training and evaluation images/s of `config` on synthetic digits (speed only)."""
   runner = Runner(choose_mode(config.parallel))
   runner.check_batch_size("batch_size", config.batch_size)
   runner.check_batch_size("eval_batch_size", config.eval_batch_size)
@@ -222,12 +219,10 @@ def measure_steps(config: ExperimentConfig, peak: MatmulPeak, steps_per_window: 
     jax.block_until_ready(metrics)
     holder["state"] = state
 
-  train_speed = _speed(train_window, windows, config.batch_size * steps_per_window,
-                       train_flops(c), peak)
+  train_speed = _speed(train_window, windows, config.batch_size * steps_per_window, peak)
   evaluate = train.Evaluator(runner, device_data, num_examples, config.eval_batch_size,
                              config.dataset)
-  eval_speed = _speed(lambda: evaluate(holder["state"]), windows, num_examples,
-                      forward_flops(c), peak)
+  eval_speed = _speed(lambda: evaluate(holder["state"]), windows, num_examples, peak)
   eval_compiled = evaluate.step.lower(
       holder["state"], device_data,
       runner.split_batch(np.arange(config.eval_batch_size, dtype=np.int32)),
@@ -236,13 +231,12 @@ def measure_steps(config: ExperimentConfig, peak: MatmulPeak, steps_per_window: 
   return {
       "parallel": runner.mode,
       "devices": runner.num_devices,
-      "train_images_per_sec": train_speed[0],
-      "train_mfu": train_speed[1],
-      "eval_images_per_sec": eval_speed[0],
-      "eval_mfu": eval_speed[1],
+      "train_images_per_sec": train_speed,
+      "eval_images_per_sec": eval_speed,
       "train_step_compile_seconds": compile_seconds,
       # XLA counts a pmap-ed program once, for one device's share of the batch, and a
-      # loop's body once, for one of the step's micro-batch passes.
+      # loop's body once, for one of the step's micro-batch passes (so the work outside
+      # the loop, gather and optimizer, about 0.5 %, is counted once per pass here).
       "xla_train_flops_per_image": xla_train and xla_train * passes / (
           config.batch_size / _per_program(runner)),
       "xla_eval_flops_per_image": xla_eval and xla_eval / (config.eval_batch_size
@@ -268,17 +262,25 @@ def compile_times(config: ExperimentConfig) -> dict[str, float]:
       "print(json.dumps(benchmark.time_one_compile(config)))\n")
   with tempfile.TemporaryDirectory() as cache:
     as_json = json.dumps(_config_json(config))
-    runs = [json.loads(subprocess.run([sys.executable, "-c", code, cache, as_json], check=True,
-                                      capture_output=True, text=True).stdout.splitlines()[-1])
-            for _ in range(2)]
+    runs = []
+    for _ in range(2):
+      done = subprocess.run([sys.executable, "-c", code, cache, as_json], capture_output=True,
+                            text=True)
+      if done.returncode:
+        raise RuntimeError(f"compiling in a subprocess failed: {done.stderr[-2000:]}")
+      runs.append(json.loads(done.stdout.splitlines()[-1]))
   return {"compile_cold_seconds": runs[0]["seconds"],
           "compile_cached_seconds": runs[1]["seconds"]}
 
 
 def _config_json(config: ExperimentConfig) -> dict:
+  """The config on one device, with the passes per step it has on its own devices."""
   import dataclasses
 
-  return dataclasses.asdict(dataclasses.replace(config, parallel="jit"))
+  runner = Runner(choose_mode(config.parallel))
+  passes = runner.num_microbatches(config.batch_size, config.microbatch_size)
+  return dataclasses.asdict(dataclasses.replace(
+      config, parallel="jit", microbatch_size=config.batch_size // passes))
 
 
 def time_one_compile(config: ExperimentConfig) -> dict[str, float]:
@@ -340,6 +342,11 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
                                   config.eval_batch_size, peak, runner))
   result["matmul_peak_flops"] = statistics.median(peak.measured)
   result["matmul_peak_flops_range"] = [min(peak.measured), max(peak.measured)]
+  for measured in ("", "matmul_only_"):
+    for key in ("train", "eval"):
+      result[f"{measured}{key}_mfu"] = (result[f"{measured}{key}_images_per_sec"]
+                                        * result[f"{key}_flops_per_image"]
+                                        / result["matmul_peak_flops"])
   if with_compile_times:
     result.update(compile_times(config))
   result["peak_rss_megabytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -28,10 +28,11 @@ class ExperimentConfig:
   train_examples: int | None = None
   seed: int = 0
   batch_size: int = 128
-  # Training examples per device in one forward/backward pass (None, or not less than the
-  # device's share of the batch: the whole share in one pass). Smaller passes keep the
-  # activations in CPU caches; the step sums the passes' gradients (lax.scan), so the
-  # update is the same up to float rounding.
+  # Training examples per device in one forward/backward pass. None, or a value not less
+  # than a device's share of the batch: the whole share in one pass; otherwise it must
+  # divide batch_size / devices. Smaller passes keep the activations in CPU caches; the
+  # step sums the passes' gradients (lax.scan), so the update is the same up to float
+  # rounding (with dropout, each pass draws its own masks).
   microbatch_size: int | None = None
   num_epochs: float = 5.0
   learning_rate: float = 1e-3

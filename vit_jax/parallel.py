@@ -71,9 +71,10 @@ class Runner:
     if microbatch_size is None or per_device <= microbatch_size:
       return 1
     if per_device % microbatch_size:
+      over = "" if self.num_devices == 1 else f" over {self.num_devices} devices"
       raise ValueError(f"config.microbatch_size={microbatch_size} does not divide the "
-                       f"{per_device} examples per device of batch_size={batch_size} over "
-                       f"{self.num_devices} devices")
+                       f"{per_device} examples per device of config.batch_size={batch_size}"
+                       f"{over}")
     return per_device // microbatch_size
 
   def replicate(self, tree: Any) -> Any:

@@ -94,7 +94,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
 
   The batch goes through the model in `num_microbatches` passes of B / num_microbatches
   examples (`lax.scan`), their gradients summed: the update of one pass over the whole
-  batch, up to float rounding, with one pass's activations in memory at a time.
+  batch, up to float rounding (and dropout's draws), with one pass's activations in memory
+  at a time.
   Under pmap (`axis_name` set) gradients and metrics are averaged across devices,
   so each device must hold the same number of examples.
 
@@ -104,13 +105,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   def sums(params, micro, rng):
     logits = state.apply_fn({"params": params}, micro["image"], train=True,
                             rngs={"dropout": rng})
-    correct = jnp.sum(jnp.argmax(logits, -1) == micro["label"])
+    correct = jnp.sum(jnp.argmax(logits, -1) == micro["label"]).astype(jnp.int32)
     return jnp.sum(cross_entropy(logits, micro["label"], label_smoothing)), correct
 
   def accumulate(totals, one_pass):
     index, micro = one_pass
+    # Each pass draws its own dropout masks; a single pass draws the step's own.
+    pass_rng = rng if num_microbatches == 1 else jax.random.fold_in(rng, index)
     (loss, correct), grads = jax.value_and_grad(sums, has_aux=True)(
-        state.params, micro, jax.random.fold_in(rng, index))
+        state.params, micro, pass_rng)
     return jax.tree_util.tree_map(jnp.add, totals, (loss, correct, grads)), None
 
   zeros = (jnp.zeros(()), jnp.zeros((), jnp.int32),
