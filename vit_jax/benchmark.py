@@ -10,8 +10,7 @@ Reports, for the config's model and global batch:
 - model FLOPs per training and per evaluation image, counted from the architecture
   and cross-checked against XLA's cost analysis of the compiled steps;
 - training and evaluation images/s (median over timed windows after warm-up) and
-  the share of the peak they achieve (MFU: the median over windows of each window's
-  share of the peak measured just before it);
+  the share of the peak they achieve (MFU, against the median of the peak's probes);
 - compile time of the training step, cold and from the persistent compilation cache;
 - peak resident memory;
 - optionally, time to accuracy: wall time from starting `launch.py` until the test
@@ -82,15 +81,14 @@ class MatmulPeak:
     self.flops = 2 * size**3
     self.measured: list[float] = []
 
-  def __call__(self, repeats: int = 3) -> float:
-    """The median of `repeats` timed matmuls; also appended to `measured`."""
+  def probe(self, repeats: int = 3) -> None:
+    """Appends to `measured` the FLOP/s of the median of `repeats` timed matmuls."""
     times = []
     for _ in range(repeats):
       start = time.perf_counter()
       self.matmul(self.a, self.b).block_until_ready()
       times.append(time.perf_counter() - start)
     self.measured.append(self.flops / statistics.median(times))
-    return self.measured[-1]
 
 
 def _matmuls_only(params: dict[str, Any], patches: jax.Array, c: ModelConfig) -> jax.Array:
@@ -138,16 +136,15 @@ def matmul_only_problem(c: ModelConfig, batch_size: int):
 
 
 def matmul_only_speed(c: ModelConfig, train_batch: int, eval_batch: int, peak: MatmulPeak,
-                      runner: Runner | None = None, repeats: int = 10) -> dict[str, float]:
+                      runner: Runner, repeats: int = 10) -> dict[str, float]:
   """Images/s of `_matmuls_only`, with its gradient (train) and without (eval).
 
   Each pass takes the batch that one pass of the config's step takes (`train_batch`:
   a micro-batch from every device when the step accumulates), and is laid over the devices
-  as `runner` lays the config's own step (default: one device), so that the ceiling and
-  the step it bounds multiply the same shapes on the same cores. Each device keeps its
-  own gradient: the cross-device mean is not a matmul.
+  as `runner` lays the config's own step, so that the ceiling and the step it bounds
+  multiply the same shapes on the same cores. Each device keeps its own gradient: the
+  cross-device mean is not a matmul.
   """
-  runner = runner or Runner("jit")
   out = {}
   for key, batch_size in (("train", train_batch), ("eval", eval_batch)):
     loss, params, patches = matmul_only_problem(c, batch_size)
@@ -163,13 +160,12 @@ def matmul_only_speed(c: ModelConfig, train_batch: int, eval_batch: int, peak: M
 def _speed(run_window, windows: int, images: int, peak: MatmulPeak) -> float:
   """Images/s of `run_window`, which processes `images` images: the median over windows.
 
-  Before each timed window the peak is probed, then the window runs once untimed, to warm
-  the caches again that the probe's large matmul evicted.
+  Before each timed window the peak is probed, then the window runs once untimed (which
+  also compiles it the first time), to warm the caches again that the probe evicted.
   """
-  run_window()
   rates = []
   for _ in range(windows):
-    peak()
+    peak.probe()
     run_window()
     start = time.perf_counter()
     run_window()
@@ -184,12 +180,10 @@ def _xla_flops(compiled) -> float | None:
   return float(analysis["flops"]) if analysis and "flops" in analysis else None
 
 
-def measure_steps(config: ExperimentConfig, peak: MatmulPeak, steps_per_window: int = 10,
-                  windows: int = 5) -> dict[str, Any]:
+def measure_steps(config: ExperimentConfig, runner: Runner, peak: MatmulPeak,
+                  steps_per_window: int = 10, windows: int = 5) -> dict[str, Any]:
   """Training and evaluation images/s of `config` on synthetic digits (speed only)."""
-  runner = Runner(choose_mode(config.parallel))
-  runner.check_batch_size("batch_size", config.batch_size)
-  runner.check_batch_size("eval_batch_size", config.eval_batch_size)
+  passes = train.passes_per_step(config, runner)
   c = config.model
   # Whole evaluation batches: every evaluated image is a real one.
   eval_batches = -(-config.batch_size * steps_per_window // config.eval_batch_size)
@@ -205,7 +199,6 @@ def measure_steps(config: ExperimentConfig, peak: MatmulPeak, steps_per_window: 
   key = jax.random.PRNGKey(0)
 
   step_fn = train.compile_train_step(config, runner)
-  passes = runner.num_microbatches(config.batch_size, config.microbatch_size)
   start = time.perf_counter()
   compiled = step_fn.lower(holder["state"], device_data, runner.split_batch(order.indices(0)),
                            positions, key).compile()
@@ -248,8 +241,11 @@ def _per_program(runner: Runner) -> int:
   return runner.num_devices if runner.mode == "pmap" else 1
 
 
-def compile_times(config: ExperimentConfig) -> dict[str, float]:
-  """Training-step compile time: cold, then from a fresh persistent compilation cache."""
+def compile_times(config: ExperimentConfig, passes: int) -> dict[str, float]:
+  """Training-step compile time: cold, then from a fresh persistent compilation cache.
+
+  Compiled for one device, with the `passes` per step that the config has on its own.
+  """
   code = (
       "import sys, time, json, jax, numpy as np, functools\n"
       "cache = sys.argv[1]\n"
@@ -261,7 +257,7 @@ def compile_times(config: ExperimentConfig) -> dict[str, float]:
       "config = validate(json.loads(sys.argv[2]))\n"
       "print(json.dumps(benchmark.time_one_compile(config)))\n")
   with tempfile.TemporaryDirectory() as cache:
-    as_json = json.dumps(_config_json(config))
+    as_json = json.dumps(_one_device_json(config, passes))
     runs = []
     for _ in range(2):
       done = subprocess.run([sys.executable, "-c", code, cache, as_json], capture_output=True,
@@ -273,12 +269,9 @@ def compile_times(config: ExperimentConfig) -> dict[str, float]:
           "compile_cached_seconds": runs[1]["seconds"]}
 
 
-def _config_json(config: ExperimentConfig) -> dict:
-  """The config on one device, with the passes per step it has on its own devices."""
+def _one_device_json(config: ExperimentConfig, passes: int) -> dict:
   import dataclasses
 
-  runner = Runner(choose_mode(config.parallel))
-  passes = runner.num_microbatches(config.batch_size, config.microbatch_size)
   return dataclasses.asdict(dataclasses.replace(
       config, parallel="jit", microbatch_size=config.batch_size // passes))
 
@@ -335,9 +328,9 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
       "microbatch_size": config.microbatch_size,
       "eval_batch_size": config.eval_batch_size,
   }
-  result.update(measure_steps(config, peak, steps_per_window, windows))
   runner = Runner(choose_mode(config.parallel))
-  passes = runner.num_microbatches(config.batch_size, config.microbatch_size)
+  passes = train.passes_per_step(config, runner)
+  result.update(measure_steps(config, runner, peak, steps_per_window, windows))
   result.update(matmul_only_speed(config.model, config.batch_size // passes,
                                   config.eval_batch_size, peak, runner))
   result["matmul_peak_flops"] = statistics.median(peak.measured)
@@ -348,7 +341,7 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
                                         * result[f"{key}_flops_per_image"]
                                         / result["matmul_peak_flops"])
   if with_compile_times:
-    result.update(compile_times(config))
+    result.update(compile_times(config, passes))
   result["peak_rss_megabytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   return result
 

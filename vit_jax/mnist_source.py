@@ -273,7 +273,7 @@ def _write_array_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> No
     with os.fdopen(fd, "wb") as f:
       np.savez(f, images=images, labels=labels)
     os.replace(partial, path)
-  except BaseException as e:  # an interrupted write leaves no partial file behind either
+  except OSError:
+    pass
+  finally:  # a failed or interrupted write leaves no partial file behind
     Path(partial).unlink(missing_ok=True)
-    if not isinstance(e, OSError):
-      raise

@@ -159,6 +159,16 @@ def _train_on_indices(state, data, indices, positions, rng, *, config: Experimen
                     num_microbatches=num_microbatches, axis_name=axis_name)
 
 
+def passes_per_step(config: ExperimentConfig, runner: Runner) -> int:
+  """Micro-batch passes per training step, after checking that the devices share both batches.
+
+  Raises a one-line ValueError naming the config field that they cannot share.
+  """
+  runner.check_batch_size("batch_size", config.batch_size)
+  runner.check_batch_size("eval_batch_size", config.eval_batch_size)
+  return runner.num_microbatches(config.batch_size, config.microbatch_size)
+
+
 def compile_train_step(config: ExperimentConfig, runner: Runner):
   """`_train_on_indices` for `runner`: (state, data, indices, positions, rng) -> (state, metrics).
 
@@ -166,7 +176,7 @@ def compile_train_step(config: ExperimentConfig, runner: Runner):
   """
   step = functools.partial(
       _train_on_indices, config=config,
-      num_microbatches=runner.num_microbatches(config.batch_size, config.microbatch_size))
+      num_microbatches=passes_per_step(config, runner))
   return runner.compile(step, in_axes=(0, 0, 0, 0, None), donate_argnums=(0,))
 
 
@@ -236,9 +246,7 @@ def train_and_evaluate(config: Any, workdir: str | Path,
   """
   config = validate(config)
   runner = Runner(choose_mode(config.parallel))
-  runner.check_batch_size("batch_size", config.batch_size)
-  runner.check_batch_size("eval_batch_size", config.eval_batch_size)
-  runner.num_microbatches(config.batch_size, config.microbatch_size)  # refused here, not later
+  passes_per_step(config, runner)  # batches the devices cannot share are refused here
   workdir = prepare_workdir(workdir)
   main = runner.is_main_process  # with several processes, process 0 owns the workdir's files
   with WorkdirLock(workdir) if main else contextlib.nullcontext():
