@@ -236,6 +236,26 @@ def test_microbatched_step_gives_the_gradient_of_the_whole_batch(mnist, label_sm
     np.testing.assert_allclose(metrics["accuracy"], expected_accuracy)
 
 
+def test_mean_over_devices_is_each_leafs_pmean_in_one_all_reduce():
+  n = jax.local_device_count()
+  tree = {"kernel": jnp.arange(n * 6, dtype=jnp.float32).reshape(n, 2, 3) ** 2,
+          "bias": -jnp.arange(n, dtype=jnp.float32), "loss": jnp.arange(n) / 3}
+  mean = jax.pmap(lambda t: train.mean_over_devices(t, "d"), axis_name="d")
+  per_leaf = jax.pmap(lambda t: jax.lax.pmean(t, "d"), axis_name="d")
+  got, expected = mean(tree), per_leaf(tree)
+  for key in tree:
+    assert got[key].shape == tree[key].shape and got[key].dtype == jnp.float32, key
+    np.testing.assert_allclose(got[key], expected[key], rtol=1e-6, err_msg=key)
+  # The point of it: one all-reduce of one array, where XLA makes a per-leaf pmean into one
+  # all-reduce of a tuple of arrays (which the CPU runtime synchronises array by array).
+  def all_reduce_results(fn):
+    return [line.split(" = ")[1].split(" all-reduce(")[0]
+            for line in fn.lower(tree).compile().as_text().splitlines() if " all-reduce(" in line]
+
+  assert all_reduce_results(mean) == ["f32[8]{0}"]  # 6 + 1 + 1 floats per device
+  assert all_reduce_results(per_leaf)[0].startswith("(")
+
+
 def test_workdir_that_is_a_file_is_refused(tmp_path, mnist):
   (tmp_path / "file").write_text("")
   with pytest.raises(ValueError, match="workdir=.*file.* is a file, not a folder"):

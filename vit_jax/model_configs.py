@@ -23,8 +23,11 @@ class ModelConfig:
   stay float32, every matrix product takes bfloat16 operands and accumulates in float32
   (`attention.products`). It leaves the parameter count alone. It pays on hardware with
   bfloat16 matmul units (GPUs, TPUs, CPUs with AVX-512 BF16 or AMX); elsewhere XLA may
-  emulate the products, slower than float32. Forward-mode autodiff (`jax.jvp`) needs
-  float32.
+  emulate the products, slower than float32.
+
+  The model differentiates in reverse mode only (`jax.grad`, also of `jax.grad`), not in
+  forward mode (`jax.jvp`, `jax.jacfwd`): LayerNorm's gradient is written out by hand
+  (`vit_jax.layer_norm`), as are the low-precision products'.
   """
   patch_size: int
   hidden_size: int

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax import attention as A
+from vit_jax.layer_norm import standardize
 from vit_jax.model_configs import ModelConfig
 
 
@@ -37,6 +38,22 @@ class Linear(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
     return self.projection(x, kernel, bias, self.compute_dtype)
+
+
+class LayerNorm(nn.Module):
+  """`layer_norm.standardize`, then a learned per-feature scale and bias: (..., D) -> (..., D).
+
+  The parameters and their initial values are those of `flax.linen.LayerNorm` (`scale`
+  ones, `bias` zeros, epsilon 1e-6); the gradient is written out (`layer_norm`).
+  """
+  epsilon: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (width,))
+    bias = self.param("bias", nn.initializers.zeros, (width,))
+    return standardize(x, self.epsilon) * scale + bias
 
 
 class PatchEmbedding(nn.Module):
@@ -105,11 +122,11 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     c = self.config
-    y = nn.LayerNorm(name="norm1")(x)
+    y = LayerNorm(name="norm1")(x)
     y = MultiHeadSelfAttention(c.num_heads, c.qkv, c.qkv_bias, c.compute_dtype,
                                name="attention")(y)
     x = x + nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
-    y = nn.LayerNorm(name="norm2")(x)
+    y = LayerNorm(name="norm2")(x)
     return x + MlpBlock(c.mlp_dim, c.dropout_rate, c.compute_dtype, name="mlp")(y, deterministic)
 
 
@@ -121,7 +138,7 @@ class Encoder(nn.Module):
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     for i in range(self.config.num_layers):
       x = EncoderBlock(self.config, name=f"block{i}")(x, deterministic)
-    return nn.LayerNorm(name="norm")(x)
+    return LayerNorm(name="norm")(x)
 
 
 class ViT(nn.Module):
