@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -102,6 +104,37 @@ def test_resume_gives_identical_parameters(tmp_path, mnist, monkeypatch):
   jax.tree_util.tree_map(np.testing.assert_array_equal, straight, resumed)
   # The resumed run logged steps 17..32 once more, with the straight run's losses.
   assert read_losses(tmp_path / "resumed")[-16:] == read_losses(tmp_path / "straight")[-16:]
+
+
+EVALUATE_MANY_TIMES = """
+import numpy as np
+from vit_jax import train
+from vit_jax.experiment_config import ExperimentConfig
+from vit_jax.model_configs import get_model_config
+from vit_jax.parallel import Runner
+runner = Runner("pmap")
+n = 4096
+rng = np.random.default_rng(0)
+data = runner.replicate({"image": rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+                         "label": rng.integers(0, 10, n).astype(np.int32)})
+config = ExperimentConfig(model=get_model_config("testing"), parallel="pmap")
+state = runner.replicate(train.create_train_state(config, total_steps=10))
+evaluate = train.Evaluator(runner, data, n, 16, "mnist")
+for _ in range(30):
+  result = evaluate(state)
+print("accuracy", result["eval_accuracy"])
+"""
+
+
+@pytest.mark.slow
+def test_evaluating_over_8_devices_again_and_again_does_not_hang():
+  # With every batch of an evaluation in flight at once, this hung within seconds and XLA
+  # aborted the process after 40 s. Its own process, so that a hang cannot take pytest down.
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  done = subprocess.run([sys.executable, "-c", EVALUATE_MANY_TIMES], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=150)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "accuracy" in done.stdout
 
 
 @pytest.mark.slow
