@@ -43,8 +43,8 @@ def test_matmul_only_step_does_the_models_matmul_work(qkv, compute_dtype):
                                                      ("pmap", 16)])
 def test_benchmark_runs_and_counts_flops_like_xla(parallel, microbatch_size):
   # 32 examples per device: XLA counts the per-device work that is not the model's (the
-  # optimizer; the gradients' division, which it counts once per leaf for every element of
-  # the flat buffer that `train.mean_over_devices` concatenates) per device, not per image.
+  # optimizer; the flat buffer that `train.mean_over_devices` concatenates and slices, which
+  # it apparently charges by the buffer's size for every array) per device, not per image.
   config = ExperimentConfig(model=get_model_config("seed", num_layers=2), batch_size=256,
                             microbatch_size=microbatch_size, eval_batch_size=64,
                             parallel=parallel)

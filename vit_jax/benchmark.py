@@ -219,8 +219,7 @@ def measure_steps(config: ExperimentConfig, runner: Runner, peak: MatmulPeak,
   eval_compiled = evaluate.step.lower(
       holder["state"], device_data,
       runner.split_batch(np.arange(config.eval_batch_size, dtype=np.int32)),
-      runner.split_batch(np.ones(config.eval_batch_size, bool)),
-      evaluate.zero_totals()).compile()
+      runner.split_batch(np.ones(config.eval_batch_size, bool))).compile()
   xla_train, xla_eval = _xla_flops(compiled), _xla_flops(eval_compiled)
   return {
       "parallel": runner.mode,

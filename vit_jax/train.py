@@ -192,12 +192,11 @@ def compile_train_step(config: ExperimentConfig, runner: Runner):
   return runner.compile(step, in_axes=(0, 0, 0, 0, None), donate_argnums=(0,))
 
 
-def _eval_on_indices(state, data, indices, mask, totals, *, dataset: str, axis_name):
-  """`totals` plus `eval_step`'s sums over the batch that `indices` picks from `data`."""
+def _eval_on_indices(state, data, indices, mask, *, dataset: str, axis_name):
   spec = mnist_source.dataset_spec(dataset)
   batch = {"image": input_pipeline.normalize(data["image"][indices], spec.mean, spec.std),
            "label": data["label"][indices], "mask": mask}
-  return jax.tree_util.tree_map(jnp.add, totals, eval_step(state, batch, axis_name=axis_name))
+  return eval_step(state, batch, axis_name=axis_name)
 
 
 @dataclasses.dataclass
@@ -211,24 +210,20 @@ class Evaluator:
 
   def __post_init__(self):
     self.step = self.runner.compile(
-        functools.partial(_eval_on_indices, dataset=self.dataset), in_axes=(0, 0, 0, 0, 0))
-
-  def zero_totals(self):
-    """The step's running sums before the first batch, on every device."""
-    return self.runner.replicate({k: np.float32(0) for k in ("loss", "correct", "count")})
+        functools.partial(_eval_on_indices, dataset=self.dataset), in_axes=(0, 0, 0, 0))
 
   def __call__(self, state) -> dict[str, float]:
-    # One batch at a time, each finished on every device before the next is dispatched:
-    # with several batches in flight (each has an all-reduce), XLA's CPU devices waited on
-    # each other until XLA aborted the process (a two-device run; reproduced with eight,
-    # tests/test_train.py). The totals stay on the devices until the end.
-    totals = self.zero_totals()
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     for indices, mask in input_pipeline.eval_indices(self.num_examples, self.batch_size):
-      totals = jax.block_until_ready(self.step(
-          state, self.data, self.runner.split_batch(indices), self.runner.split_batch(mask),
-          totals))
-    totals = self.runner.unreplicate(totals)
-    totals = {k: float(v) for k, v in totals.items()}
+      # Each batch finished on every device (not only the first, whose sums are read) before
+      # the next is dispatched: with several batches in flight (each has an all-reduce),
+      # XLA's CPU devices waited on each other until XLA aborted the process (a two-device
+      # run; reproduced with eight, tests/test_train.py).
+      sums = jax.block_until_ready(self.step(state, self.data, self.runner.split_batch(indices),
+                                             self.runner.split_batch(mask)))
+      sums = self.runner.unreplicate(sums)
+      for k in totals:
+        totals[k] += float(sums[k])
     assert int(totals["count"]) == self.num_examples, totals
     return {"eval_loss": totals["loss"] / totals["count"],
             "eval_accuracy": totals["correct"] / totals["count"]}
