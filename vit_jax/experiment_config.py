@@ -32,7 +32,8 @@ class ExperimentConfig:
   # than a device's share of the batch: the whole share in one pass; otherwise it must
   # divide batch_size / devices. Smaller passes keep the activations in CPU caches; the
   # step sums the passes' gradients (lax.scan), so the update is the same up to float
-  # rounding (with dropout, each pass draws its own masks).
+  # rounding (with dropout, each pass draws its own masks). A flag cannot write None:
+  # `--config.microbatch_size=<batch_size>` gives the one pass.
   microbatch_size: int | None = None
   num_epochs: float = 5.0
   learning_rate: float = 1e-3
