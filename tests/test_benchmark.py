@@ -25,6 +25,23 @@ def test_forward_flops_by_hand_for_the_testing_config():
   assert benchmark.train_flops(c) == 3 * 113_536
 
 
+@pytest.mark.parametrize("platform,size", [("cpu", 2048), ("gpu", 8192), ("tpu", 8192)])
+def test_the_peak_probe_is_large_enough_for_the_platform(platform, size):
+  # A 2048 product takes microseconds on an accelerator: its launch, not the chip, would
+  # set the "peak", and every MFU would be overstated.
+  assert benchmark.peak_matmul_size(platform) == size
+
+
+def test_the_peak_probe_times_its_own_product():
+  peak = benchmark.MatmulPeak("float32", size=256)
+  assert peak.size == 256 and peak.flops == 2 * 256**3
+  peak.probe()
+  peak.probe()
+  assert len(peak.measured) == 2 and all(f > 0 for f in peak.measured)
+  assert benchmark.MatmulPeak("float32").size == benchmark.peak_matmul_size(
+      jax.devices()[0].platform)
+
+
 @pytest.mark.parametrize("qkv,compute_dtype", [
     ("fused", "float32"), ("identity", "float32"), ("fused", "bfloat16")])
 def test_matmul_only_step_does_the_models_matmul_work(qkv, compute_dtype):
@@ -55,6 +72,8 @@ def test_benchmark_runs_and_counts_flops_like_xla(parallel, microbatch_size):
     assert abs(xla - ours) / ours < FLOP_TOLERANCE, (key, ours, xla)
     assert result[f"{key}_images_per_sec"] > 0 and result[f"{key}_mfu"] > 0
   assert result["matmul_peak_flops"] > 0 and result["peak_rss_megabytes"] > 0
+  assert result["matmul_peak_size"] == 2048  # the CPU's probe
+  assert "device_peak_memory_megabytes" not in result  # a CPU's memory is the process's
   assert result["matmul_only_train_mfu"] > 0 and result["matmul_only_eval_mfu"] > 0
   if parallel == "jit":
     assert result["compile_cold_seconds"] > 0 and result["compile_cached_seconds"] > 0
@@ -68,12 +87,13 @@ def test_benchmark_command_writes_json(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "vit_jax.benchmark", "--config=experiments/tiny.py", "--windows=1",
        "--steps_per_window=1", "--nocompile_times", "--config.model.compute_dtype=bfloat16",
-       f"--out={out}"],
+       "--peak_matmul_size=512", f"--out={out}"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "| train_images_per_sec |" in result.stdout
   written = json.loads(out.read_text())
   assert written["batch_size"] == 128 and written["compute_dtype"] == "bfloat16"
+  assert written["matmul_peak_size"] == 512
 
 
 @pytest.mark.slow
@@ -87,3 +107,20 @@ def test_time_to_accuracy_reads_a_real_run(tmp_path, tfds_dir):
   assert 0 < result["seconds_to_0.05"] < 300
   assert result["seconds_to_0.999"] is None and result["step_at_0.999"] is None
   assert 0 < result["final_accuracy"] <= 1
+
+
+@pytest.mark.slow
+def test_the_accelerator_script_runs_here_too(tmp_path):
+  # experiments/gpu_benchmark.sh is what a session with a lent GPU runs at once: it must not
+  # rot where no GPU is. Tiny settings; the time-to-accuracy run is tested above.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(CONFIG="experiments/tiny.py", BATCHES="32", DTYPES="bfloat16", WINDOWS="1",
+             TTA_CONFIG="", PYTHON=sys.executable)
+  out = tmp_path / "out"
+  result = subprocess.run(["bash", "experiments/gpu_benchmark.sh", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  written = json.loads((out / "tiny_bfloat16_b32.json").read_text())
+  assert written["batch_size"] == 32 and written["compute_dtype"] == "bfloat16"
+  assert written["train_mfu"] > 0
+  assert "== done" in (out / "gpu_benchmark.log").read_text()

@@ -12,7 +12,7 @@ Reports, for the config's model and global batch:
 - training and evaluation images/s (median over timed windows after warm-up) and
   the share of the peak they achieve (MFU, against the median of the peak's probes);
 - compile time of the training step, cold and from the persistent compilation cache;
-- peak resident memory;
+- peak resident memory of the process, and on accelerators the device's peak memory;
 - optionally, time to accuracy: wall time from starting `launch.py` until the test
   accuracy first reaches each target.
 Speed goals live here, never in timed tests.
@@ -63,6 +63,16 @@ def train_flops(c: ModelConfig) -> int:
 
 # --- Measurements ----------------------------------------------------------------------
 
+def peak_matmul_size(platform: str) -> int:
+  """Side of the square matmul that probes the peak: large enough to reach it there.
+
+  2048 on a CPU (about 0.1 s a product on the project's 2-core machines); 8192 on a GPU or
+  TPU, where a 2048 product (a few microseconds) would time the launch, not the chip (an
+  H200 runs 8192-cubed bfloat16 products at about 790 TFLOP/s).
+  """
+  return 2048 if platform == "cpu" else 8192
+
+
 class MatmulPeak:
   """FLOP/s of a large square matmul on the default device: the machine's peak.
 
@@ -72,7 +82,9 @@ class MatmulPeak:
   the model computes its own.
   """
 
-  def __init__(self, compute_dtype: str = "float32", size: int = 2048):
+  def __init__(self, compute_dtype: str = "float32", size: int | None = None):
+    size = size or peak_matmul_size(jax.devices()[0].platform)
+    self.size = size
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
     self.a, self.b = a.astype(compute_dtype), b.astype(compute_dtype)  # rounded once
@@ -314,10 +326,13 @@ def time_to_accuracy(config_path: str, overrides: list[str], targets: list[float
 
 
 def run(config: Any, windows: int = 5, steps_per_window: int = 10,
-        with_compile_times: bool = True) -> dict[str, Any]:
-  """Every measurement except time to accuracy, as one JSON-able dict."""
+        with_compile_times: bool = True, peak_size: int | None = None) -> dict[str, Any]:
+  """Every measurement except time to accuracy, as one JSON-able dict.
+
+  `peak_size`: the side of the peak's matmul; None: `peak_matmul_size` of the platform.
+  """
   config = validate(config)
-  peak = MatmulPeak(config.model.compute_dtype)
+  peak = MatmulPeak(config.model.compute_dtype, peak_size)
   result: dict[str, Any] = {
       "date": time.strftime("%Y-%m-%d"),
       "device": jax.devices()[0].device_kind,
@@ -333,6 +348,7 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
   result.update(measure_steps(config, runner, peak, steps_per_window, windows))
   result.update(matmul_only_speed(config.model, config.batch_size // passes,
                                   config.eval_batch_size, peak, runner))
+  result["matmul_peak_size"] = peak.size
   result["matmul_peak_flops"] = statistics.median(peak.measured)
   result["matmul_peak_flops_range"] = [min(peak.measured), max(peak.measured)]
   for measured in ("", "matmul_only_"):
@@ -343,7 +359,17 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
   if with_compile_times:
     result.update(compile_times(config, passes))
   result["peak_rss_megabytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  device_peak = device_peak_bytes()
+  if device_peak is not None:
+    result["device_peak_memory_megabytes"] = device_peak / 2**20
   return result
+
+
+def device_peak_bytes() -> int | None:
+  """The most memory the first device has held in this process (GPU, TPU); None on a CPU,
+  whose memory is the process's own (`peak_rss_megabytes`)."""
+  stats = jax.devices()[0].memory_stats()
+  return stats.get("peak_bytes_in_use") if stats else None
 
 
 def table(result: dict[str, Any]) -> str:
@@ -364,7 +390,7 @@ def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)
   config_flags_value = flags.FLAGS.config
   result = run(config_flags_value, flags.FLAGS.windows, flags.FLAGS.steps_per_window,
-               flags.FLAGS.compile_times)
+               flags.FLAGS.compile_times, flags.FLAGS.peak_matmul_size or None)
   targets = [float(t) for t in flags.FLAGS.time_to_accuracy]
   if targets:
     with tempfile.TemporaryDirectory() as workdir:
@@ -392,6 +418,8 @@ def _define_flags():
   flags.DEFINE_integer("eval_every_steps", 100, "Evaluation interval of the timed run.")
   flags.DEFINE_list("launch_flags", [], "Extra launch.py flags for the timed run, e.g. "
                     "--cpu_devices=2.")
+  flags.DEFINE_integer("peak_matmul_size", 0, "Side of the square matmul that probes the "
+                       "peak (0: 2048 on a CPU, 8192 on a GPU or TPU).", lower_bound=0)
   flags.DEFINE_string("out", None, "Write the results here as JSON.")
 
 
