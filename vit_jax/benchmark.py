@@ -12,7 +12,9 @@ Reports, for the config's model and global batch:
 - training and evaluation images/s (median over timed windows after warm-up) and
   the share of the peak they achieve (MFU, against the median of the peak's probes);
 - compile time of the training step, cold and from the persistent compilation cache;
-- peak resident memory of the process, and on accelerators the device's peak memory;
+- peak resident memory of the process, and the training step's peak on one device as
+  XLA's buffer assignment plans it (the step alone: on an accelerator the process's
+  device memory also holds the peak's probe);
 - optionally, time to accuracy: wall time from starting `launch.py` until the test
   accuracy first reaches each target.
 Speed goals live here, never in timed tests.
@@ -233,12 +235,15 @@ def measure_steps(config: ExperimentConfig, runner: Runner, peak: MatmulPeak,
       runner.split_batch(np.arange(config.eval_batch_size, dtype=np.int32)),
       runner.split_batch(np.ones(config.eval_batch_size, bool))).compile()
   xla_train, xla_eval = _xla_flops(compiled), _xla_flops(eval_compiled)
+  memory = compiled.memory_analysis()
   return {
       "parallel": runner.mode,
       "devices": runner.num_devices,
       "train_images_per_sec": train_speed,
       "eval_images_per_sec": eval_speed,
       "train_step_compile_seconds": compile_seconds,
+      # Parameters, optimizer state, the device's copy of the data, activations, gradients.
+      "train_step_peak_megabytes": memory and memory.peak_memory_in_bytes / 2**20,
       # XLA counts a pmap-ed program once, for one device's share of the batch, and a
       # loop's body once, for one of the step's micro-batch passes (so the work outside
       # the loop, gather and optimizer, about 0.5 %, is counted once per pass here).
@@ -359,17 +364,7 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
   if with_compile_times:
     result.update(compile_times(config, passes))
   result["peak_rss_megabytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  device_peak = device_peak_bytes()
-  if device_peak is not None:
-    result["device_peak_memory_megabytes"] = device_peak / 2**20
   return result
-
-
-def device_peak_bytes() -> int | None:
-  """The most memory the first device has held in this process (GPU, TPU); None on a CPU,
-  whose memory is the process's own (`peak_rss_megabytes`)."""
-  stats = jax.devices()[0].memory_stats()
-  return stats.get("peak_bytes_in_use") if stats else None
 
 
 def table(result: dict[str, Any]) -> str:
