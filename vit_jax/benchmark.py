@@ -85,7 +85,8 @@ class MatmulPeak:
   """
 
   def __init__(self, compute_dtype: str = "float32", size: int | None = None):
-    size = size or peak_matmul_size(jax.devices()[0].platform)
+    if size is None:
+      size = peak_matmul_size(jax.devices()[0].platform)
     self.size = size
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
     b = jax.random.normal(jax.random.PRNGKey(1), (size, size), jnp.float32)
