@@ -26,7 +26,10 @@ class ExperimentConfig:
   idx_dir: str | None = "auto"
   # Train on the first N training examples only (None: all 60,000).
   train_examples: int | None = None
+  # The parameters' initialisation, the data order, the augmentation and dropout all
+  # derive from (seed, step).
   seed: int = 0
+  # The global batch: one optimizer update, shared by all devices.
   batch_size: int = 128
   # Training examples per device in one forward/backward pass. None, or a value not less
   # than a device's share of the batch: the whole share in one pass; otherwise it must
@@ -35,21 +38,30 @@ class ExperimentConfig:
   # rounding (with dropout, each pass draws its own masks). A flag cannot write None:
   # `--config.microbatch_size=<batch_size>` gives the one pass.
   microbatch_size: int | None = None
+  # Passes over the training set (fractions allowed); the steps are rounded up.
   num_epochs: float = 5.0
+  # AdamW's peak learning rate, reached by a linear warm-up over warmup_steps and then
+  # decayed to 0 along a cosine by the last step. weight_decay is AdamW's decoupled decay.
   learning_rate: float = 1e-3
   warmup_steps: int = 200
   weight_decay: float = 0.05
+  # The gradient is rescaled to this global norm when larger.
   grad_clip_norm: float = 1.0
+  # The share of each one-hot target spread evenly over the classes.
   label_smoothing: float = 0.0
   # Random translation of up to this many pixels in each direction (0: none).
   augment_max_shift: int = 2
+  # Test images per evaluation batch, shared by all devices.
   eval_batch_size: int = 1000
   # 'auto' uses pmap when JAX sees more than one local device, else jit; 'shard' is
   # jit over a device mesh with the batch sharded (see vit_jax/parallel.py).
   parallel: Literal["auto", "jit", "pmap", "shard"] = "auto"
+  # Training loss, accuracy and images/s are logged every log_every_steps steps.
   log_every_steps: int = 50
   # 0: evaluate at the end only.
   eval_every_steps: int = 0
+  # A checkpoint every checkpoint_every_steps steps and at the end; the newest
+  # keep_checkpoints stay.
   checkpoint_every_steps: int = 500
   keep_checkpoints: int = 3
 
