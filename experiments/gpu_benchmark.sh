@@ -14,19 +14,21 @@
 # experiments/mnist.py), BATCHES (default "128 8192"), DTYPES (default "bfloat16 float32"),
 # WINDOWS (default 5), TTA_CONFIG (default experiments/mnist_fast.py: its time to 98 % and
 # 99 % in mixed precision; empty skips it), TTA_FLAGS (more --config.x=y for that run, e.g.
-# --config.idx_dir=DIR), PYTHON (default python3). Time to accuracy trains on real MNIST
-# through TFDS: it is skipped where TensorFlow or tensorflow-datasets is not importable, and
-# it fails (reported at the end) where neither the IDX files nor a prepared TFDS dir is there.
+# --config.idx_dir=DIR), GPU_TFDS (default .gpu_tfds: where that folder exists, the run
+# reads MNIST from it unless TTA_FLAGS names a tfds_data_dir), PYTHON (default python3). Time to accuracy trains on
+# real MNIST through TFDS: it is skipped where tensorflow-datasets is not importable, and it
+# fails (reported at the end) where neither a prepared TFDS dir nor, with TensorFlow to build
+# one, the IDX files are there.
 #
 # On a machine without this project's virtual environment (a lent H200 has JAX, Flax, Optax,
-# Orbax, chex and TensorBoard, but not ml_collections), carry ml_collections as a wheel:
-#   here:  echo /.whl/ >> .git/info/exclude && python3 -m pip download --no-deps \
-#            --only-binary=:all: --python-version 3.12 -d .whl ml_collections==1.1.0
-#   there, with .whl named in the run's carry:
-#          python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
-#            && export PYTHONPATH=/tmp/site && bash experiments/gpu_benchmark.sh "$OUT"
+# Orbax, chex and TensorBoard, but neither ml_collections nor TensorFlow nor TFDS), run
+# experiments/gpu_prepare.sh here first, carry the .whl and .gpu_tfds it writes, and there:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+#       --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site \
+#       && bash experiments/gpu_benchmark.sh "$OUT"
 set -euo pipefail
 out="$(realpath -m "${1:-${OUT:-gpu_results}}")"  # before the cd: relative to the caller
+gpu_tfds="$(realpath -m "${GPU_TFDS:-$(dirname "$0")/../.gpu_tfds}")"
 cd "$(dirname "$0")/.."
 config="${CONFIG:-experiments/mnist.py}"
 read -ra batches <<<"${BATCHES:-128 8192}"
@@ -34,6 +36,9 @@ read -ra dtypes <<<"${DTYPES:-bfloat16 float32}"
 windows="${WINDOWS:-5}"
 tta_config="${TTA_CONFIG-experiments/mnist_fast.py}"
 read -ra tta_flags <<<"${TTA_FLAGS:-}"
+if [[ -d "$gpu_tfds" && "${TTA_FLAGS:-}" != *tfds_data_dir* ]]; then
+  tta_flags+=("--config.tfds_data_dir=$gpu_tfds")
+fi
 python="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1  # the log keeps its order, and a killed run keeps its output
 mkdir -p "$out"
@@ -65,7 +70,7 @@ main() {
   done
 
   if [[ -n "$tta_config" ]]; then
-    if "$python" -c "import tensorflow, tensorflow_datasets" 2>/dev/null; then
+    if "$python" -c "import tensorflow_datasets" 2>/dev/null; then
       echo "== time to accuracy: $tta_config, bfloat16"
       "$python" -m vit_jax.benchmark --config="$tta_config" \
         --config.model.compute_dtype=bfloat16 --config.microbatch_size=128 \
@@ -74,7 +79,7 @@ main() {
         --out="$out/$(basename "$tta_config" .py)_bfloat16_time_to_accuracy.json" \
         || failed+=("time to accuracy")
     else
-      echo "== time to accuracy skipped: tensorflow and tensorflow_datasets are not importable"
+      echo "== time to accuracy skipped: tensorflow_datasets is not importable"
     fi
   fi
   if (( ${#failed[@]} )); then

@@ -109,7 +109,8 @@ def test_time_to_accuracy_reads_a_real_run(tmp_path, tfds_dir):
 def _accelerator_script(out, **env_vars):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env.update(CONFIG="experiments/tiny.py", BATCHES="32", WINDOWS="1", TTA_CONFIG="",
-             PYTHON=sys.executable, **env_vars)
+             PYTHON=sys.executable)
+  env.update(env_vars)
   return subprocess.run(["bash", "experiments/gpu_benchmark.sh", str(out)], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=300)
 
@@ -128,6 +129,37 @@ def test_the_accelerator_script_runs_here_too_and_reports_what_failed(tmp_path):
   assert written["batch_size"] == 32 and written["compute_dtype"] == "bfloat16"
   assert written["train_mfu"] > 0
   assert not (out / "tiny_float64_b32.json").exists()
+
+
+@pytest.mark.slow
+def test_the_accelerator_script_times_accuracy_from_a_prepared_dataset_without_tensorflow(
+    tmp_path, tfds_dir):
+  # A lent GPU machine has no TensorFlow: gpu_prepare.sh exports MNIST's decoded arrays, and
+  # the time-to-accuracy run must read them through TFDS alone. Here TensorFlow is hidden, and
+  # TFDS's default data dir is empty, so any other way to the data fails.
+  prepared = tmp_path / "gpu_tfds"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(WHEELS="0", TFDS_DATA_DIR=tfds_dir, GPU_TFDS=str(prepared), PYTHON=sys.executable)
+  made = subprocess.run(["bash", "experiments/gpu_prepare.sh"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert made.returncode == 0, made.stderr[-3000:]
+  hidden = tmp_path / "no_tensorflow" / "tensorflow"
+  hidden.mkdir(parents=True)
+  (hidden / "__init__.py").write_text('raise ImportError("no TensorFlow here")\n')
+  empty = tmp_path / "empty_tfds"
+  empty.mkdir()
+  out = tmp_path / "out"
+  result = _accelerator_script(
+      out, BATCHES=" ", ALLOW_CPU="1", GPU_TFDS=str(prepared), TFDS_DATA_DIR=str(empty),
+      TTA_CONFIG="experiments/tiny.py",
+      TTA_FLAGS="--config.train_examples=1024 --config.num_epochs=1",
+      PYTHONPATH=os.pathsep.join(filter(None, [str(hidden.parent), os.environ.get("PYTHONPATH")])))
+  log = (out / "gpu_benchmark.log").read_text()
+  assert result.returncode == 0, log[-3000:]
+  written = json.loads((out / "tiny_bfloat16_time_to_accuracy.json").read_text())
+  assert written["compute_dtype"] == "bfloat16"
+  assert 0.1 < written["final_accuracy"] <= 1  # it learned from real digits
+  assert not list(empty.iterdir())
 
 
 def test_the_accelerator_script_refuses_a_cpu_unless_told(tmp_path):
