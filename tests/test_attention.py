@@ -108,6 +108,20 @@ def test_mask_blocks_what_it_should():
   np.testing.assert_allclose(A.attend(q, k, v2, mask)[0][:, :, 0], out[:, :, 0], atol=ATOL)
 
 
+def test_a_mask_broadcasts_over_examples_and_heads():
+  q, k = rand(3, 2, 5, 4), rand(3, 2, 5, 4, seed=1)
+  causal = np.tril(np.ones((5, 5), bool))
+  full = np.broadcast_to(causal, (3, 2, 5, 5))
+  np.testing.assert_array_equal(A.attention_weights(q, k, causal),
+                                A.attention_weights(q, k, full))
+  per_example = np.ones((3, 1, 5, 5), bool)
+  per_example[1, :, :, 3:] = False  # example 1 may not attend to keys 3 and 4
+  weights = np.asarray(A.attention_weights(q, k, per_example))
+  assert np.all(weights[1, :, :, 3:] == 0) and np.all(weights[[0, 2]] > 0)
+  with pytest.raises(ValueError, match="broadcast"):
+    A.attention_weights(q, k, np.ones((5, 4), bool))
+
+
 def test_project_out_matches_reference():
   x, w, b = rand(2, 5, 8), rand(8, 8, seed=1), rand(8, seed=2)
   np.testing.assert_allclose(A.project_out(x, w, b), x @ w + b, rtol=RTOL, atol=ATOL)
@@ -210,9 +224,12 @@ def test_bfloat16_gradients_multiply_bfloat16_operands_only():
 
 def test_float32_products_are_plain_einsum():
   a, b = rand(2, 5, 8), rand(8, 3, seed=1)
-  np.testing.assert_array_equal(A.products("bnd,de->bne", a, b),
-                                A.products("bnd,de->bne", a, b, np.float32))
-  np.testing.assert_allclose(A.products("bnd,de->bne", a, b), a @ b, rtol=RTOL, atol=ATOL)
+  for dtype in (None, np.float32):
+    np.testing.assert_allclose(A.products("bnd,de->bne", a, b, dtype), a @ b, rtol=RTOL,
+                               atol=ATOL)
+    # One plain product: no custom VJP (reverse-mode only) where float32 needs none.
+    jaxpr = jax.make_jaxpr(lambda a, b, d=dtype: A.products("bnd,de->bne", a, b, d))(a, b)
+    assert [e.primitive.name for e in jaxpr.jaxpr.eqns] == ["dot_general"], jaxpr
 
 
 def test_low_precision_products_reject_an_index_summed_in_one_operand():

@@ -38,7 +38,7 @@ def test_train_prints_progress_and_final_accuracy(trained):
   _, result, _ = trained
   assert "step 32/32" in result.stderr  # plain progress lines when not on a terminal
   assert "ETA" in result.stderr
-  assert 0.0 <= final_metrics(result.stdout)["accuracy"] <= 1.0
+  assert 0.2 < final_metrics(result.stdout)["accuracy"] <= 1.0  # 32 steps: past chance
 
 
 @pytest.mark.slow

@@ -190,9 +190,13 @@ def test_random_translate_is_per_example_not_per_batch_split():
   np.testing.assert_array_equal(whole, halves)
 
 
-def test_normalize_maps_mean_to_zero():
-  x = np.full((1, 28, 28, 1), round(0.1307 * 255), np.uint8)
-  assert abs(float(input_pipeline.normalize(x, 0.1307, 0.3081).mean())) < 0.01
+def test_normalize_maps_mean_to_zero_and_one_std_above_it_to_one():
+  levels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+  np.testing.assert_allclose(input_pipeline.normalize(levels, 0.1307, 0.3081),
+                             (levels / 255.0 - 0.1307) / 0.3081, rtol=1e-6, atol=1e-6)
+  at = np.array([0.1307, 0.1307 + 0.3081]) * 255  # the mean, and one std above it
+  np.testing.assert_allclose(input_pipeline.normalize(at, 0.1307, 0.3081),
+                             [0.0, 1.0], atol=1e-6)
 
 
 # --- User image files ------------------------------------------------------------------

@@ -63,6 +63,56 @@ def test_attention_rollout_rows_sum_to_one_and_identity_maps_give_identity():
                                                                               (2, 6, 6)))
 
 
+def test_attention_rollout_averages_heads_adds_the_residual_and_multiplies_last_first():
+  to_first = np.array([[1.0, 0.0], [1.0, 0.0]])  # every token attends to token 0
+  to_second = np.array([[0.0, 1.0], [0.0, 1.0]])  # every token attends to token 1
+  uniform = np.full((2, 2), 0.5)
+  # Layer 1's heads differ (their mean counts); layer 2 has `to_second` in both.
+  maps = np.array([[[to_first, uniform]], [[to_second, to_second]]])  # (L=2, B=1, H=2, 2, 2)
+  layer_1 = (0.5 * (to_first + uniform) + np.eye(2)) / 2  # rows of A + I sum to 2
+  layer_2 = (to_second + np.eye(2)) / 2
+  expected = layer_2 @ layer_1  # the last layer's mixing applied to the first's
+  np.testing.assert_allclose(analysis.attention_rollout(maps)[0], expected)
+  assert not np.allclose(expected, layer_1 @ layer_2)  # the order is visible here
+
+
+def test_query_attention_is_the_class_token_s_row_or_the_mean_over_queries():
+  maps = np.ones((1, 1, 1, 5, 5))  # every query puts 1 on every key ...
+  maps[..., 0, :] = [0.0, 0.1, 0.2, 0.3, 0.4]  # ... but the class token's own row
+  np.testing.assert_allclose(analysis.query_attention(maps, "token")[0, 0, 0],
+                             [0.1, 0.2, 0.3, 0.4])
+  pooled = np.array([[1.0, 0, 0], [1, 0, 0], [0, 0, 1]])[None, None, None]  # rows: queries
+  np.testing.assert_allclose(analysis.query_attention(pooled, "gap")[0, 0, 0],
+                             [2 / 3, 0, 1 / 3])
+
+
+def test_position_similarity_is_the_cosine_of_the_patches_embeddings():
+  patches = [[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0], [1.0, 1.0]]
+  pos = np.array([[[9.0, -9.0]] + patches])  # (1, class token + 4 patches, 2)
+  s = np.sqrt(0.5)
+  np.testing.assert_allclose(analysis.position_similarity(pos, 4), [[1, 0, -1, s],
+                                                                    [0, 1, 0, s],
+                                                                    [-1, 0, 1, -s],
+                                                                    [s, s, -s, 1]], atol=1e-12)
+
+
+def test_collect_attention_in_batches_equals_one_forward_pass():
+  state = train.create_train_state(ExperimentConfig(model=get_model_config("testing")), 10)
+  rng = np.random.default_rng(0)
+  head = {"kernel": rng.normal(size=(16, 10)).astype(np.float32),  # not the zeros of init
+          "bias": rng.normal(size=10).astype(np.float32)}
+  state = state.replace(params={**state.params, "head": head})
+  images = rng.integers(0, 256, (7, 28, 28, 1), dtype=np.uint8)
+  logits, maps = analysis.collect_attention(state, images, 0.1307, 0.3081, batch_size=3)
+  x = (images / 255.0 - 0.1307) / 0.3081
+  expected, variables = state.apply_fn({"params": state.params}, x.astype(np.float32),
+                                       mutable=["intermediates"])
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(maps, models.attention_maps(variables["intermediates"]),
+                             rtol=1e-5, atol=1e-6)
+  assert maps.shape == (1, 7, 2, 17, 17)
+
+
 # --- Sweep bookkeeping -----------------------------------------------------------------
 
 def test_plan_fixed_width_and_fixed_head_size():

@@ -301,6 +301,49 @@ def test_workdir_that_cannot_be_created_is_refused(tmp_path, mnist):
     train.train_and_evaluate(small_config(), tmp_path / "file" / "run", data=subset(mnist, 256))
 
 
+def reference_predictions(state, images, labels):
+  """Per-example loss, correctness and probabilities in float64 numpy, normalised by hand."""
+  x = (images.astype(np.float64) / 255.0 - 0.1307) / 0.3081
+  logits = np.asarray(state.apply_fn({"params": state.params}, jnp.asarray(x, jnp.float32)),
+                      np.float64)
+  log_probs = logits - logits.max(-1, keepdims=True)
+  log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+  loss = -log_probs[np.arange(len(labels)), labels]
+  return loss, logits.argmax(-1) == labels, np.exp(log_probs)
+
+
+def test_evaluation_counts_a_padded_last_batch_s_real_examples_only(mnist):
+  # 10 examples in batches of 4: the last batch is 2 examples and 2 paddings of example 0.
+  images, labels = mnist["test"]["image"][:10], mnist["test"]["label"][:10].copy()
+  state = train.create_train_state(small_config(), total_steps=10)
+  # Example 0 counted right, so that padding counted as examples would change the accuracy.
+  _, _, probabilities = reference_predictions(state, images, labels)
+  labels[0] = probabilities[0].argmax()
+  loss, correct, _ = reference_predictions(state, images, labels)
+  runner = Runner("jit")
+  evaluate = train.Evaluator(runner, runner.replicate({"image": images, "label": labels}),
+                             10, 4, "mnist")
+  result = evaluate(runner.replicate(state))
+  assert result["eval_accuracy"] == pytest.approx(correct.mean())
+  assert result["eval_loss"] == pytest.approx(loss.mean(), rel=1e-5)
+
+
+def test_predict_gives_the_checkpoint_s_probabilities(tmp_path, mnist):
+  config = small_config(num_epochs=0.25)
+  train.train_and_evaluate(config, tmp_path / "run", data=subset(mnist, 256))
+  images, labels = mnist["test"]["image"][:5], mnist["test"]["label"][:5]
+  _, _, expected = reference_predictions(train.restore_state(config, tmp_path / "run"),
+                                         images, labels)
+  np.testing.assert_allclose(train.predict(config, tmp_path / "run", images), expected,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_larger_than_the_training_data_is_refused(tmp_path, mnist):
+  with pytest.raises(ValueError, match=r"config.batch_size=64 exceeds the 32 training examples"):
+    train.train_and_evaluate(small_config(train_examples=None), tmp_path / "run",
+                             data=subset(mnist, 32))
+
+
 def test_eval_and_predict_need_a_checkpoint(tmp_path):
   with pytest.raises(ValueError, match="holds no readable checkpoint"):
     train.restore_state(small_config(), tmp_path)

@@ -67,7 +67,7 @@ def position_similarity(pos_embedding: np.ndarray, num_patches: int) -> np.ndarr
 
 
 def query_attention(maps: np.ndarray, classifier: str) -> np.ndarray:
-  """What the classifier reads: (L, B, H, N, N) -> (L, B, H, patches).
+  """What the classifier reads: (..., N, N) maps, e.g. (L, B, H, N, N) -> (..., patches).
 
   With a class token: its attention over the patches. With average pooling: the
   mean attention over all queries.

@@ -142,7 +142,7 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None,
   logits = products("bhqd,bhkd->bhqk", q, k, compute_dtype) / jnp.sqrt(head_dim)
   chex.assert_shape(logits, (batch, heads, tokens, tokens))
   if mask is not None:
-    chex.assert_rank(mask, 4)
+    mask = jnp.broadcast_to(mask, logits.shape)  # e.g. one (N, N) mask for every example
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1)
   chex.assert_shape(weights, (batch, heads, tokens, tokens))
@@ -190,7 +190,7 @@ def merge_heads(x: jax.Array) -> jax.Array:
 
 def project_out(x: jax.Array, kernel: jax.Array, bias: jax.Array,
                 compute_dtype=None) -> jax.Array:
-  """The output projection `to_out`: (B, N, D) -> (B, N, D), with bias."""
+  """The output projection `to_out`: x (B, N, D) @ kernel (D, D) + bias (D,) -> (B, N, D)."""
   chex.assert_rank(x, 3)
   chex.assert_shape(kernel, (x.shape[-1], x.shape[-1]))
   return project(x, kernel, bias, compute_dtype)

@@ -142,7 +142,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str | None = None):
-  """Sums over the examples of `batch` whose 'mask' is True: loss, correct, count."""
+  """Sums over the examples of `batch` whose 'mask' is True: loss, correct, count.
+
+  `batch`: 'image' float32 (B, H, W, C) normalised, 'label' int32 (B,), 'mask' bool (B,).
+  Returns three float32 scalars, summed over the devices of `axis_name` if given.
+  """
   logits = state.apply_fn({"params": state.params}, batch["image"], train=False)
   mask = batch["mask"].astype(jnp.float32)
   sums = {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
@@ -274,6 +278,9 @@ def _train(config: ExperimentConfig, workdir: Path, runner: Runner,
            data: dict[str, dict[str, np.ndarray]]) -> dict[str, float]:
   """The loop of `train_and_evaluate`, in a workdir that is ready and locked."""
   num_train = len(data["train"]["label"])
+  if num_train < config.batch_size:  # data handed in directly skips the config's own check
+    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {num_train} "
+                     "training examples")
   order = input_pipeline.EpochOrder(num_train, config.batch_size, config.seed)
   total_steps = total_train_steps(config, num_train)
 

@@ -58,10 +58,12 @@ def plot_attention(image: np.ndarray, per_head: np.ndarray, config: ModelConfig,
 
 def plot_rollout(images: np.ndarray, rollout: np.ndarray, config: ModelConfig,
                  path: Path) -> Path:
-  """A row of digits with their attention rollout (from `analysis.attention_rollout`)."""
+  """A row of digits with their attention rollout.
+
+  images: uint8 (B, H, W, C); rollout: (B, N, N) from `analysis.attention_rollout`.
+  """
   grid = config.image_size // config.patch_size
-  # What the classifier reads: the class token's row, or the mean of all rows.
-  weights = rollout[:, 0, 1:] if config.classifier == "token" else rollout.mean(axis=1)
+  weights = analysis.query_attention(rollout, config.classifier)  # (B, patches)
   n = len(images)
   fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 2.0), squeeze=False)
   for i in range(n):
@@ -74,7 +76,10 @@ def plot_rollout(images: np.ndarray, rollout: np.ndarray, config: ModelConfig,
 
 
 def plot_position_similarity(similarity: np.ndarray, config: ModelConfig, path: Path) -> Path:
-  """For each patch position, the cosine similarity of its embedding to every other's."""
+  """For each patch position, the cosine similarity of its embedding to every other's.
+
+  similarity: (patches, patches) from `analysis.position_similarity`.
+  """
   grid = config.image_size // config.patch_size
   fig, axes = plt.subplots(grid, grid, figsize=(grid * 0.9, grid * 0.9 + 0.4), squeeze=False)
   for i in range(grid * grid):
