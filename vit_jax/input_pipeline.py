@@ -43,11 +43,11 @@ class EpochOrder:
 
 
 def eval_indices(num_examples: int, batch_size: int):
-  """Yields (indices, mask), int32 (batch_size,) and bool (batch_size,), covering every
-  example exactly once.
+  """Yields (indices, mask) batches covering every example exactly once.
 
-  The last batch is padded with index 0 and mask False, so that every batch has
-  the same shape (one compilation) and padding never counts.
+  indices: int32 (batch_size,); mask: bool (batch_size,). The last batch is padded with
+  index 0 and mask False, so that every batch has the same shape (one compilation) and
+  padding never counts.
   """
   for start in range(0, num_examples, batch_size):
     idx = np.arange(start, start + batch_size)
@@ -62,8 +62,8 @@ def random_translate(images: jax.Array, rng: jax.Array, max_shift: int) -> jax.A
 
   Args:
     images: (B, H, W, C).
-    rng: (B, 2) keys (`example_keys`), one per image, so that an image's shift does not depend on
-      how the batch is split across devices.
+    rng: (B, 2) keys (`example_keys`), one per image, so that an image's shift does
+      not depend on how the batch is split across devices.
     max_shift: largest shift in pixels.
 
   Returns:
@@ -86,12 +86,13 @@ def random_translate(images: jax.Array, rng: jax.Array, max_shift: int) -> jax.A
 
 
 def normalize(images: jax.Array, mean: float, std: float) -> jax.Array:
-  """uint8 grey levels (any shape, e.g. (B, H, W, C)) -> float32 of the same shape, with the
-  training set's mean at 0 and its std at 1."""
+  """uint8 grey levels -> float32 with the training set's mean at 0 and its std at 1.
+
+  Any shape, e.g. (B, H, W, C); the result has the same.
+  """
   return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
 def example_keys(rng: jax.Array, positions: jax.Array) -> jax.Array:
-  """A key and positions (B,) -> (B, 2): one key per example, from its position in the
-  global batch."""
+  """One key per example, from its position in the global batch: positions (B,) -> (B, 2)."""
   return jax.vmap(lambda p: jax.random.fold_in(rng, p))(positions)
