@@ -15,10 +15,10 @@
 # WINDOWS (default 5), TTA_CONFIG (default experiments/mnist_fast.py: its time to 98 % and
 # 99 % in mixed precision; empty skips it), TTA_FLAGS (more --config.x=y for that run, e.g.
 # --config.idx_dir=DIR), GPU_TFDS (default .gpu_tfds: where that folder exists, the run
-# reads MNIST from it unless TTA_FLAGS names a tfds_data_dir), PYTHON (default python3). Time to accuracy trains on
-# real MNIST through TFDS: it is skipped where tensorflow-datasets is not importable, and it
-# fails (reported at the end) where neither a prepared TFDS dir nor, with TensorFlow to build
-# one, the IDX files are there.
+# reads MNIST from it unless TTA_FLAGS names a tfds_data_dir), PYTHON (default python3).
+# Time to accuracy trains on real MNIST through TFDS: it is skipped where tensorflow-datasets
+# is not importable, and it fails (reported at the end) where neither a prepared TFDS dir
+# nor, with TensorFlow to build one, the IDX files are there.
 #
 # On a machine without this project's virtual environment (a lent H200 has JAX, Flax, Optax,
 # Orbax, chex and TensorBoard, but neither ml_collections nor TensorFlow nor TFDS), run

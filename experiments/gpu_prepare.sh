@@ -28,10 +28,8 @@ if [[ "${WHEELS:-1}" != 0 ]]; then
   rm -rf .whl && mkdir .whl
   pinned() { grep -i "^$1==" constraints.txt; }
   # The platforms pip may take a compiled wheel for; these are all pure Python today.
-  platforms=()
-  for tag in manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do
-    platforms+=(--platform "$tag")
-  done
+  platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
+             --platform manylinux2014_x86_64)
   for name in ml_collections tensorflow-datasets tensorflow-metadata toml immutabledict; do
     "$python" -m pip download --quiet --no-deps --only-binary=:all: \
       --python-version "${GPU_PYTHON_VERSION:-3.12}" --implementation cp "${platforms[@]}" \

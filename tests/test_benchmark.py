@@ -114,13 +114,17 @@ def test_time_to_accuracy_reads_a_real_run(tmp_path, tfds_dir):
   assert 0 < result["final_accuracy"] <= 1
 
 
-def _accelerator_script(out, **env_vars):
+def _script(args, **env_vars):
+  """Runs a bash script of experiments/ with this test's Python, on one CPU device."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(CONFIG="experiments/tiny.py", BATCHES="32", WINDOWS="1", TTA_CONFIG="",
-             PYTHON=sys.executable)
-  env.update(env_vars)
-  return subprocess.run(["bash", "experiments/gpu_benchmark.sh", str(out)], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=300)
+  env.update(PYTHON=sys.executable, **env_vars)
+  return subprocess.run(["bash", *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=300)
+
+
+def _accelerator_script(out, **env_vars):
+  tiny = dict(CONFIG="experiments/tiny.py", BATCHES="32", WINDOWS="1", TTA_CONFIG="")
+  return _script(["experiments/gpu_benchmark.sh", out], **{**tiny, **env_vars})
 
 
 @pytest.mark.slow
@@ -146,10 +150,8 @@ def test_the_accelerator_script_times_accuracy_from_a_prepared_dataset_without_t
   # the time-to-accuracy run must read them through TFDS alone. Here TensorFlow is hidden, and
   # TFDS's default data dir is empty, so any other way to the data fails.
   prepared = tmp_path / "gpu_tfds"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(WHEELS="0", TFDS_DATA_DIR=tfds_dir, GPU_TFDS=str(prepared), PYTHON=sys.executable)
-  made = subprocess.run(["bash", "experiments/gpu_prepare.sh"], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  made = _script(["experiments/gpu_prepare.sh"], WHEELS="0", TFDS_DATA_DIR=tfds_dir,
+                 GPU_TFDS=str(prepared))
   assert made.returncode == 0, made.stderr[-3000:]
   hidden = tmp_path / "no_tensorflow" / "tensorflow"
   hidden.mkdir(parents=True)
