@@ -61,8 +61,12 @@ main() {
       echo "== $config, $dtype, batch $batch"
       # One pass per device and step, and evaluation batches as large as the training batch:
       # the CPU's passes of 16 would leave an accelerator idle.
+      # The experiment's fused attention kernel is float32-only (and CPU-only: elsewhere the
+      # model takes the einsum path by itself).
+      local kernel=()
+      [[ "$dtype" == float32 ]] || kernel=(--config.model.attention_kernel=einsum)
       "$python" -m vit_jax.benchmark --config="$config" --config.model.compute_dtype="$dtype" \
-        --config.batch_size="$batch" --config.microbatch_size="$batch" \
+        "${kernel[@]}" --config.batch_size="$batch" --config.microbatch_size="$batch" \
         --config.eval_batch_size="$batch" --windows="$windows" --nocompile_times \
         --out="$out/$(basename "$config" .py)_${dtype}_b${batch}.json" \
         || failed+=("$dtype batch $batch")

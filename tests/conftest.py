@@ -26,6 +26,14 @@ def compilation_cache_dir(tmp_path_factory):
   return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def kernel_cache_dir(tmp_path_factory):
+  """The fused attention kernel, built once per session in a temporary folder (subprocesses too)."""
+  path = tmp_path_factory.mktemp("kernels")
+  os.environ["VIT_JAX_CACHE_DIR"] = str(path)
+  return path
+
+
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory) -> str:
   """A TFDS data dir holding `mnist`, built offline from the shared IDX files."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from vit_jax import fused_attention
 from vit_jax.schema import from_mapping, require
 
 
@@ -24,6 +25,12 @@ class ModelConfig:
   (`attention.products`). It leaves the parameter count alone. It pays on hardware with
   bfloat16 matmul units (GPUs, TPUs, CPUs with AVX-512 BF16 or AMX); elsewhere XLA may
   emulate the products, slower than float32.
+
+  attention_kernel 'fused_cpu' computes each head's attention (`attention.attend`: the
+  two products and the softmax) as one C++ kernel on CPUs (`vit_jax.fused_attention`),
+  about 1.1x the `seed` training step; elsewhere, or where the kernel cannot be built, the
+  model uses 'einsum', the pure functions. It needs float32, a head dim of 16, 32 or 64
+  and at most 128 tokens.
 
   The model differentiates in reverse mode only (`jax.grad`, also of `jax.grad`), not in
   forward mode (`jax.jvp`, `jax.jacfwd`): LayerNorm's gradient is written out by hand
@@ -42,6 +49,7 @@ class ModelConfig:
   qkv_bias: bool = False
   dropout_rate: float = 0.0
   compute_dtype: Literal["float32", "bfloat16"] = "float32"
+  attention_kernel: Literal["einsum", "fused_cpu"] = "einsum"
 
   def __post_init__(self):
     for key in ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
@@ -61,6 +69,16 @@ class ModelConfig:
             "must be in [0, 1)")
     require(self.compute_dtype in ("float32", "bfloat16"), "compute_dtype", self.compute_dtype,
             "is not one of 'float32', 'bfloat16'")
+    require(self.attention_kernel in ("einsum", "fused_cpu"), "attention_kernel",
+            self.attention_kernel, "is not one of 'einsum', 'fused_cpu'")
+    if self.attention_kernel == "fused_cpu":
+      require(self.compute_dtype == "float32", "attention_kernel", self.attention_kernel,
+              f"needs compute_dtype='float32', not {self.compute_dtype!r}")
+      tokens = self.num_patches + (self.classifier == "token")
+      require(fused_attention.supports(tokens, self.head_dim), "attention_kernel",
+              self.attention_kernel,
+              f"supports head dims {fused_attention.HEAD_DIMS} and at most "
+              f"{fused_attention.MAX_TOKENS} tokens, not {self.head_dim} and {tokens}")
 
   @property
   def head_dim(self) -> int:

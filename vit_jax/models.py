@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax import attention as A
+from vit_jax import fused_attention
 from vit_jax.layer_norm import standardize
 from vit_jax.model_configs import ModelConfig
 
@@ -73,11 +74,14 @@ class MultiHeadSelfAttention(nn.Module):
 
   qkv: 'fused' (one `to_qkv` matrix D -> 3D), 'separate' (`to_q`, `to_k`, `to_v`)
   or 'identity' (no projection: Q = K = V = x, so head h reads slice h of x).
+  attention_kernel: 'einsum' (`attention.attend`) or 'fused_cpu' (`fused_attention.attend`,
+  the same maths as one kernel on CPUs; float32 and no mask).
   """
   num_heads: int
   qkv: str = "fused"
   qkv_bias: bool = False
   compute_dtype: Any = None
+  attention_kernel: str = "einsum"
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -94,7 +98,12 @@ class MultiHeadSelfAttention(nn.Module):
     else:
       raise ValueError(f"qkv={self.qkv!r} is not one of 'fused', 'separate', 'identity'")
     q, k, v = (A.split_heads(t, self.num_heads) for t in (q, k, v))
-    out, weights = A.attend(q, k, v, mask, dtype)
+    if self.attention_kernel == "fused_cpu":
+      if mask is not None:
+        raise ValueError("attention_kernel='fused_cpu' takes no mask: use 'einsum'")
+      out, weights = fused_attention.attend(q, k, v)
+    else:
+      out, weights = A.attend(q, k, v, mask, dtype)
     self.sow("intermediates", "attention_weights", weights)
     out = A.merge_heads(out)
     return Linear(width, projection=A.project_out, compute_dtype=dtype, name="to_out")(out)
@@ -124,7 +133,7 @@ class EncoderBlock(nn.Module):
     c = self.config
     y = LayerNorm(name="norm1")(x)
     y = MultiHeadSelfAttention(c.num_heads, c.qkv, c.qkv_bias, c.compute_dtype,
-                               name="attention")(y)
+                               c.attention_kernel, name="attention")(y)
     x = x + nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
     y = LayerNorm(name="norm2")(x)
     return x + MlpBlock(c.mlp_dim, c.dropout_rate, c.compute_dtype, name="mlp")(y, deterministic)
