@@ -44,7 +44,8 @@ def _uses_kernel(fn, *args) -> bool:
 SHAPES = [(2, 4, 50, 16),   # the seed's heads
           (3, 2, 17, 32),   # the fast config's
           (1, 1, 128, 64),  # the largest supported
-          (2, 3, 5, 16)]    # fewer tokens than a vector's 16 lanes
+          (2, 3, 5, 16),    # fewer tokens than a vector's 16 lanes
+          (16, 4, 50, 16)]  # 64 heads: shared out over XLA's threads in chunks of 8
 
 
 @requires_kernel
@@ -61,7 +62,7 @@ def test_values_match_numpy(kernel, shape):
 
 
 @requires_kernel
-@pytest.mark.parametrize("shape", SHAPES[:2])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[4]])
 @pytest.mark.parametrize("reads", ["out", "weights", "both"])
 def test_gradients_match_autodiff_of_attend(kernel, shape, reads):
   q, k, v = (rand(*shape, seed=s) for s in range(3))

@@ -1,18 +1,23 @@
-// Scaled dot-product attention for small heads, fused into one CPU kernel per direction.
+// Scaled dot-product attention for small heads, one CPU kernel per direction.
 //
 // What vit_jax.attention.attend computes, for float32 (..., N, D) queries, keys and values
-// with D a multiple of 16: weights = softmax(Q K^T / sqrt(D)) and out = weights V, and the
-// backward pass from the saved weights. XLA runs these as separate batched products of
-// 50x16 by 16x50 matrices and a softmax between them, each reading and writing memory; here
-// one head's products and softmax stay in registers and L1, four queries at a time.
-// Built and loaded by vit_jax/fused_attention.py (g++ -O3 -march=native), which falls back
-// to the XLA path where this cannot be built. Needs AVX-512: 16-float vectors hold a head
-// row of 16 (or 32, 64) values.
+// (every leading axis a head): weights = softmax(Q K^T / sqrt(D)), out = weights V, and the
+// gradients from the weights saved by the forward pass. XLA runs these as separate batched
+// products (50x16 by 16x50 for the `seed` model) with a softmax between them, each through
+// memory; here a head's products and softmax stay in registers and L1, four queries at a
+// time, and the heads are shared out over XLA's intra-op threads.
+//
+// Built by vit_jax/fused_attention.py (g++ -O3 -march=native), which uses the einsum path
+// where this cannot be built. Written for AVX-512: a 16-float vector holds a row of a
+// 16-wide head (two or four of them for heads of 32 or 64), or 16 of a row's scores.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -24,21 +29,24 @@
 
 namespace {
 
+// --- 16-float vectors (GCC vector extensions) ------------------------------------------
+
 typedef float v16 __attribute__((vector_size(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i16v __attribute__((vector_size(64)));
+typedef float v16_unaligned __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16 __attribute__((vector_size(64)));
 
-static inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
-static inline void store(float* p, v16 x) { *reinterpret_cast<v16u*>(p) = x; }
-static inline v16 splat(float x) { return v16{} + x; }
+inline v16 load(const float* p) { return *reinterpret_cast<const v16_unaligned*>(p); }
+inline void store(float* p, v16 x) { *reinterpret_cast<v16_unaligned*>(p) = x; }
+inline v16 splat(float x) { return v16{} + x; }
 
-// exp(x) on 16 lanes: Cody-Waite reduction and a degree-6 polynomial (about 1 ulp).
-static inline v16 exp16(v16 x) {
+// exp(x) for x <= 0: Cody-Waite reduction to r in [-ln2/2, ln2/2], a degree-6 polynomial
+// for exp(r), times 2^n built in the exponent bits. About 1 ulp; underflows to 2^-126.
+inline v16 exp_nonpositive(v16 x) {
   x = x < -87.0f ? splat(-87.0f) : x;
-  const v16 shifter = splat(12582912.0f);  // 1.5 * 2^23: rounds to an integer
-  v16 n = (x * 1.44269504088896341f + shifter) - shifter;
+  const v16 round = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const v16 n = (x * 1.44269504088896341f + round) - round;
   v16 r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
+  r = r + n * 2.12194440e-4f;  // ln 2 in two parts, so that r keeps its low bits
   v16 p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -46,201 +54,198 @@ static inline v16 exp16(v16 x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
-  v16 scale;
-  std::memcpy(&scale, &bits, 64);
-  return p * scale;
+  const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
+  v16 two_to_n;
+  std::memcpy(&two_to_n, &bits, sizeof two_to_n);
+  return p * two_to_n;
 }
 
+// f folded over the 16 lanes, halving the width each time.
 template <typename F>
-static inline float reduce16(v16 x, F f) {
+inline float reduce(v16 x, F f) {
   typedef float v8 __attribute__((vector_size(32)));
   typedef float v4 __attribute__((vector_size(16)));
-  v8 a = f(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7),
-           __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
-  v4 b = f(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
-  v4 c = f(b, __builtin_shufflevector(b, b, 2, 3, 0, 1));
-  v4 d = f(c, __builtin_shufflevector(c, c, 1, 0, 3, 2));
-  return d[0];
+  const v8 a = f(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7),
+                 __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
+  const v4 b = f(__builtin_shufflevector(a, a, 0, 1, 2, 3),
+                 __builtin_shufflevector(a, a, 4, 5, 6, 7));
+  const v4 c = f(b, __builtin_shufflevector(b, b, 2, 3, 0, 1));
+  return f(c, __builtin_shufflevector(c, c, 1, 0, 3, 2))[0];
 }
-static inline float hmax(v16 x) { return reduce16(x, [](auto a, auto b) { return a > b ? a : b; }); }
-static inline float hsum(v16 x) { return reduce16(x, [](auto a, auto b) { return a + b; }); }
+inline float max_of(v16 x) { return reduce(x, [](auto a, auto b) { return a > b ? a : b; }); }
+inline float sum_of(v16 x) { return reduce(x, [](auto a, auto b) { return a + b; }); }
 
-constexpr int R = 4;  // rows (queries) per block
+// --- One head ---------------------------------------------------------------------------
 
-template <int DV>  // head dim = 16 * DV
-struct Head {
+constexpr int kRows = 4;  // queries per block: the key (or value) loaded once serves four
+
+// One head of n tokens and D = 16 * DV dims; NB = ceil(n / 16) vectors span a row of
+// scores. Holds the padded copies a head needs; one per thread, reused over its heads.
+template <int DV, int NB>
+class Head {
+ public:
   static constexpr int D = 16 * DV;
-  int n, nb, nr;  // tokens, 16-lane key blocks, rows padded to R
-  float inv_sqrt_d;
-  std::vector<float> kt, vt, qp, gp, pp, row;  // padded copies
-  std::vector<float> pad_bias;
+  static constexpr int W = 16 * NB;  // a row of scores, padded to whole vectors
 
-  Head(int n_) : n(n_), nb((n_ + 15) / 16), nr((n_ + R - 1) / R * R),
-      inv_sqrt_d(1.0f / std::sqrt(float(D))),
-      kt(D * nb * 16), vt(D * nb * 16), qp(nr * D), gp(nr * D), pp(nr * nb * 16), row(R * nb * 16),
-      pad_bias(nb * 16, 0.0f) {
-    for (int j = n; j < nb * 16; ++j) pad_bias[j] = -INFINITY;
-  }
-  void transpose(const float* x, float* xt) {  // (n, D) -> (D, nb*16), zero padded
-    std::fill(xt, xt + D * nb * 16, 0.0f);
-    for (int j = 0; j < n; ++j) for (int c = 0; c < D; ++c) xt[c * nb * 16 + j] = x[j * D + c];
-  }
-  void pad_rows(const float* x, float* xp, int width, int stride) {  // (n, width) -> (nr, stride)
-    std::fill(xp, xp + nr * stride, 0.0f);
-    for (int i = 0; i < n; ++i) std::memcpy(xp + i * stride, x + i * width, width * 4);
-  }
-  // rows[r][0:nb*16] = a[i0+r] @ bt, for the R rows of a block.
-  template <int NB>
-  void rows_times(const float* a, const float* bt, float* rows) {
-    v16 acc[R][NB];
-    #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) for (int b = 0; b < NB; ++b) acc[r][b] = v16{};
-    for (int c = 0; c < D; ++c) {
-      v16 bc[NB];
-      #pragma GCC unroll 16
-      for (int b = 0; b < NB; ++b) bc[b] = load(bt + c * NB * 16 + b * 16);
-      #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        const float ar = a[r * D + c];
-        #pragma GCC unroll 16
-        for (int b = 0; b < NB; ++b) acc[r][b] += ar * bc[b];
-      }
-    }
-    #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) for (int b = 0; b < NB; ++b) store(rows + (r * NB + b) * 16, acc[r][b]);
+  explicit Head(int n)
+      : n_(n), padded_n_((n + kRows - 1) / kRows * kRows),
+        inv_sqrt_d_(1.0f / std::sqrt(float(D))),
+        transposed_(D * W), q_(padded_n_ * D), d_out_(padded_n_ * D),
+        weights_(padded_n_ * W), scores_(kRows * W), pad_(W, 0.0f) {
+    std::fill(pad_.begin() + n, pad_.end(), -INFINITY);  // padded keys get no weight
   }
 
-  template <int NB>
+  // out (n, D) and weights (n, n) from q, k, v (n, D).
   void forward(const float* q, const float* k, const float* v, float* out, float* weights) {
-    transpose(k, kt.data());
-    pad_rows(q, qp.data(), D, D);
-    float* rows = row.data();
-    for (int i0 = 0; i0 < nr; i0 += R) {
-      rows_times<NB>(qp.data() + i0 * D, kt.data(), rows);
-      #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        float* s = rows + r * NB * 16;
-        v16 x[NB], m = splat(-INFINITY);
-        #pragma GCC unroll 16
-        for (int b = 0; b < NB; ++b) {
-          x[b] = load(s + b * 16) * inv_sqrt_d + load(pad_bias.data() + b * 16);
-          m = x[b] > m ? x[b] : m;
-        }
-        const float mx = hmax(m);
-        v16 sum = v16{};
-        #pragma GCC unroll 16
-        for (int b = 0; b < NB; ++b) { x[b] = exp16(x[b] - mx); sum += x[b]; }
-        const float inv = 1.0f / hsum(sum);
-        #pragma GCC unroll 16
-        for (int b = 0; b < NB; ++b) store(s + b * 16, x[b] * inv);
-      }
-      v16 o[R][DV];
-      #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) for (int c = 0; c < DV; ++c) o[r][c] = v16{};
-      for (int j = 0; j < n; ++j) {
-        v16 vj[DV];
-        #pragma GCC unroll 16
-        for (int c = 0; c < DV; ++c) vj[c] = load(v + j * D + c * 16);
-        #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) {
-          const float p = rows[r * NB * 16 + j];
-          #pragma GCC unroll 16
-          for (int c = 0; c < DV; ++c) o[r][c] += p * vj[c];
+    transpose(k);
+    pad_rows(q, q_.data(), D, D);
+    for (int i0 = 0; i0 < padded_n_; i0 += kRows) {
+      float* scores = scores_.data();
+      rows_times_transposed(q_.data() + i0 * D, scores);  // Q K^T
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r) softmax(scores + r * W);
+      v16 o[kRows][DV] = {};
+      for (int j = 0; j < n_; ++j) {  // out = weights V
+#pragma GCC unroll 4
+        for (int c = 0; c < DV; ++c) {
+          const v16 vj = load(v + j * D + c * 16);
+#pragma GCC unroll 4
+          for (int r = 0; r < kRows; ++r) o[r][c] += scores[r * W + j] * vj;
         }
       }
-            for (int r = 0; r < R && i0 + r < n; ++r) {
-        #pragma GCC unroll 16
+      for (int r = 0; r < kRows && i0 + r < n_; ++r) {
         for (int c = 0; c < DV; ++c) store(out + (i0 + r) * D + c * 16, o[r][c]);
-        std::memcpy(weights + (i0 + r) * n, rows + r * NB * 16, n * 4);
+        std::memcpy(weights + (i0 + r) * n_, scores + r * W, n_ * sizeof(float));
       }
     }
   }
 
-  template <int NB>
+  // dq, dk, dv (n, D) from q, k, v, the forward pass's weights, d_out (n, D) and, unless
+  // null, d_weights (n, n): the cotangents of out and of the weights.
   void backward(const float* q, const float* k, const float* v, const float* weights,
                 const float* d_out, const float* d_weights, float* dq, float* dk, float* dv) {
-    transpose(v, vt.data());
-    pad_rows(q, qp.data(), D, D);
-    pad_rows(d_out, gp.data(), D, D);
-    pad_rows(weights, pp.data(), n, NB * 16);
-    std::fill(dk, dk + n * D, 0.0f);
-    std::fill(dv, dv + n * D, 0.0f);
-    float* rows = row.data();
-    for (int i0 = 0; i0 < nr; i0 += R) {
-      rows_times<NB>(gp.data() + i0 * D, vt.data(), rows);  // dP = dO V^T
-      #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) {
-        float* dp = rows + r * NB * 16;
-        const float* p = pp.data() + (i0 + r) * NB * 16;
-        if (d_weights && i0 + r < n)
-          for (int j = 0; j < n; ++j) dp[j] += d_weights[(i0 + r) * n + j];
-        v16 dot = v16{};
-        #pragma GCC unroll 16
-        for (int b = 0; b < NB; ++b) dot += load(p + b * 16) * load(dp + b * 16);
-        const float dt = hsum(dot);
-        #pragma GCC unroll 16
-        for (int b = 0; b < NB; ++b)  // dS = P * (dP - rowsum(P dP)) / sqrt(D)
-          store(dp + b * 16, load(p + b * 16) * (load(dp + b * 16) - dt) * inv_sqrt_d);
+    transpose(v);
+    pad_rows(q, q_.data(), D, D);
+    pad_rows(d_out, d_out_.data(), D, D);
+    pad_rows(weights, weights_.data(), n_, W);
+    std::fill(dk, dk + n_ * D, 0.0f);
+    std::fill(dv, dv + n_ * D, 0.0f);
+    for (int i0 = 0; i0 < padded_n_; i0 += kRows) {
+      float* ds = scores_.data();
+      rows_times_transposed(d_out_.data() + i0 * D, ds);  // dP = dO V^T
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r) {
+        const int i = i0 + r;
+        if (d_weights != nullptr && i < n_)
+          for (int j = 0; j < n_; ++j) ds[r * W + j] += d_weights[i * n_ + j];
+        softmax_backward(weights_.data() + i * W, ds + r * W);
       }
-      v16 gq[R][DV], qi[R][DV], gi[R][DV];
-      #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) for (int c = 0; c < DV; ++c) {
-        gq[r][c] = v16{};
-        qi[r][c] = load(qp.data() + (i0 + r) * D + c * 16);
-        gi[r][c] = load(gp.data() + (i0 + r) * D + c * 16);
-      }
-      for (int j = 0; j < n; ++j) {
-        #pragma GCC unroll 16
+      v16 dq_rows[kRows][DV] = {}, q_rows[kRows][DV], d_out_rows[kRows][DV];
+      for (int r = 0; r < kRows; ++r)
+        for (int c = 0; c < DV; ++c) {
+          q_rows[r][c] = load(q_.data() + (i0 + r) * D + c * 16);
+          d_out_rows[r][c] = load(d_out_.data() + (i0 + r) * D + c * 16);
+        }
+      for (int j = 0; j < n_; ++j) {
+#pragma GCC unroll 4
         for (int c = 0; c < DV; ++c) {
           const v16 kj = load(k + j * D + c * 16);
-          v16 gk = load(dk + j * D + c * 16), gv = load(dv + j * D + c * 16);
-          #pragma GCC unroll 16
-          for (int r = 0; r < R; ++r) {
-            const float ds = rows[r * NB * 16 + j];
-            const float p = pp[(i0 + r) * NB * 16 + j];
-            gq[r][c] += ds * kj;
-            gk += ds * qi[r][c];
-            gv += p * gi[r][c];
+          v16 dkj = load(dk + j * D + c * 16), dvj = load(dv + j * D + c * 16);
+#pragma GCC unroll 4
+          for (int r = 0; r < kRows; ++r) {
+            const float ds_rj = ds[r * W + j], p_rj = weights_[(i0 + r) * W + j];
+            dq_rows[r][c] += ds_rj * kj;             // dQ = dS K
+            dkj += ds_rj * q_rows[r][c];             // dK = dS^T Q
+            dvj += p_rj * d_out_rows[r][c];          // dV = P^T dO
           }
-          store(dk + j * D + c * 16, gk);
-          store(dv + j * D + c * 16, gv);
+          store(dk + j * D + c * 16, dkj);
+          store(dv + j * D + c * 16, dvj);
         }
       }
-            for (int r = 0; r < R && i0 + r < n; ++r)
-        #pragma GCC unroll 16
-        for (int c = 0; c < DV; ++c) store(dq + (i0 + r) * D + c * 16, gq[r][c]);
+      for (int r = 0; r < kRows && i0 + r < n_; ++r)
+        for (int c = 0; c < DV; ++c) store(dq + (i0 + r) * D + c * 16, dq_rows[r][c]);
     }
   }
+
+ private:
+  // (n, D) -> transposed_ (D, W), zero padded: a row's products become whole vectors.
+  void transpose(const float* x) {
+    std::fill(transposed_.begin(), transposed_.end(), 0.0f);
+    for (int j = 0; j < n_; ++j)
+      for (int c = 0; c < D; ++c) transposed_[c * W + j] = x[j * D + c];
+  }
+
+  // (n, width) -> (padded_n, stride), zero padded.
+  void pad_rows(const float* x, float* padded, int width, int stride) {
+    std::fill(padded, padded + padded_n_ * stride, 0.0f);
+    for (int i = 0; i < n_; ++i) std::memcpy(padded + i * stride, x + i * width, width * 4);
+  }
+
+  // out[r] (W) = a[r] (D) @ transposed_ (D, W) for the kRows rows of a block.
+  void rows_times_transposed(const float* a, float* out) {
+    v16 acc[kRows][NB] = {};
+    for (int c = 0; c < D; ++c) {
+      v16 column[NB];
+#pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b) column[b] = load(transposed_.data() + c * W + b * 16);
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 8
+        for (int b = 0; b < NB; ++b) acc[r][b] += a[r * D + c] * column[b];
+    }
+    for (int r = 0; r < kRows; ++r)
+      for (int b = 0; b < NB; ++b) store(out + r * W + b * 16, acc[r][b]);
+  }
+
+  // A row of Q K^T (W) -> its softmax weights, in place.
+  void softmax(float* row) {
+    v16 x[NB], high = splat(-INFINITY);
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) {
+      x[b] = load(row + b * 16) * inv_sqrt_d_ + load(pad_.data() + b * 16);
+      high = x[b] > high ? x[b] : high;
+    }
+    const float max = max_of(high);
+    v16 sum = {};
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) {
+      x[b] = exp_nonpositive(x[b] - max);
+      sum += x[b];
+    }
+    const float inv_sum = 1.0f / sum_of(sum);
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) store(row + b * 16, x[b] * inv_sum);
+  }
+
+  // A row of dP (W), the weights' cotangent -> dS, the scores' (Q K^T's) cotangent, in place:
+  // dS = P * (dP - sum(P dP)) / sqrt(D).
+  void softmax_backward(const float* p, float* row) {
+    v16 dot = {};
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) dot += load(p + b * 16) * load(row + b * 16);
+    const float total = sum_of(dot);
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b)
+      store(row + b * 16, load(p + b * 16) * (load(row + b * 16) - total) * inv_sqrt_d_);
+  }
+
+  const int n_, padded_n_;
+  const float inv_sqrt_d_;
+  std::vector<float> transposed_;                 // K (forward) or V (backward), (D, W)
+  std::vector<float> q_, d_out_, weights_;        // padded to padded_n_ rows
+  std::vector<float> scores_;                     // a block's rows of scores or of dS
+  std::vector<float> pad_;                        // 0 for a real key, -inf for padding
 };
 
+// --- Heads, threads and the FFI handlers ------------------------------------------------
 
-constexpr int kMaxBlocks = 8;  // up to 128 tokens
+constexpr int kMaxTokens = 128;
 
-template <int DV, int NB>
-void ForwardHeads(const float* q, const float* k, const float* v, float* out, float* w,
-                  int64_t heads, int n) {
-  Head<DV> h(n);
-  const int64_t o = int64_t(n) * 16 * DV, ow = int64_t(n) * n;
-  for (int64_t i = 0; i < heads; ++i)
-    h.template forward<NB>(q + i * o, k + i * o, v + i * o, out + i * o, w + i * ow);
-}
-
-template <int DV, int NB>
-void BackwardHeads(const float* q, const float* k, const float* v, const float* w,
-                   const float* g, const float* gw, float* dq, float* dk, float* dv,
-                   int64_t heads, int n) {
-  Head<DV> h(n);
-  const int64_t o = int64_t(n) * 16 * DV, ow = int64_t(n) * n;
-  for (int64_t i = 0; i < heads; ++i)
-    h.template backward<NB>(q + i * o, k + i * o, v + i * o, w + i * ow, g + i * o,
-                            gw ? gw + i * ow : nullptr, dq + i * o, dk + i * o, dv + i * o);
-}
-
-// Calls f.template operator()<DV, NB>() for the head dim d and token count n.
+// Calls f.template operator()<DV, NB>() for head dim d = 16 DV and n <= 16 NB tokens;
+// false for shapes the kernel does not cover (fused_attention.supports says which).
 template <typename F>
 bool Dispatch(int64_t d, int64_t n, F f) {
-  auto blocks = [&](auto dv) {
+  auto by_tokens = [&](auto dv) {
     constexpr int DV = decltype(dv)::value;
     switch ((n + 15) / 16) {
       case 1: f.template operator()<DV, 1>(); return true;
@@ -254,23 +259,61 @@ bool Dispatch(int64_t d, int64_t n, F f) {
       default: return false;
     }
   };
+  static_assert(kMaxTokens == 8 * 16);
+  if (n < 1) return false;
   switch (d) {
-    case 16: return blocks(std::integral_constant<int, 1>{});
-    case 32: return blocks(std::integral_constant<int, 2>{});
-    case 64: return blocks(std::integral_constant<int, 4>{});
+    case 16: return by_tokens(std::integral_constant<int, 1>{});
+    case 32: return by_tokens(std::integral_constant<int, 2>{});
+    case 64: return by_tokens(std::integral_constant<int, 4>{});
     default: return false;
   }
 }
 
 namespace ffi = xla::ffi;
+
+// Runs work(begin, end) over [0, heads) in chunks, on the calling thread and on XLA's
+// intra-op threads. The caller waits only for chunks a helper has already taken, never for
+// a helper still queued (the pool's threads may all be busy, e.g. running other devices'
+// programs): a helper that starts after the last chunk is gone returns without calling
+// `work`, whose references into the caller's frame may be gone by then.
+template <typename Work>
+void ForEachChunk(ffi::ThreadPool& pool, int64_t heads, const Work& work) {
+  constexpr int64_t kChunk = 8;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), heads / kChunk) - 1;
+  if (helpers <= 0) return work(0, heads);
+  struct Progress {
+    std::atomic<int64_t> next{0}, busy{0};
+  };
+  auto progress = std::make_shared<Progress>();
+  auto take_chunks = [heads](Progress& p, const Work& w) {
+    for (int64_t i; (i = p.next.fetch_add(kChunk)) < heads;) w(i, std::min(i + kChunk, heads));
+  };
+  for (int64_t t = 0; t < helpers; ++t)
+    pool.Schedule([progress, work, take_chunks] {
+      progress->busy.fetch_add(1);  // before taking a chunk: the caller then waits for it
+      take_chunks(*progress, work);
+      progress->busy.fetch_sub(1);
+    });
+  take_chunks(*progress, work);
+  while (progress->busy.load() != 0) __builtin_ia32_pause();
+}
+
 using F32 = ffi::Buffer<ffi::F32>;
 using F32Out = ffi::ResultBuffer<ffi::F32>;
 
-struct Shape { int64_t heads, n, d; };
+struct Shape {
+  int64_t heads, n, d;
+};
 
-ffi::ErrorOr<Shape> HeadShape(const F32& x) {
+// The (heads, n, d) of x, which every array in `same` must share.
+ffi::ErrorOr<Shape> HeadShape(const F32& x, std::initializer_list<const F32*> same) {
   auto dims = x.dimensions();
   if (dims.size() < 2) return ffi::Unexpected(ffi::Error::InvalidArgument("rank < 2"));
+  for (const F32* other : same) {
+    auto o = other->dimensions();
+    if (!std::equal(dims.begin(), dims.end(), o.begin(), o.end()))
+      return ffi::Unexpected(ffi::Error::InvalidArgument("q, k, v shapes differ"));
+  }
   Shape s{1, dims[dims.size() - 2], dims[dims.size() - 1]};
   for (size_t i = 0; i + 2 < dims.size(); ++i) s.heads *= dims[i];
   return s;
@@ -278,52 +321,78 @@ ffi::ErrorOr<Shape> HeadShape(const F32& x) {
 
 ffi::Error Unsupported(const Shape& s) {
   return ffi::Error::InvalidArgument(
-      "fused attention supports head dims 16, 32, 64 and up to 128 tokens, got head dim " +
-      std::to_string(s.d) + " and " + std::to_string(s.n) + " tokens");
+      "fused attention supports head dims 16, 32, 64 and 1 to " + std::to_string(kMaxTokens) +
+      " tokens, got head dim " + std::to_string(s.d) + " and " + std::to_string(s.n) +
+      " tokens");
 }
 
-ffi::Error ForwardImpl(F32 q, F32 k, F32 v, F32Out out, F32Out weights) {
-  auto shape = HeadShape(q);
+ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32Out out, F32Out weights) {
+  auto shape = HeadShape(q, {&k, &v});
   if (!shape.has_value()) return shape.error();
   const Shape s = *shape;
+  const int64_t size = s.n * s.d, weights_size = s.n * s.n;
   const bool ok = Dispatch(s.d, s.n, [&]<int DV, int NB>() {
-    ForwardHeads<DV, NB>(q.typed_data(), k.typed_data(), v.typed_data(), out->typed_data(),
-                         weights->typed_data(), s.heads, s.n);
+    ForEachChunk(pool, s.heads, [&](int64_t begin, int64_t end) {
+      Head<DV, NB> head(s.n);
+      for (int64_t h = begin; h < end; ++h)
+        head.forward(q.typed_data() + h * size, k.typed_data() + h * size,
+                     v.typed_data() + h * size, out->typed_data() + h * size,
+                     weights->typed_data() + h * weights_size);
+    });
   });
   return ok ? ffi::Error::Success() : Unsupported(s);
 }
 
-ffi::Error Backward(F32& q, F32& k, F32& v, F32& weights, F32& d_out, const float* d_weights,
-                    F32Out& dq, F32Out& dk, F32Out& dv) {
-  auto shape = HeadShape(q);
+ffi::Error Backward(ffi::ThreadPool& pool, F32& q, F32& k, F32& v, F32& weights, F32& d_out,
+                    const float* d_weights, F32Out& dq, F32Out& dk, F32Out& dv) {
+  auto shape = HeadShape(q, {&k, &v, &d_out});
   if (!shape.has_value()) return shape.error();
   const Shape s = *shape;
+  const int64_t size = s.n * s.d, weights_size = s.n * s.n;
   const bool ok = Dispatch(s.d, s.n, [&]<int DV, int NB>() {
-    BackwardHeads<DV, NB>(q.typed_data(), k.typed_data(), v.typed_data(), weights.typed_data(),
-                          d_out.typed_data(), d_weights, dq->typed_data(), dk->typed_data(),
-                          dv->typed_data(), s.heads, s.n);
+    ForEachChunk(pool, s.heads, [&](int64_t begin, int64_t end) {
+      Head<DV, NB> head(s.n);
+      for (int64_t h = begin; h < end; ++h)
+        head.backward(q.typed_data() + h * size, k.typed_data() + h * size,
+                      v.typed_data() + h * size, weights.typed_data() + h * weights_size,
+                      d_out.typed_data() + h * size,
+                      d_weights ? d_weights + h * weights_size : nullptr,
+                      dq->typed_data() + h * size, dk->typed_data() + h * size,
+                      dv->typed_data() + h * size);
+    });
   });
   return ok ? ffi::Error::Success() : Unsupported(s);
 }
 
-ffi::Error BackwardImpl(F32 q, F32 k, F32 v, F32 weights, F32 d_out, F32Out dq, F32Out dk,
-                        F32Out dv) {
-  return Backward(q, k, v, weights, d_out, nullptr, dq, dk, dv);
+ffi::Error BackwardWithoutWeightsGrad(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 weights,
+                                      F32 d_out, F32Out dq, F32Out dk, F32Out dv) {
+  return Backward(pool, q, k, v, weights, d_out, nullptr, dq, dk, dv);
 }
 
-ffi::Error BackwardWithWeightsImpl(F32 q, F32 k, F32 v, F32 weights, F32 d_out, F32 d_weights,
-                                   F32Out dq, F32Out dk, F32Out dv) {
-  return Backward(q, k, v, weights, d_out, d_weights.typed_data(), dq, dk, dv);
+ffi::Error BackwardWithWeightsGrad(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 weights,
+                                   F32 d_out, F32 d_weights, F32Out dq, F32Out dk,
+                                   F32Out dv) {
+  return Backward(pool, q, k, v, weights, d_out, d_weights.typed_data(), dq, dk, dv);
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionForward, ForwardImpl,
-                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>()
+// (q, k, v) -> (out, weights)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>().Arg<F32>().Arg<F32>()
                                   .Ret<F32>().Ret<F32>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionBackward, BackwardImpl,
-                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
-                                  .Arg<F32>().Ret<F32>().Ret<F32>().Ret<F32>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionBackwardWithWeights, BackwardWithWeightsImpl,
-                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
-                                  .Arg<F32>().Arg<F32>().Ret<F32>().Ret<F32>().Ret<F32>());
+// (q, k, v, weights, d_out) -> (dq, dk, dv)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionBackward, BackwardWithoutWeightsGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
+                                  .Ret<F32>().Ret<F32>().Ret<F32>());
+// (q, k, v, weights, d_out, d_weights) -> (dq, dk, dv)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionBackwardWithWeights, BackwardWithWeightsGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>().Ret<F32>().Ret<F32>());
