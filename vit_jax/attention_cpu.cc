@@ -21,11 +21,11 @@
 #include <string>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
 #ifndef __AVX512F__
 #error "vit_jax's fused attention kernel is written for AVX-512"
 #endif
+
+#include "xla/ffi/api/ffi.h"
 
 namespace {
 
@@ -40,7 +40,8 @@ inline void store(float* p, v16 x) { *reinterpret_cast<v16_unaligned*>(p) = x; }
 inline v16 splat(float x) { return v16{} + x; }
 
 // exp(x) for x <= 0: Cody-Waite reduction to r in [-ln2/2, ln2/2], a degree-6 polynomial
-// for exp(r), times 2^n built in the exponent bits. About 1 ulp; underflows to 2^-126.
+// for exp(r), times 2^n built in the exponent bits. About 1 ulp. Below -87 it returns
+// exp(-87), about 1.6e-38: beside a row maximum's exp(0) = 1 that weight is still 0.
 inline v16 exp_nonpositive(v16 x) {
   x = x < -87.0f ? splat(-87.0f) : x;
   const v16 round = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
@@ -80,7 +81,7 @@ inline float sum_of(v16 x) { return reduce(x, [](auto a, auto b) { return a + b;
 constexpr int kRows = 4;  // queries per block: the key (or value) loaded once serves four
 
 // One head of n tokens and D = 16 * DV dims; NB = ceil(n / 16) vectors span a row of
-// scores. Holds the padded copies a head needs; one per thread, reused over its heads.
+// scores. Holds the padded copies a head needs; one per chunk of heads, reused over them.
 template <int DV, int NB>
 class Head {
  public:
@@ -319,6 +320,18 @@ ffi::ErrorOr<Shape> HeadShape(const F32& x, std::initializer_list<const F32*> sa
   return s;
 }
 
+// Whether every array in `arrays` is (..., n, n) for x's (..., n, d).
+bool WeightsShaped(const F32& x, std::initializer_list<const F32*> arrays) {
+  auto dims = x.dimensions();
+  for (const F32* w : arrays) {
+    auto o = w->dimensions();
+    if (o.size() != dims.size() || o[o.size() - 1] != dims[dims.size() - 2] ||
+        !std::equal(dims.begin(), dims.end() - 1, o.begin()))
+      return false;
+  }
+  return true;
+}
+
 ffi::Error Unsupported(const Shape& s) {
   return ffi::Error::InvalidArgument(
       "fused attention supports head dims 16, 32, 64 and 1 to " + std::to_string(kMaxTokens) +
@@ -347,6 +360,8 @@ ffi::Error Backward(ffi::ThreadPool& pool, F32& q, F32& k, F32& v, F32& weights,
                     const float* d_weights, F32Out& dq, F32Out& dk, F32Out& dv) {
   auto shape = HeadShape(q, {&k, &v, &d_out});
   if (!shape.has_value()) return shape.error();
+  if (!WeightsShaped(q, {&weights}))
+    return ffi::Error::InvalidArgument("weights are not (..., n, n) for q's (..., n, d)");
   const Shape s = *shape;
   const int64_t size = s.n * s.d, weights_size = s.n * s.n;
   const bool ok = Dispatch(s.d, s.n, [&]<int DV, int NB>() {
@@ -372,6 +387,8 @@ ffi::Error BackwardWithoutWeightsGrad(ffi::ThreadPool pool, F32 q, F32 k, F32 v,
 ffi::Error BackwardWithWeightsGrad(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 weights,
                                    F32 d_out, F32 d_weights, F32Out dq, F32Out dk,
                                    F32Out dv) {
+  if (!WeightsShaped(q, {&d_weights}))
+    return ffi::Error::InvalidArgument("d_weights are not (..., n, n) for q's (..., n, d)");
   return Backward(pool, q, k, v, weights, d_out, d_weights.typed_data(), dq, dk, dv);
 }
 

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import attention as A
-from vit_jax import input_pipeline, train
+from vit_jax import fused_attention, input_pipeline, train
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.model_configs import ModelConfig
 from vit_jax.parallel import Runner, choose_mode
@@ -349,7 +349,9 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
       "date": time.strftime("%Y-%m-%d"),
       "device": jax.devices()[0].device_kind,
       "compute_dtype": config.model.compute_dtype,
-      "attention_kernel": config.model.attention_kernel,
+      # What ran: 'fused_cpu' falls back to 'einsum' off CPUs and where it cannot be built.
+      "attention_kernel": ("fused_cpu" if config.model.attention_kernel == "fused_cpu"
+                           and fused_attention.available() else "einsum"),
       "train_flops_per_image": train_flops(config.model),
       "eval_flops_per_image": forward_flops(config.model),
       "batch_size": config.batch_size,

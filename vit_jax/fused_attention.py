@@ -5,13 +5,17 @@ Layer 1 of vit_jax, like `vit_jax.attention`, whose `attend` stays the readable 
 (Q K^T and weights V, e.g. 50x16 by 16x50) and the softmax between them as separate
 operations, each through memory; they took about a third of the `seed` training step.
 `attention_cpu.cc` does one head's products and softmax in registers and L1 instead,
-forward and backward, as an XLA FFI custom call (docs/performance.md has the figures).
+forward and backward, as an XLA FFI custom call (docs/performance.md, "Attention as one
+kernel", has the figures).
 
 The kernel is compiled on first use with the machine's C++ compiler (`g++ -O3
 -march=native`, about 15 s) and cached under ~/.cache/vit_jax (or $VIT_JAX_CACHE_DIR),
-keyed by its source, the compiler, jaxlib and the CPU. It needs AVX-512, float32, no mask,
-a head dim of 16, 32 or 64 and at most 128 tokens; where it cannot be built (no compiler,
-no AVX-512), `attend` warns once and uses `attention.attend`.
+keyed by its source, the compiler and its version, JAX, jaxlib and the CPU's flags; a
+failed build is cached too, so it is not retried by every process. It needs AVX-512,
+float32, no mask, a head dim of 16, 32 or 64 and at most 128 tokens. Where it cannot be
+built (no compiler, no AVX-512), `attend` warns once and uses `attention.attend`, as it
+does when the computation is compiled for a GPU or TPU. It differentiates once, in
+reverse mode: `jax.grad` of `jax.grad` and `jax.jvp` raise errors that say so.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -49,36 +54,46 @@ def cache_dir() -> Path:
   return Path(os.environ.get("VIT_JAX_CACHE_DIR", Path.home() / ".cache" / "vit_jax"))
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+  """The CPU's feature flags as /proc/cpuinfo lists them ('' where there is none)."""
   try:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
       if line.startswith("flags"):
-        return line
+        return line.split(":", 1)[1]
   except OSError:
     pass
-  return platform.processor()
+  return ""
 
 
 def build(compiler: str | None = None) -> Path:
   """Compiles the kernel (or finds it in the cache) and returns the shared library's path.
 
+  Args:
+    compiler: the C++ compiler; default $CXX, else g++.
+
   Raises:
-    RuntimeError: no compiler, or the compiler failed (e.g. no AVX-512); the message ends
-      with the compiler's first error line.
+    RuntimeError: no AVX-512, no compiler, or the compiler failed, now or in an earlier
+      process (the message ends with the compiler's first error line).
   """
+  if "avx512f" not in cpu_flags().split():
+    raise RuntimeError(f"the CPU has no AVX-512 ({platform.machine()})")
   compiler = compiler or os.environ.get("CXX", "g++")
   if shutil.which(compiler) is None:
     raise RuntimeError(f"no C++ compiler {compiler!r} on PATH")
   flags = ["-O3", "-march=native", "-std=c++20", "-shared", "-fPIC",
            f"-I{jax.ffi.include_dir()}"]
+  version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                           check=False).stdout
   key = hashlib.sha256()
-  # The FFI headers' path names the jaxlib install; -march=native makes the CPU part of it.
-  for part in (SOURCE.read_bytes(), " ".join([compiler, *flags]).encode(),
-               jax.__version__.encode(), _cpu_flags().encode()):
-    key.update(part)
+  for part in (SOURCE.read_text(), compiler, version, *flags, jax.__version__,
+               importlib.metadata.version("jaxlib"), cpu_flags()):
+    key.update(part.encode() + b"\0")
   library = cache_dir() / f"attention_cpu-{key.hexdigest()[:16]}.so"
+  failure = library.with_suffix(".failed")
   if library.exists():
     return library
+  if failure.exists():
+    raise RuntimeError(failure.read_text())
   library.parent.mkdir(parents=True, exist_ok=True)
   # Compile to a temporary name, then rename: concurrent first uses never load half a file.
   with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
@@ -87,8 +102,10 @@ def build(compiler: str | None = None) -> Path:
                           capture_output=True, text=True, check=False)
     if done.returncode:
       errors = [line for line in done.stderr.splitlines() if "error" in line]
-      raise RuntimeError(f"{compiler} could not build {SOURCE.name}: "
-                         f"{(errors or done.stderr.splitlines() or ['?'])[0]}")
+      why = (f"{compiler} could not build {SOURCE.name}: "
+             f"{(errors or done.stderr.splitlines() or ['no message'])[0]}")
+      failure.write_text(why)
+      raise RuntimeError(why)
     os.replace(partial, library)
   return library
 
@@ -106,6 +123,11 @@ def load() -> str | None:
   return None
 
 
+def available() -> bool:
+  """Whether `attend` takes the kernel here (JAX's default backend is a CPU, and it built)."""
+  return jax.default_backend() == "cpu" and load() is None
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
   """`attention.attend(q, k, v)` (float32, no mask), by the fused kernel on CPUs.
 
@@ -118,13 +140,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Arr
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([q, k, v])
   tokens, head_dim = q.shape[-2:]
+  # Only where a CPU is the default does the kernel get built at all; `platform_dependent`
+  # then still lowers the einsum path for a computation placed on another platform.
   if jax.default_backend() != "cpu" or not supports(tokens, head_dim):
     return A.attend(q, k, v)
   if (why := load()) is not None:
     _warn_once(why)
     return A.attend(q, k, v)
   q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-  out, weights = _fused(q, k, v)
+  out, weights = jax.lax.platform_dependent(q, k, v, cpu=_fused, default=A.attend)
   chex.assert_equal_shape([out, q])
   chex.assert_shape(weights, q.shape[:-1] + (tokens,))
   return out, weights
@@ -135,36 +159,46 @@ def _warn_once(why: str) -> None:
   warnings.warn(f"fused attention unavailable, using attention.attend: {why}", stacklevel=3)
 
 
-def _forward_call(q, k, v):
-  out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
-  weights = jax.ShapeDtypeStruct(q.shape[:-1] + (q.shape[-2],), jnp.float32)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _kernel_call(target: str, q, *arrays):
+  """The FFI call `target`: (q, k, v) -> (out, weights) or (q, ...) -> (dq, dk, dv)."""
+  weights = q.shape[:-1] + (q.shape[-2],)
+  results = (q.shape, weights) if target == _TARGETS[0] else (q.shape,) * 3
   # The kernel treats every leading axis as heads, so vmap may just add one.
-  return jax.ffi.ffi_call(_TARGETS[0], (out, weights), vmap_method="broadcast_all")(q, k, v)
+  return jax.ffi.ffi_call(target, tuple(jax.ShapeDtypeStruct(r, jnp.float32) for r in results),
+                          vmap_method="broadcast_all")(q, *arrays)
+
+
+@_kernel_call.defjvp
+def _kernel_call_jvp(target, primals, tangents):
+  # Reached only by differentiating the custom VJP's own rules: a second derivative.
+  del target, primals, tangents
+  raise NotImplementedError(
+      "attention_kernel='fused_cpu' has first derivatives only: for jax.grad of jax.grad, "
+      "use attention_kernel='einsum'")
 
 
 @jax.custom_vjp
 def _fused(q, k, v):
-  return _forward_call(q, k, v)
+  return _kernel_call(_TARGETS[0], q, k, v)
 
 
 def _fused_forward(q, k, v):
   q, k, v = q.value, k.value, v.value  # symbolic_zeros=True wraps the primals
-  out, weights = _forward_call(q, k, v)
+  out, weights = _kernel_call(_TARGETS[0], q, k, v)
   return (out, weights), (q, k, v, weights)
 
 
 def _fused_backward(residuals, cotangents):
   q, k, v, weights = residuals
   d_out, d_weights = cotangents
-  grads = tuple(jax.ShapeDtypeStruct(q.shape, jnp.float32) for _ in range(3))
   if isinstance(d_out, custom_derivatives.SymbolicZero):
     d_out = jnp.zeros(q.shape, jnp.float32)
   # In training nothing reads the weights, so their cotangent is a symbolic zero: skip it.
   if isinstance(d_weights, custom_derivatives.SymbolicZero):
-    return jax.ffi.ffi_call(_TARGETS[1], grads, vmap_method="broadcast_all")(
-        q, k, v, weights, d_out)
-  return jax.ffi.ffi_call(_TARGETS[2], grads, vmap_method="broadcast_all")(
-      q, k, v, weights, d_out, d_weights)
+    return _kernel_call(_TARGETS[1], q, k, v, weights, d_out)
+  return _kernel_call(_TARGETS[2], q, k, v, weights, d_out, d_weights)
 
 
 _fused.defvjp(_fused_forward, _fused_backward, symbolic_zeros=True)
+

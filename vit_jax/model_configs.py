@@ -30,7 +30,7 @@ class ModelConfig:
   two products and the softmax) as one C++ kernel on CPUs (`vit_jax.fused_attention`),
   about 1.1x the `seed` training step; elsewhere, or where the kernel cannot be built, the
   model uses 'einsum', the pure functions. It needs float32, a head dim of 16, 32 or 64
-  and at most 128 tokens.
+  and at most 128 tokens, and it has first derivatives only (no `jax.grad` of `jax.grad`).
 
   The model differentiates in reverse mode only (`jax.grad`, also of `jax.grad`), not in
   forward mode (`jax.jvp`, `jax.jacfwd`): LayerNorm's gradient is written out by hand
