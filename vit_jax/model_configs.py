@@ -73,12 +73,14 @@ class ModelConfig:
             self.attention_kernel, "is not one of 'einsum', 'fused_cpu'")
     if self.attention_kernel == "fused_cpu":
       require(self.compute_dtype == "float32", "attention_kernel", self.attention_kernel,
-              f"needs compute_dtype='float32', not {self.compute_dtype!r}")
+              f"needs compute_dtype='float32', not {self.compute_dtype!r} "
+              "(attention_kernel='einsum' takes any precision)")
       tokens = self.num_patches + (self.classifier == "token")
       require(fused_attention.supports(tokens, self.head_dim), "attention_kernel",
               self.attention_kernel,
               f"supports head dims {fused_attention.HEAD_DIMS} and at most "
-              f"{fused_attention.MAX_TOKENS} tokens, not {self.head_dim} and {tokens}")
+              f"{fused_attention.MAX_TOKENS} tokens, not {self.head_dim} and {tokens} "
+              "(attention_kernel='einsum' takes any shape)")
 
   @property
   def head_dim(self) -> int:
