@@ -339,21 +339,27 @@ ffi::Error Unsupported(const Shape& s) {
       " tokens");
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32Out out, F32Out weights) {
-  auto shape = HeadShape(q, {&k, &v});
-  if (!shape.has_value()) return shape.error();
-  const Shape s = *shape;
-  const int64_t size = s.n * s.d, weights_size = s.n * s.n;
+// Runs per_head(head, h) for every head h, with a Head<DV, NB> for each chunk of heads.
+template <typename PerHead>
+ffi::Error OverHeads(ffi::ThreadPool& pool, const Shape& s, PerHead per_head) {
   const bool ok = Dispatch(s.d, s.n, [&]<int DV, int NB>() {
     ForEachChunk(pool, s.heads, [&](int64_t begin, int64_t end) {
       Head<DV, NB> head(s.n);
-      for (int64_t h = begin; h < end; ++h)
-        head.forward(q.typed_data() + h * size, k.typed_data() + h * size,
-                     v.typed_data() + h * size, out->typed_data() + h * size,
-                     weights->typed_data() + h * weights_size);
+      for (int64_t h = begin; h < end; ++h) per_head(head, h);
     });
   });
   return ok ? ffi::Error::Success() : Unsupported(s);
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32Out out, F32Out weights) {
+  auto shape = HeadShape(q, {&k, &v});
+  if (!shape.has_value()) return shape.error();
+  const int64_t size = shape->n * shape->d, weights_size = shape->n * shape->n;
+  return OverHeads(pool, *shape, [&](auto& head, int64_t h) {
+    head.forward(q.typed_data() + h * size, k.typed_data() + h * size,
+                 v.typed_data() + h * size, out->typed_data() + h * size,
+                 weights->typed_data() + h * weights_size);
+  });
 }
 
 ffi::Error Backward(ffi::ThreadPool& pool, F32& q, F32& k, F32& v, F32& weights, F32& d_out,
@@ -362,21 +368,15 @@ ffi::Error Backward(ffi::ThreadPool& pool, F32& q, F32& k, F32& v, F32& weights,
   if (!shape.has_value()) return shape.error();
   if (!WeightsShaped(q, {&weights}))
     return ffi::Error::InvalidArgument("weights are not (..., n, n) for q's (..., n, d)");
-  const Shape s = *shape;
-  const int64_t size = s.n * s.d, weights_size = s.n * s.n;
-  const bool ok = Dispatch(s.d, s.n, [&]<int DV, int NB>() {
-    ForEachChunk(pool, s.heads, [&](int64_t begin, int64_t end) {
-      Head<DV, NB> head(s.n);
-      for (int64_t h = begin; h < end; ++h)
-        head.backward(q.typed_data() + h * size, k.typed_data() + h * size,
-                      v.typed_data() + h * size, weights.typed_data() + h * weights_size,
-                      d_out.typed_data() + h * size,
-                      d_weights ? d_weights + h * weights_size : nullptr,
-                      dq->typed_data() + h * size, dk->typed_data() + h * size,
-                      dv->typed_data() + h * size);
-    });
+  const int64_t size = shape->n * shape->d, weights_size = shape->n * shape->n;
+  return OverHeads(pool, *shape, [&](auto& head, int64_t h) {
+    head.backward(q.typed_data() + h * size, k.typed_data() + h * size,
+                  v.typed_data() + h * size, weights.typed_data() + h * weights_size,
+                  d_out.typed_data() + h * size,
+                  d_weights ? d_weights + h * weights_size : nullptr,
+                  dq->typed_data() + h * size, dk->typed_data() + h * size,
+                  dv->typed_data() + h * size);
   });
-  return ok ? ffi::Error::Success() : Unsupported(s);
 }
 
 ffi::Error BackwardWithoutWeightsGrad(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 weights,
