@@ -3,7 +3,6 @@
 import re
 import shutil
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,18 +15,11 @@ from vit_jax import fused_attention as F
 from vit_jax import models
 from vit_jax.model_configs import get_model_config
 
-
-def _cpu_has_avx512() -> bool:
-  try:
-    return " avx512f" in Path("/proc/cpuinfo").read_text()
-  except OSError:
-    return False
-
-
 # The kernel is written for AVX-512 and built with g++; where both are present it must build,
 # so that a kernel that stopped compiling fails here instead of falling back unseen.
 requires_kernel = pytest.mark.skipif(
-    not (_cpu_has_avx512() and shutil.which("g++")), reason="needs AVX-512 and g++")
+    not ("avx512f" in F.cpu_flags().split() and shutil.which("g++")),
+    reason="needs AVX-512 and g++")
 
 
 @pytest.fixture(scope="module")

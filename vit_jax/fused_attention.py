@@ -75,7 +75,8 @@ def build(compiler: str | None = None) -> Path:
     RuntimeError: no AVX-512, no compiler, or the compiler failed, now or in an earlier
       process (the message ends with the compiler's first error line).
   """
-  if "avx512f" not in cpu_flags().split():
+  cpu = cpu_flags()
+  if "avx512f" not in cpu.split():
     raise RuntimeError(f"the CPU has no AVX-512 ({platform.machine()})")
   compiler = compiler or os.environ.get("CXX", "g++")
   if shutil.which(compiler) is None:
@@ -86,7 +87,7 @@ def build(compiler: str | None = None) -> Path:
                            check=False).stdout
   key = hashlib.sha256()
   for part in (SOURCE.read_text(), compiler, version, *flags, jax.__version__,
-               importlib.metadata.version("jaxlib"), cpu_flags()):
+               importlib.metadata.version("jaxlib"), cpu):
     key.update(part.encode() + b"\0")
   library = cache_dir() / f"attention_cpu-{key.hexdigest()[:16]}.so"
   failure = library.with_suffix(".failed")
