@@ -1,13 +1,17 @@
 """The fused CPU attention kernel against numpy and against `attention.attend`."""
 
+import os
 import re
 import shutil
+import subprocess
+import sys
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO
 from test_attention import rand, ref_attention
 
 from vit_jax import attention as A
@@ -15,11 +19,12 @@ from vit_jax import fused_attention as F
 from vit_jax import models
 from vit_jax.model_configs import get_model_config
 
-# The kernel is written for AVX-512 and built with g++; where both are present it must build,
-# so that a kernel that stopped compiling fails here instead of falling back unseen.
-requires_kernel = pytest.mark.skipif(
-    not ("avx512f" in F.cpu_flags().split() and shutil.which("g++")),
-    reason="needs AVX-512 and g++")
+# The kernel is written for AVX-512 or AVX2 with FMA and built with g++; where they are
+# present it must build, so that a kernel that stopped compiling fails here instead of
+# falling back unseen.
+CPU = set(F.cpu_flags().split())
+requires_kernel = pytest.mark.skipif(not ({"avx2", "fma"} <= CPU and shutil.which("g++")),
+                                     reason="needs AVX2 with FMA, and g++")
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +173,11 @@ def unbuildable(monkeypatch, tmp_path):
   """No kernel in the cache and no compiler: `load` must report why."""
   monkeypatch.setenv("VIT_JAX_CACHE_DIR", str(tmp_path))
   monkeypatch.setenv("CXX", "no-such-compiler")
-  monkeypatch.setattr(F, "cpu_flags", lambda: "fpu sse2 avx2 avx512f")
-  F.load.cache_clear()
+  monkeypatch.setattr(F, "cpu_flags", lambda: "fpu sse2 avx2 fma avx512f")
+  F._library.cache_clear()
   F._warn_once.cache_clear()
   yield
-  F.load.cache_clear()  # the next load finds the kernel again (targets stay registered)
+  F._library.cache_clear()  # the next load finds the kernel again (targets stay registered)
 
 
 def test_without_a_compiler_attend_warns_once_and_uses_the_einsum_path(unbuildable):
@@ -199,7 +204,7 @@ exit 1
 """)
   compiler.chmod(0o755)
   monkeypatch.setenv("VIT_JAX_CACHE_DIR", str(tmp_path / "cache"))
-  monkeypatch.setattr(F, "cpu_flags", lambda: "fpu avx512f")
+  monkeypatch.setattr(F, "cpu_flags", lambda: "fpu avx2 fma avx512f")
   for _ in range(2):  # the second time from the cached failure, without compiling
     with pytest.raises(RuntimeError, match="could not build attention_cpu.cc: .*no AVX-512 here"):
       F.build(str(compiler))
@@ -207,7 +212,36 @@ exit 1
   assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built left behind
 
 
-def test_a_cpu_without_avx512_is_reported(monkeypatch):
-  monkeypatch.setattr(F, "cpu_flags", lambda: "fpu sse2 avx2 fma")
-  with pytest.raises(RuntimeError, match="no AVX-512"):
+def test_a_cpu_without_avx2_is_reported(monkeypatch):
+  monkeypatch.setattr(F, "cpu_flags", lambda: "fpu sse2 avx fma")
+  with pytest.raises(RuntimeError, match="no AVX2 with FMA"):
     F.build()
+
+
+@requires_kernel
+def test_the_kernel_uses_the_widest_vectors_it_was_built_for(kernel):
+  march = os.environ.get(F.MARCH_VARIABLE)
+  if march not in (None, "x86-64-v3"):
+    pytest.skip(f"{F.MARCH_VARIABLE}={march}: width unknown")
+  assert kernel.lanes() == (16 if march is None and "avx512f" in CPU else 8)
+
+
+# The numerics, vmap/pmap and model tests above, in a process that builds the AVX2 kernel.
+AVX2_TESTS = "values_match or gradients_match or vmap_and_pmap or model_with or widest_vectors"
+
+
+@requires_kernel
+@pytest.mark.slow
+@pytest.mark.skipif("avx512f" not in CPU, reason="without AVX-512 the tests above are AVX2's")
+@pytest.mark.skipif(F.MARCH_VARIABLE in os.environ, reason="already a chosen build")
+def test_the_avx2_build_passes_the_same_tests(tmp_path):
+  # Machines without AVX-512 (e.g. Zen 3) build 8-float vectors: a path of its own.
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env[F.MARCH_VARIABLE] = "x86-64-v3"  # AVX2 and FMA, no AVX-512; runs on this CPU
+  result = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+       AVX2_TESTS], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stdout[-3000:]
+  expected = (len(SHAPES) + 1) + 3 * len(SHAPES) + 3  # values, gradients, the other three
+  assert re.search(r"\b(\d+) passed", result.stdout).group(1) == str(expected), (
+      result.stdout[-500:])

@@ -8,8 +8,9 @@
 // time, and the heads are shared out over XLA's intra-op threads.
 //
 // Built by vit_jax/fused_attention.py (g++ -O3 -march=native), which uses the einsum path
-// where this cannot be built. Written for AVX-512: a 16-float vector holds a row of a
-// 16-wide head (two or four of them for heads of 32 or 64), or 16 of a row's scores.
+// where this cannot be built. Written for vectors of kLanes floats: 16 with AVX-512, 8 with
+// AVX2 (16 registers instead of 32, so the scores are computed a few vectors at a time).
+// A vector holds a 16-wide head's row (or half of it), or kLanes of a row's scores.
 
 #include <algorithm>
 #include <atomic>
@@ -19,74 +20,89 @@
 #include <initializer_list>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
-#ifndef __AVX512F__
-#error "vit_jax's fused attention kernel is written for AVX-512"
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kRegisters = 32;
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int kLanes = 8;
+constexpr int kRegisters = 16;
+#else
+#error "vit_jax's fused attention kernel is written for AVX-512 or AVX2 with FMA"
 #endif
 
 #include "xla/ffi/api/ffi.h"
 
 namespace {
 
-// --- 16-float vectors (GCC vector extensions) ------------------------------------------
+// --- Vectors of kLanes floats (GCC vector extensions) ----------------------------------
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef float v16_unaligned __attribute__((vector_size(64), aligned(4)));
-typedef int32_t i16 __attribute__((vector_size(64)));
+// Of the machine's own width: wider ones, split in two by the compiler, run ten times slower.
+typedef float vec __attribute__((vector_size(4 * kLanes)));
+typedef float vec_unaligned __attribute__((vector_size(4 * kLanes), aligned(4)));
+typedef int32_t ivec __attribute__((vector_size(4 * kLanes)));
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
 
-inline v16 load(const float* p) { return *reinterpret_cast<const v16_unaligned*>(p); }
-inline void store(float* p, v16 x) { *reinterpret_cast<v16_unaligned*>(p) = x; }
-inline v16 splat(float x) { return v16{} + x; }
+inline vec load(const float* p) { return *reinterpret_cast<const vec_unaligned*>(p); }
+inline void store(float* p, vec x) { *reinterpret_cast<vec_unaligned*>(p) = x; }
+inline vec splat(float x) { return vec{} + x; }
 
 // exp(x) for x <= 0: Cody-Waite reduction to r in [-ln2/2, ln2/2], a degree-6 polynomial
 // for exp(r), times 2^n built in the exponent bits. About 1 ulp. Below -87 it returns
 // exp(-87), about 1.6e-38: beside a row maximum's exp(0) = 1 that weight is still 0.
-inline v16 exp_nonpositive(v16 x) {
+inline vec exp_nonpositive(vec x) {
   x = x < -87.0f ? splat(-87.0f) : x;
-  const v16 round = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const v16 n = (x * 1.44269504088896341f + round) - round;
-  v16 r = x - n * 0.693359375f;
+  const vec round = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vec n = (x * 1.44269504088896341f + round) - round;
+  vec r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;  // ln 2 in two parts, so that r keeps its low bits
-  v16 p = splat(1.9875691500e-4f);
+  vec p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const i16 bits = (__builtin_convertvector(n, i16) + 127) << 23;
-  v16 two_to_n;
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  vec two_to_n;
   std::memcpy(&two_to_n, &bits, sizeof two_to_n);
   return p * two_to_n;
 }
 
-// f folded over the 16 lanes, halving the width each time.
+// f folded over the lanes, halving the width each time.
 template <typename F>
-inline float reduce(v16 x, F f) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  const v8 a = f(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7),
-                 __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
+inline float reduce(v8 a, F f) {
   const v4 b = f(__builtin_shufflevector(a, a, 0, 1, 2, 3),
                  __builtin_shufflevector(a, a, 4, 5, 6, 7));
   const v4 c = f(b, __builtin_shufflevector(b, b, 2, 3, 0, 1));
   return f(c, __builtin_shufflevector(c, c, 1, 0, 3, 2))[0];
 }
-inline float max_of(v16 x) { return reduce(x, [](auto a, auto b) { return a > b ? a : b; }); }
-inline float sum_of(v16 x) { return reduce(x, [](auto a, auto b) { return a + b; }); }
+template <typename V, typename F>
+  requires(sizeof(V) == 64)
+inline float reduce(V x, F f) {
+  return reduce(f(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7),
+                  __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15)), f);
+}
+inline float max_of(vec x) { return reduce(x, [](auto a, auto b) { return a > b ? a : b; }); }
+inline float sum_of(vec x) { return reduce(x, [](auto a, auto b) { return a + b; }); }
 
 // --- One head ---------------------------------------------------------------------------
 
 constexpr int kRows = 4;  // queries per block: the key (or value) loaded once serves four
 
-// One head of n tokens and D = 16 * DV dims; NB = ceil(n / 16) vectors span a row of
-// scores. Holds the padded copies a head needs; one per chunk of heads, reused over them.
+// One head of n tokens and D = kLanes * DV dims; NB = ceil(n / kLanes) vectors span a row
+// of scores. Holds the padded copies a head needs; one per chunk of heads, reused over them.
 template <int DV, int NB>
 class Head {
  public:
-  static constexpr int D = 16 * DV;
-  static constexpr int W = 16 * NB;  // a row of scores, padded to whole vectors
+  static constexpr int D = kLanes * DV;
+  static constexpr int W = kLanes * NB;  // a row of scores, padded to whole vectors
+  // Score vectors per pass of rows_times_transposed: kRows accumulators for each, its
+  // column and a broadcast factor must all fit in the registers.
+  static constexpr int kTile = (kRegisters - 1) / (kRows + 1);
 
   explicit Head(int n)
       : n_(n), padded_n_((n + kRows - 1) / kRows * kRows),
@@ -105,17 +121,17 @@ class Head {
       rows_times_transposed(q_.data() + i0 * D, scores);  // Q K^T
 #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r) softmax(scores + r * W);
-      v16 o[kRows][DV] = {};
+      vec o[kRows][DV] = {};
       for (int j = 0; j < n_; ++j) {  // out = weights V
 #pragma GCC unroll 4
         for (int c = 0; c < DV; ++c) {
-          const v16 vj = load(v + j * D + c * 16);
+          const vec vj = load(v + j * D + c * kLanes);
 #pragma GCC unroll 4
           for (int r = 0; r < kRows; ++r) o[r][c] += scores[r * W + j] * vj;
         }
       }
       for (int r = 0; r < kRows && i0 + r < n_; ++r) {
-        for (int c = 0; c < DV; ++c) store(out + (i0 + r) * D + c * 16, o[r][c]);
+        for (int c = 0; c < DV; ++c) store(out + (i0 + r) * D + c * kLanes, o[r][c]);
         std::memcpy(weights + (i0 + r) * n_, scores + r * W, n_ * sizeof(float));
       }
     }
@@ -141,17 +157,17 @@ class Head {
           for (int j = 0; j < n_; ++j) ds[r * W + j] += d_weights[i * n_ + j];
         softmax_backward(weights_.data() + i * W, ds + r * W);
       }
-      v16 dq_rows[kRows][DV] = {}, q_rows[kRows][DV], d_out_rows[kRows][DV];
+      vec dq_rows[kRows][DV] = {}, q_rows[kRows][DV], d_out_rows[kRows][DV];
       for (int r = 0; r < kRows; ++r)
         for (int c = 0; c < DV; ++c) {
-          q_rows[r][c] = load(q_.data() + (i0 + r) * D + c * 16);
-          d_out_rows[r][c] = load(d_out_.data() + (i0 + r) * D + c * 16);
+          q_rows[r][c] = load(q_.data() + (i0 + r) * D + c * kLanes);
+          d_out_rows[r][c] = load(d_out_.data() + (i0 + r) * D + c * kLanes);
         }
       for (int j = 0; j < n_; ++j) {
 #pragma GCC unroll 4
         for (int c = 0; c < DV; ++c) {
-          const v16 kj = load(k + j * D + c * 16);
-          v16 dkj = load(dk + j * D + c * 16), dvj = load(dv + j * D + c * 16);
+          const vec kj = load(k + j * D + c * kLanes);
+          vec dkj = load(dk + j * D + c * kLanes), dvj = load(dv + j * D + c * kLanes);
 #pragma GCC unroll 4
           for (int r = 0; r < kRows; ++r) {
             const float ds_rj = ds[r * W + j], p_rj = weights_[(i0 + r) * W + j];
@@ -159,12 +175,12 @@ class Head {
             dkj += ds_rj * q_rows[r][c];             // dK = dS^T Q
             dvj += p_rj * d_out_rows[r][c];          // dV = P^T dO
           }
-          store(dk + j * D + c * 16, dkj);
-          store(dv + j * D + c * 16, dvj);
+          store(dk + j * D + c * kLanes, dkj);
+          store(dv + j * D + c * kLanes, dvj);
         }
       }
       for (int r = 0; r < kRows && i0 + r < n_; ++r)
-        for (int c = 0; c < DV; ++c) store(dq + (i0 + r) * D + c * 16, dq_rows[r][c]);
+        for (int c = 0; c < DV; ++c) store(dq + (i0 + r) * D + c * kLanes, dq_rows[r][c]);
     }
   }
 
@@ -182,32 +198,37 @@ class Head {
     for (int i = 0; i < n_; ++i) std::memcpy(padded + i * stride, x + i * width, width * 4);
   }
 
-  // out[r] (W) = a[r] (D) @ transposed_ (D, W) for the kRows rows of a block.
+  // out[r] (W) = a[r] (D) @ transposed_ (D, W) for the kRows rows of a block, from the
+  // score vector B0 on, kTile vectors at a time.
+  template <int B0 = 0>
   void rows_times_transposed(const float* a, float* out) {
-    v16 acc[kRows][NB] = {};
+    constexpr int T = std::min(kTile, NB - B0);
+    vec acc[kRows][T] = {};
     for (int c = 0; c < D; ++c) {
-      v16 column[NB];
+      vec column[T];
 #pragma GCC unroll 8
-      for (int b = 0; b < NB; ++b) column[b] = load(transposed_.data() + c * W + b * 16);
+      for (int b = 0; b < T; ++b)
+        column[b] = load(transposed_.data() + c * W + (B0 + b) * kLanes);
 #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 8
-        for (int b = 0; b < NB; ++b) acc[r][b] += a[r * D + c] * column[b];
+        for (int b = 0; b < T; ++b) acc[r][b] += a[r * D + c] * column[b];
     }
     for (int r = 0; r < kRows; ++r)
-      for (int b = 0; b < NB; ++b) store(out + r * W + b * 16, acc[r][b]);
+      for (int b = 0; b < T; ++b) store(out + r * W + (B0 + b) * kLanes, acc[r][b]);
+    if constexpr (B0 + T < NB) rows_times_transposed<B0 + T>(a, out);
   }
 
   // A row of Q K^T (W) -> its softmax weights, in place.
   void softmax(float* row) {
-    v16 x[NB], high = splat(-INFINITY);
+    vec x[NB], high = splat(-INFINITY);
 #pragma GCC unroll 8
     for (int b = 0; b < NB; ++b) {
-      x[b] = load(row + b * 16) * inv_sqrt_d_ + load(pad_.data() + b * 16);
+      x[b] = load(row + b * kLanes) * inv_sqrt_d_ + load(pad_.data() + b * kLanes);
       high = x[b] > high ? x[b] : high;
     }
     const float max = max_of(high);
-    v16 sum = {};
+    vec sum = {};
 #pragma GCC unroll 8
     for (int b = 0; b < NB; ++b) {
       x[b] = exp_nonpositive(x[b] - max);
@@ -215,19 +236,19 @@ class Head {
     }
     const float inv_sum = 1.0f / sum_of(sum);
 #pragma GCC unroll 8
-    for (int b = 0; b < NB; ++b) store(row + b * 16, x[b] * inv_sum);
+    for (int b = 0; b < NB; ++b) store(row + b * kLanes, x[b] * inv_sum);
   }
 
   // A row of dP (W), the weights' cotangent -> dS, the scores' (Q K^T's) cotangent, in place:
   // dS = P * (dP - sum(P dP)) / sqrt(D).
   void softmax_backward(const float* p, float* row) {
-    v16 dot = {};
+    vec dot = {};
 #pragma GCC unroll 8
-    for (int b = 0; b < NB; ++b) dot += load(p + b * 16) * load(row + b * 16);
+    for (int b = 0; b < NB; ++b) dot += load(p + b * kLanes) * load(row + b * kLanes);
     const float total = sum_of(dot);
 #pragma GCC unroll 8
     for (int b = 0; b < NB; ++b)
-      store(row + b * 16, load(p + b * 16) * (load(row + b * 16) - total) * inv_sqrt_d_);
+      store(row + b * kLanes, load(p + b * kLanes) * (load(row + b * kLanes) - total) * inv_sqrt_d_);
   }
 
   const int n_, padded_n_;
@@ -242,30 +263,24 @@ class Head {
 
 constexpr int kMaxTokens = 128;
 
-// Calls f.template operator()<DV, NB>() for head dim d = 16 DV and n <= 16 NB tokens;
-// false for shapes the kernel does not cover (fused_attention.supports says which).
+// Calls f.template operator()<DV, NB>() for the NB in 1 + Bs that equals nb.
+template <int DV, typename F, int... Bs>
+bool ByTokens(int64_t nb, F& f, std::integer_sequence<int, Bs...>) {
+  return ((nb == Bs + 1 && (f.template operator()<DV, Bs + 1>(), true)) || ...);
+}
+
+// Calls f.template operator()<DV, NB>() for head dim d = kLanes DV and n <= kLanes NB
+// tokens; false for shapes the kernel does not cover (fused_attention.supports says which).
 template <typename F>
 bool Dispatch(int64_t d, int64_t n, F f) {
-  auto by_tokens = [&](auto dv) {
-    constexpr int DV = decltype(dv)::value;
-    switch ((n + 15) / 16) {
-      case 1: f.template operator()<DV, 1>(); return true;
-      case 2: f.template operator()<DV, 2>(); return true;
-      case 3: f.template operator()<DV, 3>(); return true;
-      case 4: f.template operator()<DV, 4>(); return true;
-      case 5: f.template operator()<DV, 5>(); return true;
-      case 6: f.template operator()<DV, 6>(); return true;
-      case 7: f.template operator()<DV, 7>(); return true;
-      case 8: f.template operator()<DV, 8>(); return true;
-      default: return false;
-    }
-  };
-  static_assert(kMaxTokens == 8 * 16);
-  if (n < 1) return false;
+  static_assert(kMaxTokens % kLanes == 0);
+  const auto blocks = std::make_integer_sequence<int, kMaxTokens / kLanes>{};
+  const int64_t nb = (n + kLanes - 1) / kLanes;
+  if (n < 1 || n > kMaxTokens) return false;
   switch (d) {
-    case 16: return by_tokens(std::integral_constant<int, 1>{});
-    case 32: return by_tokens(std::integral_constant<int, 2>{});
-    case 64: return by_tokens(std::integral_constant<int, 4>{});
+    case 16: return ByTokens<16 / kLanes>(nb, f, blocks);
+    case 32: return ByTokens<32 / kLanes>(nb, f, blocks);
+    case 64: return ByTokens<64 / kLanes>(nb, f, blocks);
     default: return false;
   }
 }
@@ -413,3 +428,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionBackwardWithWeights, BackwardWithWeigh
                                   .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
                                   .Arg<F32>()
                                   .Ret<F32>().Ret<F32>().Ret<F32>());
+
+// Floats per vector, 16 (AVX-512) or 8 (AVX2): which build this is.
+extern "C" int VitAttentionLanes() { return kLanes; }

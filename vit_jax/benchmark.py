@@ -345,13 +345,15 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
   """
   config = validate(config)
   peak = MatmulPeak(config.model.compute_dtype, peak_size)
+  # What ran: 'fused_cpu' falls back to 'einsum' off CPUs and where it cannot be built.
+  fused = config.model.attention_kernel == "fused_cpu" and fused_attention.available()
   result: dict[str, Any] = {
       "date": time.strftime("%Y-%m-%d"),
       "device": jax.devices()[0].device_kind,
       "compute_dtype": config.model.compute_dtype,
-      # What ran: 'fused_cpu' falls back to 'einsum' off CPUs and where it cannot be built.
-      "attention_kernel": ("fused_cpu" if config.model.attention_kernel == "fused_cpu"
-                           and fused_attention.available() else "einsum"),
+      "attention_kernel": "fused_cpu" if fused else "einsum",
+      # 16: the kernel's AVX-512 build, 8: its AVX2 build.
+      "attention_kernel_lanes": fused_attention.lanes() if fused else None,
       "train_flops_per_image": train_flops(config.model),
       "eval_flops_per_image": forward_flops(config.model),
       "batch_size": config.batch_size,

@@ -9,13 +9,16 @@ forward and backward, as an XLA FFI custom call (docs/performance.md, "Attention
 kernel", has the figures).
 
 The kernel is compiled on first use with the machine's C++ compiler (`g++ -O3
--march=native`, about 15 s) and cached under ~/.cache/vit_jax (or $VIT_JAX_CACHE_DIR),
+-march=native`, 15-60 s) and cached under ~/.cache/vit_jax (or $VIT_JAX_CACHE_DIR),
 keyed by its source, the compiler and its version, JAX, jaxlib and the CPU's flags; a
-failed build is cached too, so it is not retried by every process. It needs AVX-512,
-float32, no mask, a head dim of 16, 32 or 64 and at most 128 tokens. Where it cannot be
-built (no compiler, no AVX-512), `attend` warns once and uses `attention.attend`, as it
-does when the computation is compiled for a GPU or TPU. It differentiates once, in
-reverse mode: `jax.grad` of `jax.grad` and `jax.jvp` raise errors that say so.
+failed build is cached too, so it is not retried by every process. It is built for
+AVX-512 (16-float vectors) or, on CPUs without it, AVX2 with FMA (8-float vectors);
+$VIT_JAX_KERNEL_MARCH replaces `native` (the tests build `x86-64-v3`, AVX2, on AVX-512
+machines too). It needs float32, no mask, a head dim of 16, 32 or 64 and at most 128
+tokens. Where it cannot be built (no compiler, no AVX2), `attend` warns once and uses
+`attention.attend`, as it does when the computation is compiled for a GPU or TPU. It
+differentiates once, in reverse mode: `jax.grad` of `jax.grad` and `jax.jvp` raise errors
+that say so.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ SOURCE = Path(__file__).with_name("attention_cpu.cc")
 HEAD_DIMS = (16, 32, 64)
 MAX_TOKENS = 128
 _TARGETS = ("VitAttentionForward", "VitAttentionBackward", "VitAttentionBackwardWithWeights")
+MARCH_VARIABLE = "VIT_JAX_KERNEL_MARCH"
 
 
 def supports(tokens: int, head_dim: int) -> bool:
@@ -72,16 +76,17 @@ def build(compiler: str | None = None) -> Path:
     compiler: the C++ compiler; default $CXX, else g++.
 
   Raises:
-    RuntimeError: no AVX-512, no compiler, or the compiler failed, now or in an earlier
-      process (the message ends with the compiler's first error line).
+    RuntimeError: no AVX2 with FMA, no compiler, or the compiler failed, now or in an
+      earlier process (the message ends with the compiler's first error line).
   """
   cpu = cpu_flags()
-  if "avx512f" not in cpu.split():
-    raise RuntimeError(f"the CPU has no AVX-512 ({platform.machine()})")
+  if not {"avx2", "fma"} <= set(cpu.split()):  # the least the kernel is written for
+    raise RuntimeError(f"the CPU has no AVX2 with FMA ({platform.machine()})")
   compiler = compiler or os.environ.get("CXX", "g++")
   if shutil.which(compiler) is None:
     raise RuntimeError(f"no C++ compiler {compiler!r} on PATH")
-  flags = ["-O3", "-march=native", "-std=c++20", "-shared", "-fPIC",
+  march = os.environ.get(MARCH_VARIABLE) or "native"
+  flags = ["-O3", f"-march={march}", "-std=c++20", "-shared", "-fPIC",
            f"-I{jax.ffi.include_dir()}"]
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                            check=False).stdout
@@ -112,8 +117,8 @@ def build(compiler: str | None = None) -> Path:
 
 
 @functools.cache
-def load() -> str | None:
-  """Builds and registers the kernel once per process; None, or why it is unavailable."""
+def _library() -> ctypes.CDLL | str:
+  """The built kernel, loaded once per process, with its targets registered; or why not."""
   try:
     library = ctypes.cdll.LoadLibrary(str(build()))
   except (RuntimeError, OSError) as error:
@@ -121,7 +126,19 @@ def load() -> str | None:
   for name in _TARGETS:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)),
                                 platform="cpu")
-  return None
+  return library
+
+
+def load() -> str | None:
+  """Builds and registers the kernel once per process; None, or why it is unavailable."""
+  library = _library()
+  return library if isinstance(library, str) else None
+
+
+def lanes() -> int | None:
+  """Floats per vector in the loaded kernel: 16 (AVX-512) or 8 (AVX2); None if none loaded."""
+  library = _library()
+  return None if isinstance(library, str) else library.VitAttentionLanes()
 
 
 def available() -> bool:
