@@ -90,8 +90,7 @@ def test_benchmark_runs_and_counts_flops_like_xla(parallel, microbatch_size):
     assert result["compile_cold_seconds"] > 0 and result["compile_cached_seconds"] > 0
   assert "| train_mfu |" in benchmark.table(result)
   assert result["attention_kernel"] == ("fused_cpu" if ran_kernel else "einsum")
-  assert result["attention_kernel_lanes"] == (fused_attention.lanes() if ran_kernel else None)
-  assert result["attention_kernel_lanes"] in (None, 8, 16)
+  assert result["attention_kernel_lanes"] in ((8, 16) if ran_kernel else (None,))
 
 
 @pytest.mark.slow

@@ -218,6 +218,25 @@ def test_a_cpu_without_avx2_is_reported(monkeypatch):
     F.build()
 
 
+@pytest.mark.skipif(not shutil.which("g++"), reason="needs g++")
+def test_an_avx512_march_on_a_cpu_without_it_is_refused(monkeypatch, tmp_path):
+  # g++ answers the question of macros; the build itself stops at once.
+  compiler = tmp_path / "cxx"
+  compiler.write_text("""#!/bin/sh
+case " $* " in *" -dM "*|*" --version "*) exec g++ "$@";; esac
+echo 'error: the build itself' >&2; exit 1
+""")
+  compiler.chmod(0o755)
+  monkeypatch.setenv("VIT_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  monkeypatch.setattr(F, "cpu_flags", lambda: "fpu avx2 fma")  # a Zen 3, say
+  monkeypatch.setenv(F.MARCH_VARIABLE, "x86-64-v4")
+  with pytest.raises(RuntimeError, match="x86-64-v4 builds AVX-512 code, which this CPU"):
+    F.build(str(compiler))
+  monkeypatch.setenv(F.MARCH_VARIABLE, "x86-64-v3")  # AVX2: this CPU runs it, so it builds
+  with pytest.raises(RuntimeError, match="could not build .*the build itself"):
+    F.build(str(compiler))
+
+
 @requires_kernel
 def test_the_kernel_uses_the_widest_vectors_it_was_built_for(kernel):
   march = os.environ.get(F.MARCH_VARIABLE)

@@ -76,8 +76,9 @@ def build(compiler: str | None = None) -> Path:
     compiler: the C++ compiler; default $CXX, else g++.
 
   Raises:
-    RuntimeError: no AVX2 with FMA, no compiler, or the compiler failed, now or in an
-      earlier process (the message ends with the compiler's first error line).
+    RuntimeError: no AVX2 with FMA, no compiler, a $VIT_JAX_KERNEL_MARCH whose code this
+      CPU cannot run, or the compiler failed, now or in an earlier process (the message
+      ends with the compiler's first error line).
   """
   cpu = cpu_flags()
   if not {"avx2", "fma"} <= set(cpu.split()):  # the least the kernel is written for
@@ -86,6 +87,13 @@ def build(compiler: str | None = None) -> Path:
   if shutil.which(compiler) is None:
     raise RuntimeError(f"no C++ compiler {compiler!r} on PATH")
   march = os.environ.get(MARCH_VARIABLE) or "native"
+  if march != "native" and "avx512f" not in cpu.split():
+    # Such a build would load, then kill the process at its first call (illegal instruction).
+    macros = subprocess.run([compiler, f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull],
+                            capture_output=True, text=True, check=False).stdout
+    if "__AVX512F__" in macros.split():
+      raise RuntimeError(f"{MARCH_VARIABLE}={march} builds AVX-512 code, which this CPU "
+                         "cannot run")
   flags = ["-O3", f"-march={march}", "-std=c++20", "-shared", "-fPIC",
            f"-I{jax.ffi.include_dir()}"]
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
