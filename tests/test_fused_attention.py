@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 import jax
@@ -210,6 +211,31 @@ exit 1
       F.build(str(compiler))
   assert calls.read_text() == "compile\n"
   assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built left behind
+
+
+def test_a_new_build_deletes_cached_builds_unused_for_a_month(monkeypatch, tmp_path):
+  compiler, cache = tmp_path / "cxx", tmp_path / "cache"
+  compiler.write_text("""#!/bin/sh
+[ "$1" = --version ] && { echo fake 1.0; exit 0; }
+while [ $# -gt 1 ]; do [ "$1" = -o ] && echo library > "$2"; shift; done
+""")
+  compiler.chmod(0o755)
+  cache.mkdir()
+  monkeypatch.setenv("VIT_JAX_CACHE_DIR", str(cache))
+  monkeypatch.setattr(F, "cpu_flags", lambda: "fpu avx2 fma")
+  day = 24 * 3600
+  ages = {"attention_cpu-old.so": 40, "attention_cpu-old.failed": 40,
+          "attention_cpu-recent.so": 20, "someone-elses.so": 40}
+  for name, days in ages.items():
+    (cache / name).write_text("")
+    os.utime(cache / name, (time.time() - days * day,) * 2)
+  library = F.build(str(compiler))
+  assert sorted(p.name for p in cache.iterdir()) == sorted(
+      [library.name, "attention_cpu-recent.so", "someone-elses.so"])
+  # A build found in the cache counts as used: the next new build keeps it.
+  os.utime(library, (time.time() - 40 * day,) * 2)
+  assert F.build(str(compiler)) == library
+  assert time.time() - library.stat().st_mtime < day
 
 
 def test_a_cpu_without_avx2_is_reported(monkeypatch):

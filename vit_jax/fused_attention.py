@@ -11,7 +11,8 @@ kernel", has the figures).
 The kernel is compiled on first use with the machine's C++ compiler (`g++ -O3
 -march=native`, 15-60 s) and cached under ~/.cache/vit_jax (or $VIT_JAX_CACHE_DIR),
 keyed by its source, the compiler and its version, JAX, jaxlib and the CPU's flags; a
-failed build is cached too, so it is not retried by every process. It is built for
+failed build is cached too, so it is not retried by every process, and builds unused for
+30 days are deleted when a new one is made. It is built for
 AVX-512 (16-float vectors) or, on CPUs without it, AVX2 with FMA (8-float vectors);
 $VIT_JAX_KERNEL_MARCH replaces `native` (the tests build `x86-64-v3`, AVX2, on AVX-512
 machines too). It needs float32, no mask, a head dim of 16, 32 or 64 and at most 128
@@ -23,6 +24,7 @@ that say so.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -32,6 +34,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -47,6 +50,7 @@ HEAD_DIMS = (16, 32, 64)
 MAX_TOKENS = 128
 _TARGETS = ("VitAttentionForward", "VitAttentionBackward", "VitAttentionBackwardWithWeights")
 MARCH_VARIABLE = "VIT_JAX_KERNEL_MARCH"
+UNUSED_DAYS = 30  # a cached build unused this long is deleted by the next new build
 
 
 def supports(tokens: int, head_dim: int) -> bool:
@@ -105,8 +109,10 @@ def build(compiler: str | None = None) -> Path:
   library = cache_dir() / f"attention_cpu-{key.hexdigest()[:16]}.so"
   failure = library.with_suffix(".failed")
   if library.exists():
+    _mark_used(library)
     return library
   if failure.exists():
+    _mark_used(failure)
     raise RuntimeError(failure.read_text())
   library.parent.mkdir(parents=True, exist_ok=True)
   # Compile to a temporary name, then rename: concurrent first uses never load half a file.
@@ -121,7 +127,23 @@ def build(compiler: str | None = None) -> Path:
       failure.write_text(why)
       raise RuntimeError(why)
     os.replace(partial, library)
+  _delete_unused(library.parent)
   return library
+
+
+def _mark_used(path: Path) -> None:
+  with contextlib.suppress(OSError):  # a read-only cache still serves
+    os.utime(path)
+
+
+def _delete_unused(folder: Path) -> None:
+  """Deletes builds and failures unused for UNUSED_DAYS: each change of the source, the
+  compiler, JAX or the flags leaves one behind."""
+  cutoff = time.time() - UNUSED_DAYS * 24 * 3600
+  for path in folder.glob("attention_cpu-*"):
+    with contextlib.suppress(OSError):  # gone already, or not ours to delete
+      if path.is_file() and path.stat().st_mtime < cutoff:
+        path.unlink()
 
 
 @functools.cache
