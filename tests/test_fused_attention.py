@@ -214,7 +214,7 @@ exit 1
   assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built left behind
 
 
-def test_a_new_build_deletes_cached_builds_unused_for_a_month(monkeypatch, tmp_path):
+def test_a_new_build_deletes_cached_builds_unused_for_a_month(monkeypatch, tmp_path, capsys):
   compiler, cache = tmp_path / "cxx", tmp_path / "cache"
   compiler.write_text("""#!/bin/sh
 [ "$1" = --version ] && { echo fake 1.0; exit 0; }
@@ -231,12 +231,14 @@ while [ $# -gt 1 ]; do [ "$1" = -o ] && echo library > "$2"; shift; done
     (cache / name).write_text("")
     os.utime(cache / name, (time.time() - days * day,) * 2)
   library = F.build(str(compiler))
+  assert "compiling the fused attention kernel" in capsys.readouterr().err  # it takes a while
   assert sorted(p.name for p in cache.iterdir()) == sorted(
       [library.name, "attention_cpu-recent.so", "someone-elses.so"])
   # A build found in the cache counts as used: the next new build keeps it.
   os.utime(library, (time.time() - 40 * day,) * 2)
   assert F.build(str(compiler)) == library
   assert time.time() - library.stat().st_mtime < day
+  assert capsys.readouterr().err == ""
 
 
 def test_a_cpu_without_avx2_is_reported(monkeypatch):

@@ -33,6 +33,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -115,6 +116,8 @@ def build(compiler: str | None = None) -> Path:
     _mark_used(failure)
     raise RuntimeError(failure.read_text())
   library.parent.mkdir(parents=True, exist_ok=True)
+  print(f"vit_jax: compiling the fused attention kernel (-march={march}), once per machine: "
+        f"15-60 s, into {library.parent}", file=sys.stderr, flush=True)
   # Compile to a temporary name, then rename: concurrent first uses never load half a file.
   with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
     partial = Path(tmp) / library.name
