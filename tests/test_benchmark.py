@@ -74,7 +74,7 @@ def test_benchmark_runs_and_counts_flops_like_xla(parallel, microbatch_size):
                          with_compile_times=parallel == "jit")
   ran_kernel = kernel == "fused_cpu" and fused_attention.available()
   # XLA cannot see into the kernel's custom call: its count lacks QK^T and AV, 2 n^2 d each.
-  n, c = 50, config.model
+  n, c = config.model.num_tokens, config.model
   hidden = 2 * 2 * n * n * c.hidden_size * c.num_layers if ran_kernel else 0
   for key, passes in (("train", 3), ("eval", 1)):
     ours, xla = result[f"{key}_flops_per_image"], result[f"xla_{key}_flops_per_image"]

@@ -194,49 +194,56 @@ def test_without_a_compiler_attend_warns_once_and_uses_the_einsum_path(unbuildab
     F.attend(q, k, v)  # the second call stays quiet
 
 
-def test_a_failed_build_is_reported_cached_and_leaves_no_library(monkeypatch, tmp_path):
-  compiler, calls = tmp_path / "cxx", tmp_path / "calls"
+@pytest.fixture
+def fake_compiler(monkeypatch, tmp_path):
+  """make(script) -> a compiler running the shell `script`, an empty kernel cache in
+  tmp_path/cache, and an AVX2 CPU."""
+  monkeypatch.setenv("VIT_JAX_CACHE_DIR", str(tmp_path / "cache"))
+  (tmp_path / "cache").mkdir()
+  monkeypatch.setattr(F, "cpu_flags", lambda: "fpu avx2 fma")  # a Zen 3, say
+
+  def make(script: str) -> str:
+    compiler = tmp_path / "cxx"
+    compiler.write_text("#!/bin/sh\n" + script)
+    compiler.chmod(0o755)
+    return str(compiler)
+  return make
+
+
+def test_a_failed_build_is_reported_cached_and_leaves_no_library(fake_compiler, tmp_path):
+  calls = tmp_path / "calls"
   # Writes half an output file, then fails, as a compiler that stops midway might.
-  compiler.write_text(f"""#!/bin/sh
-[ "$1" = --version ] && {{ echo fake 1.0; exit 0; }}
+  compiler = fake_compiler(f"""[ "$1" = --version ] && {{ echo fake 1.0; exit 0; }}
 echo compile >> {calls}
 while [ $# -gt 1 ]; do [ "$1" = -o ] && echo partial > "$2"; shift; done
 echo 'attention_cpu.cc:1: error: no AVX-512 here' >&2
 exit 1
 """)
-  compiler.chmod(0o755)
-  monkeypatch.setenv("VIT_JAX_CACHE_DIR", str(tmp_path / "cache"))
-  monkeypatch.setattr(F, "cpu_flags", lambda: "fpu avx2 fma avx512f")
   for _ in range(2):  # the second time from the cached failure, without compiling
     with pytest.raises(RuntimeError, match="could not build attention_cpu.cc: .*no AVX-512 here"):
-      F.build(str(compiler))
+      F.build(compiler)
   assert calls.read_text() == "compile\n"
   assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built left behind
 
 
-def test_a_new_build_deletes_cached_builds_unused_for_a_month(monkeypatch, tmp_path, capsys):
-  compiler, cache = tmp_path / "cxx", tmp_path / "cache"
-  compiler.write_text("""#!/bin/sh
-[ "$1" = --version ] && { echo fake 1.0; exit 0; }
+def test_a_new_build_deletes_cached_builds_unused_for_a_month(fake_compiler, tmp_path, capsys):
+  cache = tmp_path / "cache"
+  compiler = fake_compiler("""[ "$1" = --version ] && { echo fake 1.0; exit 0; }
 while [ $# -gt 1 ]; do [ "$1" = -o ] && echo library > "$2"; shift; done
 """)
-  compiler.chmod(0o755)
-  cache.mkdir()
-  monkeypatch.setenv("VIT_JAX_CACHE_DIR", str(cache))
-  monkeypatch.setattr(F, "cpu_flags", lambda: "fpu avx2 fma")
   day = 24 * 3600
   ages = {"attention_cpu-old.so": 40, "attention_cpu-old.failed": 40,
           "attention_cpu-recent.so": 20, "someone-elses.so": 40}
   for name, days in ages.items():
     (cache / name).write_text("")
     os.utime(cache / name, (time.time() - days * day,) * 2)
-  library = F.build(str(compiler))
+  library = F.build(compiler)
   assert "compiling the fused attention kernel" in capsys.readouterr().err  # it takes a while
   assert sorted(p.name for p in cache.iterdir()) == sorted(
       [library.name, "attention_cpu-recent.so", "someone-elses.so"])
   # A build found in the cache counts as used: the next new build keeps it.
   os.utime(library, (time.time() - 40 * day,) * 2)
-  assert F.build(str(compiler)) == library
+  assert F.build(compiler) == library
   assert time.time() - library.stat().st_mtime < day
   assert capsys.readouterr().err == ""
 
@@ -249,22 +256,17 @@ def test_a_cpu_without_avx2_is_reported(monkeypatch):
 
 @pytest.mark.skipif(not (shutil.which("g++") and platform.machine() == "x86_64"),
                     reason="needs g++ for x86-64")
-def test_an_avx512_march_on_a_cpu_without_it_is_refused(monkeypatch, tmp_path):
+def test_an_avx512_march_on_a_cpu_without_it_is_refused(fake_compiler, monkeypatch):
   # g++ answers the question of macros; the build itself stops at once.
-  compiler = tmp_path / "cxx"
-  compiler.write_text("""#!/bin/sh
-case " $* " in *" -dM "*|*" --version "*) exec g++ "$@";; esac
+  compiler = fake_compiler("""case " $* " in *" -dM "*|*" --version "*) exec g++ "$@";; esac
 echo 'error: the build itself' >&2; exit 1
 """)
-  compiler.chmod(0o755)
-  monkeypatch.setenv("VIT_JAX_CACHE_DIR", str(tmp_path / "cache"))
-  monkeypatch.setattr(F, "cpu_flags", lambda: "fpu avx2 fma")  # a Zen 3, say
   monkeypatch.setenv(F.MARCH_VARIABLE, "x86-64-v4")
   with pytest.raises(RuntimeError, match="x86-64-v4 builds AVX-512 code, which this CPU"):
-    F.build(str(compiler))
+    F.build(compiler)
   monkeypatch.setenv(F.MARCH_VARIABLE, "x86-64-v3")  # AVX2: this CPU runs it, so it builds
   with pytest.raises(RuntimeError, match="could not build .*the build itself"):
-    F.build(str(compiler))
+    F.build(compiler)
 
 
 @requires_kernel

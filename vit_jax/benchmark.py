@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def forward_flops(c: ModelConfig) -> int:
   """Multiply-adds x 2 of one image's forward pass (matmuls and attention only)."""
-  n = c.num_patches + (c.classifier == "token")
+  n = c.num_tokens
   d, p = c.hidden_size, c.patch_size
   qkv = 0 if c.qkv == "identity" else 3 * n * d * d
   per_layer = qkv + 2 * n * n * d + n * d * d + 2 * n * d * c.mlp_dim  # QK^T and AV: 2 n^2 d

@@ -86,19 +86,15 @@ def build(compiler: str | None = None) -> Path:
       ends with the compiler's first error line).
   """
   cpu = cpu_flags()
-  if not {"avx2", "fma"} <= set(cpu.split()):  # the least the kernel is written for
+  features = set(cpu.split())
+  if not {"avx2", "fma"} <= features:  # the least the kernel is written for
     raise RuntimeError(f"the CPU has no AVX2 with FMA ({platform.machine()})")
   compiler = compiler or os.environ.get("CXX", "g++")
   if shutil.which(compiler) is None:
     raise RuntimeError(f"no C++ compiler {compiler!r} on PATH")
   march = os.environ.get(MARCH_VARIABLE) or "native"
-  if march != "native" and "avx512f" not in cpu.split():
-    # Such a build would load, then kill the process at its first call (illegal instruction).
-    macros = subprocess.run([compiler, f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull],
-                            capture_output=True, text=True, check=False).stdout
-    if "__AVX512F__" in macros.split():
-      raise RuntimeError(f"{MARCH_VARIABLE}={march} builds AVX-512 code, which this CPU "
-                         "cannot run")
+  if march != "native" and "avx512f" not in features:
+    _refuse_avx512(compiler, march)
   flags = ["-O3", f"-march={march}", "-std=c++20", "-shared", "-fPIC",
            f"-I{jax.ffi.include_dir()}"]
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
@@ -118,6 +114,23 @@ def build(compiler: str | None = None) -> Path:
   library.parent.mkdir(parents=True, exist_ok=True)
   print(f"vit_jax: compiling the fused attention kernel (-march={march}), once per machine: "
         f"15-60 s, into {library.parent}", file=sys.stderr, flush=True)
+  _compile(compiler, flags, library, failure)
+  _delete_unused(library.parent)
+  return library
+
+
+def _refuse_avx512(compiler: str, march: str) -> None:
+  """Raises if -march=`march` means AVX-512 code: on a CPU without it, such a build would
+  load, then kill the process at its first call (illegal instruction)."""
+  macros = subprocess.run([compiler, f"-march={march}", "-dM", "-E", "-x", "c++", os.devnull],
+                          capture_output=True, text=True, check=False).stdout
+  if "__AVX512F__" in macros.split():
+    raise RuntimeError(f"{MARCH_VARIABLE}={march} builds AVX-512 code, which this CPU "
+                       "cannot run")
+
+
+def _compile(compiler: str, flags: list[str], library: Path, failure: Path) -> None:
+  """Builds `library`, or writes why not to `failure` and raises it."""
   # Compile to a temporary name, then rename: concurrent first uses never load half a file.
   with tempfile.TemporaryDirectory(dir=library.parent) as tmp:
     partial = Path(tmp) / library.name
@@ -130,8 +143,6 @@ def build(compiler: str | None = None) -> Path:
       failure.write_text(why)
       raise RuntimeError(why)
     os.replace(partial, library)
-  _delete_unused(library.parent)
-  return library
 
 
 def _mark_used(path: Path) -> None:

@@ -75,11 +75,10 @@ class ModelConfig:
       require(self.compute_dtype == "float32", "attention_kernel", self.attention_kernel,
               f"needs compute_dtype='float32', not {self.compute_dtype!r} "
               "(attention_kernel='einsum' takes any precision)")
-      tokens = self.num_patches + (self.classifier == "token")
-      require(fused_attention.supports(tokens, self.head_dim), "attention_kernel",
+      require(fused_attention.supports(self.num_tokens, self.head_dim), "attention_kernel",
               self.attention_kernel,
               f"supports head dims {fused_attention.HEAD_DIMS} and at most "
-              f"{fused_attention.MAX_TOKENS} tokens, not {self.head_dim} and {tokens} "
+              f"{fused_attention.MAX_TOKENS} tokens, not {self.head_dim} and {self.num_tokens} "
               "(attention_kernel='einsum' takes any shape)")
 
   @property
@@ -89,6 +88,11 @@ class ModelConfig:
   @property
   def num_patches(self) -> int:
     return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def num_tokens(self) -> int:
+    """The sequence the encoder attends over: the patches and the class token, if any."""
+    return self.num_patches + (self.classifier == "token")
 
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
