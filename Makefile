@@ -1,10 +1,11 @@
 # The two quick-start commands: `make train` and `make test`. Each creates .venv on first use.
+# `make test-fast` is the edit loop's tier: no real MNIST files, no subprocesses, about a minute.
 PYTHON ?= python3
 VENV ?= .venv
 CONFIG ?= experiments/mnist.py
 WORKDIR ?= runs/mnist
 
-.PHONY: install train test lint
+.PHONY: install train test test-fast lint
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,10 @@ train: install
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
+
+test-fast: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .

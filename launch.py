@@ -56,13 +56,11 @@ flags.DEFINE_bool("distributed", False,
                   "Initialise JAX's distributed runtime from the cluster's environment.")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  # Orbax and TFDS log every step of their work at INFO; keep the console for ours.
-  logging.getLogger("absl").setLevel(logging.WARNING)
-
-  if FLAGS.cpu_devices > 1:  # must precede the first import of JAX
+def _set_up_jax():
+  """Device count, compilation cache and distributed runtime: before JAX's backends start."""
+  # XLA reads XLA_FLAGS when JAX first initialises a backend (the first device query or
+  # computation), so this must come before anything asks JAX for its devices.
+  if FLAGS.cpu_devices > 1:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
                                f"device_count={FLAGS.cpu_devices}").strip()
   import jax
@@ -78,39 +76,68 @@ def main(argv):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+
+
+def _print_result(result: dict, prefix: str = "") -> None:
+  print(f"{prefix}test accuracy: {result['eval_accuracy']:.4f} (loss {result['eval_loss']:.4f}, "
+        f"step {result['step']})")
+
+
+def _train(config) -> None:
+  import jax
+
+  from vit_jax import train
+
+  result = train.train_and_evaluate(config, FLAGS.workdir)
+  # Every process prints its result, so that they can be compared.
+  _print_result(result, f"process {jax.process_index()}: " if jax.process_count() > 1 else "")
+
+
+def _evaluate(config) -> None:
+  from vit_jax import inference
+
+  _print_result(inference.evaluate_checkpoint(config, FLAGS.workdir))
+
+
+def _visualize(config) -> None:
+  from vit_jax import visualize
+
+  for path in visualize.visualize_checkpoint(config, FLAGS.workdir, FLAGS.num_images):
+    print(f"wrote {path}")
+
+
+def _predict(config) -> None:
   import numpy as np
 
-  from vit_jax import image_files, train
+  from vit_jax import image_files, inference
+
+  if not FLAGS.images:
+    raise app.UsageError("--mode=predict needs --images=FILE[,FILE...]")
+  size = config.model.image_size
+  images = np.stack([image_files.load_image(p, size) for p in FLAGS.images])
+  probabilities = inference.predict(config, FLAGS.workdir, images)
+  for path, probs in zip(FLAGS.images, probabilities, strict=True):
+    shown = " ".join(f"{p:.3f}" for p in probs)
+    print(f"{path}: digit {int(np.argmax(probs))} (p={probs.max():.3f}) probabilities [{shown}]")
+
+
+MODES = {"train": _train, "eval": _evaluate, "predict": _predict, "visualize": _visualize}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  # Orbax and TFDS log every step of their work at INFO; keep the console for ours.
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  _set_up_jax()
+  import jax
+
   from vit_jax.experiment_config import validate
 
   config = validate(FLAGS.config)
-  many = jax.process_count() > 1
   if jax.process_index() == 0:
     print(f"devices: {jax.devices()}", flush=True)
-  if FLAGS.mode == "train":
-    result = train.train_and_evaluate(config, FLAGS.workdir)
-    # Every process prints its result, so that they can be compared.
-    print(f"{f'process {jax.process_index()}: ' if many else ''}"
-          f"test accuracy: {result['eval_accuracy']:.4f} (loss {result['eval_loss']:.4f}, "
-          f"step {result['step']})")
-  elif FLAGS.mode == "eval":
-    result = train.evaluate_checkpoint(config, FLAGS.workdir)
-    print(f"test accuracy: {result['eval_accuracy']:.4f} (loss {result['eval_loss']:.4f}, "
-          f"step {result['step']})")
-  elif FLAGS.mode == "visualize":
-    from vit_jax import visualize
-
-    for path in visualize.visualize_checkpoint(config, FLAGS.workdir, FLAGS.num_images):
-      print(f"wrote {path}")
-  else:
-    if not FLAGS.images:
-      raise app.UsageError("--mode=predict needs --images=FILE[,FILE...]")
-    size = config.model.image_size
-    images = np.stack([image_files.load_image(p, size) for p in FLAGS.images])
-    probabilities = train.predict(config, FLAGS.workdir, images)
-    for path, probs in zip(FLAGS.images, probabilities, strict=True):
-      shown = " ".join(f"{p:.3f}" for p in probs)
-      print(f"{path}: digit {int(np.argmax(probs))} (p={probs.max():.3f}) probabilities [{shown}]")
+  MODES[FLAGS.mode](config)
 
 
 def run():

@@ -59,14 +59,11 @@ main() {
   for dtype in "${dtypes[@]}"; do
     for batch in "${batches[@]}"; do
       echo "== $config, $dtype, batch $batch"
-      # One pass per device and step, and evaluation batches as large as the training batch:
-      # the CPU's passes of 16 would leave an accelerator idle.
-      # The experiment's fused attention kernel is float32-only (and CPU-only: elsewhere the
-      # model takes the einsum path by itself).
-      local kernel=()
-      [[ "$dtype" == float32 ]] || kernel=(--config.model.attention_kernel=einsum)
+      # One micro-batch per device and step, and evaluation batches as large as the training
+      # batch: the CPU's micro-batches of 16 would leave an accelerator idle. (The config's
+      # attention_kernel 'auto' takes the einsum path off CPUs by itself.)
       "$python" -m vit_jax.benchmark --config="$config" --config.model.compute_dtype="$dtype" \
-        "${kernel[@]}" --config.batch_size="$batch" --config.microbatch_size="$batch" \
+        --config.batch_size="$batch" --config.microbatch_size="$batch" \
         --config.eval_batch_size="$batch" --windows="$windows" --nocompile_times \
         --out="$out/$(basename "$config" .py)_${dtype}_b${batch}.json" \
         || failed+=("$dtype batch $batch")

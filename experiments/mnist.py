@@ -12,14 +12,14 @@ from vit_jax.model_configs import get_model_config
 
 def get_config():
   return as_config_dict(ExperimentConfig(
-      # Each head's attention as one kernel on CPUs: about 1.1x the training step; the
-      # same maths, and the einsum path elsewhere (docs/performance.md).
-      model=get_model_config("seed", attention_kernel="fused_cpu"),
+      # The einsum path (the pure functions), unless the fused CPU kernel measures faster on
+      # this machine when the run starts: the same maths (vit_jax/auto.py).
+      model=get_model_config("seed", attention_kernel="auto"),
       dataset="mnist",
       batch_size=128,
-      # Passes of 16 examples per device and evaluation batches of 128 keep the activations
-      # in CPU caches: about 1.5x the images/s of whole-batch passes on the project's 2-core
-      # machines, for the same updates (docs/performance.md). On a GPU, set both larger.
+      # Micro-batches of 16 examples per device and evaluation batches of 128 keep the
+      # activations in CPU caches, for the same updates (docs/performance.md has the
+      # speed-up). On a GPU, set both larger.
       microbatch_size=16,
       eval_batch_size=128,
       num_epochs=5,

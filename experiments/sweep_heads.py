@@ -2,7 +2,7 @@
 
     python experiments/sweep_heads.py --root=runs/sweep                   # heads 1..16, 3 seeds
     python experiments/sweep_heads.py --root=runs/sweep --qkv=fused,identity   # + the ablation
-    python experiments/sweep_heads.py --root=runs/sweep_hs --fixed=head_size   # width grows
+    python experiments/sweep_heads.py --root=runs/sweep_hs --fixed=head_dim    # width grows
     python experiments/sweep_heads.py --root=runs/sweep --config.num_epochs=1  # any override
 
 Runs go through the same `train_and_evaluate` as launch.py, one workdir each under
@@ -28,14 +28,14 @@ flags.DEFINE_string("root", None, "Folder holding one workdir per run, and the r
 flags.DEFINE_list("heads", ["1", "2", "4", "8", "16"], "Head counts.")
 flags.DEFINE_integer("seeds", 3, "Seeds per setting: 0 .. seeds-1.")
 flags.DEFINE_list("qkv", ["fused"], "Projection modes: fused, separate, identity.")
-flags.DEFINE_enum("fixed", "width", ["width", "head_size"],
-                  "Keep the width (head size = width / heads) or the head size.")
+flags.DEFINE_enum("fixed", "width", ["width", "head_dim"],
+                  "Keep the width (head dim = width / heads) or the head dim.")
 
 
 def main(argv):
   del argv
   logging.getLogger("absl").setLevel(logging.WARNING)
-  from vit_jax import sweep, train
+  from vit_jax import sweep, sweep_report, train
   from vit_jax.experiment_config import validate
 
   base = validate(FLAGS.config)
@@ -43,7 +43,7 @@ def main(argv):
                     FLAGS.fixed)
   data = train.load_data(base)
   records = sweep.run_all(runs, Path(FLAGS.root), data)
-  for path in sweep.write_reports(records, Path(FLAGS.root)):
+  for path in sweep_report.write_reports(records, Path(FLAGS.root)):
     print(f"wrote {path}")
   print((Path(FLAGS.root) / "summary.md").read_text())
 

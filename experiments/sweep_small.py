@@ -1,4 +1,4 @@
-"""The base of the head-count sweep: small enough that 30 runs take about 30 minutes on 2 cores.
+"""The base of the head-count sweep: small enough for 30 runs on 2 cores (README: the time).
 
 Width 64 and 7x7 patches (16 tokens), 4 layers, 2 epochs of full MNIST.
 """

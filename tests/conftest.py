@@ -18,11 +18,28 @@ MNIST_IDX_DIR = REPO.parent / "shared" / "data" / "mnist"
 logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+# Tests that read the real MNIST files, or build the fused attention kernel (15-60 s once per
+# session), are `slow`: `make test-fast` runs without them.
+SLOW_FIXTURES = {"mnist", "tfds_dir", "kernel"}
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache_dir(tmp_path_factory):
-  """launch.py's persistent compilation cache, in a temporary folder, not the user's ~/.cache."""
+  """JAX's persistent compilation cache, in a temporary folder, not the user's ~/.cache."""
   path = tmp_path_factory.mktemp("xla_cache")
   os.environ["VIT_JAX_COMPILATION_CACHE_DIR"] = str(path)  # read by launch.py subprocesses
+  # In this process too: many tests compile the same small steps again (each run makes its
+  # own jitted functions), and a cache hit takes a fraction of a compile.
+  import jax
+
+  jax.config.update("jax_compilation_cache_dir", str(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
   return path
 
 
@@ -56,3 +73,22 @@ def mnist(tfds_dir):
     images, labels = mnist_source.load_split("mnist", split, tfds_dir, idx_dir=None)
     out[split] = {"image": images, "label": labels}
   return out
+
+
+@pytest.fixture(scope="session")
+def digits() -> dict:
+  """Synthetic data shaped like the `mnist` fixture's, with no files and no TFDS build (in the
+  spirit of `tfds.testing.mock_data`): 2,048 training and 512 test images, each class a fixed
+  random pattern of grey levels under noise, so that a model can learn them in a few steps."""
+  import numpy as np
+
+  rng = np.random.default_rng(0)
+  patterns = rng.integers(0, 256, (10, 28, 28, 1))
+
+  def split(n):
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    noise = rng.integers(0, 256, (n, 28, 28, 1))
+    images = (0.7 * patterns[labels] + 0.3 * noise).astype(np.uint8)
+    return {"image": images, "label": labels}
+
+  return {"train": split(2048), "test": split(512)}

@@ -129,17 +129,19 @@ def test_project_out_matches_reference():
 
 # --- Shape assertions trip -------------------------------------------------------------
 
-@pytest.mark.parametrize("call", [
-    lambda: A.patchify(rand(28, 28, 1), 7),                       # rank 3, not 4
-    lambda: A.project(rand(2, 5, 8), rand(9, 4)),                 # D_in mismatch
-    lambda: A.project(rand(2, 5, 8), rand(8, 4), rand(5)),        # bias width
-    lambda: A.split_heads(rand(2, 5, 8, 1), 2),                   # rank 4, not 3
-    lambda: A.attend(rand(2, 4, 6, 8), rand(2, 4, 5, 8), rand(2, 4, 6, 8)),  # N differs
-    lambda: A.merge_heads(rand(2, 5, 8)),                         # rank 3, not 4
-    lambda: A.project_out(rand(2, 5, 8), rand(8, 4), rand(4)),    # not D -> D
+@pytest.mark.parametrize("call,check", [
+    (lambda: A.patchify(rand(28, 28, 1), 7), "assert_rank"),                  # rank 3, not 4
+    (lambda: A.project(rand(2, 5, 8), rand(9, 4)), "assert_axis_dimension"),  # D_in mismatch
+    (lambda: A.project(rand(2, 5, 8), rand(8, 4), rand(5)), "assert_shape"),  # bias width
+    (lambda: A.split_heads(rand(2, 5, 8, 1), 2), "assert_rank"),              # rank 4, not 3
+    (lambda: A.attend(rand(2, 4, 6, 8), rand(2, 4, 5, 8), rand(2, 4, 6, 8)),  # N differs
+     "assert_equal_shape"),
+    (lambda: A.merge_heads(rand(2, 5, 8)), "assert_rank"),                    # rank 3, not 4
+    (lambda: A.project_out(rand(2, 5, 8), rand(8, 4), rand(4)), "assert_shape"),  # not D -> D
+    (lambda: A.self_attention(rand(2, 5), {"to_out": {}}, 2), "assert_rank"),  # no batch axis
 ])
-def test_wrong_shapes_trip_chex(call):
-  with pytest.raises(AssertionError):
+def test_wrong_shapes_trip_chex(call, check):
+  with pytest.raises(AssertionError, match=f"Assertion {check} failed"):
     call()
 
 
@@ -148,13 +150,56 @@ def test_split_heads_rejects_head_count_that_does_not_divide_width():
     A.split_heads(rand(2, 5, 8), 3)
 
 
+# --- The six steps composed ------------------------------------------------------------
+
+def ref_self_attention(x, w_q, w_k, w_v, w_out, b_out, heads):
+  """Multi-head attention from the formulas: per head h, softmax(Q_h K_h^T / sqrt(d)) V_h on
+  the h-th slice of each projection, the heads concatenated, then W_out."""
+  d = x.shape[-1] // heads
+  outs, weights = [], []
+  for h in range(heads):
+    cols = slice(h * d, (h + 1) * d)
+    out, w = ref_attention(x @ w_q[:, cols], x @ w_k[:, cols], x @ w_v[:, cols])
+    outs.append(out)
+    weights.append(w)
+  return np.concatenate(outs, -1) @ w_out + b_out, np.stack(weights, 1)
+
+
+def test_self_attention_fused_separate_and_identity_match_the_formulas():
+  x = rand(2, 5, 16).astype(np.float64)
+  w_qkv, w_out, b_out = rand(16, 48, seed=1), rand(16, 16, seed=2), rand(16, seed=3)
+  w_q, w_k, w_v = np.split(w_qkv, 3, axis=1)
+  to_out = {"kernel": w_out, "bias": b_out}
+  fused = A.self_attention(x, {"to_qkv": {"kernel": w_qkv}, "to_out": to_out}, 4)
+  separate = A.self_attention(x, {"to_q": {"kernel": w_q}, "to_k": {"kernel": w_k},
+                                  "to_v": {"kernel": w_v}, "to_out": to_out}, 4)
+  identity = A.self_attention(x, {"to_out": to_out}, 4)
+  eye = np.eye(16)
+  for got, want in ((fused, ref_self_attention(x, w_q, w_k, w_v, w_out, b_out, 4)),
+                    (separate, ref_self_attention(x, w_q, w_k, w_v, w_out, b_out, 4)),
+                    (identity, ref_self_attention(x, eye, eye, eye, w_out, b_out, 4))):
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[1], want[1], rtol=RTOL, atol=ATOL)
+
+
+def test_self_attention_calls_the_attend_it_is_given():
+  x, w_out = rand(1, 3, 4), {"kernel": np.eye(4, dtype=np.float32), "bias": np.zeros(4)}
+  seen = []
+
+  def copy_values(q, k, v, mask, compute_dtype):
+    seen.append((q.shape, mask, compute_dtype))
+    return v, np.zeros(q.shape[:-1] + (q.shape[-2],))
+
+  out, _ = A.self_attention(x, {"to_out": w_out}, 2, "mask", copy_values, "bfloat16")
+  assert seen == [((1, 2, 3, 2), "mask", "bfloat16")]
+  np.testing.assert_allclose(out, x, rtol=1e-2)  # V = x, merged, through a bfloat16 identity
+
+
 # --- The same numbers with and without jit, and under pmap ----------------------------
 
 def full_attention(x, w_qkv, w_out, b_out):
-  q, k, v = A.chunk_qkv(A.project(x, w_qkv))
-  q, k, v = (A.split_heads(t, 4) for t in (q, k, v))
-  out, weights = A.attend(q, k, v)
-  return A.project_out(A.merge_heads(out), w_out, b_out), weights
+  return A.self_attention(x, {"to_qkv": {"kernel": w_qkv},
+                              "to_out": {"kernel": w_out, "bias": b_out}}, 4)
 
 
 class TransformsTest(chex.TestCase):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from vit_jax import benchmark, fused_attention
+from vit_jax import benchmark
+from vit_jax.benchmark import ceiling
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.model_configs import get_model_config
 
@@ -50,10 +51,10 @@ def test_the_peak_probe_times_its_own_product():
 def test_matmul_only_step_does_the_models_matmul_work(qkv, compute_dtype):
   # The ceiling is only a ceiling if it multiplies the same matrices as the model.
   c = get_model_config("seed", num_layers=2, qkv=qkv, compute_dtype=compute_dtype)
-  loss, params, patches = benchmark.matmul_only_problem(c, batch_size=8)
+  loss, params, patches = ceiling.matmul_only_problem(c, batch_size=8)
   for fn, ours in ((jax.jit(loss), benchmark.forward_flops(c)),
                    (jax.jit(jax.grad(loss)), benchmark.train_flops(c))):
-    xla = benchmark._xla_flops(fn.lower(params, patches).compile()) / 8
+    xla = benchmark.xla_flops(fn.lower(params, patches).compile()) / 8
     assert abs(xla - ours) / ours < FLOP_TOLERANCE, (ours, xla)
   assert np.isfinite(loss(params, patches))
 
@@ -63,7 +64,7 @@ def test_matmul_only_step_does_the_models_matmul_work(qkv, compute_dtype):
                                                      ("pmap", 16)])
 def test_benchmark_runs_and_counts_flops_like_xla(parallel, microbatch_size):
   # 32 examples per device: XLA counts the per-device work that is not the model's (the
-  # optimizer; the flat buffer that `train.mean_over_devices` concatenates and slices, which
+  # optimizer; the flat buffer that `steps.mean_over_devices` concatenates and slices, which
   # it apparently charges by the buffer's size for every array) per device, not per image.
   # The micro-batched run takes the fused attention kernel where it builds, as mnist.py does.
   kernel = "fused_cpu" if microbatch_size else "einsum"
@@ -72,7 +73,7 @@ def test_benchmark_runs_and_counts_flops_like_xla(parallel, microbatch_size):
                             parallel=parallel)
   result = benchmark.run(config, windows=2, steps_per_window=2,
                          with_compile_times=parallel == "jit")
-  ran_kernel = kernel == "fused_cpu" and fused_attention.available()
+  ran_kernel = kernel == "fused_cpu" and _kernel_available()
   # XLA cannot see into the kernel's custom call: its count lacks QK^T and AV, 2 n^2 d each.
   n, c = config.model.num_tokens, config.model
   hidden = 2 * 2 * n * n * c.hidden_size * c.num_layers if ran_kernel else 0
@@ -91,6 +92,12 @@ def test_benchmark_runs_and_counts_flops_like_xla(parallel, microbatch_size):
   assert "| train_mfu |" in benchmark.table(result)
   assert result["attention_kernel"] == ("fused_cpu" if ran_kernel else "einsum")
   assert result["attention_kernel_lanes"] in ((8, 16) if ran_kernel else (None,))
+
+
+def _kernel_available() -> bool:
+  from vit_jax.kernels import fused_attention
+
+  return fused_attention.available()
 
 
 @pytest.mark.slow

@@ -101,10 +101,10 @@ def test_predict_reads_png_and_npy(trained, mnist, tmp_path):
     probs = [float(p) for p in line.split("[")[1].rstrip("]").split()]
     assert len(probs) == 10 and sum(probs) == pytest.approx(1.0, abs=0.01)
   # The same probabilities as the library gives for the same checkpoint.
-  from vit_jax import train
+  from vit_jax import inference
   from vit_jax.checkpoints import read_config
 
-  expected = train.predict(read_config(workdir), workdir, images[..., None])
+  expected = inference.predict(read_config(workdir), workdir, images[..., None])
   for line, row in zip(lines, expected, strict=True):
     assert int(line.split("digit ")[1].split()[0]) == int(np.argmax(row))
     shown = [float(p) for p in line.split("[")[1].rstrip("]").split()]
@@ -135,10 +135,21 @@ def test_bad_config_is_one_clear_line_before_any_work(flag, message, tmp_path):
   assert not (tmp_path / "run").exists()
 
 
-def test_default_config_resolves_the_shared_mnist_folder():
+def test_auto_idx_dir_is_the_first_known_folder_that_exists(tmp_path, monkeypatch):
+  import dataclasses
+
   from vit_jax import mnist_source
 
-  assert mnist_source.resolve_idx_dir("mnist", "auto") == str(MNIST_IDX_DIR)
+  spec = mnist_source.dataset_spec("mnist")
+  assert spec.default_idx_dirs == (str(MNIST_IDX_DIR),)  # ../shared/data/mnist, beside the repo
+  folders = (str(tmp_path / "missing"), str(tmp_path), "/")
+  monkeypatch.setitem(mnist_source.DATASETS, "mnist",
+                      dataclasses.replace(spec, default_idx_dirs=folders))
+  assert mnist_source.resolve_idx_dir("mnist", "auto") == str(tmp_path)
+  assert mnist_source.resolve_idx_dir("mnist", "/given") == "/given"  # a named folder stands
+  monkeypatch.setitem(mnist_source.DATASETS, "mnist",
+                      dataclasses.replace(spec, default_idx_dirs=folders[:1]))
+  assert mnist_source.resolve_idx_dir("mnist", "auto") is None  # TFDS downloads
 
 
 @pytest.mark.slow

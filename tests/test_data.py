@@ -73,6 +73,7 @@ def test_a_damaged_array_file_is_decoded_again_and_rewritten(tfds_dir, mnist, tm
   assert not list(cache.parent.glob("*.partial"))
 
 
+@pytest.mark.slow
 def test_normalisation_constants_match_the_data(mnist):
   spec = mnist_source.dataset_spec("mnist")
   scaled = mnist["train"]["image"] / 255.0
@@ -88,6 +89,7 @@ def copy_idx(tmp_path):
   return folder
 
 
+@pytest.mark.slow
 def test_missing_file_is_named(tmp_path):
   folder = copy_idx(tmp_path)
   (folder / "t10k-labels-idx1-ubyte.gz").unlink()
@@ -96,6 +98,7 @@ def test_missing_file_is_named(tmp_path):
   assert not (tmp_path / "tfds" / "mnist").exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_truncated_gzip_is_named(tmp_path):
   folder = copy_idx(tmp_path)
   path = folder / "train-images-idx3-ubyte.gz"
@@ -104,6 +107,7 @@ def test_truncated_gzip_is_named(tmp_path):
     mnist_source.read_idx_split("mnist", folder, "train")
 
 
+@pytest.mark.slow
 def test_truncated_content_is_named(tmp_path):
   folder = copy_idx(tmp_path)
   path = folder / "t10k-images-idx3-ubyte.gz"
@@ -113,6 +117,7 @@ def test_truncated_content_is_named(tmp_path):
     mnist_source.read_idx_split("mnist", folder, "test")
 
 
+@pytest.mark.slow
 def test_corrupt_content_is_named(tmp_path):
   folder = copy_idx(tmp_path)
   path = folder / "t10k-labels-idx1-ubyte.gz"
@@ -123,6 +128,7 @@ def test_corrupt_content_is_named(tmp_path):
     mnist_source.read_idx_split("mnist", folder, "test")
 
 
+@pytest.mark.slow
 def test_wrong_kind_of_file_is_named(tmp_path):
   folder = copy_idx(tmp_path)
   shutil.copy(folder / "t10k-labels-idx1-ubyte.gz", folder / "t10k-images-idx3-ubyte.gz")
@@ -190,13 +196,15 @@ def test_random_translate_is_per_example_not_per_batch_split():
   np.testing.assert_array_equal(whole, halves)
 
 
-def test_normalize_maps_mean_to_zero_and_one_std_above_it_to_one():
+@pytest.mark.parametrize("dataset,mean,std", [("mnist", 0.1307, 0.3081),
+                                              ("fashion_mnist", 0.2860, 0.3530)])
+def test_normalize_maps_the_datasets_mean_to_zero_and_one_std_above_it_to_one(dataset, mean,
+                                                                              std):
   levels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
-  np.testing.assert_allclose(input_pipeline.normalize(levels, 0.1307, 0.3081),
-                             (levels / 255.0 - 0.1307) / 0.3081, rtol=1e-6, atol=1e-6)
-  at = np.array([0.1307, 0.1307 + 0.3081]) * 255  # the mean, and one std above it
-  np.testing.assert_allclose(input_pipeline.normalize(at, 0.1307, 0.3081),
-                             [0.0, 1.0], atol=1e-6)
+  np.testing.assert_allclose(input_pipeline.normalize(levels, dataset),
+                             (levels / 255.0 - mean) / std, rtol=1e-6, atol=1e-6)
+  at = np.array([mean, mean + std]) * 255  # the mean, and one std above it
+  np.testing.assert_allclose(input_pipeline.normalize(at, dataset), [0.0, 1.0], atol=1e-6)
 
 
 # --- User image files ------------------------------------------------------------------

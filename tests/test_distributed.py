@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from vit_jax import train
+from vit_jax import inference, train
 from vit_jax.experiment_config import validate
 
 
@@ -79,7 +79,7 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path, tfds_dir, pa
                                  **settings(tfds_dir, epochs, parallel))
     result = train.train_and_evaluate(config, single)
   assert float(lines[0].split()[2]) == pytest.approx(result["eval_accuracy"], abs=2e-3)
-  one = jax.device_get(train.restore_state(config, single).params)
-  two = jax.device_get(train.restore_state(config, workdir).params)
+  one = jax.device_get(inference.restore_state(config, single).params)
+  two = jax.device_get(inference.restore_state(config, workdir).params)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
                          one, two)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit_jax import analysis, models, sweep, train, visualize
+from vit_jax import analysis, models, steps, sweep, sweep_report, train, visualize
 from vit_jax import attention as A
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.model_configs import get_model_config
@@ -97,16 +97,17 @@ def test_position_similarity_is_the_cosine_of_the_patches_embeddings():
 
 
 def test_collect_attention_in_batches_equals_one_forward_pass():
-  state = train.create_train_state(ExperimentConfig(model=get_model_config("testing")), 10)
+  state = steps.create_train_state(ExperimentConfig(model=get_model_config("testing")), 10)
   rng = np.random.default_rng(0)
   head = {"kernel": rng.normal(size=(16, 10)).astype(np.float32),  # not the zeros of init
           "bias": rng.normal(size=10).astype(np.float32)}
   state = state.replace(params={**state.params, "head": head})
   images = rng.integers(0, 256, (7, 28, 28, 1), dtype=np.uint8)
-  logits, maps = analysis.collect_attention(state, images, 0.1307, 0.3081, batch_size=3)
+  logits, maps = analysis.collect_attention(state, images, "mnist", batch_size=3)
   x = (images / 255.0 - 0.1307) / 0.3081
-  expected, variables = state.apply_fn({"params": state.params}, x.astype(np.float32),
-                                       mutable=["intermediates"])
+  forward = jax.jit(lambda params, x: state.apply_fn({"params": params}, x,
+                                                     mutable=["intermediates"]))
+  expected, variables = forward(state.params, x.astype(np.float32))
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(maps, models.attention_maps(variables["intermediates"]),
                              rtol=1e-5, atol=1e-6)
@@ -115,14 +116,14 @@ def test_collect_attention_in_batches_equals_one_forward_pass():
 
 # --- Sweep bookkeeping -----------------------------------------------------------------
 
-def test_plan_fixed_width_and_fixed_head_size():
+def test_plan_fixed_width_and_fixed_head_dim():
   base = base_config()
   runs = sweep.plan(base, heads=[1, 2, 4], seeds=[0, 1], qkv_modes=["fused", "identity"])
   assert len(runs) == 12
   assert {(r.heads, r.hidden_size) for r, _ in runs} == {(1, 16), (2, 16), (4, 16)}
   assert all(c.model.num_heads == r.heads and c.seed == r.seed and c.model.qkv == r.qkv
              for r, c in runs)
-  runs = sweep.plan(base, heads=[1, 4], seeds=[0], fixed="head_size")  # base head size 8
+  runs = sweep.plan(base, heads=[1, 4], seeds=[0], fixed="head_dim")  # base head dim 8
   assert [(r.heads, r.hidden_size) for r, _ in runs] == [(1, 8), (4, 32)]
   with pytest.raises(ValueError, match="num_heads=3 does not divide hidden_size=16"):
     sweep.plan(base, heads=[3], seeds=[0])
@@ -164,25 +165,28 @@ def test_summary_table_and_plot_from_fake_records(tmp_path):
   accuracies = {0: 0.90, 1: 0.92, 2: 0.94}
   records = [fake_record(r, accuracies[r.seed] - (r.qkv == "identity") * 0.1, c)
              for r, c in runs]
-  rows = sweep.summarize(records)
+  rows = sweep_report.summarize(records)
   assert len(rows) == 4
   fused_1 = next(r for r in rows if r["qkv"] == "fused" and r["heads"] == 1)
   assert fused_1["accuracy_mean"] == pytest.approx(0.92)
   assert fused_1["accuracy_std"] == pytest.approx(0.02)  # sample std of .90 .92 .94
-  assert fused_1["seeds"] == 3 and fused_1["head_size"] == 16
-  paths = sweep.write_reports(records, tmp_path)
+  assert fused_1["seeds"] == 3 and fused_1["head_dim"] == 16
+  paths = sweep_report.write_reports(records, tmp_path)
   table = (tmp_path / "summary.md").read_text()
   assert "| fused | 1 | 16 | 16 | 100 | 3 | 92.00 ± 2.00 % |" in table
   assert "| identity | 2 | 16 | 8 | 200 | 3 | 82.00 ± 2.00 % |" in table
   assert len((tmp_path / "runs.csv").read_text().splitlines()) == 13
-  with Image.open(paths[-1]) as png:
-    assert png.size == (900, 360)
+  # The plot draws the numbers: other accuracies, another picture.
+  other = [{**r, "eval_accuracy": r["eval_accuracy"] / 2} for r in records]
+  sweep_report.plot(sweep_report.summarize(other), tmp_path / "other.png")
+  assert paths[-1].name == "sweep.png"
+  assert paths[-1].read_bytes() != (tmp_path / "other.png").read_bytes()
 
 
 # --- Pictures from a real (tiny) checkpoint --------------------------------------------
 
 @pytest.mark.slow
-def test_visualize_writes_images_of_the_right_size(tmp_path, mnist):
+def test_visualize_draws_each_digit_s_attention(tmp_path, mnist):
   config = base_config()
   data = {"train": {k: v[:256] for k, v in mnist["train"].items()},
           "test": {k: v[:200] for k, v in mnist["test"].items()}}
@@ -191,8 +195,8 @@ def test_visualize_writes_images_of_the_right_size(tmp_path, mnist):
   names = sorted(p.name for p in paths)
   assert names == ["attention_0.png", "attention_1.png", "attention_2.png",
                    "position_similarity.png", "rollout.png"]
-  sizes = {p.name: Image.open(p).size for p in paths}
-  # 1 layer x 2 heads of 1.6-inch panels, at 100 dpi.
-  assert sizes["attention_0.png"] == (320, 200)
-  assert sizes["rollout.png"] == (480, 200)
-  assert sizes["position_similarity.png"] == (360, 400)  # a 4x4 grid of 7x7 patches
+  # Each digit's picture shows its own attention.
+  pictures = [np.asarray(Image.open(tmp_path / "visualize" / f"attention_{i}.png"))
+              for i in range(3)]
+  assert not np.array_equal(pictures[0], pictures[1])
+  assert not np.array_equal(pictures[1], pictures[2])

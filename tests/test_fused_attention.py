@@ -17,14 +17,15 @@ from conftest import REPO
 from test_attention import rand, ref_attention
 
 from vit_jax import attention as A
-from vit_jax import fused_attention as F
-from vit_jax import models
+from vit_jax import kernels, models
+from vit_jax.kernels import build as B
+from vit_jax.kernels import fused_attention as F
 from vit_jax.model_configs import get_model_config
 
 # The kernel is written for AVX-512 or AVX2 with FMA and built with g++; where they are
 # present it must build, so that a kernel that stopped compiling fails here instead of
 # falling back unseen.
-CPU = set(F.cpu_flags().split())
+CPU = set(B.cpu_flags().split())
 requires_kernel = pytest.mark.skipif(not ({"avx2", "fma"} <= CPU and shutil.which("g++")),
                                      reason="needs AVX2 with FMA, and g++")
 
@@ -144,7 +145,7 @@ def test_model_with_the_kernel_equals_the_einsum_model(kernel):
 
 def test_unsupported_shapes_use_attend():
   q, k, v = (rand(2, 2, 9, 8, seed=s) for s in range(3))  # head dim 8: not the kernel's
-  assert not F.supports(9, 8)
+  assert not kernels.supports(9, 8)
   assert not _uses_kernel(F.attend, q, k, v)
   for got, want in zip(F.attend(q, k, v), A.attend(q, k, v), strict=True):
     np.testing.assert_allclose(got, want, rtol=0, atol=0)
@@ -154,7 +155,7 @@ def test_unsupported_shapes_use_attend():
     ({"compute_dtype": "bfloat16"}, "needs compute_dtype='float32'"),
     ({"hidden_size": 16}, "not 8 and 17"),           # heads of 8
     ({"patch_size": 2}, "not 16 and 197"),           # 196 patches + the class token
-    ({"attention_kernel": "xla"}, "is not one of 'einsum', 'fused_cpu'"),
+    ({"attention_kernel": "xla"}, "is not one of 'auto', 'einsum', 'fused_cpu'"),
 ])
 def test_config_rejects_what_the_kernel_cannot_do(overrides, message):
   fields = {"hidden_size": 32, "num_heads": 2, "attention_kernel": "fused_cpu", **overrides}
@@ -175,7 +176,7 @@ def unbuildable(monkeypatch, tmp_path):
   """No kernel in the cache and no compiler: `load` must report why."""
   monkeypatch.setenv("VIT_JAX_CACHE_DIR", str(tmp_path))
   monkeypatch.setenv("CXX", "no-such-compiler")
-  monkeypatch.setattr(F, "cpu_flags", lambda: "fpu sse2 avx2 fma avx512f")
+  monkeypatch.setattr(B, "cpu_flags", lambda: "fpu sse2 avx2 fma avx512f")
   F._library.cache_clear()
   F._warn_once.cache_clear()
   yield
@@ -200,7 +201,7 @@ def fake_compiler(monkeypatch, tmp_path):
   tmp_path/cache, and an AVX2 CPU."""
   monkeypatch.setenv("VIT_JAX_CACHE_DIR", str(tmp_path / "cache"))
   (tmp_path / "cache").mkdir()
-  monkeypatch.setattr(F, "cpu_flags", lambda: "fpu avx2 fma")  # a Zen 3, say
+  monkeypatch.setattr(B, "cpu_flags", lambda: "fpu avx2 fma")  # a Zen 3, say
 
   def make(script: str) -> str:
     compiler = tmp_path / "cxx"
@@ -221,7 +222,7 @@ exit 1
 """)
   for _ in range(2):  # the second time from the cached failure, without compiling
     with pytest.raises(RuntimeError, match="could not build attention_cpu.cc: .*no AVX-512 here"):
-      F.build(compiler)
+      B.build(compiler)
   assert calls.read_text() == "compile\n"
   assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built left behind
 
@@ -237,21 +238,21 @@ while [ $# -gt 1 ]; do [ "$1" = -o ] && echo library > "$2"; shift; done
   for name, days in ages.items():
     (cache / name).write_text("")
     os.utime(cache / name, (time.time() - days * day,) * 2)
-  library = F.build(compiler)
+  library = B.build(compiler)
   assert "compiling the fused attention kernel" in capsys.readouterr().err  # it takes a while
   assert sorted(p.name for p in cache.iterdir()) == sorted(
       [library.name, "attention_cpu-recent.so", "someone-elses.so"])
   # A build found in the cache counts as used: the next new build keeps it.
   os.utime(library, (time.time() - 40 * day,) * 2)
-  assert F.build(compiler) == library
+  assert B.build(compiler) == library
   assert time.time() - library.stat().st_mtime < day
   assert capsys.readouterr().err == ""
 
 
 def test_a_cpu_without_avx2_is_reported(monkeypatch):
-  monkeypatch.setattr(F, "cpu_flags", lambda: "fpu sse2 avx fma")
+  monkeypatch.setattr(B, "cpu_flags", lambda: "fpu sse2 avx fma")
   with pytest.raises(RuntimeError, match="no AVX2 with FMA"):
-    F.build()
+    B.build()
 
 
 @pytest.mark.skipif(not (shutil.which("g++") and platform.machine() == "x86_64"),
@@ -261,19 +262,19 @@ def test_an_avx512_march_on_a_cpu_without_it_is_refused(fake_compiler, monkeypat
   compiler = fake_compiler("""case " $* " in *" -dM "*|*" --version "*) exec g++ "$@";; esac
 echo 'error: the build itself' >&2; exit 1
 """)
-  monkeypatch.setenv(F.MARCH_VARIABLE, "x86-64-v4")
+  monkeypatch.setenv(B.MARCH_VARIABLE, "x86-64-v4")
   with pytest.raises(RuntimeError, match="x86-64-v4 builds AVX-512 code, which this CPU"):
-    F.build(compiler)
-  monkeypatch.setenv(F.MARCH_VARIABLE, "x86-64-v3")  # AVX2: this CPU runs it, so it builds
+    B.build(compiler)
+  monkeypatch.setenv(B.MARCH_VARIABLE, "x86-64-v3")  # AVX2: this CPU runs it, so it builds
   with pytest.raises(RuntimeError, match="could not build .*the build itself"):
-    F.build(compiler)
+    B.build(compiler)
 
 
 @requires_kernel
 def test_the_kernel_uses_the_widest_vectors_it_was_built_for(kernel):
-  march = os.environ.get(F.MARCH_VARIABLE)
+  march = os.environ.get(B.MARCH_VARIABLE)
   if march not in (None, "x86-64-v3"):
-    pytest.skip(f"{F.MARCH_VARIABLE}={march}: width unknown")
+    pytest.skip(f"{B.MARCH_VARIABLE}={march}: width unknown")
   assert kernel.lanes() == (16 if march is None and "avx512f" in CPU else 8)
 
 
@@ -284,11 +285,11 @@ AVX2_TESTS = "values_match or gradients_match or vmap_and_pmap or model_with or 
 @requires_kernel
 @pytest.mark.slow
 @pytest.mark.skipif("avx512f" not in CPU, reason="without AVX-512 the tests above are AVX2's")
-@pytest.mark.skipif(F.MARCH_VARIABLE in os.environ, reason="already a chosen build")
+@pytest.mark.skipif(B.MARCH_VARIABLE in os.environ, reason="already a chosen build")
 def test_the_avx2_build_passes_the_same_tests(tmp_path):
   # Machines without AVX-512 (e.g. Zen 3) build 8-float vectors: a path of its own.
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env[F.MARCH_VARIABLE] = "x86-64-v3"  # AVX2 and FMA, no AVX-512; runs on this CPU
+  env[B.MARCH_VARIABLE] = "x86-64-v3"  # AVX2 and FMA, no AVX-512; runs on this CPU
   result = subprocess.run(
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
        AVX2_TESTS], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -296,3 +297,11 @@ def test_the_avx2_build_passes_the_same_tests(tmp_path):
   expected = (len(SHAPES) + 1) + 3 * len(SHAPES) + 3  # values, gradients, the other three
   assert re.search(r"\b(\d+) passed", result.stdout).group(1) == str(expected), (
       result.stdout[-500:])
+
+
+@requires_kernel
+def test_the_kernel_is_timed_against_einsum_on_the_model_s_heads(kernel):
+  from vit_jax.kernels import timing
+
+  # Both paths compiled and run, forward and backward: a sane ratio, not a dispatch time's.
+  assert 0.2 < timing.speedup_over_einsum(SHAPES[0], rounds=3, calls=3) < 20

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from vit_jax import train
+from vit_jax import inference, train
 from vit_jax.checkpoints import WorkdirLock
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.model_configs import get_model_config
@@ -48,7 +48,7 @@ def wait_for_progress(proc, workdir, lines, timeout=120):
 
 
 def final_params(tfds_dir, workdir):
-  state = train.restore_state(driver_config(tfds_dir), workdir)
+  state = inference.restore_state(driver_config(tfds_dir), workdir)
   assert int(state.step) == TOTAL_STEPS
   return jax.device_get(state.params)
 
@@ -122,7 +122,7 @@ def test_corrupt_latest_checkpoint_is_reported_and_skipped(tfds_dir, reference, 
   for f in latest.rglob("*"):
     if f.is_file() and f.stat().st_size > 0:
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncate every file
-  state = train.restore_state(driver_config(tfds_dir), workdir)
+  state = inference.restore_state(driver_config(tfds_dir), workdir)
   assert int(state.step) == TOTAL_STEPS - 4
   assert f"checkpoint at step {TOTAL_STEPS} cannot be read" in caplog.text
   assert not latest.exists() and list((workdir / "checkpoints_unreadable").iterdir())

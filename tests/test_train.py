@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from vit_jax import train
+from vit_jax import inference, steps, train
 from vit_jax.checkpoints import Checkpoints
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.model_configs import get_model_config
@@ -32,9 +32,9 @@ def small_config(**overrides) -> ExperimentConfig:
   return ExperimentConfig(**fields)
 
 
-def subset(mnist, n_train, n_test=1000):
-  return {"train": {k: v[:n_train] for k, v in mnist["train"].items()},
-          "test": {k: v[:n_test] for k, v in mnist["test"].items()}}
+def subset(data, n_train, n_test=1000):
+  return {"train": {k: v[:n_train] for k, v in data["train"].items()},
+          "test": {k: v[:n_test] for k, v in data["test"].items()}}
 
 
 def read_losses(workdir):
@@ -43,7 +43,7 @@ def read_losses(workdir):
 
 
 def params_of(config, workdir):
-  return jax.device_get(train.restore_state(config, workdir).params)
+  return jax.device_get(inference.restore_state(config, workdir).params)
 
 
 @pytest.mark.slow
@@ -58,7 +58,7 @@ def test_tiny_experiment_learns_mnist(tmp_path, mnist, tfds_dir):
   assert result["eval_accuracy"] >= 0.90, result
   assert result["step"] == 512
   # The checkpoint evaluates to the same numbers.
-  again = train.evaluate_checkpoint(config, tmp_path / "run", data=data)
+  again = inference.evaluate_checkpoint(config, tmp_path / "run", data=data)
   assert again["eval_accuracy"] == pytest.approx(result["eval_accuracy"], abs=1e-6)
   records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert {"train_loss", "train_accuracy", "learning_rate", "images_per_sec"} <= set(records[0])
@@ -80,9 +80,9 @@ class SimulatedCrashError(Exception):
   pass
 
 
-def test_resume_gives_identical_parameters(tmp_path, mnist, monkeypatch):
+def test_resume_gives_identical_parameters(tmp_path, digits, monkeypatch):
   config = small_config(num_epochs=2, model=get_model_config("testing", dropout_rate=0.1))
-  data = subset(mnist, 1024)  # 16 steps an epoch: 32 steps, checkpoints every 4
+  data = subset(digits, 1024)  # 16 steps an epoch: 32 steps, checkpoints every 4
   train.train_and_evaluate(config, tmp_path / "straight", data=data)
 
   original_save = Checkpoints.save
@@ -108,7 +108,7 @@ def test_resume_gives_identical_parameters(tmp_path, mnist, monkeypatch):
 
 EVALUATE_MANY_TIMES = """
 import numpy as np
-from vit_jax import train
+from vit_jax import steps
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.model_configs import get_model_config
 from vit_jax.parallel import Runner
@@ -118,8 +118,8 @@ rng = np.random.default_rng(0)
 data = runner.replicate({"image": rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
                          "label": rng.integers(0, 10, n).astype(np.int32)})
 config = ExperimentConfig(model=get_model_config("testing"), parallel="pmap")
-state = runner.replicate(train.create_train_state(config, total_steps=10))
-evaluate = train.Evaluator(runner, data, n, 16, "mnist")
+state = runner.replicate(steps.create_train_state(config, total_steps=10))
+evaluate = steps.Evaluator(runner, data, n, 16, "mnist")
 for _ in range(30):
   result = evaluate(state)
 print("accuracy", result["eval_accuracy"])
@@ -161,24 +161,24 @@ def test_pmap_and_sharded_jit_over_8_devices_match_one_device(tmp_path, mnist):
         params_of(config, tmp_path / "jit"), params_of(config, tmp_path / name))
 
 
-def test_non_finite_loss_stops_training_and_is_not_checkpointed(tmp_path, mnist, monkeypatch):
-  original_step = train.train_step
+def test_non_finite_loss_stops_training_and_is_not_checkpointed(tmp_path, digits, monkeypatch):
+  original_step = steps.train_step
 
   def poisoned_step(state, batch, rng, **kwargs):
     image = jnp.where(state.step >= 5, jnp.nan, batch["image"])  # from the 6th step on
     return original_step(state, {**batch, "image": image}, rng, **kwargs)
 
-  monkeypatch.setattr(train, "train_step", poisoned_step)
+  monkeypatch.setattr(steps, "train_step", poisoned_step)
   config = small_config(log_every_steps=4, checkpoint_every_steps=2)
   with pytest.raises(FloatingPointError, match="training loss is nan at step 6"):
-    train.train_and_evaluate(config, tmp_path / "run", data=subset(mnist, 1024))
+    train.train_and_evaluate(config, tmp_path / "run", data=subset(digits, 1024))
   saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()
                  if p.name.isdigit())
   assert saved == [2, 4]
 
 
-def test_resuming_with_another_model_is_refused(tmp_path, mnist):
-  data = subset(mnist, 256)
+def test_resuming_with_another_model_is_refused(tmp_path, digits):
+  data = subset(digits, 256)
   config = small_config(num_epochs=0.25)
   train.train_and_evaluate(config, tmp_path / "run", data=data)
   other = dataclasses.replace(config, model=get_model_config("testing", num_heads=4))
@@ -186,18 +186,18 @@ def test_resuming_with_another_model_is_refused(tmp_path, mnist):
     train.train_and_evaluate(other, tmp_path / "run", data=data)
 
 
-def test_eval_of_a_workdir_with_another_model_is_refused(tmp_path, mnist):
-  data = subset(mnist, 256)
+def test_eval_of_a_workdir_with_another_model_is_refused(tmp_path, digits):
+  data = subset(digits, 256)
   config = small_config(num_epochs=0.25)
   train.train_and_evaluate(config, tmp_path / "run", data=data)
   other = dataclasses.replace(config, model=get_model_config("testing", num_heads=4))
   with pytest.raises(ValueError, match=r"different model \(model.num_heads: 2 -> 4\)"):
-    train.evaluate_checkpoint(other, tmp_path / "run", data=data)
+    inference.evaluate_checkpoint(other, tmp_path / "run", data=data)
   assert (tmp_path / "run" / "checkpoints" / "1").is_dir()  # nothing moved aside
 
 
-def test_resuming_past_the_configured_end_is_refused(tmp_path, mnist):
-  data = subset(mnist, 256)
+def test_resuming_past_the_configured_end_is_refused(tmp_path, digits):
+  data = subset(digits, 256)
   config = small_config(num_epochs=1)  # 4 steps
   train.train_and_evaluate(config, tmp_path / "run", data=data)
   with pytest.raises(ValueError, match="num_epochs=0.5 makes 2 steps, but .* at step 4"):
@@ -205,18 +205,18 @@ def test_resuming_past_the_configured_end_is_refused(tmp_path, mnist):
                              data=data)
 
 
-def test_batch_not_divisible_by_devices_is_refused_before_writing(tmp_path, mnist):
+def test_batch_not_divisible_by_devices_is_refused_before_writing(tmp_path, digits):
   config = small_config(batch_size=60, parallel="pmap")
   with pytest.raises(ValueError, match="config.batch_size=60 is not divisible by the 8 devices"):
-    train.train_and_evaluate(config, tmp_path / "run", data=subset(mnist, 256))
+    train.train_and_evaluate(config, tmp_path / "run", data=subset(digits, 256))
   assert not (tmp_path / "run").exists()
 
 
-def test_microbatch_size_that_does_not_divide_a_devices_share_is_refused(tmp_path, mnist):
+def test_microbatch_size_that_does_not_divide_a_devices_share_is_refused(tmp_path, digits):
   config = small_config(microbatch_size=3, parallel="pmap")  # 64 over 8 devices: 8 each
   with pytest.raises(ValueError, match="config.microbatch_size=3 does not divide the 8 examples "
                                        "per device of config.batch_size=64 over 8 devices"):
-    train.train_and_evaluate(config, tmp_path / "run", data=subset(mnist, 256))
+    train.train_and_evaluate(config, tmp_path / "run", data=subset(digits, 256))
   assert not (tmp_path / "run").exists()
 
 
@@ -233,32 +233,32 @@ def test_number_of_passes_per_step():
 
 def test_microbatches_are_strided_so_that_each_spans_the_batch():
   batch = {"label": jnp.arange(6), "image": jnp.arange(6 * 2).reshape(6, 2)}
-  passes = train.split_microbatches(batch, 3)
+  passes = steps.split_microbatches(batch, 3)
   np.testing.assert_array_equal(passes["label"], [[0, 3], [1, 4], [2, 5]])
   np.testing.assert_array_equal(passes["image"][1], [[2, 3], [8, 9]])
   with pytest.raises(ValueError, match="4 micro-batches do not divide a batch of 6"):
-    train.split_microbatches(batch, 4)
+    steps.split_microbatches(batch, 4)
 
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
-def test_microbatched_step_gives_the_gradient_of_the_whole_batch(mnist, label_smoothing):
-  initial = train.create_train_state(small_config(), total_steps=10)
+def test_microbatched_step_gives_the_gradient_of_the_whole_batch(digits, label_smoothing):
+  initial = steps.create_train_state(small_config(), total_steps=10)
   # The head starts at zero, which would leave the rest with zero gradient: give it weights.
   head = jax.random.normal(jax.random.PRNGKey(1), initial.params["head"]["kernel"].shape)
   params = {**initial.params, "head": {**initial.params["head"], "kernel": head}}
   # Plain SGD with learning rate 1: the update is minus the gradient, unclipped, unscaled.
-  state = train.TrainState.create(apply_fn=initial.apply_fn, params=params, tx=optax.sgd(1.0))
-  batch = {"image": jnp.asarray(mnist["train"]["image"][:32], jnp.float32) / 255,
-           "label": jnp.asarray(mnist["train"]["label"][:32])}
+  state = steps.TrainState.create(apply_fn=initial.apply_fn, params=params, tx=optax.sgd(1.0))
+  batch = {"image": jnp.asarray(digits["train"]["image"][:32], jnp.float32) / 255,
+           "label": jnp.asarray(digits["train"]["label"][:32])}
 
   def whole_batch_loss(params):  # the reference: one mean over the batch, differentiated
     logits = state.apply_fn({"params": params}, batch["image"], train=True)
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return train.cross_entropy(logits, batch["label"], label_smoothing).mean(), accuracy
+    return steps.cross_entropy(logits, batch["label"], label_smoothing).mean(), accuracy
 
-  (expected_loss, expected_accuracy), expected_grads = jax.value_and_grad(
-      whole_batch_loss, has_aux=True)(params)
-  step = jax.jit(train.train_step, static_argnames=("label_smoothing", "num_microbatches"))
+  (expected_loss, expected_accuracy), expected_grads = jax.jit(jax.value_and_grad(
+      whole_batch_loss, has_aux=True))(params)
+  step = jax.jit(steps.train_step, static_argnames=("label_smoothing", "num_microbatches"))
   for k in (1, 2, 8):
     new, metrics = step(state, batch, jax.random.PRNGKey(0), label_smoothing=label_smoothing,
                         num_microbatches=k)
@@ -273,7 +273,7 @@ def test_mean_over_devices_is_each_leafs_pmean_in_one_all_reduce():
   n = jax.local_device_count()
   tree = {"kernel": jnp.arange(n * 6, dtype=jnp.float32).reshape(n, 2, 3) ** 2,
           "bias": -jnp.arange(n, dtype=jnp.float32), "loss": jnp.arange(n) / 3}
-  mean = jax.pmap(lambda t: train.mean_over_devices(t, "d"), axis_name="d")
+  mean = jax.pmap(lambda t: steps.mean_over_devices(t, "d"), axis_name="d")
   per_leaf = jax.pmap(lambda t: jax.lax.pmean(t, "d"), axis_name="d")
   got, expected = mean(tree), per_leaf(tree)
   for key in tree:
@@ -289,16 +289,16 @@ def test_mean_over_devices_is_each_leafs_pmean_in_one_all_reduce():
   assert all_reduce_results(per_leaf)[0].startswith("(")
 
 
-def test_workdir_that_is_a_file_is_refused(tmp_path, mnist):
+def test_workdir_that_is_a_file_is_refused(tmp_path, digits):
   (tmp_path / "file").write_text("")
   with pytest.raises(ValueError, match="workdir=.*file.* is a file, not a folder"):
-    train.train_and_evaluate(small_config(), tmp_path / "file", data=subset(mnist, 256))
+    train.train_and_evaluate(small_config(), tmp_path / "file", data=subset(digits, 256))
 
 
-def test_workdir_that_cannot_be_created_is_refused(tmp_path, mnist):
+def test_workdir_that_cannot_be_created_is_refused(tmp_path, digits):
   (tmp_path / "file").write_text("")
   with pytest.raises(ValueError, match="workdir=.*file/run.* cannot be created: Not a directory"):
-    train.train_and_evaluate(small_config(), tmp_path / "file" / "run", data=subset(mnist, 256))
+    train.train_and_evaluate(small_config(), tmp_path / "file" / "run", data=subset(digits, 256))
 
 
 def reference_predictions(state, images, labels):
@@ -312,45 +312,45 @@ def reference_predictions(state, images, labels):
   return loss, logits.argmax(-1) == labels, np.exp(log_probs)
 
 
-def test_evaluation_counts_a_padded_last_batch_s_real_examples_only(mnist):
+def test_evaluation_counts_a_padded_last_batch_s_real_examples_only(digits):
   # 10 examples in batches of 4: the last batch is 2 examples and 2 paddings of example 0.
-  images, labels = mnist["test"]["image"][:10], mnist["test"]["label"][:10].copy()
-  state = train.create_train_state(small_config(), total_steps=10)
+  images, labels = digits["test"]["image"][:10], digits["test"]["label"][:10].copy()
+  state = steps.create_train_state(small_config(), total_steps=10)
   # Example 0 counted right, so that padding counted as examples would change the accuracy.
   _, _, probabilities = reference_predictions(state, images, labels)
   labels[0] = probabilities[0].argmax()
   loss, correct, _ = reference_predictions(state, images, labels)
   runner = Runner("jit")
-  evaluate = train.Evaluator(runner, runner.replicate({"image": images, "label": labels}),
+  evaluate = steps.Evaluator(runner, runner.replicate({"image": images, "label": labels}),
                              10, 4, "mnist")
   result = evaluate(runner.replicate(state))
   assert result["eval_accuracy"] == pytest.approx(correct.mean())
   assert result["eval_loss"] == pytest.approx(loss.mean(), rel=1e-5)
 
 
-def test_predict_gives_the_checkpoint_s_probabilities(tmp_path, mnist):
+def test_predict_gives_the_checkpoint_s_probabilities(tmp_path, digits):
   config = small_config(num_epochs=0.25)
-  train.train_and_evaluate(config, tmp_path / "run", data=subset(mnist, 256))
-  images, labels = mnist["test"]["image"][:5], mnist["test"]["label"][:5]
-  _, _, expected = reference_predictions(train.restore_state(config, tmp_path / "run"),
+  train.train_and_evaluate(config, tmp_path / "run", data=subset(digits, 256))
+  images, labels = digits["test"]["image"][:5], digits["test"]["label"][:5]
+  _, _, expected = reference_predictions(inference.restore_state(config, tmp_path / "run"),
                                          images, labels)
-  np.testing.assert_allclose(train.predict(config, tmp_path / "run", images), expected,
+  np.testing.assert_allclose(inference.predict(config, tmp_path / "run", images), expected,
                              rtol=1e-5, atol=1e-6)
 
 
-def test_a_batch_larger_than_the_training_data_is_refused(tmp_path, mnist):
+def test_a_batch_larger_than_the_training_data_is_refused(tmp_path, digits):
   with pytest.raises(ValueError, match=r"config.batch_size=64 exceeds the 32 training examples"):
     train.train_and_evaluate(small_config(train_examples=None), tmp_path / "run",
-                             data=subset(mnist, 32))
+                             data=subset(digits, 32))
 
 
 def test_eval_and_predict_need_a_checkpoint(tmp_path):
   with pytest.raises(ValueError, match="holds no readable checkpoint"):
-    train.restore_state(small_config(), tmp_path)
+    inference.restore_state(small_config(), tmp_path)
 
 
 def test_learning_rate_schedule_warms_up_then_decays():
-  schedule = train.learning_rate_schedule(small_config(learning_rate=1e-3, warmup_steps=10), 100)
+  schedule = steps.learning_rate_schedule(small_config(learning_rate=1e-3, warmup_steps=10), 100)
   assert float(schedule(0)) == 0.0
   assert float(schedule(10)) == pytest.approx(1e-3)
   assert float(schedule(5)) == pytest.approx(5e-4)
@@ -360,8 +360,8 @@ def test_learning_rate_schedule_warms_up_then_decays():
 
 def test_label_smoothing_changes_the_loss():
   logits, labels = jnp.array([[4.0, 0.0, 0.0]]), jnp.array([0])
-  plain = float(train.cross_entropy(logits, labels)[0])
-  smoothed = float(train.cross_entropy(logits, labels, 0.1)[0])
+  plain = float(steps.cross_entropy(logits, labels)[0])
+  smoothed = float(steps.cross_entropy(logits, labels, 0.1)[0])
   p = np.exp([4.0, 0, 0]) / np.exp([4.0, 0, 0]).sum()
   assert plain == pytest.approx(-np.log(p[0]), rel=1e-5)
   target = np.array([0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3])

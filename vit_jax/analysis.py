@@ -13,14 +13,15 @@ from vit_jax import input_pipeline
 from vit_jax.models import attention_maps
 
 
-def collect_attention(state, images: np.ndarray, mean: float, std: float,
+def collect_attention(state, images: np.ndarray, dataset: str,
                       batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
-  """Runs the model on uint8 images (B, H, W, C) -> logits (B, K), maps (L, B, H, N, N)."""
+  """Runs the model on uint8 images (B, H, W, C) of `dataset` -> logits (B, K), maps
+  (L, B, H, N, N)."""
 
   @jax.jit
   def forward(params, batch):
     logits, state_vars = state.apply_fn({"params": params},
-                                        input_pipeline.normalize(batch, mean, std),
+                                        input_pipeline.normalize(batch, dataset),
                                         mutable=["intermediates"])
     return logits, attention_maps(state_vars["intermediates"])
 

@@ -12,16 +12,21 @@ meets them here:
     merge_heads    (B, H, N, D/H)    -> (B, N, D)          transpose, then reshape
     project_out    (B, N, D)         -> (B, N, D)          x @ W_out + b_out
 
+    self_attention (B, N, D)         -> (B, N, D), weights  the six steps above, in order
+
 B is the batch, N the number of tokens, D the width, H the number of heads.
 
-Every matrix product goes through `products`, which by default is `jnp.einsum` in
+Every matrix product here goes through `products`, which by default is `jnp.einsum` in
 float32; with `compute_dtype=jnp.bfloat16` (mixed precision) the operands are
 rounded to bfloat16 and the products, forward and backward, accumulate in float32.
+(A plug-in kernel from `vit_jax.kernels` may replace `attend` in `self_attention`; its
+products are its own.)
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 
 import chex
 import jax
@@ -194,6 +199,42 @@ def project_out(x: jax.Array, kernel: jax.Array, bias: jax.Array,
   chex.assert_rank(x, 3)
   chex.assert_shape(kernel, (x.shape[-1], x.shape[-1]))
   return project(x, kernel, bias, compute_dtype)
+
+
+def self_attention(x: jax.Array, weights: Mapping[str, Mapping[str, jax.Array]],
+                   num_heads: int, mask: jax.Array | None = None,
+                   attend_fn: Callable[..., tuple[jax.Array, jax.Array]] = attend,
+                   compute_dtype=None) -> tuple[jax.Array, jax.Array]:
+  """Multi-head self-attention: project, chunk, split heads, attend, merge heads, project out.
+
+  Args:
+    x: (B, N, D) tokens.
+    weights: the projections, each {'kernel': (D_in, D_out), optional 'bias': (D_out,)} as
+      a Flax `params` tree holds them. 'to_qkv' (D -> 3D) is the fused projection, then
+      chunked; or 'to_q', 'to_k', 'to_v' (D -> D each) are W_Q, W_K, W_V; with neither,
+      Q = K = V = x (the no-projection ablation). 'to_out' (D -> D, with bias) is required.
+    num_heads: H, dividing D.
+    mask: optional boolean, broadcastable to (B, H, N, N); see `attention_weights`.
+    attend_fn: the implementation of step 4, called as `attend` is (the default); e.g.
+      `vit_jax.kernels.attend_function('fused_cpu')`.
+    compute_dtype: the precision of the products (see `products`).
+
+  Returns:
+    out: (B, N, D), and the attention weights: (B, H, N, N).
+  """
+  chex.assert_rank(x, 3)
+  if "to_qkv" in weights:
+    q, k, v = chunk_qkv(project(x, **weights["to_qkv"], compute_dtype=compute_dtype))
+  elif "to_q" in weights:
+    q, k, v = (project(x, **weights[f"to_{t}"], compute_dtype=compute_dtype) for t in "qkv")
+  else:
+    q = k = v = x
+  q, k, v = (split_heads(t, num_heads) for t in (q, k, v))
+  out, attention = attend_fn(q, k, v, mask, compute_dtype)
+  out = merge_heads(out)
+  chex.assert_shape(out, x.shape)
+  to_out = weights["to_out"]
+  return project_out(out, to_out["kernel"], to_out["bias"], compute_dtype), attention
 
 
 # --- Precision: how every product above is computed -------------------------------

@@ -20,6 +20,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from vit_jax.files import write_text_atomically
+
 log = logging.getLogger("vit_jax")
 CONFIG_FILE = "config.json"
 
@@ -70,6 +72,11 @@ class WorkdirLock:
     self.file.close()
 
 
+# Model fields that change how the maths is computed, not the parameters: a run may resume
+# with another value (e.g. on a machine where 'auto' chose another kernel).
+_COMPUTATION_ONLY = ("attention_kernel",)
+
+
 def write_or_check_config(workdir: Path, config: Any, write: bool = True) -> None:
   """Saves the resolved config in `workdir` (if `write`), or refuses one that changes the model.
 
@@ -82,19 +89,18 @@ def write_or_check_config(workdir: Path, config: Any, write: bool = True) -> Non
     saved = json.loads(path.read_text())
     changed = sorted(k for k in set(saved["model"]) | set(resolved["model"])
                      if saved["model"].get(k) != resolved["model"].get(k))
-    if changed:
+    structural = [k for k in changed if k not in _COMPUTATION_ONLY]
+    if structural:
       diffs = ", ".join(f"model.{k}: {saved['model'].get(k)!r} -> {resolved['model'].get(k)!r}"
-                        for k in changed)
+                        for k in structural)
       raise ValueError(f"workdir={str(workdir)!r} holds a run of a different model ({diffs}); "
                        "use a new workdir")
-    others = sorted(k for k in resolved if k != "model" and saved.get(k) != resolved[k])
+    others = [f"model.{k}" for k in changed] + sorted(
+        k for k in resolved if k != "model" and saved.get(k) != resolved[k])
     if others and write:
       log.warning("resuming %s with changed settings: %s", workdir, ", ".join(others))
-  if not write:
-    return
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(resolved, indent=2, sort_keys=True) + "\n")
-  tmp.replace(path)
+  if write:
+    write_text_atomically(path, json.dumps(resolved, indent=2, sort_keys=True) + "\n")
 
 
 def read_config(workdir: str | os.PathLike) -> dict:

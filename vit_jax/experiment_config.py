@@ -31,12 +31,12 @@ class ExperimentConfig:
   seed: int = 0
   # The global batch: one optimizer update, shared by all devices.
   batch_size: int = 128
-  # Training examples per device in one forward/backward pass. None, or a value not less
-  # than a device's share of the batch: the whole share in one pass; otherwise it must
-  # divide batch_size / devices. Smaller passes keep the activations in CPU caches; the
-  # step sums the passes' gradients (lax.scan), so the update is the same up to float
-  # rounding (with dropout, each pass draws its own masks). A flag cannot write None:
-  # `--config.microbatch_size=<batch_size>` gives the one pass.
+  # Training examples per device in one forward and backward (a micro-batch). None, or a
+  # value not less than a device's share of the batch: the whole share at once; otherwise
+  # it must divide batch_size / devices. Smaller micro-batches keep the activations in CPU
+  # caches; the step sums their gradients (lax.scan), so the update is the same up to float
+  # rounding (with dropout, each micro-batch draws its own masks). A flag cannot write
+  # None: `--config.microbatch_size=<batch_size>` gives one micro-batch of the whole share.
   microbatch_size: int | None = None
   # Passes over the training set (fractions allowed); the steps are rounded up.
   num_epochs: float = 5.0

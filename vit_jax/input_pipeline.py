@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import mnist_source
+
 
 class EpochOrder:
   """The training order: a fresh permutation of the examples every epoch.
@@ -85,12 +87,13 @@ def random_translate(images: jax.Array, rng: jax.Array, max_shift: int) -> jax.A
   return out
 
 
-def normalize(images: jax.Array, mean: float, std: float) -> jax.Array:
-  """uint8 grey levels -> float32 with the training set's mean at 0 and its std at 1.
+def normalize(images: jax.Array, dataset: str) -> jax.Array:
+  """uint8 grey levels -> float32 with `dataset`'s training mean at 0 and its std at 1.
 
   Any shape, e.g. (B, H, W, C); the result has the same.
   """
-  return (images.astype(jnp.float32) / 255.0 - mean) / std
+  spec = mnist_source.dataset_spec(dataset)
+  return (images.astype(jnp.float32) / 255.0 - spec.mean) / spec.std
 
 
 def example_keys(rng: jax.Array, positions: jax.Array) -> jax.Array:

@@ -3,13 +3,13 @@
 Layer 1 of vit_jax: jax only, no parameters. `models.LayerNorm` owns the learned
 scale and bias and applies them to `standardize`'s result.
 
-Why not autodiff: LayerNorm took about 15 % of the `seed` training step on CPU, and XLA ran
-the op-by-op derivative of the mean and the variance (flax's LayerNorm, or this function
-differentiated automatically, slower still) slower than the closed form below. With it the
-step trained 1.02-1.19x faster in six interleaved comparisons on two CPU devices
-(docs/performance.md). The price: a `jax.custom_vjp` is reverse-mode only, so `jax.jvp`,
-`jax.jacfwd` and forward-over-reverse Hessian-vector products do not go through the model;
-`jax.grad` of `jax.grad` does.
+Why not autodiff: XLA ran the op-by-op derivative of the mean and the variance (flax's
+LayerNorm, or this function differentiated automatically, slower still) slower than the
+closed form below, on a share of the `seed` training step worth winning back
+(docs/performance.md has the figures). The price: a `jax.custom_vjp` is reverse-mode only,
+so `jax.jvp`, `jax.jacfwd` and forward-over-reverse Hessian-vector products do not go through
+the model; `jax.grad` of `jax.grad` does (with the einsum attention: the fused kernel has
+first derivatives only).
 """
 
 from __future__ import annotations

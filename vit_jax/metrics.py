@@ -7,14 +7,15 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 # TensorBoard's own protos and record writer, which need no TensorFlow: flax's writer (and
-# TensorBoard's EventFileWriter, when TensorFlow is installed) would import it, about four
-# seconds of every run's start.
+# TensorBoard's EventFileWriter, when TensorFlow is installed) would import it, seconds of
+# every run's start.
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
@@ -115,3 +116,50 @@ def _duration(seconds: float) -> str:
     return "?"
   minutes, secs = divmod(int(seconds), 60)
   return f"{minutes}m{secs:02d}s"
+
+
+class MetricsWindow:
+  """The training metrics of the steps since the last log line, and what they are logged as.
+
+  Each step's metrics stay on the device until `flush` (fetching them every step would make
+  the host wait for each step before dispatching the next); `flush` fetches them, stops on a
+  non-finite loss, and writes their means with the learning rate and the images/s since the
+  window opened.
+  """
+
+  def __init__(self, fetch: Callable[[Any], dict[str, Any]], writer: MetricWriter,
+               progress: Progress, batch_size: int, learning_rate: Callable[[int], Any]):
+    self.fetch, self.writer, self.progress = fetch, writer, progress
+    self.batch_size, self.learning_rate = batch_size, learning_rate
+    self.pending: list[tuple[int, Any]] = []
+    self.last: dict[str, float] = {}  # the means most recently written
+    self.restart_clock()
+
+  def restart_clock(self) -> None:
+    """Starts timing again, e.g. after an evaluation that is no training time."""
+    self.started = time.monotonic()
+
+  def add(self, step: int, metrics: Any) -> None:
+    """`metrics` of the update that made `step`, still on the device."""
+    self.pending.append((step, metrics))
+
+  def flush(self, step: int) -> None:
+    """Fetches the pending metrics, raises FloatingPointError on a non-finite loss, writes
+    their means at `step`; nothing if none is pending."""
+    if not self.pending:
+      return
+    fetched = [(s, self.fetch(m)) for s, m in self.pending]
+    for s, m in fetched:
+      if not np.isfinite(m["loss"]):
+        raise FloatingPointError(f"training loss is {m['loss']} at step {s}; no checkpoint of "
+                                 "a non-finite state was saved")
+    elapsed = max(time.monotonic() - self.started, 1e-9)
+    means = {f"train_{k}": float(np.mean([np.mean(m[k]) for _, m in fetched]))
+             for k in fetched[0][1]}
+    means["learning_rate"] = float(self.learning_rate(step - 1))
+    means["images_per_sec"] = len(fetched) * self.batch_size / elapsed
+    self.writer.write(step, means)
+    self.progress.update(step, means)
+    self.last = means
+    self.pending = []
+    self.restart_clock()

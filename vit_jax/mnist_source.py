@@ -16,16 +16,18 @@ Layer 3 of vit_jax: knows nothing of models or training.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
 import os
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from vit_jax.files import replaced_atomically
 
 # The project's own copy of MNIST, relative to the repository root.
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,53 +39,43 @@ _IMAGES_MAGIC, _LABELS_MAGIC = 2051, 2049
 _IMAGE_SIZE = 28
 
 
+# SHA-256 of each uncompressed IDX file of the official releases, in IDX_FILES' order.
+_OFFICIAL_SHA256 = {
+    "mnist": ("ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+              "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+              "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+              "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+    "fashion_mnist": ("c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+                      "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+                      "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+                      "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   """What we know about a supported dataset before reading it."""
   tfds_name: str
-  num_examples: dict[str, int]
   # Mean and std of the training images scaled to [0, 1] (checked by a test).
   mean: float
   std: float
-  # SHA-256 of each uncompressed IDX file: the official releases.
-  sha256: dict[str, str]
   # Folders searched for the IDX files when the config says idx_dir='auto'.
   default_idx_dirs: tuple[str, ...]
+  num_examples: dict[str, int] = dataclasses.field(
+      default_factory=lambda: {"train": 60000, "test": 10000})
+
+  @property
+  def sha256(self) -> dict[str, str]:
+    """The official SHA-256 of each uncompressed IDX file, by file name."""
+    names = [name for pair in IDX_FILES.values() for name in pair]
+    return dict(zip(names, _OFFICIAL_SHA256[self.tfds_name], strict=True))
 
 
 DATASETS = {
-    "mnist": DatasetSpec(
-        tfds_name="mnist",
-        num_examples={"train": 60000, "test": 10000},
-        mean=0.1307, std=0.3081,
-        sha256={
-            "train-images-idx3-ubyte.gz":
-                "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-            "train-labels-idx1-ubyte.gz":
-                "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-            "t10k-images-idx3-ubyte.gz":
-                "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-            "t10k-labels-idx1-ubyte.gz":
-                "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-        },
-        default_idx_dirs=(str(_REPO_ROOT.parent / "shared" / "data" / "mnist"),),
-    ),
-    "fashion_mnist": DatasetSpec(
-        tfds_name="fashion_mnist",
-        num_examples={"train": 60000, "test": 10000},
-        mean=0.2860, std=0.3530,
-        sha256={
-            "train-images-idx3-ubyte.gz":
-                "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-            "train-labels-idx1-ubyte.gz":
-                "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-            "t10k-images-idx3-ubyte.gz":
-                "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-            "t10k-labels-idx1-ubyte.gz":
-                "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-        },
-        default_idx_dirs=("/usr/share/datasets/fashion-mnist",),
-    ),
+    "mnist": DatasetSpec("mnist", mean=0.1307, std=0.3081, default_idx_dirs=(
+        str(_REPO_ROOT.parent / "shared" / "data" / "mnist"),)),
+    "fashion_mnist": DatasetSpec("fashion_mnist", mean=0.2860, std=0.3530,
+                                 default_idx_dirs=("/usr/share/datasets/fashion-mnist",)),
 }
 
 
@@ -261,19 +253,8 @@ def _read_array_cache(path: Path, num_examples: int) -> tuple[np.ndarray, np.nda
 
 
 def _write_array_cache(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
-  """Writes the cache whole under a temporary name, then renames it into place.
-
-  A folder we cannot write to (a read-only or remote data dir) just goes without.
-  """
-  try:
-    fd, partial = tempfile.mkstemp(prefix=f"{path.name}.", suffix=".partial", dir=path.parent)
-  except OSError:
-    return
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, images=images, labels=labels)
-    os.replace(partial, path)
-  except OSError:
-    pass
-  finally:  # a failed or interrupted write leaves no partial file behind
-    Path(partial).unlink(missing_ok=True)
+  """Writes the cache whole (`files.replaced_atomically`); a folder we cannot write to (a
+  read-only or remote data dir) just goes without."""
+  with contextlib.suppress(OSError), replaced_atomically(path) as partial, \
+      open(partial, "wb") as f:
+    np.savez(f, images=images, labels=labels)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from vit_jax import fused_attention
+from vit_jax import kernels
 from vit_jax.schema import from_mapping, require
 
 
@@ -26,15 +26,17 @@ class ModelConfig:
   bfloat16 matmul units (GPUs, TPUs, CPUs with AVX-512 BF16 or AMX); elsewhere XLA may
   emulate the products, slower than float32.
 
-  attention_kernel 'fused_cpu' computes each head's attention (`attention.attend`: the
-  two products and the softmax) as one C++ kernel on CPUs (`vit_jax.fused_attention`),
-  about 1.1x the `seed` training step; elsewhere, or where the kernel cannot be built, the
-  model uses 'einsum', the pure functions. It needs float32, a head dim of 16, 32 or 64
-  and at most 128 tokens, and it has first derivatives only (no `jax.grad` of `jax.grad`).
+  attention_kernel chooses the implementation of step 4, `attention.attend`
+  (`vit_jax.kernels`): 'einsum' is the pure functions, the definition, on any platform;
+  'fused_cpu' computes each head's two products and softmax as one C++ kernel on CPUs
+  (float32 only, a head dim in `kernels.HEAD_DIMS`, at most `kernels.MAX_TOKENS` tokens;
+  first derivatives only); 'auto' is resolved when a run starts (`vit_jax.auto`): 'fused_cpu'
+  where the kernel builds and is measurably faster than 'einsum' on this machine for this
+  shape, else 'einsum'. The choice changes no parameter, only the rounding.
 
-  The model differentiates in reverse mode only (`jax.grad`, also of `jax.grad`), not in
-  forward mode (`jax.jvp`, `jax.jacfwd`): LayerNorm's gradient is written out by hand
-  (`vit_jax.layer_norm`), as are the low-precision products'.
+  With 'einsum' the model differentiates in reverse mode, also twice (`jax.grad` of
+  `jax.grad`), but not in forward mode (`jax.jvp`, `jax.jacfwd`): LayerNorm's gradient is
+  written out by hand (`vit_jax.layer_norm`), as are the low-precision products'.
   """
   patch_size: int
   hidden_size: int
@@ -49,7 +51,7 @@ class ModelConfig:
   qkv_bias: bool = False
   dropout_rate: float = 0.0
   compute_dtype: Literal["float32", "bfloat16"] = "float32"
-  attention_kernel: Literal["einsum", "fused_cpu"] = "einsum"
+  attention_kernel: Literal["auto", "einsum", "fused_cpu"] = "einsum"
 
   def __post_init__(self):
     for key in ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
@@ -69,16 +71,16 @@ class ModelConfig:
             "must be in [0, 1)")
     require(self.compute_dtype in ("float32", "bfloat16"), "compute_dtype", self.compute_dtype,
             "is not one of 'float32', 'bfloat16'")
-    require(self.attention_kernel in ("einsum", "fused_cpu"), "attention_kernel",
-            self.attention_kernel, "is not one of 'einsum', 'fused_cpu'")
+    require(self.attention_kernel in ("auto", *kernels.KERNELS), "attention_kernel",
+            self.attention_kernel, "is not one of 'auto', 'einsum', 'fused_cpu'")
     if self.attention_kernel == "fused_cpu":
       require(self.compute_dtype == "float32", "attention_kernel", self.attention_kernel,
               f"needs compute_dtype='float32', not {self.compute_dtype!r} "
               "(attention_kernel='einsum' takes any precision)")
-      require(fused_attention.supports(self.num_tokens, self.head_dim), "attention_kernel",
+      require(kernels.supports(self.num_tokens, self.head_dim), "attention_kernel",
               self.attention_kernel,
-              f"supports head dims {fused_attention.HEAD_DIMS} and at most "
-              f"{fused_attention.MAX_TOKENS} tokens, not {self.head_dim} and {self.num_tokens} "
+              f"supports head dims {kernels.HEAD_DIMS} and at most "
+              f"{kernels.MAX_TOKENS} tokens, not {self.head_dim} and {self.num_tokens} "
               "(attention_kernel='einsum' takes any shape)")
 
   @property

@@ -8,7 +8,6 @@ second forward pass; `attention_maps` stacks them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -16,29 +15,45 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax import attention as A
-from vit_jax import fused_attention
+from vit_jax import kernels
 from vit_jax.layer_norm import standardize
 from vit_jax.model_configs import ModelConfig
 
 
-class Linear(nn.Module):
-  """A learned projection x @ kernel (+ bias) over the last axis of (B, N, D_in).
+def _linear_params(module: nn.Module, d_in: int, features: int, use_bias: bool,
+                   kernel_init: Any) -> dict[str, jax.Array]:
+  """{'kernel': (d_in, features), 'bias': (features,) if `use_bias`}, owned by `module`."""
+  params = {"kernel": module.param("kernel", kernel_init, (d_in, features))}
+  if use_bias:
+    params["bias"] = module.param("bias", nn.initializers.zeros, (features,))
+  return params
 
-  `projection` is the pure function that applies the weights (`attention.project`,
-  or `attention.project_out` for the attention's output layer), with products in
-  `compute_dtype` (None: float32).
+
+class Linear(nn.Module):
+  """A learned projection `attention.project`: (B, N, D_in) -> (B, N, features).
+
+  Products in `compute_dtype` (None: float32).
   """
   features: int
   use_bias: bool = True
   kernel_init: Any = nn.initializers.xavier_uniform()
-  projection: Callable[..., jax.Array] = A.project
   compute_dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
-    return self.projection(x, kernel, bias, self.compute_dtype)
+    params = _linear_params(self, x.shape[-1], self.features, self.use_bias, self.kernel_init)
+    return A.project(x, **params, compute_dtype=self.compute_dtype)
+
+
+class LinearWeights(nn.Module):
+  """The parameters of a `Linear`, returned rather than applied: for `self_attention`."""
+  features: int
+  use_bias: bool = True
+  kernel_init: Any = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, d_in: int) -> dict[str, jax.Array]:
+    return _linear_params(self, d_in, self.features, self.use_bias, self.kernel_init)
 
 
 class LayerNorm(nn.Module):
@@ -70,12 +85,12 @@ class PatchEmbedding(nn.Module):
 
 
 class MultiHeadSelfAttention(nn.Module):
-  """Project, chunk, split heads, attend, merge heads, project out.
+  """`attention.self_attention` with learned projections: (B, N, D) -> (B, N, D).
 
-  qkv: 'fused' (one `to_qkv` matrix D -> 3D), 'separate' (`to_q`, `to_k`, `to_v`)
-  or 'identity' (no projection: Q = K = V = x, so head h reads slice h of x).
-  attention_kernel: 'einsum' (`attention.attend`) or 'fused_cpu' (`fused_attention.attend`,
-  the same maths as one kernel on CPUs; float32 and no mask).
+  qkv: 'fused' (one `to_qkv` matrix D -> 3D, then chunked), 'separate' (`to_q`, `to_k`,
+  `to_v`) or 'identity' (no projection: Q = K = V = x, so head h reads slice h of x).
+  attention_kernel: which implementation of `attention.attend` runs step 4
+  (`vit_jax.kernels.attend_function`): 'einsum' (the definition) or 'fused_cpu'.
   """
   num_heads: int
   qkv: str = "fused"
@@ -86,27 +101,18 @@ class MultiHeadSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     width = x.shape[-1]
-    dtype = self.compute_dtype
-    if self.qkv == "fused":
-      q, k, v = A.chunk_qkv(Linear(3 * width, self.qkv_bias, compute_dtype=dtype,
-                                   name="to_qkv")(x))
-    elif self.qkv == "separate":
-      q, k, v = (Linear(width, self.qkv_bias, compute_dtype=dtype, name=f"to_{t}")(x)
-                 for t in "qkv")
-    elif self.qkv == "identity":
-      q = k = v = x
-    else:
-      raise ValueError(f"qkv={self.qkv!r} is not one of 'fused', 'separate', 'identity'")
-    q, k, v = (A.split_heads(t, self.num_heads) for t in (q, k, v))
-    if self.attention_kernel == "fused_cpu":
-      if mask is not None:
-        raise ValueError("attention_kernel='fused_cpu' takes no mask: use 'einsum'")
-      out, weights = fused_attention.attend(q, k, v)
-    else:
-      out, weights = A.attend(q, k, v, mask, dtype)
-    self.sow("intermediates", "attention_weights", weights)
-    out = A.merge_heads(out)
-    return Linear(width, projection=A.project_out, compute_dtype=dtype, name="to_out")(out)
+    projections = {"fused": {"to_qkv": 3 * width},
+                   "separate": {f"to_{t}": width for t in "qkv"}, "identity": {}}
+    if self.qkv not in projections:
+      raise ValueError(f"qkv={self.qkv!r} is not one of {', '.join(map(repr, projections))}")
+    weights = {name: LinearWeights(features, self.qkv_bias, name=name)(width)
+               for name, features in projections[self.qkv].items()}
+    weights["to_out"] = LinearWeights(width, name="to_out")(width)
+    out, attention_weights = A.self_attention(
+        x, weights, self.num_heads, mask, kernels.attend_function(self.attention_kernel),
+        self.compute_dtype)
+    self.sow("intermediates", "attention_weights", attention_weights)
+    return out
 
 
 class MlpBlock(nn.Module):

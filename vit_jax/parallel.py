@@ -63,9 +63,9 @@ class Runner:
                        f"{self.num_devices} devices that {self.mode} runs on")
 
   def num_microbatches(self, batch_size: int, microbatch_size: int | None) -> int:
-    """Passes per step when each device takes `microbatch_size` examples at a time.
+    """Micro-batches per step when each device takes `microbatch_size` examples at a time.
 
-    A device's share of the batch that is no larger than `microbatch_size` goes in one pass.
+    A device's share of the batch that is no larger than `microbatch_size` is one.
     """
     per_device = batch_size // self.num_devices
     if microbatch_size is None or per_device <= microbatch_size:

@@ -95,10 +95,10 @@ def plot_position_similarity(similarity: np.ndarray, config: ModelConfig, path: 
 
 
 def write_all(state, config: ModelConfig, images: np.ndarray, labels: np.ndarray,
-              mean: float, std: float, out_dir: Path) -> list[Path]:
-  """Writes every picture for `images` (uint8 (B, H, W, C)) into `out_dir`."""
+              dataset: str, out_dir: Path) -> list[Path]:
+  """Writes every picture for `images` (uint8 (B, H, W, C) of `dataset`) into `out_dir`."""
   out_dir.mkdir(parents=True, exist_ok=True)
-  logits, maps = analysis.collect_attention(state, images, mean, std)
+  logits, maps = analysis.collect_attention(state, images, dataset)
   predicted = logits.argmax(-1)
   per_head = analysis.query_attention(maps, config.classifier)  # (L, B, H, patches)
   paths = [plot_attention(images[i], per_head[:, i], config, int(labels[i]), int(predicted[i]),
@@ -112,16 +112,14 @@ def write_all(state, config: ModelConfig, images: np.ndarray, labels: np.ndarray
 
 def visualize_checkpoint(config, workdir, num_images: int = 4, test_data=None) -> list[Path]:
   """Pictures of the latest checkpoint in `workdir` on the first test digits."""
-  from vit_jax import mnist_source, train
-  from vit_jax.experiment_config import validate
+  from vit_jax import inference, mnist_source
 
-  config = validate(config)
-  state = train.restore_state(config, workdir)
+  config = inference.resolved_config(config)
+  state = inference.restore_state(config, workdir)
   if test_data is None:
     images, labels = mnist_source.load_split(config.dataset, "test", config.tfds_data_dir,
                                              config.idx_dir)
   else:
     images, labels = test_data["image"], test_data["label"]
-  spec = mnist_source.dataset_spec(config.dataset)
-  return write_all(state, config.model, images[:num_images], labels[:num_images], spec.mean,
-                   spec.std, Path(workdir) / "visualize")
+  return write_all(state, config.model, images[:num_images], labels[:num_images],
+                   config.dataset, Path(workdir) / "visualize")

@@ -7,9 +7,10 @@
 // memory; here a head's products and softmax stay in registers and L1, four queries at a
 // time, and the heads are shared out over XLA's intra-op threads.
 //
-// Built by vit_jax/fused_attention.py (g++ -O3 -march=native, or $VIT_JAX_KERNEL_MARCH),
-// which uses the einsum path where this cannot be built. Written for vectors of kLanes floats: 16 with AVX-512, 8 with
-// AVX2 (16 registers instead of 32, so the scores are computed a few vectors at a time).
+// Built by vit_jax/kernels/build.py (g++ -O3 -march=native, or $VIT_JAX_KERNEL_MARCH);
+// where it cannot be built the model takes the einsum path. Written for vectors of kLanes
+// floats: 16 with AVX-512, 8 with AVX2 (16 registers instead of 32, so the scores are
+// computed a few vectors at a time).
 // A vector holds kLanes of a head's row (16, 32 or 64 wide) or of a row's scores.
 
 #include <algorithm>

@@ -1,0 +1,94 @@
+"""The structure the developers' guide asks for, checked: layers, imports, sizes."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+PACKAGE = REPO / "vit_jax"
+
+# Each module's layer; a module imports only from its own layer and those below it.
+LAYERS = {
+    "files": 0, "schema": 0,
+    "attention": 1, "layer_norm": 1, "kernels": 1,
+    "model_configs": 2, "models": 2,
+    "mnist_source": 3, "input_pipeline": 3, "image_files": 3,
+    "experiment_config": 4, "parallel": 4, "checkpoints": 4, "metrics": 4, "interrupt": 4,
+    "steps": 4, "train": 4, "inference": 4, "auto": 4, "analysis": 4, "sweep": 4,
+    "visualize": 5, "sweep_report": 5, "benchmark": 5,
+}
+PURE_MATHS = ("attention", "layer_norm")  # layer 1 proper: jax, numpy and chex only
+MAX_FUNCTION_LINES, MAX_FILE_LINES = 50, 300
+
+
+def python_files():
+  return sorted([*PACKAGE.rglob("*.py"), REPO / "launch.py"])
+
+
+def module_of(path: Path) -> str:
+  """vit_jax/kernels/build.py -> 'kernels', vit_jax/train.py -> 'train'."""
+  return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+
+
+def imported_modules(path: Path) -> set[str]:
+  """Every module `path` imports, at the top or inside a function, as dotted names."""
+  names = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      names.update(alias.name for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      names.add(node.module)
+      names.update(f"{node.module}.{alias.name}" for alias in node.names)
+  return names
+
+
+def test_every_module_has_a_layer():
+  modules = {module_of(p) for p in PACKAGE.rglob("*.py")} - {"__init__"}
+  assert modules == set(LAYERS)
+
+
+@pytest.mark.parametrize("path", [p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"
+                                  or p.parent != PACKAGE], ids=lambda p: p.stem)
+def test_no_module_imports_from_a_layer_above_it(path):
+  own = LAYERS[module_of(path)]
+  for name in imported_modules(path):
+    parts = name.split(".")
+    if parts[0] == "vit_jax" and len(parts) > 1 and parts[1] in LAYERS:
+      assert LAYERS[parts[1]] <= own, f"{path.name} (layer {own}) imports {name}"
+
+
+@pytest.mark.parametrize("module", PURE_MATHS)
+def test_the_maths_imports_jax_numpy_and_chex_only(module):
+  allowed = {"jax", "numpy", "chex", "__future__", "functools", "collections"}
+  for name in imported_modules(PACKAGE / f"{module}.py"):
+    assert name.split(".")[0] in allowed, f"{module}.py imports {name}"
+
+
+def test_input_pipeline_knows_no_model():
+  for module in ("mnist_source", "input_pipeline", "image_files"):
+    for name in imported_modules(PACKAGE / f"{module}.py"):
+      assert not name.startswith(("vit_jax.models", "vit_jax.model_configs", "flax")), name
+
+
+def test_reading_a_config_imports_no_kernel_build_machinery():
+  code = ("import sys, vit_jax.experiment_config, vit_jax.model_configs\n"
+          "print(' '.join(sorted(sys.modules)))")
+  loaded = set(subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.split())
+  assert "vit_jax.kernels" in loaded  # the config's checks use its constants...
+  for heavy in ("subprocess", "ctypes", "vit_jax.kernels.build",
+                "vit_jax.kernels.fused_attention", "jax"):
+    assert heavy not in loaded  # ...and nothing that builds, loads or registers a kernel
+
+
+@pytest.mark.parametrize("path", python_files(), ids=lambda p: str(p.relative_to(REPO)))
+def test_functions_and_files_stay_short(path):
+  source = path.read_text()
+  assert len(source.splitlines()) <= MAX_FILE_LINES, f"{path.name} is over {MAX_FILE_LINES} lines"
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+      length = node.end_lineno - node.lineno + 1
+      assert length <= MAX_FUNCTION_LINES, f"{path.name}:{node.lineno} {node.name}: {length} lines"

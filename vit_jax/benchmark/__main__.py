@@ -1,0 +1,53 @@
+"""The command line of `vit_jax.benchmark`; see its package docstring."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from vit_jax.benchmark.report import REPO, run, table, time_to_accuracy
+
+
+def main(argv):
+  del argv
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  result = run(flags.FLAGS.config, flags.FLAGS.windows, flags.FLAGS.steps_per_window,
+               flags.FLAGS.compile_times, flags.FLAGS.peak_matmul_size or None)
+  targets = [float(t) for t in flags.FLAGS.time_to_accuracy]
+  if targets:
+    with tempfile.TemporaryDirectory() as workdir:
+      result.update(time_to_accuracy(flags.FLAGS["config"].config_filename,
+                                     [a for a in sys.argv[1:] if a.startswith("--config.")],
+                                     targets, Path(workdir) / "run",
+                                     flags.FLAGS.eval_every_steps, flags.FLAGS.launch_flags))
+  print(table(result))
+  if flags.FLAGS.out:
+    Path(flags.FLAGS.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {flags.FLAGS.out}")
+
+
+def _define_flags():
+  config_flags.DEFINE_config_file("config", str(REPO / "experiments" / "mnist.py"),
+                                  "Experiment config to measure.", lock_config=True)
+  flags.DEFINE_integer("windows", 5, "Timed windows (after one warm-up window).")
+  flags.DEFINE_integer("steps_per_window", 10, "Training steps per timed window.")
+  flags.DEFINE_bool("compile_times", True, "Measure cold and cached compile times.")
+  flags.DEFINE_list("time_to_accuracy", [], "Test accuracies to time a real run to, e.g. "
+                    "0.98,0.99 (empty: skip).")
+  flags.DEFINE_integer("eval_every_steps", 100, "Evaluation interval of the timed run.")
+  flags.DEFINE_list("launch_flags", [], "Extra launch.py flags for the timed run, e.g. "
+                    "--cpu_devices=2.")
+  flags.DEFINE_integer("peak_matmul_size", 0, "Side of the square matmul that probes the "
+                       "peak (0: 2048 on a CPU, 8192 on a GPU or TPU).", lower_bound=0)
+  flags.DEFINE_string("out", None, "Write the results here as JSON.")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,105 @@
+"""Every measurement of a config as one JSON-able dict, and time to accuracy."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from vit_jax import auto, steps
+from vit_jax.benchmark import ceiling, flops, step_speed, timing
+from vit_jax.experiment_config import validate
+from vit_jax.parallel import Runner, choose_mode
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def time_to_accuracy(config_path: str, overrides: list[str], targets: list[float],
+                     workdir: Path, eval_every_steps: int,
+                     launch_flags: list[str] = ()) -> dict[str, float | None]:
+  """Wall seconds from starting launch.py until the test accuracy first reaches each target.
+
+  The run compiles cold: its persistent compilation cache is off unless `launch_flags`
+  turn it on again.
+  """
+  start = time.time()
+  subprocess.run([sys.executable, str(REPO / "launch.py"), f"--config={config_path}",
+                  f"--workdir={workdir}", f"--config.eval_every_steps={eval_every_steps}",
+                  "--compilation_cache_dir=",
+                  *launch_flags, *overrides], check=True, cwd=REPO)
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  evals = [r for r in records if "eval_accuracy" in r]
+  out = {}
+  for target in targets:
+    hit = next((r for r in evals if r["eval_accuracy"] >= target), None)
+    out[f"seconds_to_{target:g}"] = None if hit is None else hit["time"] - start
+    out[f"step_at_{target:g}"] = None if hit is None else hit["step"]
+  out["final_accuracy"] = evals[-1]["eval_accuracy"]
+  return out
+
+
+def run(config: Any, windows: int = 5, steps_per_window: int = 10,
+        with_compile_times: bool = True, peak_size: int | None = None) -> dict[str, Any]:
+  """Every measurement except time to accuracy, as one JSON-able dict.
+
+  `peak_size`: the side of the peak's matmul; None: `peak_matmul_size` of the platform.
+  """
+  config = validate(config)
+  runner = Runner(choose_mode(config.parallel))
+  microbatches = steps.microbatches_per_step(config, runner)
+  config, choices = auto.resolve(config, runner.num_devices)
+  peak = timing.MatmulPeak(config.model.compute_dtype, peak_size)
+  result: dict[str, Any] = {
+      "date": time.strftime("%Y-%m-%d"),
+      "device": jax.devices()[0].device_kind,
+      "choices": choices,
+      "compute_dtype": config.model.compute_dtype,
+      **_attention_that_ran(config.model.attention_kernel),
+      "train_flops_per_image": flops.train_flops(config.model),
+      "eval_flops_per_image": flops.forward_flops(config.model),
+      "batch_size": config.batch_size,
+      "microbatch_size": config.microbatch_size,
+      "eval_batch_size": config.eval_batch_size,
+  }
+  result.update(step_speed.measure_steps(config, runner, peak, steps_per_window, windows))
+  result.update(ceiling.matmul_only_speed(config.model, config.batch_size // microbatches,
+                                          config.eval_batch_size, peak, runner))
+  result["matmul_peak_size"] = peak.size
+  result["matmul_peak_flops"] = statistics.median(peak.measured)
+  result["matmul_peak_flops_range"] = [min(peak.measured), max(peak.measured)]
+  for measured in ("", "matmul_only_"):
+    for key in ("train", "eval"):
+      result[f"{measured}{key}_mfu"] = (result[f"{measured}{key}_images_per_sec"]
+                                        * result[f"{key}_flops_per_image"]
+                                        / result["matmul_peak_flops"])
+  if with_compile_times:
+    result.update(step_speed.compile_times(config, microbatches))
+  result["peak_rss_megabytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  return result
+
+
+def _attention_that_ran(kernel: str) -> dict[str, Any]:
+  """'fused_cpu' falls back to 'einsum' off CPUs and where the kernel cannot be built."""
+  if kernel == "fused_cpu":
+    from vit_jax.kernels import fused_attention
+
+    if fused_attention.available():
+      # 16: the kernel's AVX-512 build, 8: its AVX2 build.
+      return {"attention_kernel": kernel, "attention_kernel_lanes": fused_attention.lanes()}
+  return {"attention_kernel": "einsum", "attention_kernel_lanes": None}
+
+
+def table(result: dict[str, Any]) -> str:
+  rows = []
+  for key, value in result.items():
+    if isinstance(value, float):
+      value = f"{value:.4g}"
+    rows.append(f"| {key} | {value} |")
+  return "| measure | value |\n| --- | --- |\n" + "\n".join(rows) + "\n"

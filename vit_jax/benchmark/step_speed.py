@@ -1,0 +1,137 @@
+"""The training and evaluation steps of a config, timed, and their compile times."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from vit_jax import input_pipeline, steps
+from vit_jax.benchmark import flops, timing
+from vit_jax.experiment_config import ExperimentConfig
+from vit_jax.parallel import Runner
+
+
+def synthetic_digits(config: ExperimentConfig, num_examples: int) -> dict[str, np.ndarray]:
+  """Random uint8 images and labels of the config's shapes: speed needs no real data."""
+  c = config.model
+  rng = np.random.default_rng(0)
+  return {"image": rng.integers(0, 256, (num_examples, c.image_size, c.image_size,
+                                         c.num_channels), dtype=np.uint8),
+          "label": rng.integers(0, c.num_classes, num_examples).astype(np.int32)}
+
+
+def measure_steps(config: ExperimentConfig, runner: Runner, peak: timing.MatmulPeak,
+                  steps_per_window: int = 10, windows: int = 5) -> dict[str, Any]:
+  """Training and evaluation images/s of `config` on synthetic digits (speed only)."""
+  # Whole evaluation batches: every evaluated image is a real one.
+  eval_batches = -(-config.batch_size * steps_per_window // config.eval_batch_size)
+  num_examples = eval_batches * config.eval_batch_size
+  device_data = runner.replicate(synthetic_digits(config, num_examples))
+  holder = {"state": runner.replicate(steps.create_train_state(config, total_steps=10_000))}
+  order = input_pipeline.EpochOrder(num_examples, config.batch_size, config.seed)
+  positions = runner.split_batch(np.arange(config.batch_size, dtype=np.int32))
+  key = jax.random.PRNGKey(0)
+
+  step_fn = steps.compile_train_step(config, runner)
+  start = time.perf_counter()
+  compiled = step_fn.lower(holder["state"], device_data, runner.split_batch(order.indices(0)),
+                           positions, key).compile()
+  compile_seconds = time.perf_counter() - start
+
+  def train_window():
+    state = holder["state"]
+    for i in range(steps_per_window):
+      state, metrics = step_fn(state, device_data, runner.split_batch(order.indices(i)),
+                               positions, jax.random.fold_in(key, i))
+    jax.block_until_ready(metrics)
+    holder["state"] = state
+
+  evaluate = steps.Evaluator(runner, device_data, num_examples, config.eval_batch_size,
+                             config.dataset)
+  return {
+      "parallel": runner.mode,
+      "devices": runner.num_devices,
+      "train_images_per_sec": timing.images_per_second(
+          train_window, windows, config.batch_size * steps_per_window, peak),
+      "eval_images_per_sec": timing.images_per_second(
+          lambda: evaluate(holder["state"]), windows, num_examples, peak),
+      "train_step_compile_seconds": compile_seconds,
+      **_compiled_costs(config, runner, compiled, evaluate, holder["state"], device_data),
+  }
+
+
+def _compiled_costs(config: ExperimentConfig, runner: Runner, compiled, evaluate, state,
+                    device_data) -> dict[str, float | None]:
+  """XLA's FLOPs per image of the compiled steps, and the training step's peak memory."""
+  eval_compiled = evaluate.step.lower(
+      state, device_data,
+      runner.split_batch(np.arange(config.eval_batch_size, dtype=np.int32)),
+      runner.split_batch(np.ones(config.eval_batch_size, bool))).compile()
+  xla_train, xla_eval = flops.xla_flops(compiled), flops.xla_flops(eval_compiled)
+  per_program = runner.num_devices if runner.mode == "pmap" else 1
+  memory = compiled.memory_analysis()
+  return {
+      # Parameters, optimizer state, the device's copy of the data, activations, gradients.
+      "train_step_peak_megabytes": memory and memory.peak_memory_in_bytes / 2**20,
+      # XLA counts a pmap-ed program once, for one device's share of the batch, and a
+      # loop's body once, for one of the step's micro-batches (so the work outside the
+      # loop, gather and optimizer, is counted once per micro-batch here). A custom call is
+      # opaque to XLA: with attention_kernel 'fused_cpu' the count lacks the attention's
+      # products (QK^T and AV).
+      "xla_train_flops_per_image": xla_train and xla_train
+      * steps.microbatches_per_step(config, runner) / (config.batch_size / per_program),
+      "xla_eval_flops_per_image": xla_eval and xla_eval / (config.eval_batch_size
+                                                           / per_program),
+  }
+
+
+def compile_times(config: ExperimentConfig, microbatches: int) -> dict[str, float]:
+  """Training-step compile time: cold, then from a fresh persistent compilation cache.
+
+  Compiled for one device, with the `microbatches` per step that the config has on its own.
+  """
+  code = (
+      "import sys, time, json, jax, numpy as np, functools\n"
+      "cache = sys.argv[1]\n"
+      "jax.config.update('jax_compilation_cache_dir', cache)\n"
+      "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+      "jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)\n"
+      "from vit_jax.benchmark import step_speed\n"
+      "from vit_jax.experiment_config import validate\n"
+      "config = validate(json.loads(sys.argv[2]))\n"
+      "print(json.dumps(step_speed.time_one_compile(config)))\n")
+  with tempfile.TemporaryDirectory() as cache:
+    as_json = json.dumps(_one_device_json(config, microbatches))
+    runs = []
+    for _ in range(2):
+      done = subprocess.run([sys.executable, "-c", code, cache, as_json], capture_output=True,
+                            text=True)
+      if done.returncode:
+        raise RuntimeError(f"compiling in a subprocess failed: {done.stderr[-2000:]}")
+      runs.append(json.loads(done.stdout.splitlines()[-1]))
+  return {"compile_cold_seconds": runs[0]["seconds"],
+          "compile_cached_seconds": runs[1]["seconds"]}
+
+
+def _one_device_json(config: ExperimentConfig, microbatches: int) -> dict:
+  return dataclasses.asdict(dataclasses.replace(
+      config, parallel="jit", microbatch_size=config.batch_size // microbatches))
+
+
+def time_one_compile(config: ExperimentConfig) -> dict[str, float]:
+  """Lower and compile the single-device training step once; for `compile_times`."""
+  state = steps.create_train_state(config, total_steps=10_000)
+  data = synthetic_digits(config, config.batch_size)
+  step = steps.compile_train_step(config, Runner("jit"))
+  idx = np.arange(config.batch_size, dtype=np.int32)
+  start = time.perf_counter()
+  step.lower(state, data, idx, idx, jax.random.PRNGKey(0)).compile()
+  return {"seconds": time.perf_counter() - start}

@@ -1,0 +1,63 @@
+"""Using a trained run: its latest state, its test accuracy, its predictions.
+
+Layer 4 of vit_jax.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from vit_jax import auto, input_pipeline, mnist_source
+from vit_jax.checkpoints import Checkpoints, write_or_check_config
+from vit_jax.experiment_config import ExperimentConfig, validate
+from vit_jax.parallel import Runner, choose_mode
+from vit_jax.steps import Evaluator, TrainState, create_train_state
+
+
+def resolved_config(config: Any) -> ExperimentConfig:
+  """`config` validated, with its 'auto' choices made for this machine (`auto.resolve`)."""
+  return auto.resolve(validate(config))[0]
+
+
+def restore_state(config: Any, workdir: str | Path) -> TrainState:
+  """The latest readable checkpoint of `workdir`; a clear error if there is none."""
+  config = resolved_config(config)
+  workdir = Path(workdir)
+  write_or_check_config(workdir, config, write=False)  # refuse a different model
+  template = create_train_state(config, total_steps=1)
+  checkpoints = Checkpoints(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+  try:
+    state = checkpoints.restore_latest(template)
+  finally:
+    checkpoints.close()
+  if state is None:
+    raise ValueError(f"workdir={str(workdir)!r} holds no readable checkpoint")
+  return state
+
+
+def evaluate_checkpoint(config: Any, workdir: str | Path,
+                        data: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, float]:
+  """Test loss and accuracy of the latest checkpoint in `workdir`."""
+  config = resolved_config(config)
+  state = restore_state(config, workdir)
+  test = data["test"] if data is not None else dict(zip(
+      ("image", "label"),
+      mnist_source.load_split(config.dataset, "test", config.tfds_data_dir, config.idx_dir),
+      strict=True))
+  runner = Runner(choose_mode(config.parallel))
+  result = Evaluator(runner, runner.replicate(test), len(test["label"]),
+                     config.eval_batch_size, config.dataset)(runner.replicate(state))
+  return {**result, "step": int(state.step)}
+
+
+def predict(config: Any, workdir: str | Path, images: np.ndarray) -> np.ndarray:
+  """Class probabilities (B, num_classes) of uint8 (B, H, W, C) images, latest checkpoint."""
+  config = resolved_config(config)
+  state = restore_state(config, workdir)
+  logits = jax.jit(state.apply_fn)({"params": state.params},
+                                   input_pipeline.normalize(images, config.dataset))
+  return np.asarray(jax.nn.softmax(logits, axis=-1))

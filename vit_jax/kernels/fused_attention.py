@@ -1,0 +1,146 @@
+"""`attention.attend` as one fused CPU kernel per direction: the same maths, faster on CPUs.
+
+`vit_jax.attention.attend` stays the readable definition (and the path on GPUs and TPUs).
+On a CPU, XLA runs a head's two small products (Q K^T and weights V, e.g. 50x16 by 16x50)
+and the softmax between them as separate operations, each through memory;
+`attention_cpu.cc` does one head's products and softmax in registers and L1 instead,
+forward and backward, as an XLA FFI custom call (docs/performance.md, "Attention as one
+kernel", has the figures). `build.py` compiles it on first use.
+
+It needs float32, no mask, a head dim in `kernels.HEAD_DIMS` and at most
+`kernels.MAX_TOKENS` tokens. Where it cannot be built (no compiler, no AVX2), `attend` warns
+once and uses `attention.attend`, as it does when the computation is compiled for a GPU or
+TPU. It differentiates once, in reverse mode: `jax.grad` of `jax.grad` and `jax.jvp` raise
+errors that say so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax import custom_derivatives
+
+from vit_jax import attention as A
+from vit_jax.kernels import supports
+from vit_jax.kernels.build import build
+
+_TARGETS = ("VitAttentionForward", "VitAttentionBackward", "VitAttentionBackwardWithWeights")
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | str:
+  """The built kernel, loaded once per process, with its targets registered; or why not."""
+  try:
+    library = ctypes.cdll.LoadLibrary(str(build()))
+  except (RuntimeError, OSError) as error:
+    return str(error)
+  for name in _TARGETS:
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)),
+                                platform="cpu")
+  return library
+
+
+def load() -> str | None:
+  """Builds and registers the kernel once per process; None, or why it is unavailable."""
+  library = _library()
+  return library if isinstance(library, str) else None
+
+
+def lanes() -> int | None:
+  """Floats per vector in the loaded kernel: 16 (AVX-512) or 8 (AVX2); None if none loaded."""
+  library = _library()
+  return None if isinstance(library, str) else library.VitAttentionLanes()
+
+
+def available() -> bool:
+  """Whether `attend` takes the kernel here (JAX's default backend is a CPU, and it built)."""
+  return jax.default_backend() == "cpu" and load() is None
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: None = None,
+           compute_dtype=None) -> tuple[jax.Array, jax.Array]:
+  """`attention.attend(q, k, v)` (float32, no mask), by the fused kernel on CPUs.
+
+  Args:
+    q, k, v: (B, H, N, D/H) each.
+    mask, compute_dtype: as `attention.attend` takes them, but only None (float32): the
+      kernel has no mask and computes in float32.
+
+  Returns:
+    out: (B, H, N, D/H) and weights: (B, H, N, N), as `attention.attend`.
+  """
+  if mask is not None:
+    raise ValueError("attention_kernel='fused_cpu' takes no mask: use 'einsum'")
+  if compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.float32:
+    raise ValueError(f"attention_kernel='fused_cpu' computes in float32, not {compute_dtype}: "
+                     "use 'einsum'")
+  chex.assert_rank([q, k, v], 4)
+  chex.assert_equal_shape([q, k, v])
+  tokens, head_dim = q.shape[-2:]
+  # Only where a CPU is the default does the kernel get built at all; `platform_dependent`
+  # then still lowers the einsum path for a computation placed on another platform.
+  if jax.default_backend() != "cpu" or not supports(tokens, head_dim):
+    return A.attend(q, k, v)
+  if (why := load()) is not None:
+    _warn_once(why)
+    return A.attend(q, k, v)
+  q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+  out, weights = jax.lax.platform_dependent(q, k, v, cpu=_fused, default=A.attend)
+  chex.assert_equal_shape([out, q])
+  chex.assert_shape(weights, q.shape[:-1] + (tokens,))
+  return out, weights
+
+
+@functools.cache
+def _warn_once(why: str) -> None:
+  warnings.warn(f"fused attention unavailable, using attention.attend: {why}", stacklevel=3)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _kernel_call(target: str, q, *arrays):
+  """The FFI call `target`: (q, k, v) -> (out, weights) or (q, ...) -> (dq, dk, dv)."""
+  weights = q.shape[:-1] + (q.shape[-2],)
+  results = (q.shape, weights) if target == _TARGETS[0] else (q.shape,) * 3
+  # The kernel treats every leading axis as heads, so vmap may just add one.
+  return jax.ffi.ffi_call(target, tuple(jax.ShapeDtypeStruct(r, jnp.float32) for r in results),
+                          vmap_method="broadcast_all")(q, *arrays)
+
+
+@_kernel_call.defjvp
+def _kernel_call_jvp(target, primals, tangents):
+  # Reached only by differentiating the custom VJP's own rules: a second derivative.
+  del target, primals, tangents
+  raise NotImplementedError(
+      "attention_kernel='fused_cpu' has first derivatives only: for jax.grad of jax.grad, "
+      "use attention_kernel='einsum'")
+
+
+@jax.custom_vjp
+def _fused(q, k, v):
+  return _kernel_call(_TARGETS[0], q, k, v)
+
+
+def _fused_forward(q, k, v):
+  q, k, v = q.value, k.value, v.value  # symbolic_zeros=True wraps the primals
+  out, weights = _kernel_call(_TARGETS[0], q, k, v)
+  return (out, weights), (q, k, v, weights)
+
+
+def _fused_backward(residuals, cotangents):
+  q, k, v, weights = residuals
+  d_out, d_weights = cotangents
+  if isinstance(d_out, custom_derivatives.SymbolicZero):
+    d_out = jnp.zeros(q.shape, jnp.float32)
+  # In training nothing reads the weights, so their cotangent is a symbolic zero: skip it.
+  if isinstance(d_weights, custom_derivatives.SymbolicZero):
+    return _kernel_call(_TARGETS[1], q, k, v, weights, d_out)
+  return _kernel_call(_TARGETS[2], q, k, v, weights, d_out, d_weights)
+
+
+_fused.defvjp(_fused_forward, _fused_backward, symbolic_zeros=True)
+

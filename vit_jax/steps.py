@@ -1,0 +1,219 @@
+"""The training state, the optimizer and the steps: pure functions of (state, batch, rng).
+
+`train_step` and `eval_step` take a batch of arrays; `compile_train_step` and `Evaluator`
+wrap them for data held on the device(s), gathering, augmenting and normalising each batch
+inside the compiled step, laid over the devices by a `parallel.Runner`.
+
+Layer 4 of vit_jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+from jax.flatten_util import ravel_pytree
+
+from vit_jax import input_pipeline
+from vit_jax.experiment_config import ExperimentConfig
+from vit_jax.models import ViT
+from vit_jax.parallel import Runner
+
+TrainState = train_state.TrainState
+
+
+# --- State and optimizer ---------------------------------------------------------------
+
+def learning_rate_schedule(config: ExperimentConfig, total_steps: int) -> optax.Schedule:
+  """Linear warm-up from 0, then cosine decay to 0 at `total_steps`."""
+  warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1), end_value=0.0)
+
+
+def create_train_state(config: ExperimentConfig, total_steps: int) -> TrainState:
+  """Fresh parameters from `config.seed` and an AdamW optimizer with clipping."""
+  model = ViT(config.model)
+  c = config.model
+  dummy = jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32)
+  params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), dummy)["params"]
+  tx = optax.chain(
+      optax.clip_by_global_norm(config.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(config, total_steps),
+                  weight_decay=config.weight_decay))
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+# --- The steps -------------------------------------------------------------------------
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example cross-entropy, (B, K) logits and (B,) int labels -> (B,)."""
+  num_classes = logits.shape[-1]
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def split_microbatches(batch: dict[str, jax.Array], num_microbatches: int
+                       ) -> dict[str, jax.Array]:
+  """(B, ...) arrays -> (k, B/k, ...): micro-batch j holds examples j, j + k, j + 2k, ...
+
+  Strided, not contiguous, so that under 'shard' (the batch's rows split over the devices)
+  every micro-batch still spreads over all devices.
+  """
+  def split(x):
+    if x.shape[0] % num_microbatches:
+      raise ValueError(f"{num_microbatches} micro-batches do not divide a batch of "
+                       f"{x.shape[0]}")
+    strided = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:])
+    return strided.swapaxes(0, 1)
+
+  return jax.tree_util.tree_map(split, batch)
+
+
+def mean_over_devices(tree: Any, axis_name: str) -> Any:
+  """`lax.pmean` of every (float) leaf of `tree`, sent as one flat buffer.
+
+  XLA's CPU runtime synchronises the devices once per array of an all-reduce (76 times a
+  step for the `seed` ViT's gradients and metrics; docs/performance.md has its cost). One
+  buffer synchronises them once; the means are the same.
+  """
+  flat, unflatten = ravel_pytree(tree)
+  return unflatten(jax.lax.pmean(flat, axis_name))
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
+               label_smoothing: float = 0.0, num_microbatches: int = 1,
+               axis_name: str | None = None):
+  """One AdamW update on `batch` = {'image': (B, H, W, C) float, 'label': (B,) int}.
+
+  The batch goes through the model in `num_microbatches` micro-batches of
+  B / num_microbatches examples (`lax.scan`), their gradients summed: the update of the
+  whole batch at once, up to float rounding (and dropout's draws), with one micro-batch's
+  activations in memory at a time.
+  Under pmap (`axis_name` set) gradients and metrics are averaged across devices,
+  so each device must hold the same number of examples.
+
+  Returns:
+    (new state, {'loss', 'accuracy'} of this batch, before the update).
+  """
+  def sums(params, micro, rng):
+    logits = state.apply_fn({"params": params}, micro["image"], train=True,
+                            rngs={"dropout": rng})
+    correct = jnp.sum(jnp.argmax(logits, -1) == micro["label"]).astype(jnp.int32)
+    return jnp.sum(cross_entropy(logits, micro["label"], label_smoothing)), correct
+
+  def accumulate(totals, indexed_microbatch):
+    index, micro = indexed_microbatch
+    # Each micro-batch draws its own dropout masks; a single one draws the step's own.
+    micro_rng = rng if num_microbatches == 1 else jax.random.fold_in(rng, index)
+    (loss, correct), grads = jax.value_and_grad(sums, has_aux=True)(
+        state.params, micro, micro_rng)
+    return jax.tree_util.tree_map(jnp.add, totals, (loss, correct, grads)), None
+
+  zeros = (jnp.zeros(()), jnp.zeros((), jnp.int32),
+           jax.tree_util.tree_map(jnp.zeros_like, state.params))
+  microbatches = (jnp.arange(num_microbatches), split_microbatches(batch, num_microbatches))
+  (loss, correct, grads), _ = jax.lax.scan(accumulate, zeros, microbatches)
+  num_examples = batch["label"].shape[0]
+  grads = jax.tree_util.tree_map(lambda g: g / num_examples, grads)
+  metrics = {"loss": loss / num_examples, "accuracy": correct / num_examples}
+  if axis_name is not None:
+    grads, metrics = mean_over_devices((grads, metrics), axis_name)
+  return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str | None = None):
+  """Sums over the examples of `batch` whose 'mask' is True: loss, correct, count.
+
+  `batch`: 'image' float32 (B, H, W, C) normalised, 'label' int32 (B,), 'mask' bool (B,).
+  Returns three float32 scalars, summed over the devices of `axis_name` if given.
+  """
+  logits = state.apply_fn({"params": state.params}, batch["image"], train=False)
+  mask = batch["mask"].astype(jnp.float32)
+  sums = {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+          "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+          "count": jnp.sum(mask)}
+  if axis_name is not None:
+    sums = jax.lax.psum(sums, axis_name)
+  return sums
+
+
+# --- The steps on device-resident data --------------------------------------------------
+
+def _train_on_indices(state, data, indices, positions, rng, *, config: ExperimentConfig,
+                      num_microbatches: int, axis_name):
+  """Gathers, augments and normalises a batch on device, then `train_step`."""
+  augment_rng, dropout_rng = jax.random.split(rng)
+  images = input_pipeline.random_translate(
+      data["image"][indices], input_pipeline.example_keys(augment_rng, positions),
+      config.augment_max_shift)
+  batch = {"image": input_pipeline.normalize(images, config.dataset),
+           "label": data["label"][indices]}
+  if axis_name is not None:
+    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
+  return train_step(state, batch, dropout_rng, label_smoothing=config.label_smoothing,
+                    num_microbatches=num_microbatches, axis_name=axis_name)
+
+
+def microbatches_per_step(config: ExperimentConfig, runner: Runner) -> int:
+  """Micro-batches per device per training step, after checking that the devices share both
+  batches.
+
+  Raises a one-line ValueError naming the config field that they cannot share.
+  """
+  runner.check_batch_size("batch_size", config.batch_size)
+  runner.check_batch_size("eval_batch_size", config.eval_batch_size)
+  return runner.num_microbatches(config.batch_size, config.microbatch_size)
+
+
+def compile_train_step(config: ExperimentConfig, runner: Runner):
+  """`_train_on_indices` for `runner`: (state, data, indices, positions, rng) -> (state, metrics).
+
+  The state's buffers are donated: the caller keeps only the returned state.
+  """
+  step = functools.partial(
+      _train_on_indices, config=config,
+      num_microbatches=microbatches_per_step(config, runner))
+  return runner.compile(step, in_axes=(0, 0, 0, 0, None), donate_argnums=(0,))
+
+
+def _eval_on_indices(state, data, indices, mask, *, dataset: str, axis_name):
+  batch = {"image": input_pipeline.normalize(data["image"][indices], dataset),
+           "label": data["label"][indices], "mask": mask}
+  return eval_step(state, batch, axis_name=axis_name)
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """Evaluates a state over a whole split, every example exactly once."""
+  runner: Runner
+  data: Any  # on device(s): {'image': uint8 (N, H, W, C), 'label': int32 (N,)}
+  num_examples: int
+  batch_size: int
+  dataset: str
+
+  def __post_init__(self):
+    self.step = self.runner.compile(
+        functools.partial(_eval_on_indices, dataset=self.dataset), in_axes=(0, 0, 0, 0))
+
+  def __call__(self, state) -> dict[str, float]:
+    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+    for indices, mask in input_pipeline.eval_indices(self.num_examples, self.batch_size):
+      # Each batch finished on every device (not only the first, whose sums are read) before
+      # the next is dispatched: with several batches in flight (each has an all-reduce),
+      # XLA's CPU devices waited on each other until XLA aborted the process (a two-device
+      # run; reproduced with eight, tests/test_train.py).
+      sums = jax.block_until_ready(self.step(state, self.data, self.runner.split_batch(indices),
+                                             self.runner.split_batch(mask)))
+      sums = self.runner.unreplicate(sums)
+      for k in totals:
+        totals[k] += float(sums[k])
+    assert int(totals["count"]) == self.num_examples, totals
+    return {"eval_loss": totals["loss"] / totals["count"],
+            "eval_accuracy": totals["correct"] / totals["count"]}
