@@ -3,7 +3,7 @@
 # precision (bfloat16 products, float32 parameters) and in float32 (on NVIDIA GPUs JAX's
 # default computes float32 products in TF32), at the batch of 128 and at a batch
 # large enough to fill a GPU; MFU against the peak measured in the same process and
-# precision (an 8192-sided product on an accelerator; see vit_jax/benchmark.py).
+# precision (an 8192-sided product on an accelerator; see vit_jax/benchmark/timing.py).
 #
 #   bash experiments/gpu_benchmark.sh [OUT_DIR]
 #

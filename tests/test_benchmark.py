@@ -29,10 +29,10 @@ def test_forward_flops_by_hand_for_the_testing_config():
 
 def test_the_peak_probe_times_its_own_product():
   peak = benchmark.MatmulPeak("float32", size=512)
-  assert peak.size == 512 and peak.flops == 2 * 512**3
+  assert peak.flops == 2 * 512**3
   peak.probe()
   peak.probe()
-  assert len(peak.measured) == 2 and all(f > 0 for f in peak.measured)
+  assert len(peak.measured) == 2
   # Independently: twenty products in a row, waited for once at the end. A probe that timed
   # only the dispatch (no wait for the result) would claim many times this speed.
   start = time.perf_counter()
@@ -77,18 +77,19 @@ def test_benchmark_runs_and_counts_flops_like_xla(parallel, microbatch_size):
   # XLA cannot see into the kernel's custom call: its count lacks QK^T and AV, 2 n^2 d each.
   n, c = config.model.num_tokens, config.model
   hidden = 2 * 2 * n * n * c.hidden_size * c.num_layers if ran_kernel else 0
-  for key, passes in (("train", 3), ("eval", 1)):
+  for key, forwards in (("train", 3), ("eval", 1)):  # training: forward and backward, 3x
     ours, xla = result[f"{key}_flops_per_image"], result[f"xla_{key}_flops_per_image"]
-    assert abs(xla - (ours - passes * hidden)) / ours < FLOP_TOLERANCE, (key, ours, xla)
-    assert result[f"{key}_images_per_sec"] > 0 and result[f"{key}_mfu"] > 0
-  assert result["matmul_peak_flops"] > 0 and result["peak_rss_megabytes"] > 0
+    assert abs(xla - (ours - forwards * hidden)) / ours < FLOP_TOLERANCE, (key, ours, xla)
+  # A share of the peak above 1 would mean FLOPs or seconds miscounted (1.5: the peak's
+  # probes and the steps share a noisy machine).
+  for key in ("train_mfu", "eval_mfu", "matmul_only_train_mfu", "matmul_only_eval_mfu"):
+    assert 0 < result[key] < 1.5, (key, result[key])
   assert result["matmul_peak_size"] == 2048  # the CPU's probe
   # The step holds at least its parameters and AdamW's two moments, float32.
   params = 3 * 4 * (2 * 64 * 64 * 3 + 2 * 64 * 64 + 4 * 64 * 128) / 2**20
   assert params < result["train_step_peak_megabytes"] < result["peak_rss_megabytes"]
-  assert result["matmul_only_train_mfu"] > 0 and result["matmul_only_eval_mfu"] > 0
-  if parallel == "jit":
-    assert result["compile_cold_seconds"] > 0 and result["compile_cached_seconds"] > 0
+  if parallel == "jit":  # the persistent cache must spare most of a compile
+    assert 0 < result["compile_cached_seconds"] < result["compile_cold_seconds"]
   assert "| train_mfu |" in benchmark.table(result)
   assert result["attention_kernel"] == ("fused_cpu" if ran_kernel else "einsum")
   assert result["attention_kernel_lanes"] in ((8, 16) if ran_kernel else (None,))
@@ -156,7 +157,7 @@ def test_the_accelerator_script_runs_here_too_and_reports_what_failed(tmp_path):
   assert "== FAILED: float64 batch 32" in log and "== done" not in log
   written = json.loads((out / "tiny_bfloat16_b32.json").read_text())
   assert written["batch_size"] == 32 and written["compute_dtype"] == "bfloat16"
-  assert written["train_mfu"] > 0
+  assert 0 < written["train_mfu"] < 1.5
   assert not (out / "tiny_float64_b32.json").exists()
 
 

@@ -37,7 +37,7 @@ def test_config_dict_round_trips_and_optional_fields_stay_settable():
   config.train_examples = 1000
   config.num_epochs = 2.5             # float fields accept floats even if the file said 2
   assert validate(config).tfds_data_dir == "/data"
-  with pytest.raises(AttributeError):
+  with pytest.raises(AttributeError, match="not_a_field"):
     config.not_a_field = 1            # locked
 
 

@@ -2,6 +2,8 @@
 
 import io
 
+import pytest
+
 from vit_jax import metrics
 
 STEP_METRICS = {"train_loss": 0.5, "train_accuracy": 0.875, "images_per_sec": 1234.0}
@@ -43,3 +45,42 @@ def test_progress_of_other_processes_writes_nothing():
   progress.message("hello")
   progress.close()
   assert stream.getvalue() == ""
+
+
+class _Recorder:
+  """A MetricWriter and a Progress in one: what the window writes."""
+
+  def __init__(self):
+    self.written = []
+
+  def write(self, step, metrics):
+    self.written.append((step, metrics))
+
+  update = write
+
+
+def test_metrics_window_logs_means_rate_and_learning_rate_then_starts_again(monkeypatch):
+  clock = iter([100.0, 102.0, 102.0])  # opened at 100; flushed at 102, then reopened
+  monkeypatch.setattr(metrics.time, "monotonic", lambda: next(clock))
+  recorder = _Recorder()
+  window = metrics.MetricsWindow(lambda m: {k: float(v) for k, v in m.items()}, recorder,
+                                 recorder, batch_size=64, learning_rate=lambda s: s / 100)
+  window.flush(5)  # nothing pending: nothing written
+  assert recorder.written == []
+  window.add(9, {"loss": 1.0, "accuracy": 0.5})
+  window.add(10, {"loss": 3.0, "accuracy": 1.0})
+  window.flush(10)
+  means = {"train_loss": 2.0, "train_accuracy": 0.75, "learning_rate": 0.09,
+           "images_per_sec": 2 * 64 / 2.0}
+  assert recorder.written == [(10, means)] * 2  # to the writer and to the progress
+  assert window.last == means and window.pending == []
+
+
+def test_metrics_window_stops_on_a_non_finite_loss_and_names_its_step():
+  recorder = _Recorder()
+  window = metrics.MetricsWindow(dict, recorder, recorder, 64, lambda s: 0.0)
+  window.add(3, {"loss": 0.5})
+  window.add(4, {"loss": float("nan")})
+  with pytest.raises(FloatingPointError, match="training loss is nan at step 4"):
+    window.flush(4)
+  assert recorder.written == []  # nothing of a non-finite window is logged

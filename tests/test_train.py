@@ -145,7 +145,7 @@ def test_pmap_and_sharded_jit_over_8_devices_match_one_device(tmp_path, mnist):
   single = train.train_and_evaluate(config, tmp_path / "jit", data=data)
   jit_losses = [x for _, x in read_losses(tmp_path / "jit")]
   assert len(jit_losses) == 8
-  # Micro-batches: 4 passes of 16 on one device; 2 passes of 4 examples on each of 8 devices.
+  # Micro-batches: 4 of 16 on one device; 2 of 4 examples on each of 8 devices.
   for mode, microbatch_size in (("pmap", None), ("shard", None), ("jit", 16), ("pmap", 4),
                                 ("shard", 4)):
     name = f"{mode}-{microbatch_size}"
@@ -220,7 +220,7 @@ def test_microbatch_size_that_does_not_divide_a_devices_share_is_refused(tmp_pat
   assert not (tmp_path / "run").exists()
 
 
-def test_number_of_passes_per_step():
+def test_number_of_microbatches_per_step():
   runner = Runner("jit")
   assert runner.num_microbatches(128, None) == 1
   assert runner.num_microbatches(128, 16) == 8
@@ -233,9 +233,9 @@ def test_number_of_passes_per_step():
 
 def test_microbatches_are_strided_so_that_each_spans_the_batch():
   batch = {"label": jnp.arange(6), "image": jnp.arange(6 * 2).reshape(6, 2)}
-  passes = steps.split_microbatches(batch, 3)
-  np.testing.assert_array_equal(passes["label"], [[0, 3], [1, 4], [2, 5]])
-  np.testing.assert_array_equal(passes["image"][1], [[2, 3], [8, 9]])
+  microbatches = steps.split_microbatches(batch, 3)
+  np.testing.assert_array_equal(microbatches["label"], [[0, 3], [1, 4], [2, 5]])
+  np.testing.assert_array_equal(microbatches["image"][1], [[2, 3], [8, 9]])
   with pytest.raises(ValueError, match="4 micro-batches do not divide a batch of 6"):
     steps.split_microbatches(batch, 4)
 
