@@ -13,7 +13,8 @@ PACKAGE = REPO / "vit_jax"
 # Each module's layer; a module imports only from its own layer and those below it.
 LAYERS = {
     "files": 0, "schema": 0,
-    "attention": 1, "layer_norm": 1, "kernels": 1,
+    "attention": 1, "layer_norm": 1,
+    "kernels": 1.5,  # plug-ins for the maths: a compiler, a cache, FFI; below the models
     "model_configs": 2, "models": 2,
     "mnist_source": 3, "input_pipeline": 3, "image_files": 3,
     "experiment_config": 4, "parallel": 4, "checkpoints": 4, "metrics": 4, "interrupt": 4,
@@ -25,7 +26,9 @@ MAX_FUNCTION_LINES, MAX_FILE_LINES = 50, 300
 
 
 def python_files():
-  return sorted([*PACKAGE.rglob("*.py"), REPO / "launch.py"])
+  """The package, the command line, the experiments and the tests."""
+  return sorted([*PACKAGE.rglob("*.py"), REPO / "launch.py", *(REPO / "experiments").glob("*.py"),
+                 *(REPO / "tests").glob("*.py")])
 
 
 def module_of(path: Path) -> str:

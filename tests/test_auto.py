@@ -6,8 +6,8 @@ import json
 import jax
 import pytest
 
-from vit_jax import auto, kernels, models, train
-from vit_jax.checkpoints import write_or_check_config
+from vit_jax import auto, inference, kernels, models, train
+from vit_jax.checkpoints import saved_config, write_or_check_config
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.kernels import fused_attention, timing
 from vit_jax.model_configs import get_model_config
@@ -89,6 +89,12 @@ def test_a_run_records_its_choice_and_may_resume_with_another(tmp_path, digits, 
           "attention einsum (the fused kernel measured 1.00x") in capsys.readouterr().err
   assert json.loads((tmp_path / "config.json").read_text())["model"]["attention_kernel"] \
       == "einsum"
+  # Resuming, evaluating or drawing it computes as it did, however fast the kernel now measures.
+  kernel_speedup(5.0)
+  assert auto.choose_attention_kernel(model, 64)[0] == "fused_cpu"
+  resumed, line = auto.resolve(config, 1, saved_config(tmp_path))
+  assert resumed.model.attention_kernel == "einsum" and "its config.json" in line
+  assert inference.resolved_config(config, tmp_path).model.attention_kernel == "einsum"
   # The kernel changes no parameter: the same workdir may continue on a machine that takes it.
   other = dataclasses.replace(config, model=dataclasses.replace(model,
                                                                 attention_kernel="fused_cpu"))

@@ -61,14 +61,21 @@ def _same_in_every_process(choice: str, options: tuple[str, ...]) -> str:
   return options[int(index)]
 
 
-def resolve(config: ExperimentConfig, num_devices: int = 1) -> tuple[ExperimentConfig, str]:
+def resolve(config: ExperimentConfig, num_devices: int = 1, recorded: dict | None = None
+            ) -> tuple[ExperimentConfig, str]:
   """-> (`config` with its 'auto' fields chosen, a one-line summary of what runs).
 
-  `num_devices`: the devices that share each batch.
+  `num_devices`: the devices that share each batch. `recorded`: the config.json of the
+  workdir the run continues, if any: what it chose stands, so that a resumed run, or the
+  evaluation of a finished one, computes as the run did.
   """
   per_device = config.batch_size // num_devices
   microbatch = min(per_device, config.microbatch_size or per_device)
-  kernel, why = choose_attention_kernel(config.model, microbatch)
+  chosen_before = (recorded or {}).get("model", {}).get("attention_kernel")
+  if config.model.attention_kernel == "auto" and chosen_before in kernels.KERNELS:
+    kernel, why = chosen_before, "as this workdir's run chose: its config.json"
+  else:
+    kernel, why = choose_attention_kernel(config.model, microbatch)
   kernel = _same_in_every_process(kernel, kernels.KERNELS)
   model = dataclasses.replace(config.model, attention_kernel=kernel)
   config = dataclasses.replace(config, model=model)

@@ -103,6 +103,12 @@ def write_or_check_config(workdir: Path, config: Any, write: bool = True) -> Non
     write_text_atomically(path, json.dumps(resolved, indent=2, sort_keys=True) + "\n")
 
 
+def saved_config(workdir: str | os.PathLike) -> dict | None:
+  """The config.json a run left in `workdir`, or None if there is none yet."""
+  path = Path(workdir) / CONFIG_FILE
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
 def read_config(workdir: str | os.PathLike) -> dict:
   path = Path(workdir) / CONFIG_FILE
   if not path.is_file():

@@ -12,20 +12,20 @@ import jax
 import numpy as np
 
 from vit_jax import auto, input_pipeline, mnist_source
-from vit_jax.checkpoints import Checkpoints, write_or_check_config
+from vit_jax.checkpoints import Checkpoints, saved_config, write_or_check_config
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.parallel import Runner, choose_mode
 from vit_jax.steps import Evaluator, TrainState, create_train_state
 
 
-def resolved_config(config: Any) -> ExperimentConfig:
-  """`config` validated, with its 'auto' choices made for this machine (`auto.resolve`)."""
-  return auto.resolve(validate(config))[0]
+def resolved_config(config: Any, workdir: str | Path) -> ExperimentConfig:
+  """`config` validated, with its 'auto' choices those of the run in `workdir`."""
+  return auto.resolve(validate(config), recorded=saved_config(workdir))[0]
 
 
 def restore_state(config: Any, workdir: str | Path) -> TrainState:
   """The latest readable checkpoint of `workdir`; a clear error if there is none."""
-  config = resolved_config(config)
+  config = resolved_config(config, workdir)
   workdir = Path(workdir)
   write_or_check_config(workdir, config, write=False)  # refuse a different model
   template = create_train_state(config, total_steps=1)
@@ -42,7 +42,7 @@ def restore_state(config: Any, workdir: str | Path) -> TrainState:
 def evaluate_checkpoint(config: Any, workdir: str | Path,
                         data: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, float]:
   """Test loss and accuracy of the latest checkpoint in `workdir`."""
-  config = resolved_config(config)
+  config = resolved_config(config, workdir)
   state = restore_state(config, workdir)
   test = data["test"] if data is not None else dict(zip(
       ("image", "label"),
@@ -56,7 +56,7 @@ def evaluate_checkpoint(config: Any, workdir: str | Path,
 
 def predict(config: Any, workdir: str | Path, images: np.ndarray) -> np.ndarray:
   """Class probabilities (B, num_classes) of uint8 (B, H, W, C) images, latest checkpoint."""
-  config = resolved_config(config)
+  config = resolved_config(config, workdir)
   state = restore_state(config, workdir)
   logits = jax.jit(state.apply_fn)({"params": state.params},
                                    input_pipeline.normalize(images, config.dataset))

@@ -19,7 +19,13 @@ import jax
 import numpy as np
 
 from vit_jax import auto, input_pipeline, mnist_source
-from vit_jax.checkpoints import Checkpoints, WorkdirLock, prepare_workdir, write_or_check_config
+from vit_jax.checkpoints import (
+    Checkpoints,
+    WorkdirLock,
+    prepare_workdir,
+    saved_config,
+    write_or_check_config,
+)
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.interrupt import StopSignal, TrainingInterruptedError
 from vit_jax.metrics import MetricsWindow, MetricWriter, Progress
@@ -68,10 +74,10 @@ def train_and_evaluate(config: Any, workdir: str | Path, data: Data | None = Non
   config = validate(config)
   runner = Runner(choose_mode(config.parallel))
   microbatches_per_step(config, runner)  # batches the devices cannot share fail here
-  config, choices = auto.resolve(config, runner.num_devices)
   workdir = prepare_workdir(workdir)
   main = runner.is_main_process  # with several processes, process 0 owns the workdir's files
   with WorkdirLock(workdir) if main else contextlib.nullcontext():
+    config, choices = auto.resolve(config, runner.num_devices, saved_config(workdir))
     write_or_check_config(workdir, config, write=main)
     with _Run(config, workdir, runner, data if data is not None else load_data(config)) as run:
       return run.train(f"running on {choices}")
@@ -88,9 +94,7 @@ class _Run:
     self.config, self.workdir, self.runner = config, workdir, runner
     self.total_steps = total_train_steps(config, num_train)
     self.order = input_pipeline.EpochOrder(num_train, config.batch_size, config.seed)
-    self.train_data = runner.replicate(data["train"])
-    self.evaluate = Evaluator(runner, runner.replicate(data["test"]), len(data["test"]["label"]),
-                              config.eval_batch_size, config.dataset)
+    self.data = data  # on the host until the run is known to go ahead
     self.cleanup = contextlib.ExitStack()
     self.checkpoints = Checkpoints(workdir, config.checkpoint_every_steps,
                                    config.keep_checkpoints)
@@ -147,6 +151,10 @@ class _Run:
     """
     state = self._restore()
     start_step = int(state.step)
+    self.train_data = self.runner.replicate(self.data["train"])
+    test = self.data["test"]
+    self.evaluate = Evaluator(self.runner, self.runner.replicate(test), len(test["label"]),
+                              self.config.eval_batch_size, self.config.dataset)
     self._open_logs(start_step)
     if first_line:
       self.progress.message(first_line)

@@ -114,7 +114,7 @@ def visualize_checkpoint(config, workdir, num_images: int = 4, test_data=None) -
   """Pictures of the latest checkpoint in `workdir` on the first test digits."""
   from vit_jax import inference, mnist_source
 
-  config = inference.resolved_config(config)
+  config = inference.resolved_config(config, workdir)
   state = inference.restore_state(config, workdir)
   if test_data is None:
     images, labels = mnist_source.load_split(config.dataset, "test", config.tfds_data_dir,
