@@ -1,5 +1,5 @@
 # The two quick-start commands: `make train` and `make test`. Each creates .venv on first use.
-# `make test-fast` is the edit loop's tier: no real MNIST files, no subprocesses, about a minute.
+# `make test-fast` is the edit loop's tier: no MNIST files, no kernel build (README: its time).
 PYTHON ?= python3
 VENV ?= .venv
 CONFIG ?= experiments/mnist.py

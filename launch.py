@@ -127,8 +127,9 @@ MODES = {"train": _train, "eval": _evaluate, "predict": _predict, "visualize": _
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  # Orbax and TFDS log every step of their work at INFO; keep the console for ours.
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  # Orbax, TFDS and JAX log every step of their work at INFO; keep the console for ours.
+  for name in ("absl", "jax"):
+    logging.getLogger(name).setLevel(logging.WARNING)
   _set_up_jax()
   import jax
 
@@ -140,22 +141,45 @@ def main(argv):
   MODES[FLAGS.mode](config)
 
 
+def _unknown_config_key(error: Exception) -> str | None:
+  """The one line for a `--config.a.b=...` flag naming a key the config lacks, or None.
+
+  ml_collections raises KeyError or AttributeError with the key on the first line of its
+  message and a did-you-mean on the next.
+  """
+  message = str(error.args[0]) if error.args else ""
+  name, *hint = message.splitlines() or [""]
+  name = name.strip("\"'")
+  for arg in sys.argv[1:]:
+    path = arg.split("=")[0].removeprefix("--").split(".")
+    if path[0] == "config" and name in path[1:]:
+      key = ".".join(path[:path.index(name, 1) + 1])
+      suggestion = " ".join(hint).strip()
+      return f"{key} is not a known key of the config" + (
+          f"; {suggestion[:1].lower()}{suggestion[1:]}" if suggestion else "")
+  return None
+
+
 def run():
+  from vit_jax.checkpoints import CheckpointError
   from vit_jax.interrupt import TrainingInterruptedError
 
   try:
     app.run(main)
   except (AttributeError, KeyError) as e:
     # ml_collections raises these, with a traceback, for `--config.x=...` naming no field.
-    name = str(e).strip("\"'")
-    flag = next((a.split("=")[0] for a in sys.argv[1:]
-                 if a.startswith("--config.") and a.split("=")[0].endswith(f".{name}")), None)
-    if flag is None:
+    line = _unknown_config_key(e)
+    if line is None:
       raise
-    print(f"error: {flag.removeprefix('--')} is not a known key of the config", file=sys.stderr)
+    print(f"error: {line}", file=sys.stderr)
     sys.exit(2)
   except (ValueError, FloatingPointError) as e:  # bad config, data or files; a NaN loss
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    if isinstance(e, CheckpointError):
+      # A failed write's threads may still report into a closed event loop: their
+      # tracebacks belong in the run's log, not after this line. Nothing is left to save.
+      sys.stdout.flush()
+      os._exit(2)
     sys.exit(2)
   except TrainingInterruptedError as e:  # SIGTERM / Ctrl-C, after saving a checkpoint
     print(f"interrupted: {e}", file=sys.stderr)

@@ -127,11 +127,17 @@ def test_predict_bad_image_is_one_clear_line(trained, tmp_path):
     ("--config.learning_rate=-1", "error: config.learning_rate=-1.0 must be positive"),
     ("--config.dataset=cifar10", "error: config.dataset='cifar10' is not one of"),
     ("--config.model.heads=4", "error: config.model.heads is not a known key of the config"),
+    ("--config.model.nmu_heads=4", "error: config.model.nmu_heads is not a known key of the "
+     'config; did you mean "num_heads" instead of "nmu_heads"?'),
+    ("--config.modle.num_heads=2", "error: config.modle is not a known key of the config; "
+     'did you mean "model" instead of "modle"?'),
+    ("--workdir=/mnt/vit_jax-test-not-mounted/run", "error: workdir="),
 ])
 def test_bad_config_is_one_clear_line_before_any_work(flag, message, tmp_path):
   result = launch("--config=experiments/tiny.py", f"--workdir={tmp_path / 'run'}", flag)
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1].startswith(message)
+  assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1
   assert not (tmp_path / "run").exists()
 
 

@@ -84,7 +84,11 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tfds_dir, reference, tmp_
     time.sleep(float(rng.uniform(0, 0.05)))
     proc.kill()
     proc.communicate()
-  # 3. The same command once more finishes the run.
+  # 3. Killed while reading the latest checkpoint back.
+  proc = start_driver(workdir, tfds_dir, "--die-while-restoring")
+  proc.communicate(timeout=300)
+  assert proc.returncode == -signal.SIGKILL
+  # 4. The same command once more finishes the run.
   proc = start_driver(workdir, tfds_dir)
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]

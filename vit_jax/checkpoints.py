@@ -20,17 +20,34 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from vit_jax.checkpoint_digests import (
+    DigestFiles,
+    Digests,
+    digests_of,
+    first_difference,
+    shapes_of,
+)
 from vit_jax.files import write_text_atomically
+from vit_jax.run_log import LOG_FILE
 
 log = logging.getLogger("vit_jax")
 CONFIG_FILE = "config.json"
 
 
+# Folders that hold mount points: a missing folder directly inside one is most likely a
+# filesystem that is not mounted, and creating it would write the run to the wrong disk.
+_MOUNT_PARENTS = ("/", "/mnt", "/media", "/Volumes")
+
+
 def prepare_workdir(workdir: str | os.PathLike) -> Path:
-  """Creates `workdir` if needed; a clear error if it is a file or unwritable."""
+  """Creates `workdir` if needed; a clear error if it is a file, unwritable or unmounted."""
   path = Path(workdir).absolute()
   if path.exists() and not path.is_dir():
     raise ValueError(f"workdir={str(workdir)!r} is a file, not a folder")
+  missing = [p for p in (path, *path.parents) if not p.exists()]
+  if missing and str(missing[-1].parent) in _MOUNT_PARENTS:
+    raise ValueError(f"workdir={str(workdir)!r}: {missing[-1]} does not exist (a filesystem "
+                     "that is not mounted?); create it first if it should")
   try:
     path.mkdir(parents=True, exist_ok=True)
   except OSError as e:
@@ -116,11 +133,17 @@ def read_config(workdir: str | os.PathLike) -> dict:
   return json.loads(path.read_text())
 
 
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be written, or belongs to another model: one line, no traceback."""
+
+
 class Checkpoints:
-  """Saves the train state every `every_steps` steps, keeping the last `keep`."""
+  """Saves the train state every `every_steps` steps, keeping the last `keep`, each with the
+  digests of its arrays (`checkpoint_digests`), checked when it is restored."""
 
   def __init__(self, workdir: Path, every_steps: int, keep: int):
     self.directory = Path(workdir).absolute() / "checkpoints"
+    self.digests = DigestFiles(self.directory.parent)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -133,23 +156,22 @@ class Checkpoints:
   def restore_latest(self, like: Any) -> Any | None:
     """The newest readable checkpoint, shaped like `like`; None if there is none.
 
-    An unreadable checkpoint is reported and moved to `checkpoints_unreadable/`
-    (kept for inspection, out of the way of the step that will be saved again).
+    A checkpoint that cannot be read, or whose arrays differ from the digests recorded when it
+    was saved, is reported and moved to `checkpoints_unreadable/` (kept for inspection, out of
+    the way of the step that will be saved again). A checkpoint of another model is an error.
     """
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
     restored, moved = None, False
     for step in sorted(self.manager.all_steps(), reverse=True):
+      recorded = self.digests.read(step)
+      self._refuse_another_model(step, recorded, abstract)
       try:
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        _verify(step, restored, recorded)
         break
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is handled alike
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        aside = self.directory.parent / "checkpoints_unreadable" / f"{step}-{time.time():.0f}"
-        log.warning("checkpoint at step %d cannot be read (%s); moved to %s, trying an older one",
-                    step, reason, aside)
-        if jax.process_index() == 0:  # one process moves it; the others wait below
-          aside.parent.mkdir(exist_ok=True)
-          shutil.move(str(self.directory / str(step)), aside)
+        restored = None
+        self._move_aside(step, str(e).splitlines()[0] if str(e) else type(e).__name__)
         moved = True
     if moved:
       if jax.process_count() > 1:
@@ -159,10 +181,78 @@ class Checkpoints:
       self.manager.reload()
     return restored
 
+  def _refuse_another_model(self, step: int, recorded: Digests | None, abstract: Any) -> None:
+    if recorded is None:
+      return
+    expected = shapes_of(abstract)
+    path = first_difference(recorded, expected, keys=("shape", "dtype"))
+    if path is not None:
+      raise CheckpointError(
+          f"checkpoint at step {step} in {self.directory} holds another model: its array "
+          f"{path} is {_described(recorded.get(path))}, this model's "
+          f"{_described(expected.get(path))}; use another workdir")
+
+  def _move_aside(self, step: int, reason: str) -> None:
+    aside = self.directory.parent / "checkpoints_unreadable" / f"{step}-{time.time():.0f}"
+    log.warning("checkpoint at step %d cannot be read (%s); moved to %s, trying an older one",
+                step, reason, aside)
+    if jax.process_index() == 0:  # one process moves it; the others wait for it
+      aside.parent.mkdir(exist_ok=True)
+      shutil.move(str(self.directory / str(step)), aside)
+      self.digests.move(step, aside)
+
   def save(self, step: int, state: Any, force: bool = False) -> bool:
-    """Saves if `step` is due (or `force`); returns whether it saved."""
-    return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    """Saves if `step` is due (or `force`), its digests first; returns whether it saved.
+
+    Raises CheckpointError if the checkpoint cannot be written (e.g. the disk is full); the
+    checkpoints before it are left as they were.
+    """
+    if not (force or self.manager.should_save(step)):
+      return False
+    try:
+      if jax.process_index() == 0:
+        self.digests.write(step, state)
+      saved = self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
+      raise CheckpointError(f"checkpoint at step {step} could not be written "
+                            f"({_first_line_of_cause(e)}); the latest intact checkpoint is "
+                            f"{self._latest_description()}; details in "
+                            f"{self.directory.parent / LOG_FILE}") from e
+    if jax.process_index() == 0:
+      self.digests.keep_only(self.manager.all_steps())
+    return saved
+
+  def _latest_description(self) -> str:
+    self.manager.reload()
+    latest = self.manager.latest_step()
+    return "none" if latest is None else f"step {latest}, in {self.directory / str(latest)}"
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _verify(step: int, restored: Any, recorded: Digests | None) -> None:
+  """Raises if `restored` differs from the digests recorded when `step` was saved."""
+  if recorded is None:
+    log.warning("checkpoint at step %d has no digests (saved before they were recorded): "
+                "restored without checking its bytes", step)
+    return
+  path = first_difference(recorded, digests_of(restored))
+  if path is not None:
+    raise ValueError(f"its array {path} differs from the digest recorded when it was saved")
+
+
+def _described(entry: dict | None) -> str:
+  return "absent" if entry is None else f"{entry['dtype']} {tuple(entry['shape'])}"
+
+
+def _first_line_of_cause(error: BaseException) -> str:
+  """What went wrong at the bottom, in one line: an OSError's strerror where there is one."""
+  while error is not None:
+    if isinstance(error, OSError) and error.strerror:
+      return error.strerror.lower()
+    if "No space left on device" in str(error):
+      return "no space left on device"
+    error = error.__cause__ or error.__context__
+  return "see the run's log"

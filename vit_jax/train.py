@@ -30,6 +30,7 @@ from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.interrupt import StopSignal, TrainingInterruptedError
 from vit_jax.metrics import MetricsWindow, MetricWriter, Progress
 from vit_jax.parallel import Runner, choose_mode
+from vit_jax.run_log import logging_to, stderr_into_log
 from vit_jax.steps import (
     Evaluator,
     TrainState,
@@ -76,7 +77,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, data: Data | None = Non
   microbatches_per_step(config, runner)  # batches the devices cannot share fail here
   workdir = prepare_workdir(workdir)
   main = runner.is_main_process  # with several processes, process 0 owns the workdir's files
-  with WorkdirLock(workdir) if main else contextlib.nullcontext():
+  with WorkdirLock(workdir) if main else contextlib.nullcontext(), \
+      logging_to(workdir, enabled=main):
     config, choices = auto.resolve(config, runner.num_devices, saved_config(workdir))
     write_or_check_config(workdir, config, write=main)
     with _Run(config, workdir, runner, data if data is not None else load_data(config)) as run:
@@ -133,7 +135,8 @@ class _Run:
     due = force or step % self.config.checkpoint_every_steps == 0
     if due and self.checkpoints.latest_step() != step:
       self.window.flush(step)  # raises on a non-finite loss before anything is written
-      self.checkpoints.save(step, self.runner.unreplicate(device_state), force=force)
+      with stderr_into_log(self.workdir):  # a failed write's tracebacks go to the log
+        self.checkpoints.save(step, self.runner.unreplicate(device_state), force=force)
 
   def evaluate_and_log(self, step: int, device_state: Any) -> dict[str, float]:
     """Test loss and accuracy at `step`, written to the metrics."""

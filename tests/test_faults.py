@@ -1,0 +1,254 @@
+"""Faults injected on purpose: damaged checkpoints, a full disk, a read-only or unmounted
+workdir, another model's checkpoint. Each is detected or harmless, never silently wrong, and
+ends in one line.
+
+Extend it by adding a fault: damage a copy of `finished` (a small run's workdir), then say
+what restoring or training must do.
+"""
+
+import contextlib
+import errno
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from vit_jax import train
+from vit_jax.checkpoint_digests import DigestFiles
+from vit_jax.checkpoints import CheckpointError, Checkpoints, prepare_workdir
+from vit_jax.experiment_config import ExperimentConfig, validate
+from vit_jax.model_configs import get_model_config
+from vit_jax.steps import create_train_state
+
+FLIPS_PER_KIND = 20
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+
+
+def small_config(**overrides) -> ExperimentConfig:
+  """16 steps of the `testing` ViT on 512 synthetic digits: checkpoints at 8, 12 and 16."""
+  fields = dict(model=get_model_config("testing"), batch_size=64,
+                num_epochs=2, learning_rate=3e-3, warmup_steps=2, log_every_steps=4,
+                checkpoint_every_steps=4, keep_checkpoints=3, eval_batch_size=256,
+                parallel="jit")
+  return ExperimentConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def data(digits):
+  """512 training digits: 8 steps of 64 an epoch."""
+  return {"train": {k: v[:512] for k, v in digits["train"].items()}, "test": digits["test"]}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, data) -> Path:
+  workdir = tmp_path_factory.mktemp("finished") / "run"
+  train.train_and_evaluate(small_config(), workdir, data=data)
+  return workdir
+
+
+def restore(workdir: Path, config: ExperimentConfig | None = None):
+  config = config or small_config()
+  checkpoints = Checkpoints(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+  try:
+    return checkpoints.restore_latest(create_train_state(config, total_steps=1))
+  finally:
+    checkpoints.close()
+
+
+def same_arrays(a, b) -> bool:
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree_util.tree_leaves(jax.device_get(a)),
+                                                  jax.tree_util.tree_leaves(jax.device_get(b)),
+                                                  strict=True))
+
+
+def file_kinds(step_dir: Path) -> dict[str, list[Path]]:
+  """The files of a checkpoint by kind: their path with hashes and numbers as '*'."""
+  kinds: dict[str, list[Path]] = {}
+  for path in sorted(p for p in step_dir.rglob("*") if p.is_file() and p.stat().st_size):
+    kind = re.sub(r"[0-9a-f]{8,}|\d+", "*", str(path.relative_to(step_dir)))
+    kinds.setdefault(kind, []).append(path)
+  return kinds
+
+
+def flip(path: Path, offset: int, count: int = 8) -> None:
+  data = bytearray(path.read_bytes())
+  for i in range(offset, min(offset + count, len(data))):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+def outcome(original, workdir: Path) -> str:
+  """'harmless' (the latest step, bit-identical) or 'detected' (an older step, the latest set
+  aside); anything else fails the test."""
+  state = restore(workdir)
+  if state is not None and int(state.step) == 16:
+    assert same_arrays(state, original), "a damaged checkpoint restored different numbers"
+    return "harmless"
+  assert state is None or int(state.step) < 16
+  assert list((workdir / "checkpoints_unreadable").iterdir())
+  return "detected"
+
+
+@pytest.mark.slow
+def test_flipped_or_truncated_bytes_in_every_kind_of_file_are_detected_or_harmless(
+    finished, tmp_path):
+  original = restore(finished)
+  kinds = file_kinds(finished / "checkpoints" / "16")
+  assert any("/d/" in kind for kind in kinds), kinds  # ocdbt's data files are among them
+  rng = np.random.default_rng(0)
+  seen = {}
+  for kind, paths in kinds.items():
+    for trial in range(FLIPS_PER_KIND + 1):  # the last trial truncates instead
+      copy = tmp_path / f"copy{len(seen)}"
+      shutil.copytree(finished, copy)
+      target = copy / paths[rng.integers(len(paths))].relative_to(finished)
+      size = target.stat().st_size
+      if trial < FLIPS_PER_KIND:
+        flip(target, int(rng.integers(size)))
+      else:
+        target.write_bytes(target.read_bytes()[:size // 2])
+      seen[kind, trial] = outcome(original, copy)
+      shutil.rmtree(copy)
+  # Flips in the arrays' data restore without a word from orbax: only the digests see them.
+  data_kinds = [k for k in kinds if "/d/" in k]
+  assert any(seen[k, t] == "detected" for k in data_kinds for t in range(FLIPS_PER_KIND))
+
+
+def test_eight_bytes_in_the_data_are_caught_and_the_previous_checkpoint_resumed(
+    finished, tmp_path, data, caplog):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  data_files = [p for p in (workdir / "checkpoints" / "16").rglob("*")
+                if p.is_file() and "/d/" in str(p)]
+  largest = max(data_files, key=lambda p: p.stat().st_size)
+  flip(largest, largest.stat().st_size // 2)
+  longer = small_config(num_epochs=3)  # on to step 24, from the checkpoint at 12
+  train.train_and_evaluate(longer, workdir, data=data)
+  assert re.search(r"checkpoint at step 16 cannot be read \(its array \S+ differs from the "
+                   r"digest recorded when it was saved\)", caplog.text), caplog.text
+  # The same as a run that resumed from step 12 of its own accord.
+  clean = tmp_path / "clean"
+  shutil.copytree(finished, clean)
+  shutil.rmtree(clean / "checkpoints" / "16")
+  train.train_and_evaluate(longer, clean, data=data)
+  assert same_arrays(restore(workdir, longer), restore(clean, longer))
+
+
+def test_a_checkpoint_without_digests_still_restores_with_a_warning(finished, tmp_path, caplog):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  shutil.rmtree(workdir / "checkpoint_digests")  # as a checkpoint saved before digests
+  assert int(restore(workdir).step) == 16
+  assert "checkpoint at step 16 has no digests" in caplog.text
+
+
+def test_another_model_s_checkpoint_is_refused_and_kept(finished, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(finished, workdir)
+  (workdir / "config.json").unlink()  # nothing else says what model this was
+  wider = small_config(model=get_model_config("testing", hidden_size=32))
+  with pytest.raises(CheckpointError, match=r"checkpoint at step 16 in \S+ holds another "
+                     r"model: its array .params\['cls_token'\] is float32 \(1, 1, 16\), this "
+                     r"model's float32 \(1, 1, 32\); use another workdir$"):
+    restore(workdir, wider)
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [8, 12, 16]
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, kilobytes: int, monkeypatch):
+  """A folder on a tmpfs of `kilobytes`, or, where this process may not mount one, a folder
+  whose checkpoints fail to write from the third on, as a full disk's would."""
+  folder.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs",
+                            str(folder)], capture_output=True).returncode == 0
+  if not mounted:
+    calls = []
+    real_write = DigestFiles.write
+
+    def write_until_full(self, step, tree):
+      calls.append(step)
+      if len(calls) > 2:
+        raise OSError(errno.ENOSPC, "No space left on device")
+      return real_write(self, step, tree)
+
+    monkeypatch.setattr(DigestFiles, "write", write_until_full)
+  try:
+    yield folder
+  finally:
+    if mounted:
+      subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_is_one_line_and_the_last_intact_checkpoint_stays(tmp_path, data,
+                                                                     monkeypatch):
+  config = small_config(num_epochs=20, keep_checkpoints=100)  # more than 160 KB of checkpoints
+  with small_disk(tmp_path / "disk", 160, monkeypatch) as disk:
+    with pytest.raises(CheckpointError) as error:
+      train.train_and_evaluate(config, disk / "run", data=data)
+    message = str(error.value)
+    assert "\n" not in message
+    step, latest = map(int, re.match(r"checkpoint at step (\d+) could not be written \(no space "
+                                     r"left on device\); the latest intact checkpoint is step "
+                                     r"(\d+), in \S+; details in \S+run.log$", message).groups())
+    assert latest == step - 4
+    assert int(restore(disk / "run", config).step) == latest  # intact, and verified
+
+
+def test_a_workdir_on_a_missing_mount_is_refused_and_nothing_is_created():
+  missing = Path("/mnt") / "vit_jax-test-not-mounted"
+  assert not missing.exists()
+  with pytest.raises(ValueError, match=f"{missing} does not exist \\(a filesystem that is not "
+                     "mounted\\?\\)"):
+    prepare_workdir(missing / "runs" / "a")
+  assert not missing.exists()
+  prepare_workdir(Path.cwd() / "runs-test-unused" / "a")  # ordinary missing folders are made
+  shutil.rmtree(Path.cwd() / "runs-test-unused")
+
+
+def test_a_read_only_workdir_is_refused(tmp_path, monkeypatch):
+  # Root may write through permission bits; a read-only mount refuses even root. Where this
+  # process may not mount one, the check itself is made to see a read-only folder.
+  folder = tmp_path / "ro"
+  folder.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                           capture_output=True).returncode == 0
+  if not mounted:
+    monkeypatch.setattr("os.access", lambda path, mode: False)
+  try:
+    with pytest.raises(ValueError, match="is not writable"):
+      prepare_workdir(folder)
+  finally:
+    if mounted:
+      subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_launch_is_one_error_line_and_no_traceback(tmp_path, tfds_dir):
+  from test_cli import launch
+
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
+                    capture_output=True).returncode:
+    pytest.skip("cannot mount a small tmpfs here (the in-process test injects the fault)")
+  try:
+    result = launch("--config=experiments/tiny.py", f"--workdir={disk / 'run'}",
+                    f"--config.tfds_data_dir={tfds_dir}")
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: checkpoint at step "), errors
+    assert "no space left on device" in errors[0]
+    assert "Traceback" in (disk / "run" / "run.log").read_text()  # the details are kept
+    latest = int(re.search(r"latest intact checkpoint is step (\d+)", errors[0]).group(1))
+    import tiny
+
+    config = validate(tiny.get_config())
+    assert int(restore(disk / "run", config).step) == latest  # intact, and verified
+  finally:
+    subprocess.run(["umount", str(disk)], check=True)
