@@ -147,8 +147,10 @@ def _unknown_config_key(error: Exception) -> str | None:
   ml_collections raises KeyError or AttributeError with the key on the first line of its
   message and a did-you-mean on the next.
   """
-  message = str(error.args[0]) if error.args else ""
-  name, *hint = message.splitlines() or [""]
+  message = error
+  while isinstance(message, BaseException):  # AttributeError(KeyError(text)) -> text
+    message = message.args[0] if message.args else ""
+  name, *hint = str(message).splitlines() or [""]
   name = name.strip("\"'")
   for arg in sys.argv[1:]:
     path = arg.split("=")[0].removeprefix("--").split(".")
@@ -161,9 +163,11 @@ def _unknown_config_key(error: Exception) -> str | None:
 
 
 def run():
-  from vit_jax.checkpoints import CheckpointError
+  from vit_jax import run_log
+  from vit_jax.checkpoints import WriteError
   from vit_jax.interrupt import TrainingInterruptedError
 
+  run_log.PROCESS_ENDS_ON_FAILURE = True
   try:
     app.run(main)
   except (AttributeError, KeyError) as e:
@@ -173,13 +177,14 @@ def run():
       raise
     print(f"error: {line}", file=sys.stderr)
     sys.exit(2)
-  except (ValueError, FloatingPointError) as e:  # bad config, data or files; a NaN loss
-    print(f"error: {e}", file=sys.stderr, flush=True)
-    if isinstance(e, CheckpointError):
-      # A failed write's threads may still report into a closed event loop: their
-      # tracebacks belong in the run's log, not after this line. Nothing is left to save.
+  except (ValueError, FloatingPointError, OSError) as e:  # bad config, data or files; NaN
+    if isinstance(e, WriteError):
+      # A failed write's threads may still report into a closed event loop, into the run's
+      # log, where stderr stays diverted; nothing is left to save, so nothing waits for them.
       sys.stdout.flush()
+      os.write(run_log.console_fd(), f"error: {e}\n".encode())
       os._exit(2)
+    print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except TrainingInterruptedError as e:  # SIGTERM / Ctrl-C, after saving a checkpoint
     print(f"interrupted: {e}", file=sys.stderr)

@@ -7,7 +7,6 @@ what restoring or training must do.
 """
 
 import contextlib
-import errno
 import re
 import shutil
 import subprocess
@@ -16,11 +15,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from vit_jax import train
-from vit_jax.checkpoint_digests import DigestFiles
-from vit_jax.checkpoints import CheckpointError, Checkpoints, prepare_workdir
+from vit_jax.checkpoints import CheckpointError, Checkpoints, WriteError, prepare_workdir
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.model_configs import get_model_config
 from vit_jax.steps import create_train_state
@@ -66,12 +65,15 @@ def same_arrays(a, b) -> bool:
                                                   strict=True))
 
 
-def file_kinds(step_dir: Path) -> dict[str, list[Path]]:
-  """The files of a checkpoint by kind: their path with hashes and numbers as '*'."""
+def file_kinds(workdir: Path, step: int) -> dict[str, list[Path]]:
+  """The files of a checkpoint, and its digests, by kind: their path with hashes and numbers
+  as '*'."""
   kinds: dict[str, list[Path]] = {}
-  for path in sorted(p for p in step_dir.rglob("*") if p.is_file() and p.stat().st_size):
-    kind = re.sub(r"[0-9a-f]{8,}|\d+", "*", str(path.relative_to(step_dir)))
-    kinds.setdefault(kind, []).append(path)
+  files = [p for p in (workdir / "checkpoints" / str(step)).rglob("*") if p.is_file()]
+  for path in sorted([*files, workdir / "checkpoint_digests" / f"{step}.json"]):
+    if path.stat().st_size:
+      kind = re.sub(r"[0-9a-f]{8,}|\d+", "*", str(path.relative_to(workdir)))
+      kinds.setdefault(kind, []).append(path)
   return kinds
 
 
@@ -98,8 +100,9 @@ def outcome(original, workdir: Path) -> str:
 def test_flipped_or_truncated_bytes_in_every_kind_of_file_are_detected_or_harmless(
     finished, tmp_path):
   original = restore(finished)
-  kinds = file_kinds(finished / "checkpoints" / "16")
+  kinds = file_kinds(finished, 16)
   assert any("/d/" in kind for kind in kinds), kinds  # ocdbt's data files are among them
+  assert "checkpoint_digests/*.json" in kinds
   rng = np.random.default_rng(0)
   seen = {}
   for kind, paths in kinds.items():
@@ -162,41 +165,50 @@ def test_another_model_s_checkpoint_is_refused_and_kept(finished, tmp_path):
 @contextlib.contextmanager
 def small_disk(folder: Path, kilobytes: int, monkeypatch):
   """A folder on a tmpfs of `kilobytes`, or, where this process may not mount one, a folder
-  whose checkpoints fail to write from the third on, as a full disk's would."""
+  whose checkpoints fail to write from the third on, as tensorstore reports a full disk.
+  Yields a function that frees the disk (a larger tmpfs, or the fault undone)."""
   folder.mkdir()
   mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs",
                             str(folder)], capture_output=True).returncode == 0
-  if not mounted:
-    calls = []
-    real_write = DigestFiles.write
+  if mounted:
+    def free():
+      subprocess.run(["mount", "-o", "remount,size=16m", str(folder)], check=True)
+  else:
+    real_save, calls = ocp.CheckpointManager.save, []
 
-    def write_until_full(self, step, tree):
+    def save_until_full(self, step, *args, **kwargs):
       calls.append(step)
       if len(calls) > 2:
-        raise OSError(errno.ENOSPC, "No space left on device")
-      return real_write(self, step, tree)
+        raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.head/0" in OCDBT database: '
+                         "Failed to write 4096 bytes to file 17: No space left on device "
+                         "[os_error_code='28']")
+      return real_save(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(DigestFiles, "write", write_until_full)
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_until_full)
+    free = monkeypatch.undo
   try:
-    yield folder
+    yield free
   finally:
     if mounted:
       subprocess.run(["umount", str(folder)], check=True)
 
 
-def test_a_full_disk_is_one_line_and_the_last_intact_checkpoint_stays(tmp_path, data,
-                                                                     monkeypatch):
+def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_room(tmp_path, data,
+                                                                       monkeypatch):
   config = small_config(num_epochs=20, keep_checkpoints=100)  # more than 160 KB of checkpoints
-  with small_disk(tmp_path / "disk", 160, monkeypatch) as disk:
-    with pytest.raises(CheckpointError) as error:
-      train.train_and_evaluate(config, disk / "run", data=data)
+  run = tmp_path / "disk" / "run"
+  with small_disk(tmp_path / "disk", 160, monkeypatch) as free:
+    with pytest.raises(WriteError) as error:
+      train.train_and_evaluate(config, run, data=data)
     message = str(error.value)
     assert "\n" not in message
-    step, latest = map(int, re.match(r"checkpoint at step (\d+) could not be written \(no space "
-                                     r"left on device\); the latest intact checkpoint is step "
-                                     r"(\d+), in \S+; details in \S+run.log$", message).groups())
-    assert latest == step - 4
-    assert int(restore(disk / "run", config).step) == latest  # intact, and verified
+    latest = int(re.search(r"could not be written.* \(no space left on device\); the latest "
+                           r"complete checkpoint is step (\d+), in \S+; details in \S+run.log$",
+                           message).group(1))
+    assert int(restore(run, config).step) == latest  # intact, and verified
+    free()
+    result = train.train_and_evaluate(config, run, data=data)  # the same command, with room
+    assert result["step"] == 160
 
 
 def test_a_workdir_on_a_missing_mount_is_refused_and_nothing_is_created():
@@ -239,16 +251,52 @@ def test_a_full_disk_under_launch_is_one_error_line_and_no_traceback(tmp_path, t
   try:
     result = launch("--config=experiments/tiny.py", f"--workdir={disk / 'run'}",
                     f"--config.tfds_data_dir={tfds_dir}")
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and errors[0].startswith("error: checkpoint at step "), errors
-    assert "no space left on device" in errors[0]
+    line = one_error_line(result)
+    assert "could not be written (no space left on device)" in line
     assert "Traceback" in (disk / "run" / "run.log").read_text()  # the details are kept
-    latest = int(re.search(r"latest intact checkpoint is step (\d+)", errors[0]).group(1))
+    latest = int(re.search(r"latest complete checkpoint is step (\d+)", line).group(1))
     import tiny
 
     config = validate(tiny.get_config())
     assert int(restore(disk / "run", config).step) == latest  # intact, and verified
   finally:
     subprocess.run(["umount", str(disk)], check=True)
+
+
+def one_error_line(result) -> str:
+  """The single `error:` line of a launch.py run that stopped on a fault, with no traceback."""
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+  assert len(errors) == 1, errors
+  return errors[0]
+
+
+def test_a_read_only_workdir_under_launch_is_one_error_line(tmp_path):
+  from test_cli import launch
+
+  folder = tmp_path / "ro"
+  folder.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                    capture_output=True).returncode:
+    pytest.skip("cannot mount a read-only tmpfs here (the in-process test fakes one)")
+  try:
+    line = one_error_line(launch("--config=experiments/tiny.py", f"--workdir={folder}"))
+    assert line == f"error: workdir={str(folder)!r} is not writable"
+  finally:
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.slow
+def test_another_model_s_checkpoint_under_launch_is_one_error_line(tmp_path, tfds_dir):
+  from test_cli import launch
+
+  run = [f"--workdir={tmp_path / 'run'}", "--config=experiments/tiny.py",
+         f"--config.tfds_data_dir={tfds_dir}", "--config.num_epochs=0.25"]
+  assert launch(*run).returncode == 0
+  (tmp_path / "run" / "config.json").unlink()
+  line = one_error_line(launch(*run, "--config.model.hidden_size=32", "--config.num_epochs=0.5"))
+  assert re.match(r"error: checkpoint at step 16 in \S+ holds another model: its array "
+                  r"\S+ is float32 \(.*64.*\), this model's float32 \(.*32.*\); use another "
+                  r"workdir$", line), line
+  assert (tmp_path / "run" / "checkpoints" / "16").is_dir()  # kept

@@ -156,3 +156,25 @@ def test_lock_of_a_killed_process_does_not_stick(tmp_path):
     proc.wait()
   with WorkdirLock(tmp_path):  # the kernel released the dead process's lock
     pass
+
+
+@pytest.mark.slow
+def test_sigkill_while_a_damaged_checkpoint_is_set_aside_then_resume_is_bit_identical(
+    tfds_dir, reference, tmp_path):
+  workdir = tmp_path / "run"
+  proc = start_driver(workdir, tfds_dir, "--step-delay=0")
+  assert proc.wait(timeout=300) == 0
+  data = max((p for p in (workdir / "checkpoints" / str(TOTAL_STEPS)).rglob("*")
+              if p.is_file() and "/d/" in str(p)), key=lambda p: p.stat().st_size)
+  damaged = bytearray(data.read_bytes())
+  damaged[len(damaged) // 2] ^= 0xFF  # one flipped byte in an array's data
+  data.write_bytes(bytes(damaged))
+  proc = start_driver(workdir, tfds_dir, "--die-while-moving-aside")
+  proc.communicate(timeout=300)
+  assert proc.returncode == -signal.SIGKILL
+  assert not (workdir / "checkpoints" / str(TOTAL_STEPS)).exists()  # moved; digests not yet
+  proc = start_driver(workdir, tfds_dir)
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert f"resuming {workdir} at step {TOTAL_STEPS - 4}" in err
+  assert_bit_identical(final_params(tfds_dir, workdir), reference)

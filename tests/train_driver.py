@@ -5,7 +5,8 @@
 --die-while-saving makes the process SIGKILL itself in the middle of writing the
 checkpoint of STEP: after orbax has written it to its temporary folder, before the
 rename that completes it. --die-while-restoring makes it SIGKILL itself once orbax has read
-the latest checkpoint back, before the run has used it.
+the latest checkpoint back, before the run has used it; --die-while-moving-aside, between
+moving an unreadable checkpoint aside and moving its digests after it.
 """
 
 import argparse
@@ -46,6 +47,13 @@ def die_while_restoring() -> None:
   ocp.CheckpointManager.restore = restore_then_die
 
 
+def die_while_moving_aside() -> None:
+  """Dies between moving an unreadable checkpoint aside and moving its digests after it."""
+  from vit_jax.checkpoint_digests import DigestFiles
+
+  DigestFiles.move = lambda self, step, folder: os.kill(os.getpid(), signal.SIGKILL)
+
+
 def slow_steps(seconds: float) -> None:
   real_indices = input_pipeline.EpochOrder.indices
 
@@ -62,6 +70,7 @@ def main():
   parser.add_argument("tfds_dir")
   parser.add_argument("--die-while-saving", type=int, default=None)
   parser.add_argument("--die-while-restoring", action="store_true")
+  parser.add_argument("--die-while-moving-aside", action="store_true")
   parser.add_argument("--step-delay", type=float, default=0.02,
                       help="seconds of sleep per step, so that a kill can land mid-run")
   args = parser.parse_args()
@@ -70,6 +79,8 @@ def main():
     die_while_saving(args.die_while_saving)
   if args.die_while_restoring:
     die_while_restoring()
+  if args.die_while_moving_aside:
+    die_while_moving_aside()
   slow_steps(args.step_delay)
   result = train.train_and_evaluate(driver_config(args.tfds_dir), args.workdir)
   print(f"finished at step {result['step']}", flush=True)

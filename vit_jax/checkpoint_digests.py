@@ -62,6 +62,10 @@ def first_difference(recorded: Digests, actual: Digests, keys=("sha256", "shape"
   return None
 
 
+def _sha256_of(arrays: Digests) -> str:
+  return hashlib.sha256(json.dumps(arrays, sort_keys=True).encode()).hexdigest()
+
+
 class DigestFiles:
   """The digests of a workdir's checkpoints, one JSON file a step."""
 
@@ -73,14 +77,28 @@ class DigestFiles:
 
   def write(self, step: int, tree: Any) -> None:
     self.folder.mkdir(exist_ok=True)
-    write_text_atomically(self.path(step), json.dumps(digests_of(tree)) + "\n")
+    arrays = digests_of(tree)
+    record = {"arrays": arrays, "sha256": _sha256_of(arrays)}  # the file checks itself too
+    write_text_atomically(self.path(step), json.dumps(record) + "\n")
 
   def read(self, step: int) -> Digests | None:
-    """The digests recorded for `step`; None for a checkpoint saved before they were."""
+    """The digests recorded for `step`; None for a checkpoint saved before they were.
+
+    Raises ValueError if the file is damaged: then nothing about the checkpoint is known.
+    """
     try:
-      return json.loads(self.path(step).read_text())
-    except (OSError, ValueError):
+      text = self.path(step).read_bytes()
+    except FileNotFoundError:
       return None
+    try:
+      record = json.loads(text)
+      arrays = record["arrays"]
+      intact = record["sha256"] == _sha256_of(arrays)
+    except (ValueError, KeyError, TypeError):
+      intact = False
+    if not intact:
+      raise ValueError(f"its digests file {self.path(step).name} is damaged")
+    return arrays
 
   def move(self, step: int, folder: Path) -> None:
     """Moves the digests of `step` into `folder`, beside the checkpoint moved there."""

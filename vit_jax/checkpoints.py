@@ -45,7 +45,7 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
   if path.exists() and not path.is_dir():
     raise ValueError(f"workdir={str(workdir)!r} is a file, not a folder")
   missing = [p for p in (path, *path.parents) if not p.exists()]
-  if missing and str(missing[-1].parent) in _MOUNT_PARENTS:
+  if missing and Path(workdir).is_absolute() and str(missing[-1].parent) in _MOUNT_PARENTS:
     raise ValueError(f"workdir={str(workdir)!r}: {missing[-1]} does not exist (a filesystem "
                      "that is not mounted?); create it first if it should")
   try:
@@ -134,7 +134,11 @@ def read_config(workdir: str | os.PathLike) -> dict:
 
 
 class CheckpointError(ValueError):
-  """A checkpoint that cannot be written, or belongs to another model: one line, no traceback."""
+  """A checkpoint of another model, or a run's file that cannot be written: one line."""
+
+
+class WriteError(CheckpointError):
+  """A run's checkpoint or log could not be written (a full disk, a read-only filesystem)."""
 
 
 class Checkpoints:
@@ -163,7 +167,12 @@ class Checkpoints:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
     restored, moved = None, False
     for step in sorted(self.manager.all_steps(), reverse=True):
-      recorded = self.digests.read(step)
+      try:
+        recorded = self.digests.read(step)
+      except ValueError as e:  # its digests are damaged: the checkpoint cannot be checked
+        self._move_aside(step, str(e))
+        moved = True
+        continue
       self._refuse_another_model(step, recorded, abstract)
       try:
         restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -197,9 +206,12 @@ class Checkpoints:
     log.warning("checkpoint at step %d cannot be read (%s); moved to %s, trying an older one",
                 step, reason, aside)
     if jax.process_index() == 0:  # one process moves it; the others wait for it
-      aside.parent.mkdir(exist_ok=True)
-      shutil.move(str(self.directory / str(step)), aside)
-      self.digests.move(step, aside)
+      try:
+        aside.parent.mkdir(exist_ok=True)
+        shutil.move(str(self.directory / str(step)), aside)
+        self.digests.move(step, aside)
+      except OSError as e:  # e.g. evaluating a read-only workdir: skip it, leave it be
+        log.warning("could not move it aside (%s)", e.strerror or e)
 
   def save(self, step: int, state: Any, force: bool = False) -> bool:
     """Saves if `step` is due (or `force`), its digests first; returns whether it saved.
@@ -214,18 +226,20 @@ class Checkpoints:
         self.digests.write(step, state)
       saved = self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
     except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
-      raise CheckpointError(f"checkpoint at step {step} could not be written "
-                            f"({_first_line_of_cause(e)}); the latest intact checkpoint is "
-                            f"{self._latest_description()}; details in "
-                            f"{self.directory.parent / LOG_FILE}") from e
+      raise WriteError(f"checkpoint at step {step} could not be written "
+                       f"({_first_line_of_cause(e)}); {self.latest_description()}") from e
     if jax.process_index() == 0:
       self.digests.keep_only(self.manager.all_steps())
     return saved
 
-  def _latest_description(self) -> str:
+  def latest_description(self) -> str:
+    """Where a run that stopped here would resume from, and where to read why, in words."""
     self.manager.reload()
     latest = self.manager.latest_step()
-    return "none" if latest is None else f"step {latest}, in {self.directory / str(latest)}"
+    where = ("there is none" if latest is None
+             else f"is step {latest}, in {self.directory / str(latest)}")
+    return (f"the latest complete checkpoint {where}; details in "
+            f"{self.directory.parent / LOG_FILE}")
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -53,7 +53,7 @@ def logging_to(workdir: Path, enabled: bool = True) -> Iterator[Path]:
   try:
     yield path
   finally:
-    while _STILL_DIVERTED:
+    while _STILL_DIVERTED and not PROCESS_ENDS_ON_FAILURE:
       _restore_stderr(_STILL_DIVERTED.pop())
     root.removeHandler(handler)
     handler.close()
@@ -62,6 +62,14 @@ def logging_to(workdir: Path, enabled: bool = True) -> Iterator[Path]:
 
 
 _STILL_DIVERTED: list[int] = []  # saved descriptors of a stderr left in the log after a failure
+# Set by launch.py, whose process ends when a run fails: a stderr diverted after a failed write
+# then stays in the log to the end, and the error line goes out through `console_fd`.
+PROCESS_ENDS_ON_FAILURE = False
+
+
+def console_fd() -> int:
+  """The console's stderr, also while stderr is diverted into a run's log."""
+  return _STILL_DIVERTED[0] if _STILL_DIVERTED else 2
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ Layer 4 of vit_jax.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,12 @@ import numpy as np
 
 from vit_jax import auto, input_pipeline, mnist_source
 from vit_jax.checkpoints import (
-    Checkpoints,
-    WorkdirLock,
-    prepare_workdir,
-    saved_config,
-    write_or_check_config,
+  Checkpoints,
+  WorkdirLock,
+  WriteError,
+  prepare_workdir,
+  saved_config,
+  write_or_check_config,
 )
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.interrupt import StopSignal, TrainingInterruptedError
@@ -32,12 +34,12 @@ from vit_jax.metrics import MetricsWindow, MetricWriter, Progress
 from vit_jax.parallel import Runner, choose_mode
 from vit_jax.run_log import logging_to, stderr_into_log
 from vit_jax.steps import (
-    Evaluator,
-    TrainState,
-    compile_train_step,
-    create_train_state,
-    learning_rate_schedule,
-    microbatches_per_step,
+  Evaluator,
+  TrainState,
+  compile_train_step,
+  create_train_state,
+  learning_rate_schedule,
+  microbatches_per_step,
 )
 
 Data = dict[str, dict[str, np.ndarray]]  # {'train' | 'test': {'image': uint8, 'label': int32}}
@@ -135,7 +137,9 @@ class _Run:
     due = force or step % self.config.checkpoint_every_steps == 0
     if due and self.checkpoints.latest_step() != step:
       self.window.flush(step)  # raises on a non-finite loss before anything is written
-      with stderr_into_log(self.workdir):  # a failed write's tracebacks go to the log
+      # A failed write's tracebacks go to the log (process 0 owns it).
+      with stderr_into_log(self.workdir) if self.runner.is_main_process \
+          else contextlib.nullcontext():
         self.checkpoints.save(step, self.runner.unreplicate(device_state), force=force)
 
   def evaluate_and_log(self, step: int, device_state: Any) -> dict[str, float]:
@@ -153,7 +157,7 @@ class _Run:
     SIGTERM or Ctrl-C.
     """
     state = self._restore()
-    start_step = int(state.step)
+    start_step = self.step = int(state.step)
     self.train_data = self.runner.replicate(self.data["train"])
     test = self.data["test"]
     self.evaluate = Evaluator(self.runner, self.runner.replicate(test), len(test["label"]),
@@ -163,11 +167,25 @@ class _Run:
       self.progress.message(first_line)
     if start_step:
       self.progress.message(f"resuming {self.workdir} at step {start_step}")
-    device_state = self._steps(self.runner.replicate(state), start_step)
-    result = self.evaluate_and_log(self.total_steps, device_state)
+    with self._writes_checked():
+      device_state = self._steps(self.runner.replicate(state), start_step)
+      result = self.evaluate_and_log(self.total_steps, device_state)
     self.progress.message(f"final test accuracy {result['eval_accuracy']:.4f} "
                           f"(loss {result['eval_loss']:.4f}) at step {self.total_steps}")
     return {**self.window.last, **result, "step": self.total_steps}
+
+  @contextlib.contextmanager
+  def _writes_checked(self):
+    """A full disk or a read-only filesystem under the metrics or logs: one line, not a
+    traceback (the checkpoints say so themselves)."""
+    try:
+      yield
+    except OSError as e:
+      if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        raise
+      raise WriteError(f"{e.filename or 'a file of the run'} could not be written after step "
+                       f"{self.step} ({e.strerror.lower()}); "
+                       f"{self.checkpoints.latest_description()}") from e
 
   def _steps(self, device_state: Any, start_step: int) -> Any:
     """Runs the training steps from `start_step`, logging, evaluating and saving on the way."""
@@ -177,6 +195,7 @@ class _Run:
     positions = runner.split_batch(np.arange(config.batch_size, dtype=np.int32))
     with StopSignal() as stop:
       for done in range(start_step + 1, self.total_steps + 1):
+        self.step = done - 1  # the last step taken, for errors
         indices = runner.split_batch(self.order.indices(done - 1))
         device_state, metrics = step_fn(device_state, self.train_data, indices, positions,
                                         jax.random.fold_in(base_rng, done - 1))
