@@ -163,17 +163,29 @@ def test_another_model_s_checkpoint_is_refused_and_kept(finished, tmp_path):
 
 
 @contextlib.contextmanager
+def tmpfs(folder: Path, options: str):
+  """A tmpfs mounted on `folder` with `options` for the block; yields whether this process
+  could mount one (tests then inject the fault another way, or skip)."""
+  folder.mkdir(exist_ok=True)
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                           capture_output=True).returncode == 0
+  try:
+    yield mounted
+  finally:
+    if mounted:
+      subprocess.run(["umount", str(folder)], check=True)
+
+
+@contextlib.contextmanager
 def small_disk(folder: Path, kilobytes: int, monkeypatch):
   """A folder on a tmpfs of `kilobytes`, or, where this process may not mount one, a folder
   whose checkpoints fail to write from the third on, as tensorstore reports a full disk.
   Yields a function that frees the disk (a larger tmpfs, or the fault undone)."""
-  folder.mkdir()
-  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs",
-                            str(folder)], capture_output=True).returncode == 0
-  if mounted:
-    def free():
-      subprocess.run(["mount", "-o", "remount,size=16m", str(folder)], check=True)
-  else:
+  with tmpfs(folder, f"size={kilobytes}k") as mounted:
+    if mounted:
+      yield lambda: subprocess.run(["mount", "-o", "remount,size=16m", str(folder)],
+                                   check=True)
+      return
     real_save, calls = ocp.CheckpointManager.save, []
 
     def save_until_full(self, step, *args, **kwargs):
@@ -185,12 +197,7 @@ def small_disk(folder: Path, kilobytes: int, monkeypatch):
       return real_save(self, step, *args, **kwargs)
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", save_until_full)
-    free = monkeypatch.undo
-  try:
-    yield free
-  finally:
-    if mounted:
-      subprocess.run(["umount", str(folder)], check=True)
+    yield monkeypatch.undo
 
 
 def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_room(tmp_path, data,
@@ -225,18 +232,11 @@ def test_a_workdir_on_a_missing_mount_is_refused_and_nothing_is_created():
 def test_a_read_only_workdir_is_refused(tmp_path, monkeypatch):
   # Root may write through permission bits; a read-only mount refuses even root. Where this
   # process may not mount one, the check itself is made to see a read-only folder.
-  folder = tmp_path / "ro"
-  folder.mkdir()
-  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
-                           capture_output=True).returncode == 0
-  if not mounted:
-    monkeypatch.setattr("os.access", lambda path, mode: False)
-  try:
+  with tmpfs(tmp_path / "ro", "ro,size=64k") as mounted:
+    if not mounted:
+      monkeypatch.setattr("os.access", lambda path, mode: False)
     with pytest.raises(ValueError, match="is not writable"):
-      prepare_workdir(folder)
-  finally:
-    if mounted:
-      subprocess.run(["umount", str(folder)], check=True)
+      prepare_workdir(tmp_path / "ro")
 
 
 @pytest.mark.slow
@@ -244,11 +244,9 @@ def test_a_full_disk_under_launch_is_one_error_line_and_no_traceback(tmp_path, t
   from test_cli import launch
 
   disk = tmp_path / "disk"
-  disk.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)],
-                    capture_output=True).returncode:
-    pytest.skip("cannot mount a small tmpfs here (the in-process test injects the fault)")
-  try:
+  with tmpfs(disk, "size=3m") as mounted:
+    if not mounted:
+      pytest.skip("cannot mount a small tmpfs here (the in-process test injects the fault)")
     result = launch("--config=experiments/tiny.py", f"--workdir={disk / 'run'}",
                     f"--config.tfds_data_dir={tfds_dir}")
     line = one_error_line(result)
@@ -259,8 +257,6 @@ def test_a_full_disk_under_launch_is_one_error_line_and_no_traceback(tmp_path, t
 
     config = validate(tiny.get_config())
     assert int(restore(disk / "run", config).step) == latest  # intact, and verified
-  finally:
-    subprocess.run(["umount", str(disk)], check=True)
 
 
 def one_error_line(result) -> str:
@@ -276,15 +272,11 @@ def test_a_read_only_workdir_under_launch_is_one_error_line(tmp_path):
   from test_cli import launch
 
   folder = tmp_path / "ro"
-  folder.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
-                    capture_output=True).returncode:
-    pytest.skip("cannot mount a read-only tmpfs here (the in-process test fakes one)")
-  try:
+  with tmpfs(folder, "ro,size=64k") as mounted:
+    if not mounted:
+      pytest.skip("cannot mount a read-only tmpfs here (the in-process test fakes one)")
     line = one_error_line(launch("--config=experiments/tiny.py", f"--workdir={folder}"))
     assert line == f"error: workdir={str(folder)!r} is not writable"
-  finally:
-    subprocess.run(["umount", str(folder)], check=True)
 
 
 @pytest.mark.slow
