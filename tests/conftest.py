@@ -18,9 +18,10 @@ MNIST_IDX_DIR = REPO.parent / "shared" / "data" / "mnist"
 logging.getLogger("absl").setLevel(logging.WARNING)
 
 
-# Tests that read the real MNIST files, or build the fused attention kernel (15-60 s once per
-# session), are `slow`: `make test-fast` runs without them.
-SLOW_FIXTURES = {"mnist", "tfds_dir", "kernel"}
+# Tests that read the real MNIST files, build the fused attention kernel (seconds to a minute
+# once per session) or damage a trained run (test_faults.py) are `slow`: `make test-fast` runs
+# without them.
+SLOW_FIXTURES = {"mnist", "tfds_dir", "kernel", "finished"}
 
 
 def pytest_collection_modifyitems(items):

@@ -46,6 +46,7 @@ def test_the_peak_probe_times_its_own_product():
   assert benchmark.MatmulPeak("float32").size == 2048  # on this CPU
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qkv,compute_dtype", [
     ("fused", "float32"), ("identity", "float32"), ("fused", "bfloat16")])
 def test_matmul_only_step_does_the_models_matmul_work(qkv, compute_dtype):

@@ -200,6 +200,7 @@ def small_disk(folder: Path, kilobytes: int, monkeypatch):
     yield monkeypatch.undo
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_room(tmp_path, data,
                                                                        monkeypatch):
   config = small_config(num_epochs=20, keep_checkpoints=100)  # more than 160 KB of checkpoints
