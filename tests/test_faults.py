@@ -172,8 +172,8 @@ def tmpfs(folder: Path, options: str):
   try:
     yield mounted
   finally:
-    if mounted:
-      subprocess.run(["umount", str(folder)], check=True)
+    if mounted:  # lazily: a file the run left open must not keep the tmpfs mounted
+      subprocess.run(["umount", "--lazy", str(folder)], check=True)
 
 
 @contextlib.contextmanager

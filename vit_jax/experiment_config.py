@@ -24,8 +24,13 @@ class ExperimentConfig:
   # build the TFDS dataset from offline; 'auto' looks in the known places; None downloads.
   tfds_data_dir: str | None = None
   idx_dir: str | None = "auto"
-  # Train on the first N training examples only (None: all 60,000).
+  # Train on the first N training examples only (None: all 60,000 less the validation set).
   train_examples: int | None = None
+  # Training examples held out for validation: the same fixed choice in every run, whatever
+  # the seed (`input_pipeline.hold_out`). Evaluations during training then report validation
+  # loss and accuracy, and the test split is evaluated at the end only. 0: none held out, and
+  # evaluations during training use the test split (fine for watching, not for choosing).
+  validation_examples: int = 0
   # The parameters' initialisation, the data order, the augmentation and dropout all
   # derive from (seed, step).
   seed: int = 0
@@ -70,7 +75,7 @@ class ExperimentConfig:
                 "keep_checkpoints"):
       value = getattr(self, key)
       require(value > 0, key, value, "must be positive")
-    for key in ("warmup_steps", "eval_every_steps", "augment_max_shift"):
+    for key in ("warmup_steps", "eval_every_steps", "augment_max_shift", "validation_examples"):
       value = getattr(self, key)
       require(value >= 0, key, value, "must not be negative")
     require(self.microbatch_size is None or self.microbatch_size > 0, "microbatch_size",
@@ -88,8 +93,13 @@ class ExperimentConfig:
     require(self.train_examples is None or self.train_examples >= self.batch_size,
             "train_examples", self.train_examples,
             f"must be at least batch_size={self.batch_size}")
-    require(self.train_examples is None or self.train_examples <= 60000,
-            "train_examples", self.train_examples, "exceeds the 60000 training examples")
+    left = 60000 - self.validation_examples
+    require(left >= self.batch_size, "validation_examples", self.validation_examples,
+            f"leaves fewer than batch_size={self.batch_size} of the 60000 training examples")
+    require(self.train_examples is None or self.train_examples <= left,
+            "train_examples", self.train_examples,
+            f"exceeds the {left} training examples left beside "
+            f"validation_examples={self.validation_examples}")
 
 
 def validate(config: Any) -> ExperimentConfig:

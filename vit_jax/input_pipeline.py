@@ -44,6 +44,24 @@ class EpochOrder:
     return perm[i * self.batch_size:(i + 1) * self.batch_size].astype(np.int32)
 
 
+HOLD_OUT_SEED = 20261202  # one fixed choice of validation examples, whatever the run's seed
+
+
+def hold_out(split: dict[str, np.ndarray], num_examples: int
+             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Splits {'image': (N, ...), 'label': (N,)} into (the rest, `num_examples` held out).
+
+  The held-out examples are a fixed random choice (`HOLD_OUT_SEED`), the same in every run;
+  both parts keep the original order of their examples.
+  """
+  total = len(split["label"])
+  if not 0 <= num_examples < total:
+    raise ValueError(f"validation_examples={num_examples} must be in [0, {total})")
+  held = np.zeros(total, bool)
+  held[np.random.default_rng(HOLD_OUT_SEED).permutation(total)[:num_examples]] = True
+  return ({k: v[~held] for k, v in split.items()}, {k: v[held] for k, v in split.items()})
+
+
 def eval_indices(num_examples: int, batch_size: int):
   """Yields (indices, mask) batches covering every example exactly once.
 

@@ -46,14 +46,18 @@ Data = dict[str, dict[str, np.ndarray]]  # {'train' | 'test': {'image': uint8, '
 
 
 def load_data(config: ExperimentConfig) -> Data:
-  """{'train': {...}, 'test': {...}} host arrays, train cut to `config.train_examples`."""
+  """{'train', 'test'} host arrays, and 'validation' held out of the training split when
+  `config.validation_examples`; train then cut to `config.train_examples`."""
   out = {}
   for split in ("train", "test"):
     images, labels = mnist_source.load_split(config.dataset, split, config.tfds_data_dir,
                                              config.idx_dir)
-    if split == "train" and config.train_examples is not None:
-      images, labels = images[:config.train_examples], labels[:config.train_examples]
     out[split] = {"image": images, "label": labels}
+  if config.validation_examples:
+    out["train"], out["validation"] = input_pipeline.hold_out(out["train"],
+                                                              config.validation_examples)
+  if config.train_examples is not None:
+    out["train"] = {k: v[:config.train_examples] for k, v in out["train"].items()}
   return out
 
 
@@ -142,10 +146,29 @@ class _Run:
           else contextlib.nullcontext():
         self.checkpoints.save(step, self.runner.unreplicate(device_state), force=force)
 
-  def evaluate_and_log(self, step: int, device_state: Any) -> dict[str, float]:
-    """Test loss and accuracy at `step`, written to the metrics."""
+  def _put_data_on_devices(self) -> None:
+    """The training split, and an Evaluator for the test split and the validation split (if
+    one is held out), whose metrics are named eval_* and validation_*."""
+    self.train_data = self.runner.replicate(self.data["train"])
+    self.evaluators = {}
+    for split, prefix in (("validation", "validation"), ("test", "eval")):
+      if split in self.data:
+        held = self.data[split]
+        self.evaluators[prefix] = Evaluator(
+            self.runner, self.runner.replicate(held), len(held["label"]),
+            self.config.eval_batch_size, self.config.dataset)
+    # What training watches: the validation split where there is one, never both.
+    self.watched = "validation" if "validation" in self.evaluators else "eval"
+
+  def evaluate_and_log(self, step: int, device_state: Any, prefixes: tuple[str, ...]
+                       ) -> dict[str, float]:
+    """Loss and accuracy at `step` on the splits named by `prefixes` ('validation', 'eval':
+    the test split), written to the metrics."""
     self.window.flush(step)
-    result = self.evaluate(device_state)
+    result = {}
+    for prefix in prefixes:
+      metrics = self.evaluators[prefix](device_state)
+      result.update({k.replace("eval_", f"{prefix}_"): v for k, v in metrics.items()})
     self.window.writer.write(step, result)
     self.window.restart_clock()
     return result
@@ -158,10 +181,7 @@ class _Run:
     """
     state = self._restore()
     start_step = self.step = int(state.step)
-    self.train_data = self.runner.replicate(self.data["train"])
-    test = self.data["test"]
-    self.evaluate = Evaluator(self.runner, self.runner.replicate(test), len(test["label"]),
-                              self.config.eval_batch_size, self.config.dataset)
+    self._put_data_on_devices()
     self._open_logs(start_step)
     if first_line:
       self.progress.message(first_line)
@@ -169,7 +189,7 @@ class _Run:
       self.progress.message(f"resuming {self.workdir} at step {start_step}")
     with self._writes_checked():
       device_state = self._steps(self.runner.replicate(state), start_step)
-      result = self.evaluate_and_log(self.total_steps, device_state)
+      result = self.evaluate_and_log(self.total_steps, device_state, tuple(self.evaluators))
     self.progress.message(f"final test accuracy {result['eval_accuracy']:.4f} "
                           f"(loss {result['eval_loss']:.4f}) at step {self.total_steps}")
     return {**self.window.last, **result, "step": self.total_steps}
@@ -205,8 +225,9 @@ class _Run:
         self.save(done, device_state)
         if config.eval_every_steps and done % config.eval_every_steps == 0 \
             and done < self.total_steps:
-          result = self.evaluate_and_log(done, device_state)
-          self.progress.message(f"step {done}: eval_accuracy={result['eval_accuracy']:.4f}")
+          key = f"{self.watched}_accuracy"
+          result = self.evaluate_and_log(done, device_state, (self.watched,))
+          self.progress.message(f"step {done}: {key}={result[key]:.4f}")
         if stop.should_stop(done, config.checkpoint_every_steps):
           self.save(done, device_state, force=True)
           raise TrainingInterruptedError(stop.received, done)
