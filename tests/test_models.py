@@ -174,3 +174,29 @@ def test_unknown_model_name_is_rejected():
   with pytest.raises(ValueError, match="model name='huge' is not registered"):
     get_model_config("huge")
 
+
+
+def test_drop_path_skips_whole_branches_per_example_in_training_only():
+  config = get_model_config("testing", hidden_size=16)
+  block = models.EncoderBlock(config, drop_path=0.5)
+  x = rand(400, 5, 16)
+  variables = block.init(jax.random.PRNGKey(0), x, deterministic=True)
+  # In evaluation it is the block without stochastic depth.
+  plain = models.EncoderBlock(config, drop_path=0.0).apply(variables, x, deterministic=True)
+  np.testing.assert_array_equal(block.apply(variables, x, deterministic=True), plain)
+  out = jax.jit(lambda v, x: block.apply(v, x, deterministic=False,
+                                         rngs={"dropout": jax.random.PRNGKey(1)}))(variables, x)
+  unchanged = np.all(np.asarray(out) == x, axis=(1, 2))  # both branches skipped
+  touched = np.any(np.asarray(out) != x, axis=(1, 2))
+  assert np.all(unchanged ^ touched)  # each example whole: no token-wise or feature-wise masks
+  assert 0.15 < unchanged.mean() < 0.35, unchanged.mean()  # 0.5 x 0.5 of the examples
+
+
+def test_drop_path_rises_linearly_with_depth_and_leaves_the_parameters_alone():
+  config = get_model_config("seed", drop_path_rate=0.1)
+  np.testing.assert_allclose(models.drop_path_rates(config), [0.0, 0.02, 0.04, 0.06, 0.08, 0.1])
+  params = jax.eval_shape(models.ViT(config).init, jax.random.PRNGKey(0),
+                          jnp.zeros((1, 28, 28, 1)))["params"]
+  assert models.count_params(params) == PINNED_PARAM_COUNTS["seed"]
+  with pytest.raises(ValueError, match=r"model.drop_path_rate=1.0 must be in \[0, 1\)"):
+    get_model_config("seed", drop_path_rate=1.0)

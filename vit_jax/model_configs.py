@@ -50,6 +50,9 @@ class ModelConfig:
   qkv: Literal["fused", "separate", "identity"] = "fused"
   qkv_bias: bool = False
   dropout_rate: float = 0.0
+  # Stochastic depth: in training, each example skips a block's residual branches with this
+  # chance at the last block, less at earlier ones (`models.drop_path_rates`); 0: off.
+  drop_path_rate: float = 0.0
   compute_dtype: Literal["float32", "bfloat16"] = "float32"
   attention_kernel: Literal["auto", "einsum", "fused_cpu"] = "einsum"
 
@@ -67,8 +70,8 @@ class ModelConfig:
             "is not one of 'token', 'gap'")
     require(self.qkv in ("fused", "separate", "identity"), "qkv", self.qkv,
             "is not one of 'fused', 'separate', 'identity'")
-    require(0.0 <= self.dropout_rate < 1.0, "dropout_rate", self.dropout_rate,
-            "must be in [0, 1)")
+    for key in ("dropout_rate", "drop_path_rate"):
+      require(0.0 <= getattr(self, key) < 1.0, key, getattr(self, key), "must be in [0, 1)")
     require(self.compute_dtype in ("float32", "bfloat16"), "compute_dtype", self.compute_dtype,
             "is not one of 'float32', 'bfloat16'")
     require(self.attention_kernel in ("auto", *kernels.KERNELS), "attention_kernel",

@@ -131,18 +131,34 @@ class MlpBlock(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LayerNorm transformer block: x + Attn(LN(x)), then x + MLP(LN(x)).
+
+  `drop_path`: stochastic depth, the chance that a residual branch is skipped for an example
+  in training (the kept ones scaled by 1 / (1 - drop_path), so its expectation is unchanged).
+  """
   config: ModelConfig
+  drop_path: float = 0.0
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     c = self.config
+    # One draw per example, broadcast over its tokens and features: the whole branch goes.
+    drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), name="drop_path")
     y = LayerNorm(name="norm1")(x)
     y = MultiHeadSelfAttention(c.num_heads, c.qkv, c.qkv_bias, c.compute_dtype,
                                c.attention_kernel, name="attention")(y)
-    x = x + nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
+    y = nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
+    x = x + drop_path(y, deterministic=deterministic)
     y = LayerNorm(name="norm2")(x)
-    return x + MlpBlock(c.mlp_dim, c.dropout_rate, c.compute_dtype, name="mlp")(y, deterministic)
+    y = MlpBlock(c.mlp_dim, c.dropout_rate, c.compute_dtype, name="mlp")(y, deterministic)
+    return x + drop_path(y, deterministic=deterministic)
+
+
+def drop_path_rates(config: ModelConfig) -> list[float]:
+  """Each block's stochastic depth: from 0 at the first block to `drop_path_rate` at the last,
+  linearly (as DeiT and timm do): early blocks, which every later one builds on, drop least."""
+  last = max(config.num_layers - 1, 1)
+  return [config.drop_path_rate * i / last for i in range(config.num_layers)]
 
 
 class Encoder(nn.Module):
@@ -151,8 +167,8 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    for i in range(self.config.num_layers):
-      x = EncoderBlock(self.config, name=f"block{i}")(x, deterministic)
+    for i, rate in enumerate(drop_path_rates(self.config)):
+      x = EncoderBlock(self.config, rate, name=f"block{i}")(x, deterministic)
     return LayerNorm(name="norm")(x)
 
 
