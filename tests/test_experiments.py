@@ -154,6 +154,12 @@ def test_run_all_skips_finished_and_resumes_unfinished(tmp_path, monkeypatch):
   assert trained == [(unfinished[0].name, True)]
   assert [r["eval_accuracy"] for r in records] == [0.9, 0.8]
   assert "finished before, skipped" in said[0] and "resuming" in said[1]
+  # A run finished before newer config fields existed is still the same run.
+  older = json.loads((tmp_path / finished[0].name / "result.json").read_text())
+  del older["config"]["validation_examples"], older["config"]["model"]["drop_path_rate"]
+  (tmp_path / finished[0].name / "result.json").write_text(json.dumps(older))
+  assert len(sweep.run_all(runs[:1], tmp_path, data=None, say=said.append)) == 1
+  assert trained == [(unfinished[0].name, True)]  # skipped, not trained again
   # A finished run of another config is not silently reused.
   other = sweep.plan(dataclasses.replace(base_config(), num_epochs=0.5), heads=[1], seeds=[0])
   with pytest.raises(ValueError, match="finished with a different num_epochs"):

@@ -1,5 +1,7 @@
 """Killed, signalled, corrupted, shared: a run survives and says what happened."""
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -178,3 +180,17 @@ def test_sigkill_while_a_damaged_checkpoint_is_set_aside_then_resume_is_bit_iden
   assert proc.returncode == 0, err[-3000:]
   assert f"resuming {workdir} at step {TOTAL_STEPS - 4}" in err
   assert_bit_identical(final_params(tfds_dir, workdir), reference)
+
+
+def test_a_workdir_saved_before_newer_config_fields_still_resumes(tmp_path):
+  from vit_jax.checkpoints import write_or_check_config
+
+  config = driver_config("unused")
+  write_or_check_config(tmp_path, config)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  del saved["validation_examples"], saved["model"]["drop_path_rate"]  # as an older version
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  write_or_check_config(tmp_path, config)  # their defaults are what that run had
+  with pytest.raises(ValueError, match="model.drop_path_rate: 0.0 -> 0.1"):
+    write_or_check_config(tmp_path, dataclasses.replace(
+        config, model=dataclasses.replace(config.model, drop_path_rate=0.1)))

@@ -1,7 +1,8 @@
 """What a config leaves to the machine ('auto'), chosen once when a run starts.
 
-`resolve` returns the config with each 'auto' replaced by what will run here, so that
-config.json records it, and a line that says what was chosen and why.
+`resolve` returns the config with `model.attention_kernel='auto'` replaced by the kernel
+chosen here, so that config.json records it, and a line that says what runs and why. (The
+config's other 'auto's, `parallel` and `idx_dir`, are resolved where they are used.)
 
 Layer 4 of vit_jax.
 """

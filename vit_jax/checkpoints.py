@@ -103,7 +103,8 @@ def write_or_check_config(workdir: Path, config: Any, write: bool = True) -> Non
   resolved = dataclasses.asdict(config)
   path = workdir / CONFIG_FILE
   if path.exists():
-    saved = json.loads(path.read_text())
+    # A field added since the run was saved has its default there.
+    saved = _with_defaults(json.loads(path.read_text()), config)
     changed = sorted(k for k in set(saved["model"]) | set(resolved["model"])
                      if saved["model"].get(k) != resolved["model"].get(k))
     structural = [k for k in changed if k not in _COMPUTATION_ONLY]
@@ -118,6 +119,16 @@ def write_or_check_config(workdir: Path, config: Any, write: bool = True) -> Non
       log.warning("resuming %s with changed settings: %s", workdir, ", ".join(others))
   if write:
     write_text_atomically(path, json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+
+
+def _with_defaults(saved: dict, like: Any) -> dict:
+  """`saved` (a config.json's dict) with the fields it lacks taken from `like`'s dataclass
+  defaults, at the top and in its `model` section."""
+  def defaults(obj) -> dict:
+    return {f.name: f.default for f in dataclasses.fields(obj)
+            if f.default is not dataclasses.MISSING}
+
+  return {**defaults(like), **saved, "model": {**defaults(like.model), **saved["model"]}}
 
 
 def saved_config(workdir: str | os.PathLike) -> dict | None:

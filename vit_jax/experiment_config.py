@@ -56,9 +56,17 @@ class ExperimentConfig:
   label_smoothing: float = 0.0
   # Random translation of up to this many pixels in each direction (0: none).
   augment_max_shift: int = 2
-  # Test images per evaluation batch, shared by all devices.
+  # A random affine map per example (`augment.random_affine`): a rotation and a horizontal
+  # shear of up to these many degrees either way, a scale within 1 +- augment_max_scale.
+  augment_max_rotation: float = 0.0
+  augment_max_scale: float = 0.0
+  augment_max_shear: float = 0.0
+  # The chance that an example has one random rectangle (2-20 % of it) zeroed
+  # (`augment.random_erasing`).
+  random_erasing: float = 0.0
+  # Images per evaluation batch (test and validation), shared by all devices.
   eval_batch_size: int = 1000
-  # 'auto' uses pmap when JAX sees more than one local device, else jit; 'shard' is
+  # 'auto' uses pmap when JAX sees more than one device, else jit; 'shard' is
   # jit over a device mesh with the batch sharded (see vit_jax/parallel.py).
   parallel: Literal["auto", "jit", "pmap", "shard"] = "auto"
   # Training loss, accuracy and images/s are logged every log_every_steps steps.
@@ -86,6 +94,9 @@ class ExperimentConfig:
     require(self.grad_clip_norm > 0, "grad_clip_norm", self.grad_clip_norm, "must be positive")
     require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing,
             "must be in [0, 1)")
+    for key, top in (("augment_max_rotation", 180), ("augment_max_shear", 45),
+                     ("augment_max_scale", 0.5), ("random_erasing", 1)):
+      require(0 <= getattr(self, key) <= top, key, getattr(self, key), f"must be in [0, {top}]")
     # Both datasets are 28x28 grey images of 10 classes.
     for key, value in (("num_classes", 10), ("image_size", 28), ("num_channels", 1)):
       require(getattr(self.model, key) == value, f"model.{key}", getattr(self.model, key),

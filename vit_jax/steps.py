@@ -19,7 +19,7 @@ import optax
 from flax.training import train_state
 from jax.flatten_util import ravel_pytree
 
-from vit_jax import input_pipeline
+from vit_jax import augment, input_pipeline
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.models import ViT
 from vit_jax.parallel import Runner
@@ -146,14 +146,25 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str 
 
 # --- The steps on device-resident data --------------------------------------------------
 
+def augmented(images: jax.Array, keys: jax.Array, config: ExperimentConfig) -> jax.Array:
+  """(B, H, W, C) images shifted, then through a random affine map, then randomly erased, as
+  `config` says; keys (B, 2), one per example. Each augmentation draws from its own stream."""
+  def stream(i):
+    return jax.vmap(lambda key: jax.random.fold_in(key, i))(keys)
+
+  images = input_pipeline.random_translate(images, keys, config.augment_max_shift)
+  images = augment.random_affine(images, stream(1), config.augment_max_rotation,
+                                 config.augment_max_scale, config.augment_max_shear)
+  return augment.random_erasing(images, stream(2), config.random_erasing)
+
+
 def _train_on_indices(state, data, indices, positions, rng, *, config: ExperimentConfig,
                       num_microbatches: int, axis_name):
   """Gathers, augments and normalises a batch on device, then `train_step`."""
   augment_rng, dropout_rng = jax.random.split(rng)
-  images = input_pipeline.random_translate(
-      data["image"][indices], input_pipeline.example_keys(augment_rng, positions),
-      config.augment_max_shift)
-  batch = {"image": input_pipeline.normalize(images, config.dataset),
+  keys = input_pipeline.example_keys(augment_rng, positions)
+  batch = {"image": input_pipeline.normalize(augmented(data["image"][indices], keys, config),
+                                             config.dataset),
            "label": data["label"][indices]}
   if axis_name is not None:
     dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))

@@ -102,7 +102,9 @@ def run_all(runs: list[tuple[Run, ExperimentConfig]], root: Path, data: dict,
     result = workdir / RESULT_FILE
     if result.is_file():
       record = json.loads(result.read_text())
-      changed = sorted(k for k, v in _as_json(config).items() if record["config"].get(k) != v)
+      # Through validate: a field added since the run finished has its default there.
+      finished = _as_json(from_mapping(ExperimentConfig, record["config"]))
+      changed = sorted(k for k, v in _as_json(config).items() if finished.get(k) != v)
       if changed:
         raise ValueError(f"{workdir} finished with a different {', '.join(changed)}; "
                          "use another --root for another config")

@@ -42,7 +42,7 @@ from vit_jax.steps import (
   microbatches_per_step,
 )
 
-Data = dict[str, dict[str, np.ndarray]]  # {'train' | 'test': {'image': uint8, 'label': int32}}
+Data = dict[str, dict[str, np.ndarray]]  # {'train' | 'validation' | 'test': {'image', 'label'}}
 
 
 def load_data(config: ExperimentConfig) -> Data:

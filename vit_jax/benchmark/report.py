@@ -27,7 +27,8 @@ def time_to_accuracy(config_path: str, overrides: list[str], targets: list[float
   """Wall seconds from starting launch.py until the test accuracy first reaches each target.
 
   The run compiles cold: its persistent compilation cache is off unless `launch_flags`
-  turn it on again.
+  turn it on again. It reads the test split's evaluations, so a config that holds out
+  validation examples (tested only at the end) gives only the final one.
   """
   start = time.time()
   subprocess.run([sys.executable, str(REPO / "launch.py"), f"--config={config_path}",

@@ -1,0 +1,78 @@
+"""The affine and erasing augmentations: what they do, per example, and nothing at strength 0."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from vit_jax import augment, input_pipeline, steps
+from vit_jax.experiment_config import ExperimentConfig, validate
+from vit_jax.model_configs import get_model_config
+
+
+def bar(vertical=False):
+  """A (28, 28, 1) image: a bright bar 4 pixels thick through the centre, horizontal."""
+  image = np.zeros((28, 28, 1), np.float32)
+  image[12:16, 4:24] = 255.0
+  return image.transpose(1, 0, 2) if vertical else image
+
+
+def keys(n, seed=0):
+  return input_pipeline.example_keys(jax.random.PRNGKey(seed), np.arange(n))
+
+
+def test_affine_rotates_scales_and_shears_about_the_centre():
+  np.testing.assert_allclose(augment.affine(bar(), 0.0, 1.0, 0.0), bar(), atol=1e-4)
+  turned = np.asarray(augment.affine(bar(), np.pi / 2, 1.0, 0.0))
+  np.testing.assert_allclose(turned, bar(vertical=True), atol=1e-3)
+  shrunk = np.asarray(augment.affine(bar(), 0.0, 0.5, 0.0))
+  assert np.count_nonzero(shrunk > 127) == pytest.approx(np.count_nonzero(bar() > 127) / 4,
+                                                         rel=0.2)
+  sheared = np.asarray(augment.affine(bar(vertical=True), 0.0, 1.0, np.pi / 4))
+  top, bottom = sheared[4].argmax(), sheared[23].argmax()
+  assert abs(abs(top - bottom) - 19) <= 2  # a 45-degree shear slants the vertical bar
+
+
+@pytest.mark.parametrize("fn,args", [
+    (augment.random_affine, (30.0, 0.2, 10.0)),
+    (augment.random_erasing, (1.0,)),
+])
+def test_random_augmentations_are_per_example_deterministic_in_range(fn, args):
+  images = np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1)).astype(np.uint8)
+  out = np.asarray(fn(images, keys(8), *args))
+  assert out.shape == images.shape and out.min() >= 0 and out.max() <= 255
+  np.testing.assert_array_equal(out, fn(images, keys(8), *args))  # the same keys, the same
+  assert not np.array_equal(out, fn(images, keys(8, seed=1), *args))
+  halves = np.concatenate([fn(images[:4], keys(8)[:4], *args), fn(images[4:], keys(8)[4:],
+                                                                   *args)])
+  np.testing.assert_array_equal(out, halves)  # each example's own draw, however split
+
+
+def test_strength_zero_is_the_identity():
+  images = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1)).astype(np.uint8)
+  assert augment.random_affine(images, keys(4), 0.0, 0.0, 0.0) is images
+  assert augment.random_erasing(images, keys(4), 0.0) is images
+  config = ExperimentConfig(model=get_model_config("testing"), augment_max_shift=0)
+  assert steps.augmented(images, keys(4), config) is images
+
+
+def test_erasing_zeroes_one_rectangle_of_the_given_share():
+  images = np.full((200, 28, 28, 1), 255, np.uint8)
+  out = np.asarray(augment.random_erasing(images, keys(200), 1.0))
+  for image in out[..., 0]:
+    rows, cols = np.nonzero(image == 0)
+    height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
+    assert rows.size == height * width  # one filled rectangle
+    assert 0.01 < rows.size / 784 < 0.23
+  half = np.asarray(augment.random_erasing(images, keys(200), 0.5))
+  assert 0.35 < np.mean(np.any(half == 0, axis=(1, 2, 3))) < 0.65
+
+
+@pytest.mark.parametrize("key,value", [("augment_max_rotation", 200.0),
+                                       ("augment_max_scale", -0.1),
+                                       ("random_erasing", 1.5)])
+def test_bad_augmentation_strengths_are_one_line_errors(key, value):
+  config = dataclasses.asdict(ExperimentConfig(model=get_model_config("testing")))
+  with pytest.raises(ValueError, match=f"config.{key}={value} must be in"):
+    validate({**config, key: value})

@@ -1,0 +1,80 @@
+"""Augmentations beyond the shift: random affine maps and random erasing, per example.
+
+Each draws from its example's own key (`input_pipeline.example_keys`), so the result does not
+depend on how a batch is split over devices, and runs inside the compiled training step. None
+flips: a mirrored digit is another digit (or none). Each is the identity at strength 0.
+
+Layer 3 of vit_jax: knows nothing of models or training.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+from jax.scipy.ndimage import map_coordinates
+
+
+def affine(image: jax.Array, rotation: jax.Array, scale: jax.Array, shear: jax.Array
+           ) -> jax.Array:
+  """One (H, W, C) image rotated by `rotation`, scaled by `scale` and sheared by `shear`
+  (radians, horizontally) about its centre, bilinear, zero outside; the same shape."""
+  chex.assert_rank(image, 3)
+  height, width, _ = image.shape
+  rows, cols = jnp.meshgrid(jnp.arange(height), jnp.arange(width), indexing="ij")
+  y, x = rows - (height - 1) / 2, cols - (width - 1) / 2
+  cos, sin = jnp.cos(rotation), jnp.sin(rotation)
+  # Where each output pixel comes from: the inverse of scale, then shear, then rotation.
+  ry, rx = cos * y - sin * x, sin * y + cos * x
+  sy, sx = ry, rx - jnp.tan(shear) * ry
+  src_y, src_x = sy / scale + (height - 1) / 2, sx / scale + (width - 1) / 2
+  channels = [map_coordinates(image[..., c].astype(jnp.float32), [src_y, src_x], order=1,
+                              mode="constant", cval=0.0) for c in range(image.shape[-1])]
+  return jnp.stack(channels, axis=-1)
+
+
+def random_affine(images: jax.Array, keys: jax.Array, max_rotation: float, max_scale: float,
+                  max_shear: float) -> jax.Array:
+  """Each of (B, H, W, C) images through its own `affine`: a rotation and a shear uniform in
+  +-max_rotation and +-max_shear degrees, a scale uniform in [1 - max_scale, 1 + max_scale].
+
+  keys: (B, 2), one per image. Returns float32 (B, H, W, C), or `images` if all are 0.
+  """
+  chex.assert_rank(images, 4)
+  if max_rotation == max_scale == max_shear == 0:
+    return images
+
+  def one(image, key):
+    rotation, scale, shear = jax.random.uniform(key, (3,), minval=-1.0, maxval=1.0)
+    return affine(image, jnp.deg2rad(max_rotation) * rotation, 1 + max_scale * scale,
+                  jnp.deg2rad(max_shear) * shear)
+
+  out = jax.vmap(one)(images, keys)
+  chex.assert_equal_shape([out, images])
+  return out
+
+
+def random_erasing(images: jax.Array, keys: jax.Array, probability: float,
+                   area: tuple[float, float] = (0.02, 0.2)) -> jax.Array:
+  """With `probability`, zeroes one random rectangle of each (B, H, W, C) image: its area a
+  uniform share `area` of the image, its aspect ratio log-uniform in [1/3, 3] (as Zhong et al.
+  2020). keys: (B, 2). Returns the same shape and dtype; `images` if probability is 0."""
+  chex.assert_rank(images, 4)
+  if probability == 0:
+    return images
+  _, height, width, _ = images.shape
+  rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+
+  def one(image, key):
+    apply_key, area_key, ratio_key, top_key, left_key = jax.random.split(key, 5)
+    share = jax.random.uniform(area_key, minval=area[0], maxval=area[1])
+    ratio = jnp.exp(jax.random.uniform(ratio_key, minval=-jnp.log(3.0), maxval=jnp.log(3.0)))
+    h = jnp.clip(jnp.round(jnp.sqrt(share * height * width * ratio)), 1, height).astype(int)
+    w = jnp.clip(jnp.round(jnp.sqrt(share * height * width / ratio)), 1, width).astype(int)
+    top = jax.random.randint(top_key, (), 0, height - h + 1)
+    left = jax.random.randint(left_key, (), 0, width - w + 1)
+    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+    erase = inside & jax.random.bernoulli(apply_key, probability)
+    return jnp.where(erase[..., None], jnp.zeros_like(image), image)
+
+  return jax.vmap(one)(images, keys)
