@@ -54,6 +54,10 @@ class ExperimentConfig:
   grad_clip_norm: float = 1.0
   # The share of each one-hot target spread evenly over the classes.
   label_smoothing: float = 0.0
+  # An exponential moving average of the parameters, decaying by this factor a step, is kept
+  # beside them, saved in the checkpoints and used for every evaluation and prediction
+  # (`steps.EmaTrainState`). 0: none.
+  ema_decay: float = 0.0
   # Random translation of up to this many pixels in each direction (0: none).
   augment_max_shift: int = 2
   # A random affine map per example (`augment.random_affine`): a rotation and a horizontal
@@ -94,6 +98,7 @@ class ExperimentConfig:
     require(self.grad_clip_norm > 0, "grad_clip_norm", self.grad_clip_norm, "must be positive")
     require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing,
             "must be in [0, 1)")
+    require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in [0, 1)")
     for key, top in (("augment_max_rotation", 180), ("augment_max_shear", 45),
                      ("augment_max_scale", 0.5), ("random_erasing", 1)):
       require(0 <= getattr(self, key) <= top, key, getattr(self, key), f"must be in [0, {top}]")

@@ -15,7 +15,7 @@ from vit_jax import auto, input_pipeline, mnist_source
 from vit_jax.checkpoints import Checkpoints, saved_config, write_or_check_config
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.parallel import Runner, choose_mode
-from vit_jax.steps import Evaluator, TrainState, create_train_state
+from vit_jax.steps import Evaluator, TrainState, create_train_state, evaluation_params
 
 
 def resolved_config(config: Any, workdir: str | Path) -> ExperimentConfig:
@@ -24,7 +24,8 @@ def resolved_config(config: Any, workdir: str | Path) -> ExperimentConfig:
 
 
 def restore_state(config: Any, workdir: str | Path) -> TrainState:
-  """The latest readable checkpoint of `workdir`; a clear error if there is none."""
+  """The latest readable checkpoint of `workdir`, its `params` those evaluation uses (the
+  moving average, where the run kept one); a clear error if there is none."""
   config = resolved_config(config, workdir)
   workdir = Path(workdir)
   write_or_check_config(workdir, config, write=False)  # refuse a different model
@@ -36,7 +37,7 @@ def restore_state(config: Any, workdir: str | Path) -> TrainState:
     checkpoints.close()
   if state is None:
     raise ValueError(f"workdir={str(workdir)!r} holds no readable checkpoint")
-  return state
+  return state.replace(params=evaluation_params(state))
 
 
 def evaluate_checkpoint(config: Any, workdir: str | Path,

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 from flax.training import train_state
 from jax.flatten_util import ravel_pytree
 
@@ -25,6 +26,30 @@ from vit_jax.models import ViT
 from vit_jax.parallel import Runner
 
 TrainState = train_state.TrainState
+
+
+class EmaTrainState(TrainState):
+  """A TrainState that also keeps an exponential moving average of the parameters, updated
+  after every step (`ema_decay` per step) and used for evaluation (`evaluation_params`).
+
+  Only runs with `config.ema_decay > 0` have one, so that a run without it saves and
+  restores the same checkpoints as before the average existed.
+  """
+  ema_params: Any = None
+  ema_decay: float = struct.field(pytree_node=False, default=0.0)
+
+
+def evaluation_params(state: TrainState) -> Any:
+  """The parameters a state is evaluated with: its moving average where it keeps one."""
+  return state.ema_params if isinstance(state, EmaTrainState) else state.params
+
+
+def _update_average(state: TrainState) -> TrainState:
+  if not isinstance(state, EmaTrainState):
+    return state
+  decay = state.ema_decay
+  return state.replace(ema_params=jax.tree_util.tree_map(
+      lambda average, new: decay * average + (1 - decay) * new, state.ema_params, state.params))
 
 
 # --- State and optimizer ---------------------------------------------------------------
@@ -47,6 +72,9 @@ def create_train_state(config: ExperimentConfig, total_steps: int) -> TrainState
       optax.clip_by_global_norm(config.grad_clip_norm),
       optax.adamw(learning_rate_schedule(config, total_steps),
                   weight_decay=config.weight_decay))
+  if config.ema_decay:
+    return EmaTrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                                ema_params=params, ema_decay=config.ema_decay)
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
@@ -90,7 +118,8 @@ def mean_over_devices(tree: Any, axis_name: str) -> Any:
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *,
                label_smoothing: float = 0.0, num_microbatches: int = 1,
                axis_name: str | None = None):
-  """One AdamW update on `batch` = {'image': (B, H, W, C) float, 'label': (B,) int}.
+  """One AdamW update on `batch` = {'image': (B, H, W, C) float, 'label': (B,) int}, and of
+  the parameters' moving average where `state` keeps one (`EmaTrainState`).
 
   The batch goes through the model in `num_microbatches` micro-batches of
   B / num_microbatches examples (`lax.scan`), their gradients summed: the update of the
@@ -125,7 +154,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   metrics = {"loss": loss / num_examples, "accuracy": correct / num_examples}
   if axis_name is not None:
     grads, metrics = mean_over_devices((grads, metrics), axis_name)
-  return state.apply_gradients(grads=grads), metrics
+  return _update_average(state.apply_gradients(grads=grads)), metrics
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str | None = None):
@@ -134,7 +163,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str 
   `batch`: 'image' float32 (B, H, W, C) normalised, 'label' int32 (B,), 'mask' bool (B,).
   Returns three float32 scalars, summed over the devices of `axis_name` if given.
   """
-  logits = state.apply_fn({"params": state.params}, batch["image"], train=False)
+  logits = state.apply_fn({"params": evaluation_params(state)}, batch["image"], train=False)
   mask = batch["mask"].astype(jnp.float32)
   sums = {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
           "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),

@@ -1,0 +1,83 @@
+"""The parameters' exponential moving average: its arithmetic, where it is used, resuming."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import inference, steps, train
+from vit_jax.checkpoints import Checkpoints
+from vit_jax.experiment_config import ExperimentConfig
+from vit_jax.model_configs import get_model_config
+
+
+def config(**overrides):
+  fields = dict(model=get_model_config("testing"), batch_size=64, num_epochs=1,
+                learning_rate=3e-3, warmup_steps=2, checkpoint_every_steps=4,
+                log_every_steps=4, eval_batch_size=256, parallel="jit", ema_decay=0.9)
+  return ExperimentConfig(**{**fields, **overrides})
+
+
+def batch_of(digits, n=64):
+  return {"image": jnp.asarray(digits["train"]["image"][:n], jnp.float32) / 255,
+          "label": jnp.asarray(digits["train"]["label"][:n])}
+
+
+def test_the_average_follows_the_parameters_by_its_decay(digits):
+  state = steps.create_train_state(config(), total_steps=10)
+  assert isinstance(state, steps.EmaTrainState)
+  step = jax.jit(steps.train_step)
+  p0 = state.params
+  s1, _ = step(state, batch_of(digits), jax.random.PRNGKey(0))
+  s2, _ = step(s1, batch_of(digits), jax.random.PRNGKey(1))
+  expected = jax.tree_util.tree_map(lambda a, b, c: 0.9 * (0.9 * a + 0.1 * b) + 0.1 * c,
+                                    p0, s1.params, s2.params)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                         s2.ema_params, expected)
+  assert not np.allclose(s2.ema_params["head"]["kernel"], s2.params["head"]["kernel"])
+
+
+def test_evaluation_uses_the_average_and_no_average_leaves_the_state_as_it_was(digits):
+  state = steps.create_train_state(config(learning_rate=3e-2, warmup_steps=0), total_steps=10)
+  for i in range(5):  # enough for the average to lag visibly behind the parameters
+    state, _ = jax.jit(steps.train_step)(state, batch_of(digits), jax.random.PRNGKey(i))
+  batch = {**batch_of(digits), "mask": jnp.ones(64, bool)}
+  plain = steps.TrainState.create(apply_fn=state.apply_fn, params=state.ema_params, tx=state.tx)
+  np.testing.assert_array_equal(steps.eval_step(state, batch)["loss"],
+                                steps.eval_step(plain, batch)["loss"])
+  raw = plain.replace(params=state.params)
+  assert steps.eval_step(state, batch)["loss"] != steps.eval_step(raw, batch)["loss"]
+  # Without an average the state is the plain one, as its checkpoints were before.
+  assert type(steps.create_train_state(config(ema_decay=0.0), 10)) is steps.TrainState
+
+
+def test_the_average_is_checkpointed_resumed_bit_identically_and_predicted_with(
+    tmp_path, digits, monkeypatch):
+  data = {"train": {k: v[:512] for k, v in digits["train"].items()}, "test": digits["test"]}
+  run = config(num_epochs=2)  # 16 steps, checkpoints every 4
+  train.train_and_evaluate(run, tmp_path / "straight", data=data)
+  real_save = Checkpoints.save
+
+  def save_then_stop(self, step, state, force=False):
+    saved = real_save(self, step, state, force)
+    if step == 8:
+      raise KeyboardInterrupt
+    return saved
+
+  monkeypatch.setattr(Checkpoints, "save", save_then_stop)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(run, tmp_path / "resumed", data=data)
+  monkeypatch.undo()
+  train.train_and_evaluate(run, tmp_path / "resumed", data=data)
+  straight = inference.restore_state(run, tmp_path / "straight")
+  resumed = inference.restore_state(run, tmp_path / "resumed")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(straight.ema_params),
+                         jax.device_get(resumed.ema_params))
+  # What evaluation and prediction restore is the average.
+  jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(resumed.params),
+                         jax.device_get(resumed.ema_params))
+
+
+def test_a_bad_decay_is_a_one_line_error():
+  with pytest.raises(ValueError, match=r"ema_decay=1.0 must be in \[0, 1\)"):
+    config(ema_decay=1.0)
