@@ -51,6 +51,7 @@ def test_evaluation_uses_the_average_and_no_average_leaves_the_state_as_it_was(d
   assert type(steps.create_train_state(config(ema_decay=0.0), 10)) is steps.TrainState
 
 
+@pytest.mark.slow
 def test_the_average_is_checkpointed_resumed_bit_identically_and_predicted_with(
     tmp_path, digits, monkeypatch):
   data = {"train": {k: v[:512] for k, v in digits["train"].items()}, "test": digits["test"]}
