@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_train import train_until_crash_after_saving
 
 from vit_jax import inference, steps, train
-from vit_jax.checkpoints import Checkpoints
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.model_configs import get_model_config
 
@@ -52,18 +52,7 @@ def test_the_average_is_checkpointed_resumed_bit_identically_and_predicted_with(
   data = {"train": {k: v[:512] for k, v in digits["train"].items()}, "test": digits["test"]}
   run = config(num_epochs=2)  # 16 steps, checkpoints every 4
   train.train_and_evaluate(run, tmp_path / "straight", data=data)
-  real_save = Checkpoints.save
-
-  def save_then_stop(self, step, state, force=False):
-    saved = real_save(self, step, state, force)
-    if step == 8:
-      raise KeyboardInterrupt
-    return saved
-
-  monkeypatch.setattr(Checkpoints, "save", save_then_stop)
-  with pytest.raises(KeyboardInterrupt):
-    train.train_and_evaluate(run, tmp_path / "resumed", data=data)
-  monkeypatch.undo()
+  train_until_crash_after_saving(run, tmp_path / "resumed", data, 8, monkeypatch)
   train.train_and_evaluate(run, tmp_path / "resumed", data=data)
   straight = inference.restore_state(run, tmp_path / "straight")
   resumed = inference.restore_state(run, tmp_path / "resumed")

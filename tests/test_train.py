@@ -79,23 +79,27 @@ class SimulatedCrashError(Exception):
   pass
 
 
-def test_resume_gives_identical_parameters(tmp_path, digits, monkeypatch):
-  config = small_config(num_epochs=2, model=get_model_config("testing", dropout_rate=0.1))
-  data = subset(digits, 1024)  # 16 steps an epoch: 32 steps, checkpoints every 4
-  train.train_and_evaluate(config, tmp_path / "straight", data=data)
-
+def train_until_crash_after_saving(config, workdir, data, step, monkeypatch) -> None:
+  """Trains in `workdir` until the checkpoint of `step` is saved, then crashes."""
   original_save = Checkpoints.save
 
-  def save_then_crash(self, step, state, force=False):
-    saved = original_save(self, step, state, force)
-    if step == 16:
+  def save_then_crash(self, saved_step, state, force=False):
+    saved = original_save(self, saved_step, state, force)
+    if saved_step == step:
       raise SimulatedCrashError
     return saved
 
   monkeypatch.setattr(Checkpoints, "save", save_then_crash)
   with pytest.raises(SimulatedCrashError):
-    train.train_and_evaluate(config, tmp_path / "resumed", data=data)
+    train.train_and_evaluate(config, workdir, data=data)
   monkeypatch.undo()
+
+
+def test_resume_gives_identical_parameters(tmp_path, digits, monkeypatch):
+  config = small_config(num_epochs=2, model=get_model_config("testing", dropout_rate=0.1))
+  data = subset(digits, 1024)  # 16 steps an epoch: 32 steps, checkpoints every 4
+  train.train_and_evaluate(config, tmp_path / "straight", data=data)
+  train_until_crash_after_saving(config, tmp_path / "resumed", data, 16, monkeypatch)
   result = train.train_and_evaluate(config, tmp_path / "resumed", data=data)
   assert result["step"] == 32
   straight = params_of(config, tmp_path / "straight")
