@@ -41,10 +41,11 @@ flags.DEFINE_integer("num_processes", _env_int("JAX_NUM_PROCESSES"),
                      "How many processes in all (env JAX_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", _env_int("JAX_PROCESS_ID"),
                      "This process's rank, 0 .. num_processes-1 (env JAX_PROCESS_ID).")
-flags.DEFINE_integer("cpu_devices", 1,
-                     "Split the CPU into this many JAX devices (data parallelism across "
-                     "cores with parallel=auto/pmap; see docs/performance.md). No effect on "
-                     "GPU or TPU.")
+flags.DEFINE_string("cpu_devices", "auto",
+                    "Split the CPU into this many JAX devices (data parallelism across cores "
+                    "with parallel=auto/pmap; see docs/performance.md). 'auto': one per core, "
+                    "or the most that split the batches evenly. An XLA_FLAGS device count "
+                    "wins. No effect on GPU or TPU.")
 flags.DEFINE_string(
     "compilation_cache_dir",
     os.environ.get("VIT_JAX_COMPILATION_CACHE_DIR",
@@ -56,13 +57,15 @@ flags.DEFINE_bool("distributed", False,
                   "Initialise JAX's distributed runtime from the cluster's environment.")
 
 
-def _set_up_jax():
-  """Device count, compilation cache and distributed runtime: before JAX's backends start."""
-  # XLA reads XLA_FLAGS when JAX first initialises a backend (the first device query or
-  # computation), so this must come before anything asks JAX for its devices.
-  if FLAGS.cpu_devices > 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
-                               f"device_count={FLAGS.cpu_devices}").strip()
+def _set_up_jax() -> str:
+  """Device count, compilation cache and distributed runtime: before JAX's backends start.
+
+  -> why the CPU has the devices it has.
+  """
+  from vit_jax import host_cpu
+
+  why_devices = host_cpu.configure(
+      FLAGS.cpu_devices, (FLAGS.config.batch_size, FLAGS.config.eval_batch_size))
   import jax
 
   if FLAGS.compilation_cache_dir:
@@ -76,6 +79,7 @@ def _set_up_jax():
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  return why_devices
 
 
 def _print_result(result: dict, prefix: str = "") -> None:
@@ -130,14 +134,15 @@ def main(argv):
   # Orbax, TFDS and JAX log every step of their work at INFO; keep the console for ours.
   for name in ("absl", "jax"):
     logging.getLogger(name).setLevel(logging.WARNING)
-  _set_up_jax()
+  why_devices = _set_up_jax()
   import jax
 
   from vit_jax.experiment_config import validate
 
   config = validate(FLAGS.config)
   if jax.process_index() == 0:
-    print(f"devices: {jax.devices()}", flush=True)
+    about = f" ({why_devices})" if jax.default_backend() == "cpu" else ""
+    print(f"devices: {jax.devices()}{about}", flush=True)
   MODES[FLAGS.mode](config)
 
 

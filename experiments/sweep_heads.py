@@ -28,6 +28,8 @@ flags.DEFINE_string("root", None, "Folder holding one workdir per run, and the r
 flags.DEFINE_list("heads", ["1", "2", "4", "8", "16"], "Head counts.")
 flags.DEFINE_integer("seeds", 3, "Seeds per setting: 0 .. seeds-1.")
 flags.DEFINE_list("qkv", ["fused"], "Projection modes: fused, separate, identity.")
+flags.DEFINE_string("cpu_devices", "auto", "Split the CPU into this many JAX devices, as "
+                    "launch.py does ('auto': one per core).")
 flags.DEFINE_enum("fixed", "width", ["width", "head_dim"],
                   "Keep the width (head dim = width / heads) or the head dim.")
 
@@ -35,6 +37,10 @@ flags.DEFINE_enum("fixed", "width", ["width", "head_dim"],
 def main(argv):
   del argv
   logging.getLogger("absl").setLevel(logging.WARNING)
+  from vit_jax import host_cpu
+
+  host_cpu.configure(FLAGS.cpu_devices, (FLAGS.config.batch_size,
+                                             FLAGS.config.eval_batch_size))
   from vit_jax import sweep, sweep_report, train
   from vit_jax.experiment_config import validate
 

@@ -12,17 +12,17 @@ PACKAGE = REPO / "vit_jax"
 
 # Each module's layer; a module imports only from its own layer and those below it.
 LAYERS = {
-    "files": 0, "schema": 0,
-    "attention": 1, "layer_norm": 1,
+    "files": 0, "schema": 0, "host_cpu": 0,
+    "attention": 1, "layer_norm": 1, "resample": 1,
     "kernels": 1.5,  # plug-ins for the maths: a compiler, a cache, FFI; below the models
     "model_configs": 2, "models": 2,
     "mnist_source": 3, "input_pipeline": 3, "image_files": 3, "augment": 3,
     "experiment_config": 4, "parallel": 4, "checkpoints": 4, "metrics": 4, "interrupt": 4,
     "steps": 4, "train": 4, "inference": 4, "auto": 4, "analysis": 4, "sweep": 4,
-    "checkpoint_digests": 4, "run_log": 4,
+    "checkpoint_digests": 4, "run_log": 4, "init_from": 4,
     "visualize": 5, "sweep_report": 5, "benchmark": 5,
 }
-PURE_MATHS = ("attention", "layer_norm")  # layer 1 proper: jax, numpy and chex only
+PURE_MATHS = ("attention", "layer_norm", "resample")  # layer 1 proper: jax, numpy and chex only
 MAX_FUNCTION_LINES, MAX_FILE_LINES = 50, 300
 
 

@@ -26,6 +26,12 @@ class ExperimentConfig:
   idx_dir: str | None = "auto"
   # Train on the first N training examples only (None: all 60,000 less the validation set).
   train_examples: int | None = None
+  # Fine-tuning: the first parameters (the evaluated ones: the moving average, where kept)
+  # are taken from the run in this workdir (`vit_jax.init_from`). The classifier head is
+  # re-initialised where the classes differ, or everywhere with reinit_head; another patch
+  # size resamples the position embeddings and the patch projection. None: from `seed`.
+  init_from: str | None = None
+  reinit_head: bool = False
   # Training examples held out for validation: the same fixed choice in every run, whatever
   # the seed (`input_pipeline.hold_out`). Evaluations during training then report validation
   # loss and accuracy, and the test split is evaluated at the end only. 0: none held out, and
@@ -109,6 +115,8 @@ class ExperimentConfig:
     require(self.train_examples is None or self.train_examples >= self.batch_size,
             "train_examples", self.train_examples,
             f"must be at least batch_size={self.batch_size}")
+    require(not self.reinit_head or self.init_from is not None, "reinit_head",
+            self.reinit_head, "needs config.init_from (there is no head to keep otherwise)")
     left = 60000 - self.validation_examples
     require(left >= self.batch_size, "validation_examples", self.validation_examples,
             f"leaves fewer than batch_size={self.batch_size} of the 60000 training examples")

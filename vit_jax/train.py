@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vit_jax import auto, input_pipeline, mnist_source
+from vit_jax import auto, init_from, input_pipeline, mnist_source
 from vit_jax.checkpoints import (
   Checkpoints,
   WorkdirLock,
@@ -181,10 +181,14 @@ class _Run:
     """
     state = self._restore()
     start_step = self.step = int(state.step)
+    taken = None
+    if not start_step and self.config.init_from:
+      state, taken = init_from.initialised_from(state, self.config)
     self._put_data_on_devices()
     self._open_logs(start_step)
-    if first_line:
-      self.progress.message(first_line)
+    for line in (first_line, taken):
+      if line:
+        self.progress.message(line)
     if start_step:
       self.progress.message(f"resuming {self.workdir} at step {start_step}")
     with self._writes_checked():

@@ -11,14 +11,19 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from vit_jax import host_cpu
 from vit_jax.benchmark.report import REPO, run, table, time_to_accuracy
 
 
 def main(argv):
   del argv
   logging.getLogger("absl").setLevel(logging.WARNING)
+  config = flags.FLAGS.config
+  why_devices = host_cpu.configure(flags.FLAGS.cpu_devices,
+                                   (config.batch_size, config.eval_batch_size))
   result = run(flags.FLAGS.config, flags.FLAGS.windows, flags.FLAGS.steps_per_window,
                flags.FLAGS.compile_times, flags.FLAGS.peak_matmul_size or None)
+  result["devices_chosen"] = why_devices
   targets = [float(t) for t in flags.FLAGS.time_to_accuracy]
   if targets:
     with tempfile.TemporaryDirectory() as workdir:
@@ -35,6 +40,8 @@ def main(argv):
 def _define_flags():
   config_flags.DEFINE_config_file("config", str(REPO / "experiments" / "mnist.py"),
                                   "Experiment config to measure.", lock_config=True)
+  flags.DEFINE_string("cpu_devices", "auto", "Split the CPU into this many JAX devices, as "
+                      "launch.py does ('auto': one per core); an XLA_FLAGS device count wins.")
   flags.DEFINE_integer("windows", 5, "Timed windows (after one warm-up window).")
   flags.DEFINE_integer("steps_per_window", 10, "Training steps per timed window.")
   flags.DEFINE_bool("compile_times", True, "Measure cold and cached compile times.")
@@ -42,7 +49,7 @@ def _define_flags():
                     "0.98,0.99 (empty: skip).")
   flags.DEFINE_integer("eval_every_steps", 100, "Evaluation interval of the timed run.")
   flags.DEFINE_list("launch_flags", [], "Extra launch.py flags for the timed run, e.g. "
-                    "--cpu_devices=2.")
+                    "--cpu_devices=1.")
   flags.DEFINE_integer("peak_matmul_size", 0, "Side of the square matmul that probes the "
                        "peak (0: 2048 on a CPU, 8192 on a GPU or TPU).", lower_bound=0)
   flags.DEFINE_string("out", None, "Write the results here as JSON.")

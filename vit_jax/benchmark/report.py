@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from vit_jax import auto, steps
+from vit_jax import auto, host_cpu, steps
 from vit_jax.benchmark import ceiling, flops, step_speed, timing
 from vit_jax.experiment_config import validate
 from vit_jax.parallel import Runner, choose_mode
@@ -60,6 +60,8 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
   result: dict[str, Any] = {
       "date": time.strftime("%Y-%m-%d"),
       "device": jax.devices()[0].device_kind,
+      "num_devices": runner.num_devices,
+      **(host_cpu.describe() if jax.default_backend() == "cpu" else {}),
       "choices": choices,
       "compute_dtype": config.model.compute_dtype,
       **_attention_that_ran(config.model.attention_kernel),

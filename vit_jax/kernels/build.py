@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 
 from vit_jax.files import replaced_atomically, write_text_atomically
+from vit_jax.host_cpu import cpu_flags
 
 SOURCE = Path(__file__).with_name("attention_cpu.cc")
 MARCH_VARIABLE = "VIT_JAX_KERNEL_MARCH"
@@ -32,17 +33,6 @@ UNUSED_DAYS = 30  # a cached build unused this long is deleted by the next new b
 
 def cache_dir() -> Path:
   return Path(os.environ.get("VIT_JAX_CACHE_DIR", Path.home() / ".cache" / "vit_jax"))
-
-
-def cpu_flags() -> str:
-  """The CPU's feature flags as /proc/cpuinfo lists them ('' where there is none)."""
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("flags"):
-        return line.split(":", 1)[1]
-  except OSError:
-    pass
-  return ""
 
 
 def build(compiler: str | None = None) -> Path:
