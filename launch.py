@@ -5,6 +5,7 @@
     python launch.py --config=experiments/mnist.py --workdir=runs/mnist --mode=predict \
         --images=digit.png,other.npy
     python launch.py --config=experiments/mnist.py --workdir=runs/mnist --mode=visualize
+    python launch.py --config=experiments/mnist.py --workdir=runs/mnist --mode=export
     python launch.py --config=experiments/mnist.py --config.model.num_heads=8 --workdir=...
 
 Runs on whatever JAX finds: CPU, GPU or TPU.
@@ -30,9 +31,12 @@ config_flags.DEFINE_config_file("config", "experiments/mnist.py", "Experiment co
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, config and metrics.",
                     required=True)
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "visualize"], "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "visualize", "export"],
+                  "What to do.")
 flags.DEFINE_list("images", [], "predict: image files (PNG or .npy, 28x28 grey).")
 flags.DEFINE_integer("num_images", 4, "visualize: how many test digits to draw.")
+flags.DEFINE_string("export_dir", None, "export: the SavedModel's folder (default: "
+                    "WORKDIR/saved_model).")
 # Several processes (hosts), on JAX's own multi-controller runtime. Either name the
 # coordinator and this process, or let JAX detect the cluster (SLURM, Open MPI, TPU pods).
 flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
@@ -125,7 +129,14 @@ def _predict(config) -> None:
     print(f"{path}: digit {int(np.argmax(probs))} (p={probs.max():.3f}) probabilities [{shown}]")
 
 
-MODES = {"train": _train, "eval": _evaluate, "predict": _predict, "visualize": _visualize}
+def _export(config) -> None:
+  from vit_jax import export
+
+  print(f"wrote {export.export_saved_model(config, FLAGS.workdir, FLAGS.export_dir)}")
+
+
+MODES = {"train": _train, "eval": _evaluate, "predict": _predict, "visualize": _visualize,
+         "export": _export}
 
 
 def main(argv):

@@ -1,0 +1,57 @@
+"""`--mode=export`: a SavedModel that TensorFlow alone runs, as the JAX model does."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+from test_cli import launch
+
+from vit_jax import inference, train
+from vit_jax.experiment_config import validate
+
+sys.path.insert(0, str(REPO / "experiments"))
+import tiny  # noqa: E402
+
+# Run by a Python that can import TensorFlow and NumPy only: JAX, Flax and vit_jax are
+# blocked (TensorFlow would otherwise import JAX where it is installed, as here).
+LOAD_WITH_TENSORFLOW = """
+import importlib.abc, json, sys
+class Blocked(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in ("jax", "jaxlib", "flax", "vit_jax"):
+      raise ImportError(f"{name} is blocked")
+sys.meta_path.insert(0, Blocked())
+import numpy as np
+import tensorflow as tf
+images = np.load(sys.argv[2])
+outputs = tf.saved_model.load(sys.argv[1]).signatures["serving_default"](tf.constant(images))
+print(json.dumps({k: v.numpy().tolist() for k, v in outputs.items()}))
+"""
+
+
+@pytest.mark.slow
+def test_the_saved_model_gives_the_jax_probabilities_and_attention(tmp_path, digits):
+  config = validate({**tiny.get_config().to_dict(), "num_epochs": 1, "train_examples": None,
+                     "eval_batch_size": 256, "augment_max_shift": 0, "warmup_steps": 2})
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, workdir, data=digits)
+  result = launch("--config=experiments/tiny.py", f"--workdir={workdir}", "--mode=export",
+                  f"--export_dir={tmp_path / 'exported'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"wrote {tmp_path / 'exported'}" in result.stdout
+  images = digits["test"]["image"][:5]
+  np.save(tmp_path / "images.npy", images)
+  loaded = subprocess.run([sys.executable, "-c", LOAD_WITH_TENSORFLOW,
+                           str(tmp_path / "exported"), str(tmp_path / "images.npy")],
+                          capture_output=True, text=True, timeout=300)
+  assert loaded.returncode == 0, loaded.stderr[-3000:]
+  outputs = json.loads(loaded.stdout.strip().splitlines()[-1])
+  expected = inference.predict(config, workdir, images)
+  assert expected.std(axis=0).max() > 0.05  # a trained model's: each image its own answer
+  np.testing.assert_allclose(outputs["probabilities"], expected, atol=1e-5)
+  attention = np.asarray(outputs["attention"])
+  assert attention.shape == (5, 2, 4, 17, 17)  # tiny: 2 layers, 4 heads, 1 + 16 tokens
+  np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)

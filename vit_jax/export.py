@@ -1,0 +1,76 @@
+"""A trained run as a TensorFlow SavedModel, for use outside JAX (`launch.py --mode=export`).
+
+The SavedModel's `serving_default` signature takes `images`, uint8 (B, 28, 28, 1) pixels as
+the datasets store them, any B, and returns `probabilities` (B, num_classes) and `attention`
+(B, num_layers, num_heads, N, N), every layer's attention weights, N = 1 + patches. The
+normalisation is inside. The maths is the einsum path (the pure functions) whatever
+kernel the run trained with: XLA's CPU kernel plug-in does not travel to TensorFlow.
+Converted with `jax2tf` (StableHLO inside the SavedModel, run by TensorFlow's XLA).
+
+Layer 4 of vit_jax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from vit_jax import inference, input_pipeline, models
+from vit_jax.experiment_config import ExperimentConfig
+
+
+def serving_function(config: ExperimentConfig, params: Any) -> Callable[[jax.Array], tuple]:
+  """uint8 (B, H, W, C) images -> (probabilities (B, K), attention (B, L, H, N, N))."""
+  model = models.ViT(dataclasses.replace(config.model, attention_kernel="einsum"))
+
+  def serve(images):
+    logits, variables = model.apply({"params": params},
+                                    input_pipeline.normalize(images, config.dataset),
+                                    mutable=["intermediates"])
+    maps = models.attention_maps(variables["intermediates"])  # (L, B, H, N, N)
+    return jax.nn.softmax(logits, axis=-1), jnp.moveaxis(maps, 0, 1)
+
+  return serve
+
+
+def export_saved_model(config: Any, workdir: str | Path, out: str | Path | None = None
+                       ) -> Path:
+  """Writes the latest checkpoint of `workdir` as a SavedModel in `out` (default
+  WORKDIR/saved_model), replacing what was there only once the new one is complete."""
+  import tensorflow as tf
+  from jax.experimental import jax2tf
+
+  config = inference.resolved_config(config, workdir)
+  params = inference.restore_state(config, workdir).params
+  c = config.model
+  converted = jax2tf.convert(serving_function(config, params), with_gradient=False,
+                             polymorphic_shapes=[f"(b, {c.image_size}, {c.image_size}, "
+                                                 f"{c.num_channels})"])
+  spec = tf.TensorSpec([None, c.image_size, c.image_size, c.num_channels], tf.uint8,
+                       name="images")
+
+  @tf.function(input_signature=[spec], autograph=False)
+  def serving_default(images):
+    probabilities, attention = converted(images)
+    return {"probabilities": probabilities, "attention": attention}
+
+  module = tf.Module()
+  module.serving_default = serving_default
+  out = Path(out) if out is not None else Path(workdir) / "saved_model"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+  try:
+    tf.saved_model.save(module, str(staging), signatures={"serving_default": serving_default})
+    if out.exists():
+      shutil.rmtree(out)
+    staging.rename(out)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return out
