@@ -83,3 +83,7 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path, tfds_dir, pa
   two = jax.device_get(inference.restore_state(config, workdir).params)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5),
                          one, two)
+  # The two processes' checkpoint, restored above on one host, also trains on there.
+  third = dataclasses.replace(config, num_epochs=3)
+  resumed = train.train_and_evaluate(third, workdir)
+  assert resumed["step"] == 24 and np.isfinite(resumed["train_loss"])
