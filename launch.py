@@ -35,8 +35,8 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "visualize", "ex
                   "What to do.")
 flags.DEFINE_list("images", [], "predict: image files (PNG or .npy, 28x28 grey).")
 flags.DEFINE_integer("num_images", 4, "visualize: how many test digits to draw.")
-flags.DEFINE_string("export_dir", None, "export: the SavedModel's folder (default: "
-                    "WORKDIR/saved_model).")
+flags.DEFINE_string("output_dir", None, "visualize, export: where to write (default: "
+                    "WORKDIR/visualize, WORKDIR/saved_model); the other modes only read.")
 # Several processes (hosts), on JAX's own multi-controller runtime. Either name the
 # coordinator and this process, or let JAX detect the cluster (SLURM, Open MPI, TPU pods).
 flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
@@ -110,7 +110,8 @@ def _evaluate(config) -> None:
 def _visualize(config) -> None:
   from vit_jax import visualize
 
-  for path in visualize.visualize_checkpoint(config, FLAGS.workdir, FLAGS.num_images):
+  for path in visualize.visualize_checkpoint(config, FLAGS.workdir, FLAGS.num_images,
+                                             out_dir=FLAGS.output_dir):
     print(f"wrote {path}")
 
 
@@ -132,7 +133,7 @@ def _predict(config) -> None:
 def _export(config) -> None:
   from vit_jax import export
 
-  print(f"wrote {export.export_saved_model(config, FLAGS.workdir, FLAGS.export_dir)}")
+  print(f"wrote {export.export_saved_model(config, FLAGS.workdir, FLAGS.output_dir)}")
 
 
 MODES = {"train": _train, "eval": _evaluate, "predict": _predict, "visualize": _visualize,

@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO
 from test_cli import launch
 
-from vit_jax import inference, train
+from vit_jax import export, inference, train, visualize
 from vit_jax.experiment_config import validate
 
 sys.path.insert(0, str(REPO / "experiments"))
@@ -32,14 +32,26 @@ print(json.dumps({k: v.numpy().tolist() for k, v in outputs.items()}))
 """
 
 
-@pytest.mark.slow
-def test_the_saved_model_gives_the_jax_probabilities_and_attention(tmp_path, digits):
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, digits):
+  """A `tiny` run trained for 16 steps on the synthetic digits: (its config, its workdir)."""
   config = validate({**tiny.get_config().to_dict(), "num_epochs": 1, "train_examples": None,
                      "eval_batch_size": 256, "augment_max_shift": 0, "warmup_steps": 2})
-  workdir = tmp_path / "run"
+  workdir = tmp_path_factory.mktemp("export") / "run"
   train.train_and_evaluate(config, workdir, data=digits)
+  return config, workdir
+
+
+def snapshot(folder):
+  return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.slow
+def test_the_saved_model_gives_the_jax_probabilities_and_attention(run, tmp_path, digits):
+  config, workdir = run
   result = launch("--config=experiments/tiny.py", f"--workdir={workdir}", "--mode=export",
-                  f"--export_dir={tmp_path / 'exported'}")
+                  f"--output_dir={tmp_path / 'exported'}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"wrote {tmp_path / 'exported'}" in result.stdout
   images = digits["test"]["image"][:5]
@@ -55,3 +67,16 @@ def test_the_saved_model_gives_the_jax_probabilities_and_attention(tmp_path, dig
   attention = np.asarray(outputs["attention"])
   assert attention.shape == (5, 2, 4, 17, 17)  # tiny: 2 layers, 4 heads, 1 + 16 tokens
   np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_evaluating_predicting_drawing_and_exporting_write_nothing_into_the_workdir(
+    run, tmp_path, digits):
+  config, workdir = run
+  before = snapshot(workdir)
+  inference.evaluate_checkpoint(config, workdir, data=digits)
+  inference.predict(config, workdir, digits["test"]["image"][:2])
+  drawn = visualize.visualize_checkpoint(config, workdir, 1, digits["test"], tmp_path / "pics")
+  assert drawn and all(p.parent == tmp_path / "pics" for p in drawn)
+  export.export_saved_model(config, workdir, tmp_path / "exported")
+  assert snapshot(workdir) == before

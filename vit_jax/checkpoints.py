@@ -156,14 +156,22 @@ class Checkpoints:
   """Saves the train state every `every_steps` steps, keeping the last `keep`, each with the
   digests of its arrays (`checkpoint_digests`), checked when it is restored."""
 
-  def __init__(self, workdir: Path, every_steps: int, keep: int):
+  def __init__(self, workdir: Path, every_steps: int = 0, keep: int | None = None,
+               read_only: bool = False):
+    """`read_only`: restore only, and write nothing (not even to move a damaged checkpoint
+    aside): evaluation, prediction and pictures leave a workdir as they found it."""
     self.directory = Path(workdir).absolute() / "checkpoints"
     self.digests = DigestFiles(self.directory.parent)
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            save_interval_steps=every_steps, max_to_keep=keep, create=True,
-            enable_async_checkpointing=False, cleanup_tmp_directories=True))
+    self.read_only = read_only
+    if read_only:
+      options = ocp.CheckpointManagerOptions(
+          read_only=True, save_interval_steps=0, max_to_keep=None, create=False,
+          cleanup_tmp_directories=False, enable_async_checkpointing=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          save_interval_steps=every_steps, max_to_keep=keep, create=True,
+          enable_async_checkpointing=False, cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -213,6 +221,10 @@ class Checkpoints:
           f"{_described(expected.get(path))}; use another workdir")
 
   def _move_aside(self, step: int, reason: str) -> None:
+    if self.read_only:
+      log.warning("checkpoint at step %d cannot be read (%s); left in place, trying an older "
+                  "one (the next training run in this workdir moves it aside)", step, reason)
+      return
     aside = self.directory.parent / "checkpoints_unreadable" / f"{step}-{time.time():.0f}"
     log.warning("checkpoint at step %d cannot be read (%s); moved to %s, trying an older one",
                 step, reason, aside)

@@ -25,12 +25,13 @@ def resolved_config(config: Any, workdir: str | Path) -> ExperimentConfig:
 
 def restore_state(config: Any, workdir: str | Path) -> TrainState:
   """The latest readable checkpoint of `workdir`, its `params` those evaluation uses (the
-  moving average, where the run kept one); a clear error if there is none."""
+  moving average, where the run kept one); a clear error if there is none. Reads only: a
+  workdir may be read-only (a shipped model)."""
   config = resolved_config(config, workdir)
   workdir = Path(workdir)
   write_or_check_config(workdir, config, write=False)  # refuse a different model
   template = create_train_state(config, total_steps=1)
-  checkpoints = Checkpoints(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+  checkpoints = Checkpoints(workdir, read_only=True)  # nothing is written there
   try:
     state = checkpoints.restore_latest(template)
   finally:

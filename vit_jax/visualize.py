@@ -110,8 +110,10 @@ def write_all(state, config: ModelConfig, images: np.ndarray, labels: np.ndarray
   return paths
 
 
-def visualize_checkpoint(config, workdir, num_images: int = 4, test_data=None) -> list[Path]:
-  """Pictures of the latest checkpoint in `workdir` on the first test digits."""
+def visualize_checkpoint(config, workdir, num_images: int = 4, test_data=None,
+                         out_dir=None) -> list[Path]:
+  """Pictures of the latest checkpoint in `workdir` on the first test digits, written to
+  `out_dir` (default WORKDIR/visualize)."""
   from vit_jax import inference, mnist_source
 
   config = inference.resolved_config(config, workdir)
@@ -122,4 +124,4 @@ def visualize_checkpoint(config, workdir, num_images: int = 4, test_data=None) -
   else:
     images, labels = test_data["image"], test_data["label"]
   return write_all(state, config.model, images[:num_images], labels[:num_images],
-                   config.dataset, Path(workdir) / "visualize")
+                   config.dataset, Path(out_dir or Path(workdir) / "visualize"))
