@@ -7,6 +7,7 @@ that cannot be read is reported and the next older one is used.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -28,7 +29,7 @@ from vit_jax.checkpoint_digests import (
     shapes_of,
 )
 from vit_jax.files import write_text_atomically
-from vit_jax.run_log import LOG_FILE
+from vit_jax.run_log import LOG_FILE, absl_quiet
 
 log = logging.getLogger("vit_jax")
 CONFIG_FILE = "config.json"
@@ -171,7 +172,8 @@ class Checkpoints:
       options = ocp.CheckpointManagerOptions(
           save_interval_steps=every_steps, max_to_keep=keep, create=True,
           enable_async_checkpointing=False, cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    with absl_quiet() if read_only else contextlib.nullcontext():  # "directory is read only"
+      self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -293,3 +295,4 @@ def _first_line_of_cause(error: BaseException) -> str:
       return "no space left on device"
     error = error.__cause__ or error.__context__
   return "see the run's log"
+

@@ -96,3 +96,16 @@ def _restore_stderr(saved: int) -> None:
   sys.stderr.flush()
   os.dup2(saved, 2)
   os.close(saved)
+
+
+@contextlib.contextmanager
+def absl_quiet():
+  """Only errors from absl's logger meanwhile (e.g. orbax's warning that a read-only
+  checkpoint manager's directory is read only: it is meant to be)."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
