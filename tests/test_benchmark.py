@@ -92,6 +92,8 @@ def test_benchmark_runs_and_counts_flops_like_xla(parallel, microbatch_size):
   if parallel == "jit":  # the persistent cache must spare most of a compile
     assert 0 < result["compile_cached_seconds"] < result["compile_cold_seconds"]
   assert "| train_mfu |" in benchmark.table(result)
+  assert result["speedup_over_plain_flax"] == pytest.approx(
+      result["train_images_per_sec"] / result["baseline_train_images_per_sec"])
   assert result["attention_kernel"] == ("fused_cpu" if ran_kernel else "einsum")
   assert result["attention_kernel_lanes"] in ((8, 16) if ran_kernel else (None,))
 
@@ -116,6 +118,9 @@ def test_benchmark_command_writes_json(tmp_path):
   written = json.loads(out.read_text())
   assert written["batch_size"] == 128 and written["compute_dtype"] == "bfloat16"
   assert written["matmul_peak_size"] == 512
+  # The CPU and the devices the figures came from: one per core unless told otherwise.
+  assert written["cpu_cores"] >= 1 and isinstance(written["cpu_extensions"], list)
+  assert written["num_devices"] == written["cpu_cores"] or "divide" in written["devices_chosen"]
   # tiny.py asks for the einsum attention; the kernel's width is recorded only when it ran.
   assert written["attention_kernel"] == "einsum" and written["attention_kernel_lanes"] is None
 
@@ -196,3 +201,19 @@ def test_the_accelerator_script_refuses_a_cpu_unless_told(tmp_path):
   assert result.returncode == 1
   assert "JAX sees no GPU or TPU" in result.stdout
   assert not list((tmp_path / "out").glob("*.json"))
+
+
+def test_the_plain_flax_baseline_has_our_shape_plus_flaxs_qkv_biases():
+  import jax
+  import jax.numpy as jnp
+
+  from vit_jax import models
+  from vit_jax.benchmark import baseline
+
+  config = get_model_config("seed")
+  images = jnp.zeros((2, 28, 28, 1))
+  plain = jax.eval_shape(baseline.PlainViT(config).init, jax.random.PRNGKey(0), images)
+  ours = jax.eval_shape(models.ViT(config).init, jax.random.PRNGKey(0), images)
+  extra = 3 * config.hidden_size * config.num_layers
+  assert models.count_params(plain) == models.count_params(ours) + extra == 204_810 + extra
+  assert jax.eval_shape(baseline.PlainViT(config).apply, plain, images).shape == (2, 10)

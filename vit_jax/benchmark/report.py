@@ -14,7 +14,7 @@ from typing import Any
 import jax
 
 from vit_jax import auto, host_cpu, steps
-from vit_jax.benchmark import ceiling, flops, step_speed, timing
+from vit_jax.benchmark import baseline, ceiling, flops, step_speed, timing
 from vit_jax.experiment_config import validate
 from vit_jax.parallel import Runner, choose_mode
 
@@ -74,6 +74,9 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
   result.update(step_speed.measure_steps(config, runner, peak, steps_per_window, windows))
   result.update(ceiling.matmul_only_speed(config.model, config.batch_size // microbatches,
                                           config.eval_batch_size, peak, runner))
+  result.update(baseline.measure(config, peak, steps_per_window, windows))
+  result["speedup_over_plain_flax"] = (result["train_images_per_sec"]
+                                       / result["baseline_train_images_per_sec"])
   result["matmul_peak_size"] = peak.size
   result["matmul_peak_flops"] = statistics.median(peak.measured)
   result["matmul_peak_flops_range"] = [min(peak.measured), max(peak.measured)]
