@@ -6,6 +6,7 @@
         --images=digit.png,other.npy
     python launch.py --config=experiments/mnist.py --workdir=runs/mnist --mode=visualize
     python launch.py --config=experiments/mnist.py --workdir=runs/mnist --mode=export
+    python launch.py --config=experiments/mnist.py --workdir=runs/mnist --mode=analyze
     python launch.py --config=experiments/mnist.py --config.model.num_heads=8 --workdir=...
 
 Runs on whatever JAX finds: CPU, GPU or TPU.
@@ -31,12 +32,14 @@ config_flags.DEFINE_config_file("config", "experiments/mnist.py", "Experiment co
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, config and metrics.",
                     required=True)
-flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "visualize", "export"],
-                  "What to do.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "visualize", "export",
+                                   "analyze"], "What to do.")
 flags.DEFINE_list("images", [], "predict: image files (PNG or .npy, 28x28 grey).")
-flags.DEFINE_integer("num_images", 4, "visualize: how many test digits to draw.")
-flags.DEFINE_string("output_dir", None, "visualize, export: where to write (default: "
-                    "WORKDIR/visualize, WORKDIR/saved_model); the other modes only read.")
+flags.DEFINE_integer("num_images", None, "visualize: how many test digits to draw (default "
+                     "4); analyze: how many test images to measure with (default 1000).")
+flags.DEFINE_string("output_dir", None, "visualize, export, analyze: where to write (default: "
+                    "WORKDIR/visualize, WORKDIR/saved_model, WORKDIR/analysis); the other "
+                    "modes only read.")
 # Several processes (hosts), on JAX's own multi-controller runtime. Either name the
 # coordinator and this process, or let JAX detect the cluster (SLURM, Open MPI, TPU pods).
 flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
@@ -110,7 +113,7 @@ def _evaluate(config) -> None:
 def _visualize(config) -> None:
   from vit_jax import visualize
 
-  for path in visualize.visualize_checkpoint(config, FLAGS.workdir, FLAGS.num_images,
+  for path in visualize.visualize_checkpoint(config, FLAGS.workdir, FLAGS.num_images or 4,
                                              out_dir=FLAGS.output_dir):
     print(f"wrote {path}")
 
@@ -136,8 +139,16 @@ def _export(config) -> None:
   print(f"wrote {export.export_saved_model(config, FLAGS.workdir, FLAGS.output_dir)}")
 
 
+def _analyze(config) -> None:
+  from vit_jax import analyze
+
+  for path in analyze.analyze_checkpoint(config, FLAGS.workdir, FLAGS.num_images or 1000,
+                                         FLAGS.output_dir):
+    print(f"wrote {path}")
+
+
 MODES = {"train": _train, "eval": _evaluate, "predict": _predict, "visualize": _visualize,
-         "export": _export}
+         "export": _export, "analyze": _analyze}
 
 
 def main(argv):

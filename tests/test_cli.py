@@ -167,3 +167,23 @@ def test_visualize_writes_pngs(trained):
   assert written == ["attention_0.png", "attention_1.png", "position_similarity.png",
                      "rollout.png"]
   assert f"wrote {workdir / 'visualize' / 'rollout.png'}" in result.stdout
+
+
+@pytest.mark.slow
+def test_analyze_writes_every_instrument_as_csv_and_png(trained, tmp_path):
+  common, _, _ = trained
+  result = launch(*common, "--mode=analyze", "--num_images=100",
+                  f"--output_dir={tmp_path / 'analysis'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  written = sorted(p.name for p in (tmp_path / "analysis").iterdir())
+  assert written == sorted(
+      ["head_importance.csv", "head_importance.png", "pruning_curve.csv", "pruning_curve.png",
+       "projection_spectra.csv", "projection_spectra.png", "attention_statistics.csv",
+       "head_redundancy.csv", "head_redundancy.png", "attention_distance.png"])
+  layers, heads = 2, 4  # experiments/tiny.py
+  rows = (tmp_path / "analysis" / "head_importance.csv").read_text().splitlines()
+  assert len(rows) == 1 + layers * heads
+  curve = (tmp_path / "analysis" / "pruning_curve.csv").read_text().splitlines()
+  assert len(curve) == 1 + 1 + layers * heads  # header, nothing removed, then one by one
+  spectra = (tmp_path / "analysis" / "projection_spectra.csv").read_text().splitlines()
+  assert len(spectra) == 1 + layers * heads * 5

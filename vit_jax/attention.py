@@ -16,8 +16,8 @@ meets them here:
 
 B is the batch, N the number of tokens, D the width, H the number of heads.
 
-Every matrix product here goes through `products`, which by default is `jnp.einsum` in
-float32; with `compute_dtype=jnp.bfloat16` (mixed precision) the operands are
+Every matrix product here goes through `products` (`vit_jax.precision`), which by default
+is `jnp.einsum` in float32; with `compute_dtype=jnp.bfloat16` (mixed precision) the operands are
 rounded to bfloat16 and the products, forward and backward, accumulate in float32.
 (A plug-in kernel from `vit_jax.kernels` may replace `attend` in `self_attention`; its
 products are its own.)
@@ -25,12 +25,13 @@ products are its own.)
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 
 import chex
 import jax
 import jax.numpy as jnp
+
+from vit_jax.precision import products  # every matrix product below, in one precision
 
 
 def patchify(images: jax.Array, patch_size: int) -> jax.Array:
@@ -193,6 +194,20 @@ def merge_heads(x: jax.Array) -> jax.Array:
   return x
 
 
+def remove_heads(x: jax.Array, head_mask: jax.Array) -> jax.Array:
+  """Zeroes the outputs of the heads whose `head_mask` entry is 0 (head ablation).
+
+  Args:
+    x: (B, H, N, D/H), the heads' outputs before `merge_heads`.
+    head_mask: (H,), 1 for a head kept, 0 for a head removed.
+
+  Returns:
+    (B, H, N, D/H).
+  """
+  chex.assert_shape(head_mask, (x.shape[1],))
+  return x * head_mask.astype(x.dtype)[None, :, None, None]
+
+
 def project_out(x: jax.Array, kernel: jax.Array, bias: jax.Array,
                 compute_dtype=None) -> jax.Array:
   """The output projection `to_out`: x (B, N, D) @ kernel (D, D) + bias (D,) -> (B, N, D)."""
@@ -204,7 +219,8 @@ def project_out(x: jax.Array, kernel: jax.Array, bias: jax.Array,
 def self_attention(x: jax.Array, weights: Mapping[str, Mapping[str, jax.Array]],
                    num_heads: int, mask: jax.Array | None = None,
                    attend_fn: Callable[..., tuple[jax.Array, jax.Array]] = attend,
-                   compute_dtype=None) -> tuple[jax.Array, jax.Array]:
+                   compute_dtype=None, head_mask: jax.Array | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
   """Multi-head self-attention: project, chunk, split heads, attend, merge heads, project out.
 
   Args:
@@ -218,6 +234,7 @@ def self_attention(x: jax.Array, weights: Mapping[str, Mapping[str, jax.Array]],
     attend_fn: the implementation of step 4, called as `attend` is (the default); e.g.
       `vit_jax.kernels.attend_function('fused_cpu')`.
     compute_dtype: the precision of the products (see `products`).
+    head_mask: optional (H,): heads whose entry is 0 are removed (`remove_heads`).
 
   Returns:
     out: (B, N, D), and the attention weights: (B, H, N, N).
@@ -231,67 +248,9 @@ def self_attention(x: jax.Array, weights: Mapping[str, Mapping[str, jax.Array]],
     q = k = v = x
   q, k, v = (split_heads(t, num_heads) for t in (q, k, v))
   out, attention = attend_fn(q, k, v, mask, compute_dtype)
+  if head_mask is not None:
+    out = remove_heads(out, head_mask)
   out = merge_heads(out)
   chex.assert_shape(out, x.shape)
   to_out = weights["to_out"]
   return project_out(out, to_out["kernel"], to_out["bias"], compute_dtype), attention
-
-
-# --- Precision: how every product above is computed -------------------------------
-
-def products(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype=None) -> jax.Array:
-  """The two-operand einsum `subscripts` (e.g. 'bnd,de->bne'), optionally in low precision.
-
-  Args:
-    subscripts: 'lhs,rhs->out'; every index of one operand appears in the other or
-      in the output (so the gradients are einsums of the same kind).
-    a, b: the operands, any float dtype.
-    compute_dtype: None or float32: a plain `jnp.einsum` with a float32 result. A
-      lower precision (bfloat16): `a` and `b` are rounded to it, the products
-      accumulate in float32 and the result is float32; the gradients' products also
-      take operands in `compute_dtype` (autodiff alone would multiply the float32
-      cotangent by the rounded operand in float32, losing the speed of the
-      low-precision path). That path is a `jax.custom_vjp`: reverse-mode only, so
-      `jax.jvp`, `jax.jacfwd` and `jax.hessian` need float32.
-
-  Returns:
-    The einsum's result, float32.
-  """
-  if compute_dtype is None or jnp.dtype(compute_dtype) == jnp.float32:
-    return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
-  inputs, out = subscripts.replace(" ", "").split("->")
-  lhs, rhs = inputs.split(",")
-  for name, indices, others in (("first", lhs, rhs + out), ("second", rhs, lhs + out)):
-    if any(i not in others for i in indices):
-      raise ValueError(f"subscripts={subscripts!r}: the {name} operand has an index that "
-                       "appears nowhere else, which low-precision products do not support")
-  # Float32 in: the custom VJP's gradients then are float32, and the casts' own
-  # derivatives take them back to whatever dtype `a` and `b` came in.
-  return _low_precision_products(lhs, rhs, out, jnp.dtype(compute_dtype),
-                                 a.astype(jnp.float32), b.astype(jnp.float32))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _low_precision_products(lhs: str, rhs: str, out: str, dtype, a: jax.Array,
-                            b: jax.Array) -> jax.Array:
-  return _low_precision_forward(lhs, rhs, out, dtype, a, b)[0]
-
-
-def _low_precision_forward(lhs, rhs, out, dtype, a, b):
-  low_a, low_b = a.astype(dtype), b.astype(dtype)
-  result = jnp.einsum(f"{lhs},{rhs}->{out}", low_a, low_b, preferred_element_type=jnp.float32)
-  return result, (low_a, low_b)  # the rounded operands: half the memory
-
-
-def _low_precision_backward(lhs, rhs, out, dtype, residuals, cotangent):
-  low_a, low_b = residuals
-  cotangent = cotangent.astype(dtype)
-  # The gradients accumulate in float32 and keep it: only the operands are rounded.
-  grad_a = jnp.einsum(f"{out},{rhs}->{lhs}", cotangent, low_b,
-                      preferred_element_type=jnp.float32)
-  grad_b = jnp.einsum(f"{lhs},{out}->{rhs}", low_a, cotangent,
-                      preferred_element_type=jnp.float32)
-  return grad_a, grad_b
-
-
-_low_precision_products.defvjp(_low_precision_forward, _low_precision_backward)

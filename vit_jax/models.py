@@ -99,7 +99,8 @@ class MultiHeadSelfAttention(nn.Module):
   attention_kernel: str = "einsum"
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None,
+               head_mask: jax.Array | None = None) -> jax.Array:
     width = x.shape[-1]
     projections = {"fused": {"to_qkv": 3 * width},
                    "separate": {f"to_{t}": width for t in "qkv"}, "identity": {}}
@@ -110,7 +111,7 @@ class MultiHeadSelfAttention(nn.Module):
     weights["to_out"] = LinearWeights(width, name="to_out")(width)
     out, attention_weights = A.self_attention(
         x, weights, self.num_heads, mask, kernels.attend_function(self.attention_kernel),
-        self.compute_dtype)
+        self.compute_dtype, head_mask)
     self.sow("intermediates", "attention_weights", attention_weights)
     return out
 
@@ -140,13 +141,14 @@ class EncoderBlock(nn.Module):
   drop_path: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool,
+               head_mask: jax.Array | None = None) -> jax.Array:
     c = self.config
     # One draw per example, broadcast over its tokens and features: the whole branch goes.
     drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), name="drop_path")
     y = LayerNorm(name="norm1")(x)
     y = MultiHeadSelfAttention(c.num_heads, c.qkv, c.qkv_bias, c.compute_dtype,
-                               c.attention_kernel, name="attention")(y)
+                               c.attention_kernel, name="attention")(y, head_mask=head_mask)
     y = nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
     x = x + drop_path(y, deterministic=deterministic)
     y = LayerNorm(name="norm2")(x)
@@ -166,18 +168,25 @@ class Encoder(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool,
+               head_mask: jax.Array | None = None) -> jax.Array:
     for i, rate in enumerate(drop_path_rates(self.config)):
-      x = EncoderBlock(self.config, rate, name=f"block{i}")(x, deterministic)
+      x = EncoderBlock(self.config, rate, name=f"block{i}")(
+          x, deterministic, None if head_mask is None else head_mask[i])
     return LayerNorm(name="norm")(x)
 
 
 class ViT(nn.Module):
-  """Vision Transformer classifier: (B, H, W, C) images -> (B, num_classes) logits."""
+  """Vision Transformer classifier: (B, H, W, C) images -> (B, num_classes) logits.
+
+  `head_mask`: optional (num_layers, num_heads); a head whose entry is 0 is removed (its
+  output zeroed before the heads merge), for head-importance studies.
+  """
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, images: jax.Array, *, train: bool = False,
+               head_mask: jax.Array | None = None) -> jax.Array:
     c = self.config
     x = PatchEmbedding(c.patch_size, c.hidden_size, c.compute_dtype,
                        name="patch_embedding")(images)
@@ -188,7 +197,7 @@ class ViT(nn.Module):
     pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
                      (1, x.shape[1], c.hidden_size))
     x = nn.Dropout(c.dropout_rate)(x + pos, deterministic=not train)
-    x = Encoder(c, name="encoder")(x, deterministic=not train)
+    x = Encoder(c, name="encoder")(x, deterministic=not train, head_mask=head_mask)
     pooled = x[:, 0] if c.classifier == "token" else x.mean(axis=1)
     # A zero-initialised head starts every class at equal probability.
     head = Linear(c.num_classes, kernel_init=nn.initializers.zeros, compute_dtype=c.compute_dtype,

@@ -1,0 +1,103 @@
+"""The head instruments, each against a computation of its own."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import instruments, models
+from vit_jax.model_configs import get_model_config
+
+MODEL = get_model_config("testing", num_layers=2)  # width 16, 2 heads of 8, 16 patches
+
+
+@pytest.fixture(scope="module")
+def params():
+  images = jnp.zeros((1, 28, 28, 1))
+  params = models.ViT(MODEL).init(jax.random.PRNGKey(0), images)["params"]
+  # A head that is not zero-initialised, so that every logit depends on the blocks.
+  return {**params, "head": {"kernel": jax.random.normal(jax.random.PRNGKey(1), (16, 10)),
+                             "bias": jnp.zeros(10)}}
+
+
+def without_out_rows(params, layer, rows):
+  """`params` with rows of a layer's W_O zeroed: those heads' outputs reach nothing."""
+  kernel = params["encoder"][f"block{layer}"]["attention"]["to_out"]["kernel"]
+  new = jax.tree_util.tree_map(lambda x: x, params)
+  new["encoder"][f"block{layer}"]["attention"]["to_out"]["kernel"] = kernel.at[rows].set(0.0)
+  return new
+
+
+def test_removing_every_head_of_a_layer_equals_a_zero_attention_output(params):
+  images = jax.random.uniform(jax.random.PRNGKey(2), (3, 28, 28, 1))
+  vit = models.ViT(MODEL)
+  mask = jnp.ones((2, 2)).at[1].set(0.0)
+  removed = vit.apply({"params": params}, images, head_mask=mask)
+  zero_out = vit.apply({"params": without_out_rows(params, 1, slice(None))}, images)
+  np.testing.assert_allclose(removed, zero_out, rtol=1e-5, atol=1e-6)
+  intact = vit.apply({"params": params}, images)
+  np.testing.assert_array_equal(vit.apply({"params": params}, images,
+                                          head_mask=jnp.ones((2, 2))), intact)
+  assert not np.allclose(removed, intact)
+
+
+def test_head_importance_and_pruning_match_models_without_those_heads(params):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (40, 28, 28, 1)).astype(np.uint8)
+  labels = rng.integers(0, 10, 40).astype(np.int32)
+  apply_fn = models.ViT(MODEL).apply
+  evaluate = instruments.masked_evaluator(apply_fn, params, "mnist", batch_size=16)
+  importance = instruments.head_importance(evaluate, MODEL, images, labels)
+  ones = jnp.ones((2, 2))
+  for layer in range(2):
+    for head in range(2):
+      pruned = without_out_rows(params, layer, slice(8 * head, 8 * head + 8))
+      loss, accuracy = instruments.masked_evaluator(apply_fn, pruned, "mnist")(images, labels,
+                                                                               ones)
+      assert importance["loss"][layer, head] == pytest.approx(loss, rel=1e-5)
+      assert importance["accuracy"][layer, head] == accuracy
+  curve = instruments.pruning_curve(evaluate, importance, images, labels)
+  assert [c[0] for c in curve] == [0, 1, 2, 3, 4]
+  assert curve[1][1] == np.unravel_index(np.argmin(importance["loss"]), (2, 2))
+  none_left = without_out_rows(without_out_rows(params, 0, slice(None)), 1, slice(None))
+  loss, _ = instruments.masked_evaluator(apply_fn, none_left, "mnist")(images, labels, ones)
+  assert curve[-1][2] == pytest.approx(loss, rel=1e-5)
+
+
+def test_spectra_of_known_projections():
+  width, dh = 16, 8
+  values = np.arange(1.0, width + 1)
+  attention = {"to_qkv": {"kernel": np.concatenate([2 * np.eye(width), np.eye(width),
+                                                    np.diag(values)], axis=1)},
+               "to_out": {"kernel": np.eye(width)}}
+  params = {"encoder": {f"block{i}": {"attention": attention} for i in range(2)}}
+  records = {(r["layer"], r["head"], r["matrix"]): r
+             for r in instruments.projection_spectra(params, MODEL)}
+  assert len(records) == 2 * 2 * 5
+  np.testing.assert_allclose(records[0, 1, "W_QK"]["singular_values"], [2.0] * dh)
+  assert records[0, 1, "W_QK"]["effective_rank"] == pytest.approx(dh)
+  head1 = values[dh:][::-1]  # W_V W_O of head 1: its diagonal block, largest first
+  np.testing.assert_allclose(records[1, 1, "W_VO"]["singular_values"], head1)
+  p = head1 / head1.sum()
+  assert records[1, 1, "W_VO"]["effective_rank"] == pytest.approx(math.exp(-(p * np.log(p)).sum()))
+  assert instruments.effective_rank(np.array([5.0, 0.0, 0.0])) == pytest.approx(1.0)
+
+
+def test_the_mean_distance_of_one_hot_maps_by_hand():
+  maps = np.zeros((1, 1, 1, 5, 5))  # a class token and a 2x2 grid of 4-pixel patches
+  maps[..., :, 4] = 1.0  # every query looks at the bottom-right patch only
+  expected = (math.sqrt(32) + 4 + 4 + 0) / 4  # from (0,0), (0,4), (4,0) and (4,4)
+  assert instruments.attention_distance(maps, grid=2, patch_size=4)[0, 0] == pytest.approx(
+      expected)
+
+
+def test_redundancy_is_zero_for_equal_heads_and_log2_for_disjoint_ones():
+  maps = np.zeros((1, 1, 3, 2, 2))
+  maps[0, 0, 0, :, 0] = maps[0, 0, 1, :, 0] = 1.0  # heads 0 and 1 alike
+  maps[0, 0, 2, :, 1] = 1.0  # head 2 elsewhere
+  divergence = instruments.head_redundancy(maps)[0]
+  assert divergence.shape == (3, 3)
+  assert divergence[0, 1] == pytest.approx(0.0)
+  assert divergence[0, 2] == pytest.approx(math.log(2)) == divergence[2, 1]

@@ -1,0 +1,139 @@
+"""`launch.py --mode=analyze`: the head instruments on a run's latest checkpoint.
+
+    python launch.py --workdir=runs/mnist --mode=analyze [--output_dir=DIR] [--num_images=N]
+
+writes into WORKDIR/analysis/ (or DIR), as CSV and PNG: each head's importance (a layers x
+heads heatmap of the accuracy lost when it alone is removed) and the pruning curve; the
+projection spectra (effective rank of every head's W_Q, W_K, W_V, W_QK and W_VO, singular
+values per layer); the attention statistics (mean entropy and mean attention distance in
+pixels, per layer and head, against depth); head redundancy (Jensen-Shannon divergence
+between the heads of each layer). `vit_jax.instruments` computes them; this draws them.
+
+Layer 5 of vit_jax.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vit_jax import analysis, inference, instruments, mnist_source  # noqa: E402
+
+
+def _write_csv(path: Path, header: list[str], rows) -> Path:
+  with path.open("w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(header)
+    writer.writerows(rows)
+  return path
+
+
+def _heatmap(path: Path, matrix: np.ndarray, title: str, xlabel: str, ylabel: str) -> Path:
+  fig, ax = plt.subplots(figsize=(max(5.0, 1.2 + 0.6 * matrix.shape[1]),
+                                  1.0 + 0.5 * matrix.shape[0]))
+  shown = ax.imshow(matrix, cmap="viridis")
+  ax.set(title=title, xlabel=xlabel, ylabel=ylabel, xticks=range(matrix.shape[1]),
+         yticks=range(matrix.shape[0]))
+  for (i, j), value in np.ndenumerate(matrix):
+    ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=6, color="white")
+  fig.colorbar(shown, ax=ax)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def _importance(out: Path, evaluate, config, images, labels) -> list[Path]:
+  importance = instruments.head_importance(evaluate, config.model, images, labels)
+  curve = instruments.pruning_curve(evaluate, importance, images, labels)
+  drop = importance["base_accuracy"] - importance["accuracy"]
+  rows = [(layer, head, importance["loss"][layer, head], importance["accuracy"][layer, head],
+           drop[layer, head]) for layer, head in np.ndindex(drop.shape)]
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.plot([c[0] for c in curve], [c[3] for c in curve], marker="o")
+  ax.set(xlabel="heads removed (least important first)", ylabel="accuracy",
+         title="pruning curve")
+  fig.tight_layout()
+  fig.savefig(out / "pruning_curve.png", dpi=100)
+  plt.close(fig)
+  return [
+      _write_csv(out / "head_importance.csv", ["layer", "head", "loss", "accuracy",
+                                               "accuracy_drop"], rows),
+      _write_csv(out / "pruning_curve.csv", ["heads_removed", "last_removed", "loss",
+                                             "accuracy"],
+                 [(n, "" if h is None else f"{h[0]}.{h[1]}", loss, acc)
+                  for n, h, loss, acc in curve]),
+      _heatmap(out / "head_importance.png", drop, "accuracy lost with the head removed alone",
+               "head", "layer"),
+      out / "pruning_curve.png"]
+
+
+def _spectra(out: Path, params: Any, model) -> list[Path]:
+  records = instruments.projection_spectra(params, model)
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+  for ax, name in zip(axes, ("W_QK", "W_VO"), strict=True):
+    for r in (r for r in records if r["matrix"] == name):
+      ax.semilogy(r["singular_values"], color=plt.cm.viridis(r["layer"] / model.num_layers),
+                  alpha=0.7, label=f"layer {r['layer']}" if r["head"] == 0 else None)
+    ax.set(title=f"{name} per head: singular values", xlabel="index")
+  axes[0].legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(out / "projection_spectra.png", dpi=100)
+  plt.close(fig)
+  rows = [(r["layer"], r["head"], r["matrix"], r["effective_rank"],
+           " ".join(f"{s:.6g}" for s in r["singular_values"])) for r in records]
+  return [_write_csv(out / "projection_spectra.csv", ["layer", "head", "matrix",
+                                                      "effective_rank", "singular_values"],
+                     rows), out / "projection_spectra.png"]
+
+
+def _attention_statistics(out: Path, maps: np.ndarray, model) -> list[Path]:
+  grid = model.image_size // model.patch_size
+  distance = instruments.attention_distance(maps, grid, model.patch_size)
+  entropy = np.array([[analysis.attention_entropy(maps[layer, :, head])
+                       for head in range(model.num_heads)] for layer in range(model.num_layers)])
+  redundancy = instruments.head_redundancy(maps)
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for head in range(model.num_heads):
+    ax.scatter(range(model.num_layers), distance[:, head], label=f"head {head}", s=15)
+  ax.set(xlabel="layer", ylabel="mean attention distance (pixels)", title="distance by depth")
+  ax.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(out / "attention_distance.png", dpi=100)
+  plt.close(fig)
+  return [
+      _write_csv(out / "attention_statistics.csv", ["layer", "head", "entropy",
+                                                    "mean_distance_pixels"],
+                 [(i, j, entropy[i, j], distance[i, j]) for i, j in np.ndindex(entropy.shape)]),
+      _write_csv(out / "head_redundancy.csv", ["layer", "head_a", "head_b", "js_divergence"],
+                 [(i, a, b, redundancy[i, a, b]) for i, a, b in np.ndindex(redundancy.shape)]),
+      _heatmap(out / "head_redundancy.png", redundancy.reshape(-1, model.num_heads),
+               "JS divergence between heads (rows: layer x head)", "head", "layer x head"),
+      out / "attention_distance.png"]
+
+
+def analyze_checkpoint(config: Any, workdir: str | Path, num_images: int = 1000,
+                       output_dir: str | Path | None = None, test_data=None) -> list[Path]:
+  """Every instrument on the first `num_images` test images; -> the files written."""
+  config = inference.resolved_config(config, workdir)
+  state = inference.restore_state(config, workdir)
+  if test_data is None:
+    images, labels = mnist_source.load_split(config.dataset, "test", config.tfds_data_dir,
+                                             config.idx_dir)
+  else:
+    images, labels = test_data["image"], test_data["label"]
+  images, labels = images[:num_images], labels[:num_images]
+  out = Path(output_dir or Path(workdir) / "analysis")
+  out.mkdir(parents=True, exist_ok=True)
+  evaluate = instruments.masked_evaluator(state.apply_fn, state.params, config.dataset)
+  _, maps = analysis.collect_attention(state, images, config.dataset)
+  return [*_importance(out, evaluate, config, images, labels),
+          *_spectra(out, state.params, config.model),
+          *_attention_statistics(out, maps, config.model)]
