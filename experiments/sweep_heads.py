@@ -2,6 +2,7 @@
 
     python experiments/sweep_heads.py --root=runs/sweep                   # heads 1..16, 3 seeds
     python experiments/sweep_heads.py --root=runs/sweep --qkv=fused,identity   # + the ablation
+    python experiments/sweep_heads.py --root=runs/sweep --qkv=tied_qk,identity_v,low_rank:2
     python experiments/sweep_heads.py --root=runs/sweep_hs --fixed=head_dim    # width grows
     python experiments/sweep_heads.py --root=runs/sweep --config.num_epochs=1  # any override
 
@@ -27,7 +28,8 @@ flags.DEFINE_string("root", None, "Folder holding one workdir per run, and the r
                     required=True)
 flags.DEFINE_list("heads", ["1", "2", "4", "8", "16"], "Head counts.")
 flags.DEFINE_integer("seeds", 3, "Seeds per setting: 0 .. seeds-1.")
-flags.DEFINE_list("qkv", ["fused"], "Projection modes: fused, separate, identity.")
+flags.DEFINE_list("qkv", ["fused"], "Projection modes (model.qkv): fused, separate, identity, "
+                  "identity_q, identity_k, identity_v, tied_qk, frozen_random, low_rank:R.")
 flags.DEFINE_string("cpu_devices", "auto", "Split the CPU into this many JAX devices, as "
                     "launch.py does ('auto': one per core).")
 flags.DEFINE_enum("fixed", "width", ["width", "head_dim"],

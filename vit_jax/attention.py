@@ -227,8 +227,9 @@ def self_attention(x: jax.Array, weights: Mapping[str, Mapping[str, jax.Array]],
     x: (B, N, D) tokens.
     weights: the projections, each {'kernel': (D_in, D_out), optional 'bias': (D_out,)} as
       a Flax `params` tree holds them. 'to_qkv' (D -> 3D) is the fused projection, then
-      chunked; or 'to_q', 'to_k', 'to_v' (D -> D each) are W_Q, W_K, W_V; with neither,
-      Q = K = V = x (the no-projection ablation). 'to_out' (D -> D, with bias) is required.
+      chunked; or 'to_q', 'to_k', 'to_v' (D -> D each) are W_Q, W_K, W_V, and where one
+      is missing that one is x itself (with none, Q = K = V = x: the no-projection
+      ablation). 'to_out' (D -> D, with bias) is required.
     num_heads: H, dividing D.
     mask: optional boolean, broadcastable to (B, H, N, N); see `attention_weights`.
     attend_fn: the implementation of step 4, called as `attend` is (the default); e.g.
@@ -242,10 +243,9 @@ def self_attention(x: jax.Array, weights: Mapping[str, Mapping[str, jax.Array]],
   chex.assert_rank(x, 3)
   if "to_qkv" in weights:
     q, k, v = chunk_qkv(project(x, **weights["to_qkv"], compute_dtype=compute_dtype))
-  elif "to_q" in weights:
-    q, k, v = (project(x, **weights[f"to_{t}"], compute_dtype=compute_dtype) for t in "qkv")
-  else:
-    q = k = v = x
+  else:  # each of Q, K, V projected where its matrix is given, else the tokens themselves
+    q, k, v = (project(x, **weights[f"to_{t}"], compute_dtype=compute_dtype)
+               if f"to_{t}" in weights else x for t in "qkv")
   q, k, v = (split_heads(t, num_heads) for t in (q, k, v))
   out, attention = attend_fn(q, k, v, mask, compute_dtype)
   if head_mask is not None:

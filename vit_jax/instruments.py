@@ -24,6 +24,7 @@ import numpy as np
 
 from vit_jax import input_pipeline
 from vit_jax.model_configs import ModelConfig
+from vit_jax.models import layer_projections
 from vit_jax.steps import cross_entropy
 
 
@@ -90,18 +91,17 @@ def head_projections(params: Any, model: ModelConfig, layer: int
                      ) -> dict[str, list[np.ndarray]]:
   """A layer's per-head slices: {'W_Q', 'W_K', 'W_V': H x (D, D/H), 'W_O': H x (D/H, D)}.
 
-  Identity projections (`qkv='identity'`) are the identity's column slices."""
-  attention = params["encoder"][f"block{layer}"]["attention"]
+  Where a mode has no matrix (the identity ablations), it is the identity's columns."""
+  weights = layer_projections(params, model, layer)
   width, dh = model.hidden_size, model.head_dim
-  if model.qkv == "fused":
-    kernels = np.split(np.asarray(attention["to_qkv"]["kernel"]), 3, axis=1)
-  elif model.qkv == "separate":
-    kernels = [np.asarray(attention[f"to_{t}"]["kernel"]) for t in "qkv"]
+  if "to_qkv" in weights:
+    kernels = np.split(np.asarray(weights["to_qkv"]["kernel"]), 3, axis=1)
   else:
-    kernels = [np.eye(width)] * 3
+    kernels = [np.asarray(weights[f"to_{t}"]["kernel"]) if f"to_{t}" in weights
+               else np.eye(width) for t in "qkv"]
   out = {name: [k[:, h * dh:(h + 1) * dh] for h in range(model.num_heads)]
          for name, k in zip(("W_Q", "W_K", "W_V"), kernels, strict=True)}
-  w_o = np.asarray(attention["to_out"]["kernel"])
+  w_o = np.asarray(weights["to_out"]["kernel"])
   out["W_O"] = [w_o[h * dh:(h + 1) * dh] for h in range(model.num_heads)]
   return out
 

@@ -11,14 +11,20 @@ from typing import Any, Literal
 from vit_jax import kernels
 from vit_jax.schema import from_mapping, require
 
+QKV_MODES = ("fused", "separate", "identity", "identity_q", "identity_k", "identity_v",
+             "tied_qk", "low_rank", "frozen_random")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The shape of a ViT. Validated on construction; a bad field raises ValueError.
 
-  qkv chooses how queries, keys and values are made from the tokens:
-  'fused' (one `to_qkv` matrix D -> 3D, then chunk), 'separate' (W_Q, W_K, W_V)
-  or 'identity' (Q = K = V = the tokens: the no-projection ablation).
+  qkv chooses how queries, keys and values are made from the tokens (`QKV_MODES`):
+  'fused' (one `to_qkv` matrix D -> 3D, then chunk), 'separate' (W_Q, W_K, W_V), and the
+  ablations: 'identity' (Q = K = V = the tokens: no projection), 'identity_q',
+  'identity_k', 'identity_v' (that one is the tokens, the others learned), 'tied_qk'
+  (W_Q = W_K, learned), 'low_rank' (each head's W = A B of rank `qkv_rank`) and
+  'frozen_random' (a fixed random `to_qkv`, initialised and never trained: no parameters).
 
   compute_dtype 'bfloat16' is mixed precision: parameters, LayerNorm, softmax and GELU
   stay float32, every matrix product takes bfloat16 operands and accumulates in float32
@@ -47,8 +53,11 @@ class ModelConfig:
   image_size: int = 28
   num_channels: int = 1
   classifier: Literal["token", "gap"] = "token"
-  qkv: Literal["fused", "separate", "identity"] = "fused"
+  qkv: Literal["fused", "separate", "identity", "identity_q", "identity_k", "identity_v",
+               "tied_qk", "low_rank", "frozen_random"] = "fused"
   qkv_bias: bool = False
+  # qkv='low_rank': each head's W_Q, W_K and W_V are A B with A (D, r), B (r, D/H): r here.
+  qkv_rank: int | None = None
   dropout_rate: float = 0.0
   # Stochastic depth: in training, each example skips a block's residual branches with this
   # chance at the last block, less at earlier ones (`models.drop_path_rates`); 0: off.
@@ -68,8 +77,17 @@ class ModelConfig:
             f"does not divide image_size={self.image_size}")
     require(self.classifier in ("token", "gap"), "classifier", self.classifier,
             "is not one of 'token', 'gap'")
-    require(self.qkv in ("fused", "separate", "identity"), "qkv", self.qkv,
-            "is not one of 'fused', 'separate', 'identity'")
+    require(self.qkv in QKV_MODES, "qkv", self.qkv,
+            f"is not one of {', '.join(map(repr, QKV_MODES))}")
+    if self.qkv == "low_rank":
+      require(isinstance(self.qkv_rank, int) and 1 <= self.qkv_rank <= self.head_dim,
+              "qkv_rank", self.qkv_rank,
+              f"must be an integer from 1 to head_dim={self.head_dim} for qkv='low_rank'")
+    else:
+      require(self.qkv_rank is None, "qkv_rank", self.qkv_rank,
+              f"applies to qkv='low_rank' only, not qkv={self.qkv!r}")
+    require(not self.qkv_bias or self.qkv not in ("low_rank", "frozen_random"), "qkv_bias",
+            self.qkv_bias, f"is not available with qkv={self.qkv!r}")
     for key in ("dropout_rate", "drop_path_rate"):
       require(0.0 <= getattr(self, key) < 1.0, key, getattr(self, key), "must be in [0, 1)")
     require(self.compute_dtype in ("float32", "bfloat16"), "compute_dtype", self.compute_dtype,

@@ -8,6 +8,7 @@ second forward pass; `attention_maps` stacks them.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import flax.linen as nn
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 from vit_jax import attention as A
 from vit_jax import kernels
 from vit_jax.layer_norm import standardize
-from vit_jax.model_configs import ModelConfig
+from vit_jax.model_configs import QKV_MODES, ModelConfig
 
 
 def _linear_params(module: nn.Module, d_in: int, features: int, use_bias: bool,
@@ -88,7 +89,8 @@ class MultiHeadSelfAttention(nn.Module):
   """`attention.self_attention` with learned projections: (B, N, D) -> (B, N, D).
 
   qkv: 'fused' (one `to_qkv` matrix D -> 3D, then chunked), 'separate' (`to_q`, `to_k`,
-  `to_v`) or 'identity' (no projection: Q = K = V = x, so head h reads slice h of x).
+  `to_v`), 'identity' (no projection: Q = K = V = x, so head h reads slice h of x), or
+  another of `model_configs.QKV_MODES` (`projection_weights` builds each).
   attention_kernel: which implementation of `attention.attend` runs step 4
   (`vit_jax.kernels.attend_function`): 'einsum' (the definition) or 'fused_cpu'.
   """
@@ -98,22 +100,75 @@ class MultiHeadSelfAttention(nn.Module):
   compute_dtype: Any = None
   attention_kernel: str = "einsum"
 
+  qkv_rank: int | None = None
+
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                head_mask: jax.Array | None = None) -> jax.Array:
     width = x.shape[-1]
-    projections = {"fused": {"to_qkv": 3 * width},
-                   "separate": {f"to_{t}": width for t in "qkv"}, "identity": {}}
-    if self.qkv not in projections:
-      raise ValueError(f"qkv={self.qkv!r} is not one of {', '.join(map(repr, projections))}")
-    weights = {name: LinearWeights(features, self.qkv_bias, name=name)(width)
-               for name, features in projections[self.qkv].items()}
+    if self.qkv not in QKV_MODES:
+      raise ValueError(f"qkv={self.qkv!r} is not one of {', '.join(map(repr, QKV_MODES))}")
+    owned = {}
+    for name, features in learned_projections(self.qkv, width).items():
+      owned[name] = LinearWeights(features, self.qkv_bias, name=name)(width)
+    if self.qkv == "low_rank":
+      init = nn.initializers.lecun_normal()
+      for t in "qkv":
+        rank, head_dim = self.qkv_rank, width // self.num_heads
+        owned[f"to_{t}"] = {"a": self.param(f"to_{t}_a", init, (width, self.num_heads * rank)),
+                            "b": self.param(f"to_{t}_b", init, (self.num_heads, rank,
+                                                               head_dim))}
+    weights = projection_weights(owned, self.qkv, width, "/".join(self.scope.path))
     weights["to_out"] = LinearWeights(width, name="to_out")(width)
     out, attention_weights = A.self_attention(
         x, weights, self.num_heads, mask, kernels.attend_function(self.attention_kernel),
         self.compute_dtype, head_mask)
     self.sow("intermediates", "attention_weights", attention_weights)
     return out
+
+
+def learned_projections(qkv: str, width: int) -> dict[str, int]:
+  """The full learned matrices of a `qkv` mode: {name: output width}, input width `width`."""
+  return {"fused": {"to_qkv": 3 * width}, "separate": {f"to_{t}": width for t in "qkv"},
+          "identity_q": {"to_k": width, "to_v": width},
+          "identity_k": {"to_q": width, "to_v": width},
+          "identity_v": {"to_q": width, "to_k": width},
+          "tied_qk": {"to_qk": width, "to_v": width}}.get(qkv, {})
+
+
+def projection_weights(owned: dict[str, Any], qkv: str, width: int, path: str
+                       ) -> dict[str, Any]:
+  """The projections `attention.self_attention` takes, from a layer's own parameters.
+
+  `owned`: the attention module's parameters ('to_out' aside); `path`: the module's place
+  in the model ('encoder/block0/attention'), which seeds the frozen random projection.
+  """
+  if qkv == "tied_qk":
+    return {"to_q": owned["to_qk"], "to_k": owned["to_qk"], "to_v": owned["to_v"]}
+  if qkv == "low_rank":  # per head h: W^h = A^h B^h, A^h (D, r), B^h (r, D/H)
+    def kernel(a, b):
+      heads, rank, head_dim = b.shape
+      return jnp.einsum("dhr,hre->dhe", a.reshape(width, heads, rank), b).reshape(
+          width, heads * head_dim)
+    return {f"to_{t}": {"kernel": kernel(owned[f"to_{t}"]["a"], owned[f"to_{t}"]["b"])}
+            for t in "qkv"}
+  if qkv == "frozen_random":  # the same numbers at every call: a constant, never trained
+    key = jax.random.PRNGKey(zlib.crc32(path.encode()))
+    return {"to_qkv": {"kernel": nn.initializers.xavier_uniform()(key, (width, 3 * width))}}
+  return {name: owned[name] for name in learned_projections(qkv, width)}
+
+
+def layer_projections(params: Any, config: ModelConfig, layer: int) -> dict[str, Any]:
+  """Layer `layer`'s projections, 'to_out' included, as `self_attention` takes them, from a
+  model's `params` (whatever its `qkv` mode): for the instruments that read the weights."""
+  attention = params["encoder"][f"block{layer}"]["attention"]
+  width = config.hidden_size
+  owned = {name: attention[name] for name in learned_projections(config.qkv, width)}
+  if config.qkv == "low_rank":
+    owned.update({f"to_{t}": {"a": attention[f"to_{t}_a"], "b": attention[f"to_{t}_b"]}
+                  for t in "qkv"})
+  weights = projection_weights(owned, config.qkv, width, f"encoder/block{layer}/attention")
+  return {**weights, "to_out": attention["to_out"]}
 
 
 class MlpBlock(nn.Module):
@@ -148,7 +203,8 @@ class EncoderBlock(nn.Module):
     drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), name="drop_path")
     y = LayerNorm(name="norm1")(x)
     y = MultiHeadSelfAttention(c.num_heads, c.qkv, c.qkv_bias, c.compute_dtype,
-                               c.attention_kernel, name="attention")(y, head_mask=head_mask)
+                               c.attention_kernel, c.qkv_rank,
+                               name="attention")(y, head_mask=head_mask)
     y = nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
     x = x + drop_path(y, deterministic=deterministic)
     y = LayerNorm(name="norm2")(x)

@@ -40,7 +40,7 @@ class Run:
 
   @property
   def name(self) -> str:
-    return f"{self.qkv}_h{self.heads}_w{self.hidden_size}_s{self.seed}"
+    return f"{self.qkv.replace(':', '')}_h{self.heads}_w{self.hidden_size}_s{self.seed}"
 
 
 def plan(base: ExperimentConfig, heads: Sequence[int], seeds: Sequence[int],
@@ -50,6 +50,7 @@ def plan(base: ExperimentConfig, heads: Sequence[int], seeds: Sequence[int],
 
   fixed='width' keeps the base width (head dim = width / heads, as in the design);
   fixed='head_dim' keeps the base head dim (width = heads * head dim).
+  A mode is a `model.qkv` value; 'low_rank:R' is qkv='low_rank' with qkv_rank=R.
   """
   if fixed not in ("width", "head_dim"):
     raise ValueError(f"fixed={fixed!r} is not one of 'width', 'head_dim'")
@@ -57,8 +58,9 @@ def plan(base: ExperimentConfig, heads: Sequence[int], seeds: Sequence[int],
   for qkv in qkv_modes:
     for h in heads:
       width = base.model.hidden_size if fixed == "width" else h * base.model.head_dim
+      mode, _, rank = qkv.partition(":")
       model_fields = {**dataclasses.asdict(base.model), "num_heads": h, "hidden_size": width,
-                      "qkv": qkv}
+                      "qkv": mode, "qkv_rank": int(rank) if rank.isdigit() else rank or None}
       model = from_mapping(ModelConfig, model_fields, path="model")  # validates the combination
       for seed in seeds:
         runs.append((Run(h, width, qkv, seed), dataclasses.replace(base, model=model, seed=seed)))
