@@ -165,7 +165,7 @@ def test_visualize_writes_pngs(trained):
   assert result.returncode == 0, result.stderr[-3000:]
   written = sorted(p.name for p in (workdir / "visualize").glob("*.png"))
   assert written == ["attention_0.png", "attention_1.png", "position_similarity.png",
-                     "rollout.png"]
+                     "rollout.png", "training_statistics.png"]
   assert f"wrote {workdir / 'visualize' / 'rollout.png'}" in result.stdout
 
 

@@ -101,3 +101,30 @@ def test_redundancy_is_zero_for_equal_heads_and_log2_for_disjoint_ones():
   assert divergence.shape == (3, 3)
   assert divergence[0, 1] == pytest.approx(0.0)
   assert divergence[0, 2] == pytest.approx(math.log(2)) == divergence[2, 1]
+
+
+@pytest.mark.slow
+def test_training_logs_attention_statistics_and_effective_ranks_and_draws_them(tmp_path,
+                                                                               digits):
+  import json
+
+  from vit_jax import train, visualize
+  from vit_jax.experiment_config import ExperimentConfig
+
+  config = ExperimentConfig(model=MODEL, batch_size=64, num_epochs=1, eval_every_steps=8,
+                            checkpoint_every_steps=8, eval_batch_size=256, parallel="jit",
+                            validation_examples=59_000, augment_max_shift=0)
+  data = {"train": {k: v[:1024] for k, v in digits["train"].items()}, "test": digits["test"],
+          "validation": {k: v[1024:] for k, v in digits["train"].items()}}
+  train.train_and_evaluate(config, tmp_path, data=data)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  evaluations = [r for r in records if "attention_entropy/layer1/head1" in r]
+  assert [r["step"] for r in evaluations] == [8, 16]
+  for r in evaluations:  # entropy within [0, log N]; distance within the 28-pixel image
+    assert 0 <= r["attention_entropy/layer0/head0"] <= math.log(17)
+    assert 0 < r["attention_distance/layer1/head0"] < 28 * math.sqrt(2)
+  ranks = [r for r in records if "effective_rank/W_QK/layer0/head0" in r]
+  assert [r["step"] for r in ranks] == [8, 16]
+  assert 1 <= ranks[-1]["effective_rank/W_VO/layer1/head1"] <= MODEL.head_dim
+  drawn = visualize.plot_training_statistics(tmp_path / "metrics.jsonl", tmp_path / "t.png")
+  assert drawn == tmp_path / "t.png" and drawn.stat().st_size > 0

@@ -24,7 +24,7 @@ import numpy as np
 
 from vit_jax import input_pipeline
 from vit_jax.model_configs import ModelConfig
-from vit_jax.models import layer_projections
+from vit_jax.models import attention_maps, layer_projections
 from vit_jax.steps import cross_entropy
 
 
@@ -155,3 +155,35 @@ def head_redundancy(maps: np.ndarray) -> np.ndarray:
     return np.where(a > 0, a_log_a_b, 0.0).sum(-1)
 
   return (0.5 * kl(p, m) + 0.5 * kl(q, m)).mean(axis=(1, 4))
+
+
+def attention_maps_function(apply_fn, dataset: str):
+  """-> maps(params, uint8 images) -> (L, B, H, N, N), compiled once for a run's probes."""
+
+  @jax.jit
+  def maps(params, images):
+    _, variables = apply_fn({"params": params}, input_pipeline.normalize(images, dataset),
+                            mutable=["intermediates"])
+    return attention_maps(variables["intermediates"])
+
+  return maps
+
+
+def attention_statistics(maps: np.ndarray, model: ModelConfig) -> dict[str, float]:
+  """Per layer and head, the mean entropy (nats) and mean distance (pixels) of `maps`, as
+  metrics: {'attention_entropy/layer0/head0': ..., 'attention_distance/layer0/head0': ...}."""
+  maps = np.asarray(maps, np.float64)
+  grid = model.image_size // model.patch_size
+  distance = attention_distance(maps, grid, model.patch_size)
+  entropy = -(maps * np.log(np.clip(maps, 1e-12, None))).sum(-1).mean(axis=(1, 3))
+  out = {}
+  for layer, head in np.ndindex(distance.shape):
+    out[f"attention_entropy/layer{layer}/head{head}"] = float(entropy[layer, head])
+    out[f"attention_distance/layer{layer}/head{head}"] = float(distance[layer, head])
+  return out
+
+
+def effective_ranks(params: Any, model: ModelConfig) -> dict[str, float]:
+  """Every head's effective ranks as metrics: {'effective_rank/W_QK/layer0/head0': ...}."""
+  return {f"effective_rank/{r['matrix']}/layer{r['layer']}/head{r['head']}": r["effective_rank"]
+          for r in projection_spectra(params, model)}

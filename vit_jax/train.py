@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vit_jax import auto, init_from, input_pipeline, mnist_source
+from vit_jax import auto, init_from, input_pipeline, instruments, mnist_source
 from vit_jax.checkpoints import (
   Checkpoints,
   WorkdirLock,
@@ -31,6 +31,7 @@ from vit_jax.checkpoints import (
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.interrupt import StopSignal, TrainingInterruptedError
 from vit_jax.metrics import MetricsWindow, MetricWriter, Progress
+from vit_jax.models import ViT
 from vit_jax.parallel import Runner, choose_mode
 from vit_jax.run_log import logging_to, stderr_into_log
 from vit_jax.steps import (
@@ -38,10 +39,12 @@ from vit_jax.steps import (
   TrainState,
   compile_train_step,
   create_train_state,
+  evaluation_params,
   learning_rate_schedule,
   microbatches_per_step,
 )
 
+PROBE_IMAGES = 256  # held-out images whose attention statistics every evaluation logs
 Data = dict[str, dict[str, np.ndarray]]  # {'train' | 'validation' | 'test': {'image', 'label'}}
 
 
@@ -144,7 +147,11 @@ class _Run:
       # A failed write's tracebacks go to the log (process 0 owns it).
       with stderr_into_log(self.workdir) if self.runner.is_main_process \
           else contextlib.nullcontext():
-        self.checkpoints.save(step, self.runner.unreplicate(device_state), force=force)
+        state = self.runner.unreplicate(device_state)
+        if self.checkpoints.save(step, state, force=force):
+          # The projections' spectra at every checkpoint (`instruments.projection_spectra`).
+          self.window.writer.write(step, instruments.effective_ranks(
+              evaluation_params(state), self.config.model))
 
   def _put_data_on_devices(self) -> None:
     """The training split, and an Evaluator for the test split and the validation split (if
@@ -159,6 +166,11 @@ class _Run:
             self.config.eval_batch_size, self.config.dataset)
     # What training watches: the validation split where there is one, never both.
     self.watched = "validation" if "validation" in self.evaluators else "eval"
+    # The attention statistics at each evaluation are measured on these images.
+    held = self.data["validation" if self.watched == "validation" else "test"]
+    self.probe_images = held["image"][:PROBE_IMAGES]
+    self.probe_maps = instruments.attention_maps_function(ViT(self.config.model).apply,
+                                                          self.config.dataset)
 
   def evaluate_and_log(self, step: int, device_state: Any, prefixes: tuple[str, ...]
                        ) -> dict[str, float]:
@@ -169,7 +181,10 @@ class _Run:
     for prefix in prefixes:
       metrics = self.evaluators[prefix](device_state)
       result.update({k.replace("eval_", f"{prefix}_"): v for k, v in metrics.items()})
-    self.window.writer.write(step, result)
+    state = self.runner.unreplicate(device_state)
+    maps = self.probe_maps(evaluation_params(state), self.probe_images)
+    self.window.writer.write(step, {**result, **instruments.attention_statistics(
+        maps, self.config.model)})
     self.window.restart_clock()
     return result
 

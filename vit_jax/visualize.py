@@ -8,6 +8,7 @@ beside its logits (no second forward pass written by hand).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -110,6 +111,41 @@ def write_all(state, config: ModelConfig, images: np.ndarray, labels: np.ndarray
   return paths
 
 
+def plot_training_statistics(metrics_file: Path, path: Path) -> Path | None:
+  """From a run's metrics.jsonl: each layer's mean attention distance and entropy (over its
+  heads) at every evaluation, and the mean effective rank of each projection at every
+  checkpoint, against the step. None where the run logged none (runs before 2026-12-02)."""
+  records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+  panels = (("attention_distance", "mean attention distance (pixels)"),
+            ("attention_entropy", "mean attention entropy (nats)"),
+            ("effective_rank", "mean effective rank"))
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  drawn = False
+  for ax, (prefix, label) in zip(axes, panels, strict=True):
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+      by_line: dict[str, list[float]] = {}
+      for key, value in r.items():
+        if key.startswith(prefix + "/"):
+          parts = key.split("/")  # prefix[/matrix]/layerL/headH: one line per layer or matrix
+          by_line.setdefault(parts[1], []).append(value)
+      for line, values in by_line.items():
+        series.setdefault(line, []).append((r["step"], float(np.mean(values))))
+    for line, points in sorted(series.items()):
+      ax.plot(*zip(*points, strict=True), marker=".", label=line)
+      drawn = True
+    ax.set(xlabel="step", ylabel=label)
+    if series:
+      ax.legend(fontsize=6)
+  if not drawn:
+    plt.close(fig)
+    return None
+  fig.tight_layout()
+  fig.savefig(path, dpi=DPI)
+  plt.close(fig)
+  return path
+
+
 def visualize_checkpoint(config, workdir, num_images: int = 4, test_data=None,
                          out_dir=None) -> list[Path]:
   """Pictures of the latest checkpoint in `workdir` on the first test digits, written to
@@ -123,5 +159,10 @@ def visualize_checkpoint(config, workdir, num_images: int = 4, test_data=None,
                                              config.idx_dir)
   else:
     images, labels = test_data["image"], test_data["label"]
-  return write_all(state, config.model, images[:num_images], labels[:num_images],
-                   config.dataset, Path(out_dir or Path(workdir) / "visualize"))
+  out_dir = Path(out_dir or Path(workdir) / "visualize")
+  paths = write_all(state, config.model, images[:num_images], labels[:num_images],
+                    config.dataset, out_dir)
+  metrics_file = Path(workdir) / "metrics.jsonl"
+  if metrics_file.is_file():
+    paths.append(plot_training_statistics(metrics_file, out_dir / "training_statistics.png"))
+  return [p for p in paths if p is not None]
