@@ -1,5 +1,8 @@
 """Fine-tuning from another run (`config.init_from`): what is carried over, what cannot be."""
 
+import dataclasses
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -83,3 +86,16 @@ def test_a_run_starts_from_the_source_and_only_then(tmp_path, digits, capsys):
                          jax.device_get(tuned.params), jax.device_get(source.params))
   assert learned["eval_accuracy"] > 0.5  # what the source learned, not a fresh model's 10 %
   assert abs(result["eval_accuracy"] - learned["eval_accuracy"]) <= 1 / 512
+
+
+def test_a_source_that_cannot_be_used_fails_before_the_run_writes_anything(tmp_path, digits):
+  with pytest.raises(ValueError, match=r"^config.init_from='.*nothing': workdir=.* holds no"):
+    train.train_and_evaluate(config(init_from=str(tmp_path / "nothing")), tmp_path / "a",
+                             data=digits)
+  source = tmp_path / "source"
+  source.mkdir()
+  (source / "config.json").write_text(json.dumps(dataclasses.asdict(config())))
+  wider = config(model=get_model_config("testing", hidden_size=32), init_from=str(source))
+  with pytest.raises(ValueError, match="its model.hidden_size=16 differs from model.hidden"):
+    train.train_and_evaluate(wider, tmp_path / "b", data=digits)
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -38,6 +38,15 @@ def source_run(workdir: str | Path) -> tuple[ExperimentConfig, Any, int]:
   return config, state.params, int(state.step)
 
 
+def check_source(config: ExperimentConfig) -> None:
+  """Refuses, in one line and before anything is written, a source that cannot be mapped."""
+  try:
+    source = validate(read_config(config.init_from))
+  except ValueError as e:
+    raise ValueError(f"config.init_from={config.init_from!r}: {e}") from None
+  check_mappable(source.model, config.model, config.init_from)
+
+
 def check_mappable(source: ModelConfig, target: ModelConfig, workdir: str) -> None:
   for key in MUST_MATCH:
     if getattr(source, key) != getattr(target, key):

@@ -84,6 +84,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, data: Data | None = Non
   config = validate(config)
   runner = Runner(choose_mode(config.parallel))
   microbatches_per_step(config, runner)  # batches the devices cannot share fail here
+  if config.init_from:
+    init_from.check_source(config)  # a source that cannot be mapped fails here
   workdir = prepare_workdir(workdir)
   main = runner.is_main_process  # with several processes, process 0 owns the workdir's files
   with WorkdirLock(workdir) if main else contextlib.nullcontext(), \
