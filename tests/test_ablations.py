@@ -18,7 +18,8 @@ PINNED = {"identity": 131_082, "identity_q": 180_234, "identity_k": 180_234,
 
 
 def init(qkv, **overrides):
-  config = get_model_config("seed", qkv=qkv, **overrides)
+  """The seed shape cut to two layers (what these tests read), and its parameters."""
+  config = get_model_config("seed", qkv=qkv, num_layers=2, **overrides)
   return config, models.ViT(config).init(jax.random.PRNGKey(0), IMAGES)["params"]
 
 
@@ -46,8 +47,8 @@ def test_an_identity_projection_is_a_learned_one_equal_to_the_identity(t):
 
 def test_tied_queries_and_keys_share_one_matrix():
   config, params = init("tied_qk")
-  weights = models.layer_projections(params, config, 2)
-  assert weights["to_q"] is weights["to_k"] and "to_qk" in params["encoder"]["block2"][
+  weights = models.layer_projections(params, config, 1)
+  assert weights["to_q"] is weights["to_k"] and "to_qk" in params["encoder"]["block1"][
       "attention"]
   # Scores of a token with itself under W_Q = W_K: |x W|^2 >= 0 for every head.
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 50, 64))
