@@ -7,8 +7,10 @@
     python experiments/sweep_heads.py --root=runs/sweep --config.num_epochs=1  # any override
 
 Runs go through the same `train_and_evaluate` as launch.py, one workdir each under
---root. Rerunning skips finished runs and resumes interrupted ones. The tables
-and the plot are written to --root.
+--root. Rerunning skips finished runs and resumes interrupted ones. Several processes may
+share one --root (one per host or GPU, a SLURM job array): each takes the next run that is
+neither finished nor held by another. The tables and the plot are written to --root by the
+process that finds every run finished, or by --report_only.
 """
 
 import logging
@@ -32,6 +34,8 @@ flags.DEFINE_list("qkv", ["fused"], "Projection modes (model.qkv): fused, separa
                   "identity_q, identity_k, identity_v, tied_qk, frozen_random, low_rank:R.")
 flags.DEFINE_string("cpu_devices", "auto", "Split the CPU into this many JAX devices, as "
                     "launch.py does ('auto': one per core).")
+flags.DEFINE_bool("report_only", False, "Train nothing: write the reports from the runs "
+                  "finished under --root (all of them must be).")
 flags.DEFINE_enum("fixed", "width", ["width", "head_dim"],
                   "Keep the width (head dim = width / heads) or the head dim.")
 
@@ -49,8 +53,14 @@ def main(argv):
   base = validate(FLAGS.config)
   runs = sweep.plan(base, [int(h) for h in FLAGS.heads], range(FLAGS.seeds), FLAGS.qkv,
                     FLAGS.fixed)
-  data = train.load_data(base)
+  data = None if FLAGS.report_only else train.load_data(base)
   records = sweep.run_all(runs, Path(FLAGS.root), data)
+  if len(records) < len(runs):  # what the other processes finished meanwhile
+    records = sweep.run_all(runs, Path(FLAGS.root), None, say=lambda _: None)
+  if len(records) < len(runs):  # others still train: the last process to finish reports
+    print(f"{len(runs) - len(records)} of {len(runs)} runs are not finished (in other "
+          "processes, or not started with --report_only); no reports written yet")
+    return
   for path in sweep_report.write_reports(records, Path(FLAGS.root)):
     print(f"wrote {path}")
   print((Path(FLAGS.root) / "summary.md").read_text())

@@ -156,7 +156,7 @@ def test_run_all_skips_finished_and_resumes_unfinished(tmp_path, monkeypatch):
 
   monkeypatch.setattr(sweep, "run_one", fake_run_one)
   said = []
-  records = sweep.run_all(runs, tmp_path, data=None, say=said.append)
+  records = sweep.run_all(runs, tmp_path, data={}, say=said.append)
   assert trained == [(unfinished[0].name, True)]
   assert [r["eval_accuracy"] for r in records] == [0.9, 0.8]
   assert "finished before, skipped" in said[0] and "resuming" in said[1]
@@ -164,12 +164,34 @@ def test_run_all_skips_finished_and_resumes_unfinished(tmp_path, monkeypatch):
   older = json.loads((tmp_path / finished[0].name / "result.json").read_text())
   del older["config"]["validation_examples"], older["config"]["model"]["drop_path_rate"]
   (tmp_path / finished[0].name / "result.json").write_text(json.dumps(older))
-  assert len(sweep.run_all(runs[:1], tmp_path, data=None, say=said.append)) == 1
+  assert len(sweep.run_all(runs[:1], tmp_path, data={}, say=said.append)) == 1
   assert trained == [(unfinished[0].name, True)]  # skipped, not trained again
   # A finished run of another config is not silently reused.
   other = sweep.plan(dataclasses.replace(base_config(), num_epochs=0.5), heads=[1], seeds=[0])
   with pytest.raises(ValueError, match="finished with a different num_epochs"):
-    sweep.run_all(other, tmp_path, data=None, say=said.append)
+    sweep.run_all(other, tmp_path, data={}, say=said.append)
+
+
+def test_a_run_another_process_holds_is_skipped_and_reports_wait(tmp_path, monkeypatch):
+  from vit_jax.locks import WorkdirLock
+
+  runs = sweep.plan(base_config(), heads=[1, 2], seeds=[0])
+  trained = []
+  def fake_run_one(run, config, workdir, data):  # as run_one: trains, then writes its result
+    trained.append(run.name)
+    (workdir / "result.json").write_text(json.dumps(fake_record(run, 0.8, config)))
+    return fake_record(run, 0.8, config)
+
+  monkeypatch.setattr(sweep, "run_one", fake_run_one)
+  said = []
+  (tmp_path / runs[0][0].name).mkdir()
+  with WorkdirLock(tmp_path / runs[0][0].name, "sweep_lock"):  # as another process would
+    records = sweep.run_all(runs, tmp_path, data={}, say=said.append)
+  assert trained == [runs[1][0].name] and len(records) == 1
+  assert "taken by another process, skipped" in said[0]
+  # Collecting only (--report_only) trains nothing and returns what is finished.
+  assert len(sweep.run_all(runs, tmp_path, data=None, say=said.append)) == 1
+  assert trained == [runs[1][0].name]
 
 
 def test_summary_table_and_plot_from_fake_records(tmp_path):

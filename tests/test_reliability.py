@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from vit_jax import inference, train
-from vit_jax.checkpoints import WorkdirLock
 from vit_jax.experiment_config import ExperimentConfig
+from vit_jax.locks import WorkdirLock
 from vit_jax.model_configs import get_model_config
 
 DRIVER = Path(__file__).resolve().parent / "train_driver.py"
@@ -145,7 +145,7 @@ def test_second_run_on_a_busy_workdir_is_refused(tmp_path):
 
 
 def test_lock_of_a_killed_process_does_not_stick(tmp_path):
-  code = ("import sys, time; from pathlib import Path; from vit_jax.checkpoints import "
+  code = ("import sys, time; from pathlib import Path; from vit_jax.locks import "
           "WorkdirLock; lock = WorkdirLock(Path(sys.argv[1])).__enter__(); "
           "print('locked', flush=True); time.sleep(60)")
   proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,

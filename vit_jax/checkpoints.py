@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import logging
 import os
@@ -56,38 +55,6 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
   if not os.access(path, os.W_OK):
     raise ValueError(f"workdir={str(workdir)!r} is not writable")
   return path
-
-
-class WorkdirLock:
-  """An exclusive lock on a workdir for the life of one run.
-
-  It is an flock on `workdir/lock`: the kernel releases it when the process dies,
-  however it dies, so a killed run never leaves the workdir locked.
-  """
-
-  def __init__(self, workdir: Path):
-    self.path = Path(workdir) / "lock"
-    self.file = None
-
-  def __enter__(self):
-    self.file = open(self.path, "a+")  # noqa: SIM115 - held until __exit__
-    try:
-      fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      self.file.seek(0)
-      holder = self.file.read().strip() or "another process"
-      self.file.close()
-      raise ValueError(f"workdir={str(self.path.parent)!r} is in use by {holder}; "
-                       "wait for it or use another workdir") from None
-    self.file.seek(0)
-    self.file.truncate()
-    self.file.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    self.file.flush()
-    return self
-
-  def __exit__(self, *exc):
-    fcntl.flock(self.file, fcntl.LOCK_UN)
-    self.file.close()
 
 
 # Model fields that change how the maths is computed, not the parameters: a run may resume

@@ -22,6 +22,7 @@ import numpy as np
 from vit_jax import analysis, inference, train
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.files import write_text_atomically
+from vit_jax.locks import WorkdirBusyError, WorkdirLock
 from vit_jax.metrics import read_metrics
 from vit_jax.model_configs import ModelConfig
 from vit_jax.models import count_params
@@ -95,27 +96,59 @@ def _as_json(config: ExperimentConfig) -> dict[str, Any]:
   return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-def run_all(runs: list[tuple[Run, ExperimentConfig]], root: Path, data: dict,
+def finished_record(workdir: Path, config: ExperimentConfig) -> dict[str, Any] | None:
+  """The record of a run finished in `workdir`, None if it is not; a finished run of another
+  config is refused."""
+  result = workdir / RESULT_FILE
+  if not result.is_file():
+    return None
+  record = json.loads(result.read_text())
+  # Through validate: a field added since the run finished has its default there.
+  finished = _as_json(from_mapping(ExperimentConfig, record["config"]))
+  changed = sorted(k for k, v in _as_json(config).items() if finished.get(k) != v)
+  if changed:
+    raise ValueError(f"{workdir} finished with a different {', '.join(changed)}; "
+                     "use another --root for another config")
+  return record
+
+
+def run_all(runs: list[tuple[Run, ExperimentConfig]], root: Path, data: dict | None,
             say: Callable[[str], None] = print) -> list[dict[str, Any]]:
-  """Runs what is not finished, skips what is; returns every run's record."""
+  """Runs what is neither finished nor taken, skips the rest; returns the finished records.
+
+  Several processes (hosts, GPUs, a SLURM job array) may share one `root`: each run is
+  claimed by a lock in its workdir (`sweep_lock`) before it trains, so a run that another
+  process holds is skipped, not trained twice. `data` None: only collect what is finished.
+  """
   records = []
   for i, (run, config) in enumerate(runs, 1):
     workdir = Path(root) / run.name
-    result = workdir / RESULT_FILE
-    if result.is_file():
-      record = json.loads(result.read_text())
-      # Through validate: a field added since the run finished has its default there.
-      finished = _as_json(from_mapping(ExperimentConfig, record["config"]))
-      changed = sorted(k for k, v in _as_json(config).items() if finished.get(k) != v)
-      if changed:
-        raise ValueError(f"{workdir} finished with a different {', '.join(changed)}; "
-                         "use another --root for another config")
-      say(f"[{i}/{len(runs)}] {run.name}: finished before, skipped")
+    tag = f"[{i}/{len(runs)}] {run.name}"
+    record = finished_record(workdir, config)
+    if record is not None:
+      say(f"{tag}: finished before, skipped")
+    elif data is not None:
+      record = _claim_and_run(run, config, workdir, data,
+                              lambda text, tag=tag: say(f"{tag}: {text}"))
+    if record is not None:
       records.append(record)
-      continue
-    say(f"[{i}/{len(runs)}] {run.name}: "
-        f"{'resuming' if (workdir / 'checkpoints').is_dir() else 'training'}")
-    record = run_one(run, config, workdir, data)
-    say(f"[{i}/{len(runs)}] {run.name}: test accuracy {record['eval_accuracy']:.4f}")
-    records.append(record)
   return records
+
+
+def _claim_and_run(run: Run, config: ExperimentConfig, workdir: Path, data: dict,
+                   say: Callable[[str], None]) -> dict[str, Any] | None:
+  """Trains the run unless another process holds it: its record, or None if taken."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    with WorkdirLock(workdir, "sweep_lock"):
+      record = finished_record(workdir, config)  # another process may have just finished it
+      if record is not None:
+        say("finished by another process")
+        return record
+      say("resuming" if (workdir / "checkpoints").is_dir() else "training")
+      record = run_one(run, config, workdir, data)
+      say(f"test accuracy {record['eval_accuracy']:.4f}")
+      return record
+  except WorkdirBusyError:
+    say("taken by another process, skipped")
+    return None

@@ -22,7 +22,6 @@ import numpy as np
 from vit_jax import auto, init_from, input_pipeline, instruments, mnist_source
 from vit_jax.checkpoints import (
   Checkpoints,
-  WorkdirLock,
   WriteError,
   prepare_workdir,
   saved_config,
@@ -30,6 +29,7 @@ from vit_jax.checkpoints import (
 )
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.interrupt import StopSignal, TrainingInterruptedError
+from vit_jax.locks import WorkdirLock
 from vit_jax.metrics import MetricsWindow, MetricWriter, Progress
 from vit_jax.models import ViT
 from vit_jax.parallel import Runner, choose_mode

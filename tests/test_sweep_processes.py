@@ -1,0 +1,31 @@
+"""Two sweep processes on one root finish every run exactly once, and one of them reports."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_two_sweep_processes_share_the_runs_of_one_root(tmp_path, tfds_dir):
+  command = [sys.executable, str(REPO / "experiments" / "sweep_heads.py"), f"--root={tmp_path}",
+             "--heads=1,2,4", "--seeds=2", "--cpu_devices=1", f"--config.tfds_data_dir={tfds_dir}",
+             "--config.train_examples=512", "--config.num_epochs=2"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  procs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+  try:
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [0, 0], outputs
+  names = [f"fused_h{h}_w64_s{s}" for h in (1, 2, 4) for s in (0, 1)]
+  for name in names:
+    trained_by = [out for out in outputs if f"{name}: training" in out]
+    assert len(trained_by) == 1, (name, outputs)  # exactly once, by one of the two
+    assert (tmp_path / name / "result.json").is_file()
+  assert (tmp_path / "summary.md").is_file()
+  assert any("wrote" in out for out in outputs)
