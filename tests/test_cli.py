@@ -46,7 +46,8 @@ def test_a_second_run_loads_its_compiled_steps_from_the_persistent_cache(tmp_pat
   cache = tmp_path / "xla_cache"
   common = ["--config=experiments/tiny.py", f"--config.tfds_data_dir={tfds_dir}",
             "--config.train_examples=512", "--config.num_epochs=1",
-            f"--compilation_cache_dir={cache}"]
+            f"--compilation_cache_dir={cache}",
+            "--cpu_devices=1"]  # one device: jit, whose entries carry the steps' names
   first = launch(*common, f"--workdir={tmp_path / 'first'}")
   assert first.returncode == 0, first.stderr[-3000:]
   def entries():  # name -> last modification: a failed load would recompile and rewrite

@@ -228,7 +228,7 @@ def test_visualize_draws_each_digit_s_attention(tmp_path, mnist):
   paths = visualize.visualize_checkpoint(config, tmp_path, num_images=3, test_data=data["test"])
   names = sorted(p.name for p in paths)
   assert names == ["attention_0.png", "attention_1.png", "attention_2.png",
-                   "position_similarity.png", "rollout.png"]
+                   "position_similarity.png", "rollout.png", "training_statistics.png"]
   # Each digit's picture shows its own attention.
   pictures = [np.asarray(Image.open(tmp_path / "visualize" / f"attention_{i}.png"))
               for i in range(3)]
