@@ -293,3 +293,4 @@ def test_another_model_s_checkpoint_under_launch_is_one_error_line(tmp_path, tfd
                   r"\S+ is float32 \(.*64.*\), this model's float32 \(.*32.*\); use another "
                   r"workdir$", line), line
   assert (tmp_path / "run" / "checkpoints" / "16").is_dir()  # kept
+

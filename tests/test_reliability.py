@@ -195,3 +195,26 @@ def test_a_workdir_saved_before_newer_config_fields_still_resumes(tmp_path):
   with pytest.raises(ValueError, match="model.drop_path_rate: 0.0 -> 0.1"):
     write_or_check_config(tmp_path, dataclasses.replace(
         config, model=dataclasses.replace(config.model, drop_path_rate=0.1)))
+
+
+def test_a_log_that_cannot_be_flushed_at_the_end_is_no_second_error(tmp_path):
+  import errno
+  import logging
+
+  from vit_jax import run_log
+
+  class FullDisk:
+    def write(self, text):
+      pass
+
+    def flush(self):
+      raise OSError(errno.ENOSPC, "No space left on device")
+
+    close = flush
+
+  with run_log.logging_to(tmp_path):
+    logging.getLogger("vit_jax.test").warning("buffered when the disk fills")
+    handler = next(h for h in logging.getLogger().handlers
+                   if getattr(h, "baseFilename", "").endswith("run.log"))
+    handler.stream = FullDisk()
+  assert handler.stream is None  # closed without raising

@@ -23,6 +23,14 @@ class _QuietFileHandler(logging.FileHandler):
   def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging names it
     """A log that cannot be written (a full disk) must not print a traceback of its own."""
 
+  def close(self) -> None:
+    """Nor may closing it, when what it still buffers finds the disk full: the run's own
+    error (which names what could not be written) is the one to report."""
+    try:
+      super().close()
+    except OSError:
+      self.stream = None
+
 
 class _OwnLinesOnly(logging.Filter):
   """Passes vit_jax's records, and other libraries' warnings of one line with no traceback."""
