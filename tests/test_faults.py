@@ -203,17 +203,21 @@ def small_disk(folder: Path, kilobytes: int, monkeypatch):
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_run_resumes_once_there_is_room(tmp_path, data,
                                                                        monkeypatch):
-  config = small_config(num_epochs=20, keep_checkpoints=100)  # more than 160 KB of checkpoints
+  config = small_config(num_epochs=20, keep_checkpoints=100)  # about 2 MB of checkpoints
   run = tmp_path / "disk" / "run"
-  with small_disk(tmp_path / "disk", 160, monkeypatch) as free:
+  with small_disk(tmp_path / "disk", 400, monkeypatch) as free:
     with pytest.raises(WriteError) as error:
       train.train_and_evaluate(config, run, data=data)
     message = str(error.value)
     assert "\n" not in message
-    latest = int(re.search(r"could not be written.* \(no space left on device\); the latest "
-                           r"complete checkpoint is step (\d+), in \S+; details in \S+run.log$",
-                           message).group(1))
-    assert int(restore(run, config).step) == latest  # intact, and verified
+    # Whichever write finds the disk full first (a checkpoint, the metrics), the line says it.
+    found = re.search(r"could not be written.* \(no space left on device\); the latest complete "
+                      r"checkpoint (is step (\d+), in \S+|there is none); details in \S+run.log$",
+                      message)
+    assert found, message
+    restored = restore(run, config)
+    assert (restored is None) if found.group(2) is None else (
+        int(restored.step) == int(found.group(2)))  # intact, and verified
     free()
     result = train.train_and_evaluate(config, run, data=data)  # the same command, with room
     assert result["step"] == 160
