@@ -38,8 +38,9 @@ flags.DEFINE_list("images", [], "predict: image files (PNG or .npy, 28x28 grey).
 flags.DEFINE_integer("num_images", None, "visualize: how many test digits to draw (default "
                      "4); analyze: how many test images to measure with (default 1000).")
 flags.DEFINE_string("output_dir", None, "visualize, export, analyze: where to write (default: "
-                    "WORKDIR/visualize, WORKDIR/saved_model, WORKDIR/analysis); the other "
-                    "modes only read.")
+                    "WORKDIR/visualize, WORKDIR/saved_model, WORKDIR/analysis, or for a shipped "
+                    "run, marked by a SHIPPED file, runs/<its name>/...); the other modes only "
+                    "read.")
 # Several processes (hosts), on JAX's own multi-controller runtime. Either name the
 # coordinator and this process, or let JAX detect the cluster (SLURM, Open MPI, TPU pods).
 flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
@@ -114,7 +115,7 @@ def _visualize(config) -> None:
   from vit_jax import visualize
 
   for path in visualize.visualize_checkpoint(config, FLAGS.workdir, FLAGS.num_images or 4,
-                                             out_dir=FLAGS.output_dir):
+                                             out_dir=_output_dir("visualize")):
     print(f"wrote {path}")
 
 
@@ -133,17 +134,30 @@ def _predict(config) -> None:
     print(f"{path}: digit {int(np.argmax(probs))} (p={probs.max():.3f}) probabilities [{shown}]")
 
 
+SHIPPED_MARKER = "SHIPPED"  # in a shipped run's folder (pretrained/...): write nothing there
+
+
+def _output_dir(kind: str) -> str | None:
+  """--output_dir, or for a shipped run runs/<its name>/<kind>; None: inside the workdir."""
+  if FLAGS.output_dir:
+    return FLAGS.output_dir
+  workdir = os.path.abspath(FLAGS.workdir)
+  if os.path.exists(os.path.join(workdir, SHIPPED_MARKER)):
+    return os.path.join("runs", os.path.basename(workdir), kind)
+  return None
+
+
 def _export(config) -> None:
   from vit_jax import export
 
-  print(f"wrote {export.export_saved_model(config, FLAGS.workdir, FLAGS.output_dir)}")
+  print(f"wrote {export.export_saved_model(config, FLAGS.workdir, _output_dir('saved_model'))}")
 
 
 def _analyze(config) -> None:
   from vit_jax import analyze
 
   for path in analyze.analyze_checkpoint(config, FLAGS.workdir, FLAGS.num_images or 1000,
-                                         FLAGS.output_dir):
+                                         _output_dir("analysis")):
     print(f"wrote {path}")
 
 

@@ -33,6 +33,8 @@ def main(argv):
   shutil.copy2(source / "checkpoint_digests" / f"{latest}.json", target / "checkpoint_digests")
   for name in ("config.json", "metrics.jsonl"):
     shutil.copy2(source / name, target / name)
+  # launch.py then writes pictures and exports under runs/, never into the shipped folder.
+  (target / "SHIPPED").write_text("A shipped run: launch.py writes nothing here.\n")
   print(f"shipped step {latest} of {source} into {target}")
 
 

@@ -39,3 +39,21 @@ def test_the_shipped_model_scores_the_test_accuracy_recorded_beside_it(mnist):
                                            SHIPPED)
   assert measured["eval_accuracy"] == pytest.approx(recorded, abs=1e-4)
   assert recorded >= 0.99
+
+
+@pytest.mark.slow
+def test_pictures_of_the_shipped_model_go_under_runs_not_into_it(tmp_path, mnist):
+  import shutil
+  import subprocess
+  import sys
+
+  shipped = tmp_path / "pretrained" / "mnist_seed"
+  shutil.copytree(SHIPPED, shipped)
+  before = {p: p.stat().st_mtime_ns for p in shipped.rglob("*")}
+  result = subprocess.run([sys.executable, str(REPO / "launch.py"), f"--workdir={shipped}",
+                           f"--config={REPO / 'experiments' / 'mnist.py'}",
+                           "--mode=visualize", "--num_images=1"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (tmp_path / "runs" / "mnist_seed" / "visualize" / "attention_0.png").is_file()
+  assert {p: p.stat().st_mtime_ns for p in shipped.rglob("*")} == before
