@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vit_jax import analysis, inference, instruments, mnist_source  # noqa: E402
+from vit_jax import analysis, inference, instruments  # noqa: E402
 
 
 def _write_csv(path: Path, header: list[str], rows) -> Path:
@@ -122,14 +122,8 @@ def _attention_statistics(out: Path, maps: np.ndarray, model) -> list[Path]:
 def analyze_checkpoint(config: Any, workdir: str | Path, num_images: int = 1000,
                        output_dir: str | Path | None = None, test_data=None) -> list[Path]:
   """Every instrument on the first `num_images` test images; -> the files written."""
-  config = inference.resolved_config(config, workdir)
-  state = inference.restore_state(config, workdir)
-  if test_data is None:
-    images, labels = mnist_source.load_split(config.dataset, "test", config.tfds_data_dir,
-                                             config.idx_dir)
-  else:
-    images, labels = test_data["image"], test_data["label"]
-  images, labels = images[:num_images], labels[:num_images]
+  config, state, images, labels = inference.restore_with_test_images(config, workdir,
+                                                                      num_images, test_data)
   out = Path(output_dir or Path(workdir) / "analysis")
   out.mkdir(parents=True, exist_ok=True)
   evaluate = instruments.masked_evaluator(state.apply_fn, state.params, config.dataset)

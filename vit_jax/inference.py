@@ -63,3 +63,18 @@ def predict(config: Any, workdir: str | Path, images: np.ndarray) -> np.ndarray:
   logits = jax.jit(state.apply_fn)({"params": state.params},
                                    input_pipeline.normalize(images, config.dataset))
   return np.asarray(jax.nn.softmax(logits, axis=-1))
+
+
+def restore_with_test_images(config: Any, workdir: str | Path, num_images: int,
+                             test_data: dict[str, np.ndarray] | None = None
+                             ) -> tuple[ExperimentConfig, TrainState, np.ndarray, np.ndarray]:
+  """(resolved config, restored state, the first `num_images` test images and labels), from
+  `test_data` or the dataset: what the pictures and the instruments start from."""
+  config = resolved_config(config, workdir)
+  state = restore_state(config, workdir)
+  if test_data is None:
+    images, labels = mnist_source.load_split(config.dataset, "test", config.tfds_data_dir,
+                                             config.idx_dir)
+  else:
+    images, labels = test_data["image"], test_data["label"]
+  return config, state, images[:num_images], labels[:num_images]

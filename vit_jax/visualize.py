@@ -150,18 +150,12 @@ def visualize_checkpoint(config, workdir, num_images: int = 4, test_data=None,
                          out_dir=None) -> list[Path]:
   """Pictures of the latest checkpoint in `workdir` on the first test digits, written to
   `out_dir` (default WORKDIR/visualize)."""
-  from vit_jax import inference, mnist_source
+  from vit_jax import inference
 
-  config = inference.resolved_config(config, workdir)
-  state = inference.restore_state(config, workdir)
-  if test_data is None:
-    images, labels = mnist_source.load_split(config.dataset, "test", config.tfds_data_dir,
-                                             config.idx_dir)
-  else:
-    images, labels = test_data["image"], test_data["label"]
+  config, state, images, labels = inference.restore_with_test_images(config, workdir,
+                                                                      num_images, test_data)
   out_dir = Path(out_dir or Path(workdir) / "visualize")
-  paths = write_all(state, config.model, images[:num_images], labels[:num_images],
-                    config.dataset, out_dir)
+  paths = write_all(state, config.model, images, labels, config.dataset, out_dir)
   metrics_file = Path(workdir) / "metrics.jsonl"
   if metrics_file.is_file():
     paths.append(plot_training_statistics(metrics_file, out_dir / "training_statistics.png"))
