@@ -12,18 +12,19 @@ from vit_jax.model_configs import get_model_config
 
 def get_config():
   return as_config_dict(ExperimentConfig(
-      # The einsum path (the pure functions), unless the fused CPU kernel measures faster on
-      # this machine when the run starts: the same maths (vit_jax/auto.py).
-      model=get_model_config("seed", attention_kernel="auto"),
+      # Chosen for the machine when the run starts (vit_jax/auto.py): bfloat16 products
+      # where the hardware multiplies bfloat16, and the einsum path (the pure functions)
+      # unless the fused CPU kernel measures faster here: the same maths.
+      model=get_model_config("seed", attention_kernel="auto", compute_dtype="auto"),
       dataset="mnist",
       # 5,000 training images held out: the recipe was chosen on them (docs/performance.md,
       # "Levers for accuracy"); the test split is evaluated once, at the end.
       validation_examples=5000,
       batch_size=128,
-      # Micro-batches of 16 examples per device and evaluation batches of 128 keep the
-      # activations in CPU caches, for the same updates (docs/performance.md has the
-      # speed-up). On a GPU, set both larger.
-      microbatch_size=16,
+      # Cache-sized micro-batches on a CPU (16 examples here), the whole share on a GPU;
+      # evaluation batches of 128 keep the activations in CPU caches too (docs/performance.md
+      # has the speed-up). On a GPU, set eval_batch_size larger.
+      microbatch_size="auto",
       eval_batch_size=128,
       num_epochs=9,
       learning_rate=2e-3,

@@ -6,11 +6,12 @@ import json
 import jax
 import pytest
 
-from vit_jax import auto, inference, kernels, models, train
+from vit_jax import auto, host_cpu, inference, kernels, models, steps, train
 from vit_jax.checkpoints import saved_config, write_or_check_config
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.kernels import fused_attention, timing
 from vit_jax.model_configs import get_model_config
+from vit_jax.parallel import Runner
 
 SEED_SHAPE = get_model_config("seed", attention_kernel="auto")  # heads of 16 over 50 tokens
 
@@ -32,8 +33,7 @@ def test_auto_takes_the_kernel_only_where_it_measures_faster(kernel_speedup, spe
 
 
 @pytest.mark.parametrize("overrides,reason", [
-    ({"compute_dtype": "bfloat16"}, "computes in float32, not bfloat16"),
-    ({"num_heads": 8}, "not 8 over 50"),  # heads of 8: not the kernel's
+    ({"num_heads": 8, "hidden_size": 96}, "not 12 over 50"),  # heads of 12: not the kernel's
 ])
 def test_auto_takes_einsum_where_the_kernel_cannot_run(kernel_speedup, overrides, reason):
   kernel_speedup(10.0)  # however fast it would be
@@ -66,8 +66,8 @@ def test_resolve_measures_the_micro_batch_a_device_takes(monkeypatch):
   assert resolved.model.attention_kernel == "fused_cpu"
   assert dataclasses.replace(resolved, model=SEED_SHAPE) == config  # nothing else changed
   assert shapes == [(16, 4, 50, 16)]
-  assert line.startswith("2 cpu devices, float32 products, micro-batches of 16 per device, "
-                         "attention fused_cpu (")
+  assert line.startswith("2 cpu devices, float32 products (as configured), micro-batches of "
+                         "16 per device (as configured), attention fused_cpu (")
   whole_share, _ = auto.resolve(dataclasses.replace(config, microbatch_size=None), 2)
   assert shapes[-1] == (64, 4, 50, 16)  # no micro-batches: each device's half of the batch
 
@@ -85,15 +85,16 @@ def test_a_run_records_its_choice_and_may_resume_with_another(tmp_path, digits, 
   config = ExperimentConfig(model=model, batch_size=64, num_epochs=1, train_examples=128,
                             eval_batch_size=256, parallel="jit")
   train.train_and_evaluate(config, tmp_path, data=digits)
-  assert ("running on 1 cpu device, float32 products, micro-batches of 64 per device, "
-          "attention einsum (the fused kernel measured 1.00x") in capsys.readouterr().err
+  assert ("running on 1 cpu device, float32 products (as configured), micro-batches of 64 "
+          "per device (as configured), attention einsum (the fused kernel measured 1.00x"
+          ) in capsys.readouterr().err
   assert json.loads((tmp_path / "config.json").read_text())["model"]["attention_kernel"] \
       == "einsum"
   # Resuming, evaluating or drawing it computes as it did, however fast the kernel now measures.
   kernel_speedup(5.0)
   assert auto.choose_attention_kernel(model, 64)[0] == "fused_cpu"
   resumed, line = auto.resolve(config, 1, saved_config(tmp_path))
-  assert resumed.model.attention_kernel == "einsum" and "its config.json" in line
+  assert resumed.model.attention_kernel == "einsum" and "as this workdir's run chose" in line
   assert inference.resolved_config(config, tmp_path).model.attention_kernel == "einsum"
   # The kernel changes no parameter: the same workdir may continue on a machine that takes it.
   other = dataclasses.replace(config, model=dataclasses.replace(model,
@@ -102,3 +103,91 @@ def test_a_run_records_its_choice_and_may_resume_with_another(tmp_path, digits, 
   with pytest.raises(ValueError, match="different model"):
     write_or_check_config(tmp_path, dataclasses.replace(other, model=dataclasses.replace(
         model, num_heads=1)))
+
+
+@pytest.fixture
+def platform(monkeypatch):
+  """Fakes the backend ('cpu', 'gpu', 'tpu') and the CPU's /proc/cpuinfo flags."""
+  def set_platform(backend, cpu_flags="avx2 fma"):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(host_cpu, "cpu_flags", lambda: cpu_flags)
+  return set_platform
+
+
+@pytest.mark.parametrize("backend,cpu_flags,dtype", [
+    ("cpu", "avx2 fma", "float32"),                             # e.g. Zen 3
+    ("cpu", "avx2 fma avx512f avx512_bf16", "bfloat16"),        # AVX-512 BF16
+    ("cpu", "avx2 fma avx512f amx_bf16", "bfloat16"),           # AMX
+    ("gpu", "avx2 fma", "bfloat16"),
+    ("tpu", "avx2 fma", "bfloat16"),
+])
+def test_auto_takes_bfloat16_only_where_the_hardware_multiplies_it(platform, backend,
+                                                                   cpu_flags, dtype):
+  platform(backend, cpu_flags)
+  model = dataclasses.replace(SEED_SHAPE, compute_dtype="auto")
+  assert auto.choose_compute_dtype(model)[0] == dtype
+
+
+def test_an_explicit_dtype_stands_and_emulated_bfloat16_says_so(platform):
+  platform("cpu", "avx2 fma")
+  assert auto.choose_compute_dtype(SEED_SHAPE) == ("float32", "as configured")
+  dtype, why = auto.choose_compute_dtype(dataclasses.replace(SEED_SHAPE,
+                                                              compute_dtype="bfloat16"))
+  assert dtype == "bfloat16" and "no bfloat16 units: XLA emulates them" in why
+
+
+def test_bfloat16_that_xla_cannot_run_is_one_line(monkeypatch):
+  assert auto.bfloat16_failure() is None  # XLA's CPU backend computes it, if slowly
+  monkeypatch.setattr(auto, "bfloat16_failure", lambda: "UNIMPLEMENTED: no bf16 dot")
+  with pytest.raises(ValueError, match=r"^model.compute_dtype='bfloat16' cannot run on this "
+                     r"cpu: UNIMPLEMENTED: no bf16 dot \(use 'float32' or 'auto'\)$"):
+    auto.choose_compute_dtype(dataclasses.replace(SEED_SHAPE, compute_dtype="bfloat16"))
+
+
+@pytest.mark.parametrize("model,per_device,size", [
+    (SEED_SHAPE, 64, 16),                                  # 50 tokens x 64: measured best 16
+    (get_model_config("fast"), 64, 16),                    # 17 x 128: measured best 16
+    (get_model_config("sprint"), 64, 32),                  # 17 x 64: measured best 32
+    (SEED_SHAPE, 50, 10),                                  # the largest divisor that fits
+    (SEED_SHAPE, 8, None),                                 # the whole share fits
+])
+def test_auto_micro_batches_are_cache_sized_on_cpus(platform, model, per_device, size):
+  platform("cpu")
+  config = ExperimentConfig(model=model, microbatch_size="auto")
+  assert auto.choose_microbatch_size(config, per_device)[0] == size
+
+
+def test_auto_micro_batches_take_the_whole_share_on_accelerators_and_explicit_stands(platform):
+  platform("gpu")
+  assert auto.choose_microbatch_size(ExperimentConfig(model=SEED_SHAPE,
+                                                      microbatch_size="auto"), 64)[0] is None
+  platform("cpu")
+  assert auto.choose_microbatch_size(ExperimentConfig(model=SEED_SHAPE, microbatch_size=8),
+                                     64) == (8, "as configured")
+
+
+def test_resolve_records_every_choice_and_a_resumed_run_keeps_its_precision(platform,
+                                                                             kernel_speedup):
+  platform("cpu", "avx2 fma avx512f avx512_bf16")
+  kernel_speedup(2.0)
+  config = ExperimentConfig(model=dataclasses.replace(SEED_SHAPE, compute_dtype="auto"),
+                            batch_size=128, microbatch_size="auto")
+  resolved, line = auto.resolve(config, num_devices=2)
+  assert (resolved.model.compute_dtype, resolved.microbatch_size,
+          resolved.model.attention_kernel) == ("bfloat16", 16, "fused_cpu")
+  assert line.startswith("2 cpu devices, bfloat16 products (this CPU multiplies bfloat16")
+  assert "micro-batches of 16 per device (16 of 50 tokens x 64 fit" in line
+  platform("cpu", "avx2 fma")  # the same workdir continued on a CPU without bfloat16 units
+  recorded = {"model": {"compute_dtype": "bfloat16", "attention_kernel": "einsum"}}
+  resumed, line = auto.resolve(config, 2, recorded)
+  assert resumed.model.compute_dtype == "bfloat16" and "as this workdir's run chose" in line
+  assert resumed.model.attention_kernel == "einsum"
+
+
+def test_unresolved_autos_are_refused_where_they_would_compute():
+  with pytest.raises(ValueError, match="compute_dtype='auto' is chosen when a run starts"):
+    models.ViT(dataclasses.replace(SEED_SHAPE, compute_dtype="auto", attention_kernel="einsum")
+               ).init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 28, 28, 1)))
+  config = ExperimentConfig(model=get_model_config("testing"), microbatch_size="auto")
+  with pytest.raises(ValueError, match="microbatch_size='auto' is chosen when a run starts"):
+    steps.compile_train_step(config, Runner("jit"))

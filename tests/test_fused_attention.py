@@ -45,7 +45,10 @@ SHAPES = [(2, 4, 50, 16),   # the seed's heads
           (2, 3, 5, 16),    # fewer tokens than a vector's 16 lanes
           (2, 2, 1, 16),    # one token
           (16, 4, 50, 16),  # 64 heads: shared out over XLA's threads in chunks of 8
-          (17, 4, 50, 16)]  # 68 heads: the last chunk a partial one
+          (17, 4, 50, 16),  # 68 heads: the last chunk a partial one
+          (2, 16, 50, 4),   # 16 heads over a width of 64: rows narrower than a vector
+          (2, 8, 50, 8),    # 8 heads over a width of 64
+          (1, 3, 9, 4)]     # heads of 4 over fewer tokens than a vector
 
 
 @requires_kernel
@@ -141,16 +144,15 @@ def test_model_with_the_kernel_equals_the_einsum_model(kernel):
 
 
 def test_unsupported_shapes_use_attend():
-  q, k, v = (rand(2, 2, 9, 8, seed=s) for s in range(3))  # head dim 8: not the kernel's
-  assert not kernels.supports(9, 8)
+  q, k, v = (rand(2, 2, 9, 12, seed=s) for s in range(3))  # head dim 12: not the kernel's
+  assert not kernels.supports(9, 12)
   assert not _uses_kernel(F.attend, q, k, v)
   for got, want in zip(F.attend(q, k, v), A.attend(q, k, v), strict=True):
     np.testing.assert_allclose(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"compute_dtype": "bfloat16"}, "needs compute_dtype='float32'"),
-    ({"hidden_size": 16}, "not 8 and 17"),           # heads of 8
+    ({"hidden_size": 24}, "not 12 and 17"),          # heads of 12
     ({"patch_size": 2}, "not 16 and 197"),           # 196 patches + the class token
     ({"attention_kernel": "xla"}, "is not one of 'auto', 'einsum', 'fused_cpu'"),
 ])
@@ -203,3 +205,17 @@ def test_the_kernel_is_timed_against_einsum_on_the_model_s_heads(kernel):
 
   # Both paths compiled and run, forward and backward: a sane ratio, not a dispatch time's.
   assert 0.2 < timing.speedup_over_einsum(SHAPES[0], rounds=3, calls=3) < 20
+
+
+@requires_kernel
+def test_a_mixed_precision_model_keeps_the_kernels_attention_in_float32(kernel):
+  config = get_model_config("testing", hidden_size=32, num_heads=8, compute_dtype="bfloat16")
+  fused_config = get_model_config("testing", hidden_size=32, num_heads=8,
+                                  compute_dtype="bfloat16", attention_kernel="fused_cpu")
+  images = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
+  params = models.ViT(config).init(jax.random.PRNGKey(0), images)
+  logits = models.ViT(config).apply(params, images)
+  fused_logits = models.ViT(fused_config).apply(params, images)
+  # Heads of 4; the einsum path rounds Q, K, weights and V to bfloat16, the kernel does not.
+  np.testing.assert_allclose(fused_logits, logits, atol=3e-2)
+  assert _uses_kernel(lambda p: models.ViT(fused_config).apply(p, images), params)

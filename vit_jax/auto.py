@@ -1,8 +1,15 @@
 """What a config leaves to the machine ('auto'), chosen once when a run starts.
 
-`resolve` returns the config with `model.attention_kernel='auto'` replaced by the kernel
-chosen here, so that config.json records it, and a line that says what runs and why. (The
-config's other 'auto's, `parallel` and `idx_dir`, are resolved where they are used.)
+`resolve` returns the config with its 'auto's replaced by what is chosen here, so that
+config.json records it, and a line that says what runs and why:
+
+- `model.compute_dtype`: bfloat16 where the hardware multiplies it (GPUs, TPUs, CPUs with
+  AVX-512 BF16 or AMX), else float32;
+- `microbatch_size`: cache-sized micro-batches on a CPU, the whole share on a GPU or TPU;
+- `model.attention_kernel`: the fused CPU kernel where it builds and measures faster.
+
+(The config's other 'auto's, `parallel` and `idx_dir`, are resolved where they are used;
+the CPU's device count before JAX starts, by `host_cpu`.)
 
 Layer 4 of vit_jax.
 """
@@ -12,11 +19,18 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import kernels
+from vit_jax import host_cpu, kernels
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.model_configs import ModelConfig
+
+# On a CPU, a micro-batch holds about this many floats of one layer's activations (examples
+# x tokens x width), 200 KB: the size that measured fastest for the three shapes timed
+# (docs/performance.md, "Micro-batches": 16 examples of `seed` and of `fast`, 32 of
+# `sprint`). Larger ones spill out of the caches; smaller ones leave the products thin.
+CPU_MICROBATCH_FLOATS = 16 * 50 * 64
 
 # The kernel is taken only if its attention (forward and backward) runs at least this much
 # faster than the einsum path's: below it, the readable path's clarity is worth more than a
@@ -34,8 +48,6 @@ def choose_attention_kernel(model: ModelConfig, microbatch: int) -> tuple[str, s
     return model.attention_kernel, "as configured"
   if jax.default_backend() != "cpu":
     return "einsum", f"the fused kernel is for CPUs, this is a {jax.default_backend()}"
-  if model.compute_dtype != "float32":
-    return "einsum", f"the fused kernel computes in float32, not {model.compute_dtype}"
   if not kernels.supports(model.num_tokens, model.head_dim):
     return "einsum", (f"the fused kernel takes heads of {kernels.HEAD_DIMS} over at most "
                       f"{kernels.MAX_TOKENS} tokens, not {model.head_dim} over "
@@ -50,6 +62,58 @@ def choose_attention_kernel(model: ModelConfig, microbatch: int) -> tuple[str, s
     return "fused_cpu", f"its attention measured {speedup:.2f}x einsum's here"
   return "einsum", (f"the fused kernel measured {speedup:.2f}x einsum's attention here, "
                     f"under {MIN_KERNEL_SPEEDUP}x")
+
+
+def bfloat16_failure() -> str | None:
+  """Why this platform cannot compute a bfloat16 product, or None where it can."""
+  try:
+    x = jnp.ones((8, 8), jnp.bfloat16)
+    jax.jit(lambda a: jnp.einsum("ij,jk->ik", a, a, preferred_element_type=jnp.float32)
+            )(x).block_until_ready()
+  except Exception as error:  # noqa: BLE001 (whatever XLA raises: the dtype cannot run here)
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  return None
+
+
+def choose_compute_dtype(model: ModelConfig) -> tuple[str, str]:
+  """-> ('float32' or 'bfloat16', why), for 'auto'; an explicit choice stands.
+
+  Raises a one-line ValueError for bfloat16 where XLA cannot compute it on this platform.
+  """
+  backend = jax.default_backend()
+  if model.compute_dtype == "bfloat16" and (why := bfloat16_failure()) is not None:
+    raise ValueError(f"model.compute_dtype='bfloat16' cannot run on this {backend}: {why} "
+                     "(use 'float32' or 'auto')")
+  units = backend != "cpu" or host_cpu.has_bfloat16_units()
+  if model.compute_dtype != "auto":
+    emulated = model.compute_dtype == "bfloat16" and not units
+    return model.compute_dtype, ("as configured, though this CPU has no bfloat16 units: XLA "
+                                 "emulates them, slower than float32" if emulated
+                                 else "as configured")
+  if backend != "cpu":
+    return "bfloat16", f"a {backend} multiplies bfloat16 at full rate"
+  if units:
+    return "bfloat16", "this CPU multiplies bfloat16 (AVX-512 BF16 or AMX)"
+  return "float32", "this CPU has no bfloat16 units (AVX-512 BF16 or AMX)"
+
+
+def choose_microbatch_size(config: ExperimentConfig, per_device: int
+                           ) -> tuple[int | None, str]:
+  """-> (examples per micro-batch, or None for the whole share, why), for 'auto'.
+
+  `per_device`: a device's share of the batch. On a CPU: the largest divisor of the share
+  that holds at most `CPU_MICROBATCH_FLOATS` of a layer's activations.
+  """
+  if config.microbatch_size != "auto":
+    return config.microbatch_size, "as configured"
+  if jax.default_backend() != "cpu":
+    return None, f"the whole share on a {jax.default_backend()}"
+  c = config.model
+  fits = max(1, CPU_MICROBATCH_FLOATS // (c.num_tokens * c.hidden_size))
+  if fits >= per_device:
+    return None, "the whole share fits the CPU's caches"
+  size = max(d for d in range(1, fits + 1) if per_device % d == 0)
+  return size, f"{size} of {c.num_tokens} tokens x {c.hidden_size} fit the CPU's caches"
 
 
 def _same_in_every_process(choice: str, options: tuple[str, ...]) -> str:
@@ -67,20 +131,30 @@ def resolve(config: ExperimentConfig, num_devices: int = 1, recorded: dict | Non
   """-> (`config` with its 'auto' fields chosen, a one-line summary of what runs).
 
   `num_devices`: the devices that share each batch. `recorded`: the config.json of the
-  workdir the run continues, if any: what it chose stands, so that a resumed run, or the
-  evaluation of a finished one, computes as the run did.
+  workdir the run continues, if any: the precision and attention it chose stand, so that
+  a resumed run, or the evaluation of a finished one, computes as the run did.
   """
   per_device = config.batch_size // num_devices
-  microbatch = min(per_device, config.microbatch_size or per_device)
-  chosen_before = (recorded or {}).get("model", {}).get("attention_kernel")
-  if config.model.attention_kernel == "auto" and chosen_before in kernels.KERNELS:
-    kernel, why = chosen_before, "as this workdir's run chose: its config.json"
+  model_before = (recorded or {}).get("model", {})
+  if config.model.compute_dtype == "auto" and model_before.get("compute_dtype") in (
+      "float32", "bfloat16"):
+    dtype, dtype_why = model_before["compute_dtype"], "as this workdir's run chose"
+  else:
+    dtype, dtype_why = choose_compute_dtype(config.model)
+  dtype = _same_in_every_process(dtype, ("float32", "bfloat16"))
+  size, size_why = choose_microbatch_size(config, per_device)
+  config = dataclasses.replace(config, microbatch_size=size,
+                               model=dataclasses.replace(config.model, compute_dtype=dtype))
+  microbatch = min(per_device, size or per_device)
+  if config.model.attention_kernel == "auto" and model_before.get("attention_kernel") in (
+      kernels.KERNELS):
+    kernel, why = model_before["attention_kernel"], "as this workdir's run chose"
   else:
     kernel, why = choose_attention_kernel(config.model, microbatch)
   kernel = _same_in_every_process(kernel, kernels.KERNELS)
-  model = dataclasses.replace(config.model, attention_kernel=kernel)
-  config = dataclasses.replace(config, model=model)
+  config = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                 attention_kernel=kernel))
   summary = (f"{num_devices} {jax.default_backend()} device{'s' * (num_devices > 1)}, "
-             f"{model.compute_dtype} products, micro-batches of {microbatch} per device, "
-             f"attention {kernel} ({why})")
+             f"{dtype} products ({dtype_why}), micro-batches of {microbatch} per device "
+             f"({size_why}), attention {kernel} ({why})")
   return config, summary

@@ -48,7 +48,9 @@ class ExperimentConfig:
   # caches; the step sums their gradients (lax.scan), so the update is the same up to float
   # rounding (with dropout, each micro-batch draws its own masks). A flag cannot write
   # None: `--config.microbatch_size=<batch_size>` gives one micro-batch of the whole share.
-  microbatch_size: int | None = None
+  # 'auto' is chosen when a run starts (`vit_jax.auto`): cache-sized on a CPU, the whole
+  # share on a GPU or TPU.
+  microbatch_size: int | Literal["auto"] | None = None
   # Passes over the training set (fractions allowed); the steps are rounded up.
   num_epochs: float = 5.0
   # AdamW's peak learning rate, reached by a linear warm-up over warmup_steps and then
@@ -96,8 +98,12 @@ class ExperimentConfig:
     for key in ("warmup_steps", "eval_every_steps", "augment_max_shift", "validation_examples"):
       value = getattr(self, key)
       require(value >= 0, key, value, "must not be negative")
-    require(self.microbatch_size is None or self.microbatch_size > 0, "microbatch_size",
-            self.microbatch_size, "must be positive")
+    if isinstance(self.microbatch_size, str) and self.microbatch_size.isdigit():
+      # A flag over the field 'auto' writes its number as a string.
+      object.__setattr__(self, "microbatch_size", int(self.microbatch_size))
+    require(self.microbatch_size in (None, "auto") or (
+        isinstance(self.microbatch_size, int) and self.microbatch_size > 0),
+            "microbatch_size", self.microbatch_size, "must be positive, None or 'auto'")
     require(self.num_epochs > 0, "num_epochs", self.num_epochs, "must be positive")
     require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be positive")
     require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must not be negative")

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from vit_jax import kernels
 from vit_jax.schema import from_mapping, require
 
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # 'auto': chosen when a run starts
 QKV_MODES = ("fused", "separate", "identity", "identity_q", "identity_k", "identity_v",
              "tied_qk", "low_rank", "frozen_random")
 
@@ -28,14 +29,16 @@ class ModelConfig:
 
   compute_dtype 'bfloat16' is mixed precision: parameters, LayerNorm, softmax and GELU
   stay float32, every matrix product takes bfloat16 operands and accumulates in float32
-  (`attention.products`). It leaves the parameter count alone. It pays on hardware with
-  bfloat16 matmul units (GPUs, TPUs, CPUs with AVX-512 BF16 or AMX); elsewhere XLA may
-  emulate the products, slower than float32.
+  (`attention.products`; the fused kernel keeps the attention's own two in float32). It
+  leaves the parameter count alone. It pays on hardware with bfloat16 matmul units (GPUs,
+  TPUs, CPUs with AVX-512 BF16 or AMX); elsewhere XLA emulates the products, slower than
+  float32. 'auto' is resolved when a run starts (`vit_jax.auto`): bfloat16 where the
+  hardware has such units, else float32.
 
   attention_kernel chooses the implementation of step 4, `attention.attend`
   (`vit_jax.kernels`): 'einsum' is the pure functions, the definition, on any platform;
   'fused_cpu' computes each head's two products and softmax as one C++ kernel on CPUs
-  (float32 only, a head dim in `kernels.HEAD_DIMS`, at most `kernels.MAX_TOKENS` tokens;
+  (in float32, a head dim in `kernels.HEAD_DIMS`, at most `kernels.MAX_TOKENS` tokens;
   first derivatives only); 'auto' is resolved when a run starts (`vit_jax.auto`): 'fused_cpu'
   where the kernel builds and is measurably faster than 'einsum' on this machine for this
   shape, else 'einsum'. The choice changes no parameter, only the rounding.
@@ -62,7 +65,7 @@ class ModelConfig:
   # Stochastic depth: in training, each example skips a block's residual branches with this
   # chance at the last block, less at earlier ones (`models.drop_path_rates`); 0: off.
   drop_path_rate: float = 0.0
-  compute_dtype: Literal["float32", "bfloat16"] = "float32"
+  compute_dtype: Literal["auto", "float32", "bfloat16"] = "float32"
   attention_kernel: Literal["auto", "einsum", "fused_cpu"] = "einsum"
 
   def __post_init__(self):
@@ -90,14 +93,11 @@ class ModelConfig:
             self.qkv_bias, f"is not available with qkv={self.qkv!r}")
     for key in ("dropout_rate", "drop_path_rate"):
       require(0.0 <= getattr(self, key) < 1.0, key, getattr(self, key), "must be in [0, 1)")
-    require(self.compute_dtype in ("float32", "bfloat16"), "compute_dtype", self.compute_dtype,
-            "is not one of 'float32', 'bfloat16'")
+    require(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", self.compute_dtype,
+            f"is not one of {', '.join(map(repr, COMPUTE_DTYPES))}")
     require(self.attention_kernel in ("auto", *kernels.KERNELS), "attention_kernel",
             self.attention_kernel, "is not one of 'auto', 'einsum', 'fused_cpu'")
     if self.attention_kernel == "fused_cpu":
-      require(self.compute_dtype == "float32", "attention_kernel", self.attention_kernel,
-              f"needs compute_dtype='float32', not {self.compute_dtype!r} "
-              "(attention_kernel='einsum' takes any precision)")
       require(kernels.supports(self.num_tokens, self.head_dim), "attention_kernel",
               self.attention_kernel,
               f"supports head dims {kernels.HEAD_DIMS} and at most "

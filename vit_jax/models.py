@@ -244,6 +244,9 @@ class ViT(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool = False,
                head_mask: jax.Array | None = None) -> jax.Array:
     c = self.config
+    if c.compute_dtype == "auto":
+      raise ValueError("model.compute_dtype='auto' is chosen when a run starts (vit_jax.auto); "
+                       "a model takes 'float32' or 'bfloat16'")
     x = PatchEmbedding(c.patch_size, c.hidden_size, c.compute_dtype,
                        name="patch_embedding")(images)
     batch = x.shape[0]

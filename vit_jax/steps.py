@@ -205,10 +205,13 @@ def microbatches_per_step(config: ExperimentConfig, runner: Runner) -> int:
   """Micro-batches per device per training step, after checking that the devices share both
   batches.
 
-  Raises a one-line ValueError naming the config field that they cannot share.
+  Raises a one-line ValueError naming the config field that they cannot share. An
+  unresolved microbatch_size='auto' (`vit_jax.auto.resolve` chooses it) counts as one.
   """
   runner.check_batch_size("batch_size", config.batch_size)
   runner.check_batch_size("eval_batch_size", config.eval_batch_size)
+  if config.microbatch_size == "auto":
+    return 1
   return runner.num_microbatches(config.batch_size, config.microbatch_size)
 
 
@@ -217,6 +220,9 @@ def compile_train_step(config: ExperimentConfig, runner: Runner):
 
   The state's buffers are donated: the caller keeps only the returned state.
   """
+  if config.microbatch_size == "auto":
+    raise ValueError("config.microbatch_size='auto' is chosen when a run starts "
+                     "(vit_jax.auto.resolve), before the step is compiled")
   step = functools.partial(
       _train_on_indices, config=config,
       num_microbatches=microbatches_per_step(config, runner))

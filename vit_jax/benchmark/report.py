@@ -54,8 +54,9 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
   """
   config = validate(config)
   runner = Runner(choose_mode(config.parallel))
-  microbatches = steps.microbatches_per_step(config, runner)
+  steps.microbatches_per_step(config, runner)  # batches the devices cannot share fail here
   config, choices = auto.resolve(config, runner.num_devices)
+  microbatches = steps.microbatches_per_step(config, runner)
   peak = timing.MatmulPeak(config.model.compute_dtype, peak_size)
   result: dict[str, Any] = {
       "date": time.strftime("%Y-%m-%d"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 KERNELS = ("einsum", "fused_cpu")
-HEAD_DIMS = (16, 32, 64)  # the fused kernel's head dims
+HEAD_DIMS = (4, 8, 16, 32, 64)  # the fused kernel's head dims
 MAX_TOKENS = 128  # and its longest sequence
 
 

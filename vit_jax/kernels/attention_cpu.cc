@@ -11,7 +11,9 @@
 // where it cannot be built the model takes the einsum path. Written for vectors of kLanes
 // floats: 16 with AVX-512, 8 with AVX2 (16 registers instead of 32, so the scores are
 // computed a few vectors at a time).
-// A vector holds kLanes of a head's row (16, 32 or 64 wide) or of a row's scores.
+// A vector holds kLanes of a row's scores; a head's row (4 to 64 wide) is held in vectors of
+// min(D, kLanes) floats, so that heads of 4 and 8 (16 or 8 heads over a width of 64) take
+// the kernel too.
 
 #include <algorithm>
 #include <atomic>
@@ -50,6 +52,18 @@ typedef float v4 __attribute__((vector_size(16)));
 inline vec load(const float* p) { return *reinterpret_cast<const vec_unaligned*>(p); }
 inline void store(float* p, vec x) { *reinterpret_cast<vec_unaligned*>(p) = x; }
 inline vec splat(float x) { return vec{} + x; }
+
+// A head's row of D floats as D / Row<D>::kWidth vectors: of the machine's width, or of the
+// whole row where it is narrower (an SSE or AVX2 vector).
+template <int D>
+struct Row {
+  static constexpr int kWidth = D < kLanes ? D : kLanes;
+  static constexpr int kCount = D / kWidth;
+  typedef float type __attribute__((vector_size(4 * kWidth)));
+  typedef float unaligned __attribute__((vector_size(4 * kWidth), aligned(4)));
+  static type load(const float* p) { return *reinterpret_cast<const unaligned*>(p); }
+  static void store(float* p, type x) { *reinterpret_cast<unaligned*>(p) = x; }
+};
 
 // exp(x) for x <= 0: Cody-Waite reduction to r in [-ln2/2, ln2/2], a degree-6 polynomial
 // for exp(r), times 2^n built in the exponent bits. About 1 ulp. Below -87 it returns
@@ -94,12 +108,15 @@ inline float sum_of(vec x) { return reduce(x, [](auto a, auto b) { return a + b;
 
 constexpr int kRows = 4;  // queries per block: the key (or value) loaded once serves four
 
-// One head of n tokens and D = kLanes * DV dims; NB = ceil(n / kLanes) vectors span a row
-// of scores. Holds the padded copies a head needs; one per chunk of heads, reused over them.
-template <int DV, int NB>
+// One head of n tokens and D dims; NB = ceil(n / kLanes) vectors span a row of scores.
+// Holds the padded copies a head needs; one per chunk of heads, reused over them.
+template <int D, int NB>
 class Head {
+  using R = Row<D>;
+  using rvec = typename R::type;
+  static constexpr int DV = R::kCount, kRowLanes = R::kWidth;
+
  public:
-  static constexpr int D = kLanes * DV;
   static constexpr int W = kLanes * NB;  // a row of scores, padded to whole vectors
   // Score vectors per pass of rows_times_transposed: kRows accumulators for each, its
   // column and a broadcast factor must all fit in the registers.
@@ -122,17 +139,17 @@ class Head {
       rows_times_transposed(q_.data() + i0 * D, scores);  // Q K^T
 #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r) softmax(scores + r * W);
-      vec o[kRows][DV] = {};
+      rvec o[kRows][DV] = {};
       for (int j = 0; j < n_; ++j) {  // out = weights V
 #pragma GCC unroll 4
         for (int c = 0; c < DV; ++c) {
-          const vec vj = load(v + j * D + c * kLanes);
+          const rvec vj = R::load(v + j * D + c * kRowLanes);
 #pragma GCC unroll 4
           for (int r = 0; r < kRows; ++r) o[r][c] += scores[r * W + j] * vj;
         }
       }
       for (int r = 0; r < kRows && i0 + r < n_; ++r) {
-        for (int c = 0; c < DV; ++c) store(out + (i0 + r) * D + c * kLanes, o[r][c]);
+        for (int c = 0; c < DV; ++c) R::store(out + (i0 + r) * D + c * kRowLanes, o[r][c]);
         std::memcpy(weights + (i0 + r) * n_, scores + r * W, n_ * sizeof(float));
       }
     }
@@ -158,17 +175,17 @@ class Head {
           for (int j = 0; j < n_; ++j) ds[r * W + j] += d_weights[i * n_ + j];
         softmax_backward(weights_.data() + i * W, ds + r * W);
       }
-      vec dq_rows[kRows][DV] = {}, q_rows[kRows][DV], d_out_rows[kRows][DV];
+      rvec dq_rows[kRows][DV] = {}, q_rows[kRows][DV], d_out_rows[kRows][DV];
       for (int r = 0; r < kRows; ++r)
         for (int c = 0; c < DV; ++c) {
-          q_rows[r][c] = load(q_.data() + (i0 + r) * D + c * kLanes);
-          d_out_rows[r][c] = load(d_out_.data() + (i0 + r) * D + c * kLanes);
+          q_rows[r][c] = R::load(q_.data() + (i0 + r) * D + c * kRowLanes);
+          d_out_rows[r][c] = R::load(d_out_.data() + (i0 + r) * D + c * kRowLanes);
         }
       for (int j = 0; j < n_; ++j) {
 #pragma GCC unroll 4
         for (int c = 0; c < DV; ++c) {
-          const vec kj = load(k + j * D + c * kLanes);
-          vec dkj = load(dk + j * D + c * kLanes), dvj = load(dv + j * D + c * kLanes);
+          const rvec kj = R::load(k + j * D + c * kRowLanes);
+          rvec dkj = R::load(dk + j * D + c * kRowLanes), dvj = R::load(dv + j * D + c * kRowLanes);
 #pragma GCC unroll 4
           for (int r = 0; r < kRows; ++r) {
             const float ds_rj = ds[r * W + j], p_rj = weights_[(i0 + r) * W + j];
@@ -176,12 +193,12 @@ class Head {
             dkj += ds_rj * q_rows[r][c];             // dK = dS^T Q
             dvj += p_rj * d_out_rows[r][c];          // dV = P^T dO
           }
-          store(dk + j * D + c * kLanes, dkj);
-          store(dv + j * D + c * kLanes, dvj);
+          R::store(dk + j * D + c * kRowLanes, dkj);
+          R::store(dv + j * D + c * kRowLanes, dvj);
         }
       }
       for (int r = 0; r < kRows && i0 + r < n_; ++r)
-        for (int c = 0; c < DV; ++c) store(dq + (i0 + r) * D + c * kLanes, dq_rows[r][c]);
+        for (int c = 0; c < DV; ++c) R::store(dq + (i0 + r) * D + c * kRowLanes, dq_rows[r][c]);
     }
   }
 
@@ -264,14 +281,14 @@ class Head {
 
 constexpr int kMaxTokens = 128;
 
-// Calls f.template operator()<DV, NB>() for the NB in 1 + Bs that equals nb.
-template <int DV, typename F, int... Bs>
+// Calls f.template operator()<D, NB>() for the NB in 1 + Bs that equals nb.
+template <int D, typename F, int... Bs>
 bool ByTokens(int64_t nb, F& f, std::integer_sequence<int, Bs...>) {
-  return ((nb == Bs + 1 && (f.template operator()<DV, Bs + 1>(), true)) || ...);
+  return ((nb == Bs + 1 && (f.template operator()<D, Bs + 1>(), true)) || ...);
 }
 
-// Calls f.template operator()<DV, NB>() for head dim d = kLanes DV and n <= kLanes NB
-// tokens; false for shapes the kernel does not cover (fused_attention.supports says which).
+// Calls f.template operator()<D, NB>() for head dim d = D and n <= kLanes NB tokens; false
+// for shapes the kernel does not cover (vit_jax.kernels.supports says which).
 template <typename F>
 bool Dispatch(int64_t d, int64_t n, F f) {
   static_assert(kMaxTokens % kLanes == 0);
@@ -279,9 +296,11 @@ bool Dispatch(int64_t d, int64_t n, F f) {
   const int64_t nb = (n + kLanes - 1) / kLanes;
   if (n < 1 || n > kMaxTokens) return false;
   switch (d) {
-    case 16: return ByTokens<16 / kLanes>(nb, f, blocks);
-    case 32: return ByTokens<32 / kLanes>(nb, f, blocks);
-    case 64: return ByTokens<64 / kLanes>(nb, f, blocks);
+    case 4: return ByTokens<4>(nb, f, blocks);
+    case 8: return ByTokens<8>(nb, f, blocks);
+    case 16: return ByTokens<16>(nb, f, blocks);
+    case 32: return ByTokens<32>(nb, f, blocks);
+    case 64: return ByTokens<64>(nb, f, blocks);
     default: return false;
   }
 }
@@ -350,17 +369,17 @@ bool WeightsShaped(const F32& x, std::initializer_list<const F32*> arrays) {
 
 ffi::Error Unsupported(const Shape& s) {
   return ffi::Error::InvalidArgument(
-      "fused attention supports head dims 16, 32, 64 and 1 to " + std::to_string(kMaxTokens) +
+      "fused attention supports head dims 4, 8, 16, 32, 64 and 1 to " + std::to_string(kMaxTokens) +
       " tokens, got head dim " + std::to_string(s.d) + " and " + std::to_string(s.n) +
       " tokens");
 }
 
-// Runs per_head(head, h) for every head h, with a Head<DV, NB> for each chunk of heads.
+// Runs per_head(head, h) for every head h, with a Head<D, NB> for each chunk of heads.
 template <typename PerHead>
 ffi::Error OverHeads(ffi::ThreadPool& pool, const Shape& s, PerHead per_head) {
-  const bool ok = Dispatch(s.d, s.n, [&]<int DV, int NB>() {
+  const bool ok = Dispatch(s.d, s.n, [&]<int D, int NB>() {
     ForEachChunk(pool, s.heads, [&](int64_t begin, int64_t end) {
-      Head<DV, NB> head(s.n);
+      Head<D, NB> head(s.n);
       for (int64_t h = begin; h < end; ++h) per_head(head, h);
     });
   });

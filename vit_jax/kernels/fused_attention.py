@@ -7,11 +7,11 @@ and the softmax between them as separate operations, each through memory;
 forward and backward, as an XLA FFI custom call (docs/performance.md, "Attention as one
 kernel", has the figures). `build.py` compiles it on first use.
 
-It needs float32, no mask, a head dim in `kernels.HEAD_DIMS` and at most
-`kernels.MAX_TOKENS` tokens. Where it cannot be built (no compiler, no AVX2), `attend` warns
-once and uses `attention.attend`, as it does when the computation is compiled for a GPU or
-TPU. It differentiates once, in reverse mode: `jax.grad` of `jax.grad` and `jax.jvp` raise
-errors that say so.
+It computes in float32 whatever the model's compute_dtype, takes no mask, and needs a head
+dim in `kernels.HEAD_DIMS` and at most `kernels.MAX_TOKENS` tokens. Where it cannot be built
+(no compiler, no AVX2), `attend` warns once and uses `attention.attend`, as it does when the
+computation is compiled for a GPU or TPU. It differentiates once, in reverse mode: `jax.grad`
+of `jax.grad` and `jax.jvp` raise errors that say so.
 """
 
 from __future__ import annotations
@@ -64,21 +64,20 @@ def available() -> bool:
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: None = None,
            compute_dtype=None) -> tuple[jax.Array, jax.Array]:
-  """`attention.attend(q, k, v)` (float32, no mask), by the fused kernel on CPUs.
+  """`attention.attend(q, k, v)` in float32, no mask, by the fused kernel on CPUs.
 
   Args:
     q, k, v: (B, H, N, D/H) each.
-    mask, compute_dtype: as `attention.attend` takes them, but only None (float32): the
-      kernel has no mask and computes in float32.
+    mask: as `attention.attend` takes it, but only None: the kernel has no mask.
+    compute_dtype: ignored: the kernel computes in float32 (in a mixed-precision model the
+      projections take bfloat16 operands, the attention's two products stay float32).
 
   Returns:
     out: (B, H, N, D/H) and weights: (B, H, N, N), as `attention.attend`.
   """
   if mask is not None:
     raise ValueError("attention_kernel='fused_cpu' takes no mask: use 'einsum'")
-  if compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.float32:
-    raise ValueError(f"attention_kernel='fused_cpu' computes in float32, not {compute_dtype}: "
-                     "use 'einsum'")
+  del compute_dtype
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([q, k, v])
   tokens, head_dim = q.shape[-2:]

@@ -1,0 +1,124 @@
+"""How the step's cost grows with the work: images/s and MFU against heads, tokens, width
+and batch, each varied alone from one config, all measured in one process.
+
+    python -m vit_jax.benchmark.scaling --out=scaling.json
+
+Every variant is resolved as a run would resolve it (`vit_jax.auto`: the attention path is
+chosen for its own heads) and timed against the same matmul peak, so the rows compare
+within one run; `heads_16_over_4` is the 16-head step's training images/s over the 4-head
+one's at width 64, the sweep's worst case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from vit_jax import auto, host_cpu
+from vit_jax.benchmark import flops, step_speed, timing
+from vit_jax.benchmark.report import REPO
+from vit_jax.experiment_config import ExperimentConfig, validate
+from vit_jax.parallel import Runner, choose_mode
+
+# (what varies, its values): each row changes one thing of the base config.
+AXES = {"num_heads": (1, 2, 4, 8, 16), "patch_size": (7, 4, 2),
+        "hidden_size": (32, 64, 128), "batch_size": (64, 128, 256)}
+
+
+def variant(config: ExperimentConfig, axis: str, value: int) -> ExperimentConfig:
+  """`config` with one field changed (a model field or the batch); the MLP keeps its ratio."""
+  if axis == "batch_size":
+    return dataclasses.replace(config, batch_size=value)
+  changes = {axis: value}
+  if axis == "hidden_size":
+    changes["mlp_dim"] = config.model.mlp_dim * value // config.model.hidden_size
+  return dataclasses.replace(config, model=dataclasses.replace(config.model, **changes))
+
+
+def measure(config: ExperimentConfig, runner: Runner, peak: timing.MatmulPeak,
+            steps_per_window: int, windows: int) -> dict[str, Any]:
+  """One row: the variant's choices, images/s and MFU."""
+  config, choices = auto.resolve(config, runner.num_devices)
+  speed = step_speed.measure_steps(config, runner, peak, steps_per_window, windows)
+  peak_flops = sorted(peak.measured)[len(peak.measured) // 2]
+  c = config.model
+  return {
+      "heads": c.num_heads, "head_dim": c.head_dim, "tokens": c.num_tokens,
+      "width": c.hidden_size, "batch": config.batch_size,
+      "attention": c.attention_kernel, "choices": choices,
+      "train_images_per_sec": speed["train_images_per_sec"],
+      "eval_images_per_sec": speed["eval_images_per_sec"],
+      "train_mfu": speed["train_images_per_sec"] * flops.train_flops(c) / peak_flops,
+      "eval_mfu": speed["eval_images_per_sec"] * flops.forward_flops(c) / peak_flops,
+  }
+
+
+def run(config: ExperimentConfig, steps_per_window: int = 5, windows: int = 3,
+        axes: dict[str, tuple[int, ...]] = AXES) -> dict[str, Any]:
+  """Every row of `axes`, with the machine's description and the 16-over-4-heads ratio."""
+  config = validate(config)
+  runner = Runner(choose_mode(config.parallel))
+  # Every row computes in the precision the base config resolves to, the peak's too.
+  peak = timing.MatmulPeak(auto.choose_compute_dtype(config.model)[0])
+  rows = []
+  for axis, values in axes.items():
+    for value in values:
+      start = time.perf_counter()
+      row = {"varied": axis, **measure(variant(config, axis, value), runner, peak,
+                                        steps_per_window, windows)}
+      print(f"{axis}={value}: {row['train_images_per_sec']:.0f} training images/s, "
+            f"{row['attention']} ({time.perf_counter() - start:.0f} s)", flush=True)
+      rows.append(row)
+  result = {"date": time.strftime("%Y-%m-%d"), "num_devices": runner.num_devices,
+            **(host_cpu.describe() if jax.default_backend() == "cpu" else {}),
+            "matmul_peak_flops": sorted(peak.measured)[len(peak.measured) // 2],
+            "rows": rows}
+  by_heads = {r["heads"]: r for r in rows if r["varied"] == "num_heads"}
+  if 4 in by_heads and 16 in by_heads:
+    result["heads_16_over_4"] = (by_heads[16]["train_images_per_sec"]
+                                 / by_heads[4]["train_images_per_sec"])
+  return result
+
+
+def table(result: dict[str, Any]) -> str:
+  """The rows as a markdown table."""
+  lines = ["| varied | heads x dim | tokens | width | batch | attention | training images/s "
+           "| training MFU | evaluation images/s | evaluation MFU |", "|" + " --- |" * 10]
+  for r in result["rows"]:
+    lines.append(f"| {r['varied']} | {r['heads']} x {r['head_dim']} | {r['tokens']} | "
+                 f"{r['width']} | {r['batch']} | {r['attention']} | "
+                 f"{r['train_images_per_sec']:,.0f} | {100 * r['train_mfu']:.1f} % | "
+                 f"{r['eval_images_per_sec']:,.0f} | {100 * r['eval_mfu']:.1f} % |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  config = flags.FLAGS.config
+  print(host_cpu.configure(flags.FLAGS.cpu_devices, (config.batch_size,
+                                                     config.eval_batch_size)))
+  result = run(config, flags.FLAGS.steps_per_window, flags.FLAGS.windows)
+  print(table(result))
+  if "heads_16_over_4" in result:
+    print(f"16 heads over 4 heads, training images/s: {result['heads_16_over_4']:.2f}x")
+  if flags.FLAGS.out:
+    Path(flags.FLAGS.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", str(REPO / "experiments" / "mnist.py"),
+                                  "The base config.", lock_config=True)
+  flags.DEFINE_string("cpu_devices", "auto", "As launch.py's.")
+  flags.DEFINE_integer("windows", 3, "Timed windows per row.")
+  flags.DEFINE_integer("steps_per_window", 5, "Training steps per window.")
+  flags.DEFINE_string("out", None, "Write the rows as JSON here.")
+  app.run(main)
