@@ -5,6 +5,7 @@
     python experiments/sweep_heads.py --root=runs/sweep --qkv=tied_qk,identity_v,low_rank:2
     python experiments/sweep_heads.py --root=runs/sweep_hs --fixed=head_dim    # width grows
     python experiments/sweep_heads.py --root=runs/sweep --config.num_epochs=1  # any override
+    python experiments/sweep_heads.py --root=runs/sweep --vmap_seeds   # a setting's seeds as one
 
 Runs go through the same `train_and_evaluate` as launch.py, one workdir each under
 --root. Rerunning skips finished runs and resumes interrupted ones. Several processes may
@@ -36,6 +37,9 @@ flags.DEFINE_string("cpu_devices", "auto", "Split the CPU into this many JAX dev
                     "launch.py does ('auto': one per core).")
 flags.DEFINE_bool("report_only", False, "Train nothing: write the reports from the runs "
                   "finished under --root (all of them must be).")
+flags.DEFINE_bool("vmap_seeds", False, "Train each setting's seeds as one compiled step "
+                  "(vit_jax.seeds: jax.vmap over their stacked states), the same results up to "
+                  "float rounding; off by default: docs/performance.md measures it on CPUs.")
 flags.DEFINE_enum("fixed", "width", ["width", "head_dim"],
                   "Keep the width (head dim = width / heads) or the head dim.")
 
@@ -54,7 +58,7 @@ def main(argv):
   runs = sweep.plan(base, [int(h) for h in FLAGS.heads], range(FLAGS.seeds), FLAGS.qkv,
                     FLAGS.fixed)
   data = None if FLAGS.report_only else train.load_data(base)
-  records = sweep.run_all(runs, Path(FLAGS.root), data)
+  records = sweep.run_all(runs, Path(FLAGS.root), data, vmap_seeds=FLAGS.vmap_seeds)
   if len(records) < len(runs):  # what the other processes finished meanwhile
     records = sweep.run_all(runs, Path(FLAGS.root), None, say=lambda _: None)
   if len(records) < len(runs):  # others still train: the last process to finish reports

@@ -96,6 +96,29 @@ def test_benchmark_runs_and_counts_flops_like_xla(parallel, microbatch_size):
       result["train_images_per_sec"] / result["baseline_train_images_per_sec"])
   assert result["attention_kernel"] == ("fused_cpu" if ran_kernel else "einsum")
   assert result["attention_kernel_lanes"] in ((8, 16) if ran_kernel else (None,))
+  # Three seeds in one vmapped step, each seed's images/s against the one run's.
+  assert result["vmapped_seeds"] == 3 and result["vmapped_train_images_per_sec_per_seed"] > 0
+  assert result["vmapped_seeds_speedup"] == pytest.approx(
+      result["vmapped_train_images_per_sec_per_seed"] / result["train_images_per_sec"])
+
+
+def test_the_scaling_benchmark_varies_one_thing_a_row():
+  from vit_jax.benchmark import scaling
+
+  config = ExperimentConfig(model=get_model_config("testing", hidden_size=32, num_heads=2),
+                            batch_size=32, eval_batch_size=32, parallel="jit")
+  wider = scaling.variant(config, "hidden_size", 64)
+  assert (wider.model.hidden_size, wider.model.mlp_dim) == (64, 2 * config.model.mlp_dim)
+  axes = {"num_heads": (4, 16), "patch_size": (7, 14), "batch_size": (16,)}
+  result = scaling.run(config, steps_per_window=1, windows=1, axes=axes)
+  rows = result["rows"]
+  assert [(r["varied"], r["heads"], r["head_dim"], r["tokens"], r["batch"]) for r in rows] == [
+      ("num_heads", 4, 8, 17, 32), ("num_heads", 16, 2, 17, 32),
+      ("patch_size", 2, 16, 17, 32), ("patch_size", 2, 16, 5, 32), ("batch_size", 2, 16, 17, 16)]
+  assert all(r["train_images_per_sec"] > 0 and 0 < r["train_mfu"] < 1.5 for r in rows)
+  assert result["heads_16_over_4"] == pytest.approx(rows[1]["train_images_per_sec"]
+                                                    / rows[0]["train_images_per_sec"])
+  assert scaling.table(result).count("\n") == len(rows) + 1
 
 
 def _kernel_available() -> bool:

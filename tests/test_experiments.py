@@ -194,6 +194,24 @@ def test_a_run_another_process_holds_is_skipped_and_reports_wait(tmp_path, monke
   assert trained == [runs[1][0].name]
 
 
+def test_vmapped_seeds_leave_each_run_as_a_separate_run_would(tmp_path, digits):
+  data = {"train": {k: v[:256] for k, v in digits["train"].items()},
+          "test": {k: v[:200] for k, v in digits["test"].items()}}
+  runs = sweep.plan(base_config(), heads=[2], seeds=[0, 1, 2])
+  alone = sweep.run_all(runs[:1], tmp_path / "alone", data, say=lambda _: None)
+  said = []
+  records = sweep.run_all(runs[1:], tmp_path, data, say=said.append, vmap_seeds=True)
+  assert "training 2 seeds as one" in said[0] and (tmp_path / "fused_h2_w16_s1-2").is_dir()
+  assert [r["seed"] for r in records] == [1, 2]
+  assert all((tmp_path / r["name"] / "result.json").is_file() for r in records)
+  # Seed 0 joins them: the finished seeds are skipped, the one left trains on its own.
+  said.clear()
+  records = sweep.run_all(runs, tmp_path, data, say=said.append, vmap_seeds=True)
+  assert "2 of 3 finished before" in said[0] and said[1].endswith("training")
+  assert [r["seed"] for r in records] == [0, 1, 2]
+  assert records[0]["eval_loss"] == pytest.approx(alone[0]["eval_loss"], rel=1e-5)
+
+
 def test_summary_table_and_plot_from_fake_records(tmp_path):
   runs = sweep.plan(base_config(), heads=[1, 2], seeds=[0, 1, 2], qkv_modes=["fused", "identity"])
   accuracies = {0: 0.90, 1: 0.92, 2: 0.94}

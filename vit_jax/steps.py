@@ -215,9 +215,12 @@ def microbatches_per_step(config: ExperimentConfig, runner: Runner) -> int:
   return runner.num_microbatches(config.batch_size, config.microbatch_size)
 
 
-def compile_train_step(config: ExperimentConfig, runner: Runner):
+def compile_train_step(config: ExperimentConfig, runner: Runner, seeds: bool = False):
   """`_train_on_indices` for `runner`: (state, data, indices, positions, rng) -> (state, metrics).
 
+  With `seeds`, the step of several seeds at once (`vit_jax.seeds`): `jax.vmap` over a state
+  stacked on a leading seed axis, indices (B, seeds) (a column per seed) and rng (seeds, 2);
+  the data and positions are shared, the metrics gain the seed axis.
   The state's buffers are donated: the caller keeps only the returned state.
   """
   if config.microbatch_size == "auto":
@@ -226,7 +229,17 @@ def compile_train_step(config: ExperimentConfig, runner: Runner):
   step = functools.partial(
       _train_on_indices, config=config,
       num_microbatches=microbatches_per_step(config, runner))
+  if seeds:
+    step = _over_seeds(step)
   return runner.compile(step, in_axes=(0, 0, 0, 0, None), donate_argnums=(0,))
+
+
+def _over_seeds(step):
+  def seeded(states, data, indices, positions, rngs, *, axis_name):
+    one_seed = functools.partial(step, axis_name=axis_name)
+    return jax.vmap(one_seed, in_axes=(0, None, 1, None, 0))(states, data, indices, positions,
+                                                             rngs)
+  return seeded
 
 
 def _eval_on_indices(state, data, indices, mask, *, dataset: str, axis_name):

@@ -10,6 +10,7 @@ Layer 4 of vit_jax.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from vit_jax import analysis, inference, train
+from vit_jax import analysis, inference, seeds, train
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.files import write_text_atomically
 from vit_jax.locks import WorkdirBusyError, WorkdirLock
@@ -73,7 +74,32 @@ def run_one(run: Run, config: ExperimentConfig, workdir: Path, data: dict) -> di
   resumed = (workdir / "checkpoints").is_dir()
   start = time.monotonic()
   final = train.train_and_evaluate(config, workdir, data=data)
-  wall = time.monotonic() - start
+  return _write_record(run, config, workdir, final, time.monotonic() - start, resumed, data)
+
+
+def run_seeds(group: list[tuple[Run, ExperimentConfig]], root: Path, data: dict
+              ) -> list[dict[str, Any]]:
+  """Trains (or resumes) the runs of one setting, differing only in seed, as one
+  (`vit_jax.seeds`); each run's workdir and result.json are as `run_one` leaves them."""
+  workdir = Path(root) / group_name([run for run, _ in group])
+  resumed = (workdir / "checkpoints").is_dir()
+  start = time.monotonic()
+  finals = seeds.train_and_evaluate_seeds(group[0][1], [r.seed for r, _ in group], workdir,
+                                          [Path(root) / r.name for r, _ in group], data)
+  wall = time.monotonic() - start  # the group's, shared by its runs
+  return [_write_record(r, c, Path(root) / r.name, f, wall, resumed, data)
+          for (r, c), f in zip(group, finals, strict=True)]
+
+
+def group_name(runs: list[Run]) -> str:
+  """The workdir of a setting's seeds trained as one (their stacked checkpoints), e.g.
+  fused_h4_w64_s0-1-2; its seeds are in its name, since another set is another group."""
+  setting = dataclasses.replace(runs[0], seed=0).name.removesuffix("_s0")
+  return f"{setting}_s{'-'.join(str(run.seed) for run in runs)}"
+
+
+def _write_record(run: Run, config: ExperimentConfig, workdir: Path, final: dict,
+                  wall: float, resumed: bool, data: dict) -> dict[str, Any]:
   state = inference.restore_state(config, workdir)
   _, maps = analysis.collect_attention(state, data["test"]["image"][:ENTROPY_IMAGES],
                                        config.dataset)
@@ -113,42 +139,63 @@ def finished_record(workdir: Path, config: ExperimentConfig) -> dict[str, Any] |
 
 
 def run_all(runs: list[tuple[Run, ExperimentConfig]], root: Path, data: dict | None,
-            say: Callable[[str], None] = print) -> list[dict[str, Any]]:
+            say: Callable[[str], None] = print, vmap_seeds: bool = False
+            ) -> list[dict[str, Any]]:
   """Runs what is neither finished nor taken, skips the rest; returns the finished records.
 
   Several processes (hosts, GPUs, a SLURM job array) may share one `root`: each run is
   claimed by a lock in its workdir (`sweep_lock`) before it trains, so a run that another
   process holds is skipped, not trained twice. `data` None: only collect what is finished.
+  `vmap_seeds`: the unfinished seeds of each setting train as one (`run_seeds`).
   """
-  records = []
-  for i, (run, config) in enumerate(runs, 1):
-    workdir = Path(root) / run.name
-    tag = f"[{i}/{len(runs)}] {run.name}"
-    record = finished_record(workdir, config)
-    if record is not None:
-      say(f"{tag}: finished before, skipped")
-    elif data is not None:
-      record = _claim_and_run(run, config, workdir, data,
-                              lambda text, tag=tag: say(f"{tag}: {text}"))
-    if record is not None:
-      records.append(record)
+  records, groups = [], _groups(runs, vmap_seeds)
+  for i, group in enumerate(groups, 1):
+    tag = f"[{i}/{len(groups)}] {group_name([run for run, _ in group])}"
+    done = {run: finished_record(Path(root) / run.name, config) for run, config in group}
+    left = [(run, config) for run, config in group if done[run] is None]
+    if len(left) < len(group):
+      say(f"{tag}: {len(group) - len(left)} of {len(group)} finished before, skipped")
+    if left and data is not None:
+      done.update(_claim_and_run(left, Path(root), data,
+                                 lambda text, tag=tag: say(f"{tag}: {text}")))
+    records += [done[run] for run, _ in group if done[run] is not None]
   return records
 
 
-def _claim_and_run(run: Run, config: ExperimentConfig, workdir: Path, data: dict,
-                   say: Callable[[str], None]) -> dict[str, Any] | None:
-  """Trains the run unless another process holds it: its record, or None if taken."""
-  workdir.mkdir(parents=True, exist_ok=True)
+def _groups(runs: list[tuple[Run, ExperimentConfig]], vmap_seeds: bool
+            ) -> list[list[tuple[Run, ExperimentConfig]]]:
+  """The runs one by one, or with `vmap_seeds` gathered by setting (all but the seed)."""
+  if not vmap_seeds:
+    return [[entry] for entry in runs]
+  groups: dict[Run, list] = {}
+  for run, config in runs:
+    groups.setdefault(dataclasses.replace(run, seed=0), []).append((run, config))
+  return list(groups.values())
+
+
+def _claim_and_run(group: list[tuple[Run, ExperimentConfig]], root: Path, data: dict,
+                   say: Callable[[str], None]) -> dict[Run, dict[str, Any]]:
+  """Trains the runs of `group` unless another process holds one: their records ({} if
+  taken)."""
   try:
-    with WorkdirLock(workdir, "sweep_lock"):
-      record = finished_record(workdir, config)  # another process may have just finished it
-      if record is not None:
-        say("finished by another process")
-        return record
-      say("resuming" if (workdir / "checkpoints").is_dir() else "training")
-      record = run_one(run, config, workdir, data)
-      say(f"test accuracy {record['eval_accuracy']:.4f}")
-      return record
+    with contextlib.ExitStack() as locks:
+      for run, _ in group:
+        (root / run.name).mkdir(parents=True, exist_ok=True)
+        locks.enter_context(WorkdirLock(root / run.name, "sweep_lock"))
+      # Another process may have just finished some.
+      records = {run: finished_record(root / run.name, config) for run, config in group}
+      left = [(run, config) for run, config in group if records[run] is None]
+      if len(left) < len(group):
+        say(f"{len(group) - len(left)} finished by another process")
+      if left:
+        held = root / (group_name([r for r, _ in left]) if len(left) > 1 else left[0][0].name)
+        say(("resuming" if (held / "checkpoints").is_dir() else "training")
+            + (f" {len(left)} seeds as one" if len(left) > 1 else ""))
+        new = (run_seeds(left, root, data) if len(left) > 1
+               else [run_one(left[0][0], left[0][1], root / left[0][0].name, data)])
+        records.update({run: record for (run, _), record in zip(left, new, strict=True)})
+        say("test accuracy " + ", ".join(f"{r['eval_accuracy']:.4f}" for r in new))
+      return records
   except WorkdirBusyError:
     say("taken by another process, skipped")
-    return None
+    return {}

@@ -19,6 +19,7 @@ from vit_jax.experiment_config import validate
 from vit_jax.parallel import Runner, choose_mode
 
 REPO = Path(__file__).resolve().parent.parent.parent
+VMAPPED_SEEDS = 3  # a sweep's seeds per setting
 
 
 def time_to_accuracy(config_path: str, overrides: list[str], targets: list[float],
@@ -73,6 +74,13 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
       "eval_batch_size": config.eval_batch_size,
   }
   result.update(step_speed.measure_steps(config, runner, peak, steps_per_window, windows))
+  # A sweep's seeds in one vmapped step (vit_jax.seeds): images/s of each seed against the
+  # one run's just above.
+  result["vmapped_seeds"] = VMAPPED_SEEDS
+  result["vmapped_train_images_per_sec_per_seed"] = step_speed.seeds_train_images_per_second(
+      config, runner, peak, VMAPPED_SEEDS, steps_per_window, windows)
+  result["vmapped_seeds_speedup"] = (result["vmapped_train_images_per_sec_per_seed"]
+                                     / result["train_images_per_sec"])
   result.update(ceiling.matmul_only_speed(config.model, config.batch_size // microbatches,
                                           config.eval_batch_size, peak, runner))
   result.update(baseline.measure(config, peak, steps_per_window, windows))

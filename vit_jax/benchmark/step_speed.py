@@ -17,6 +17,7 @@ from vit_jax import input_pipeline, steps
 from vit_jax.benchmark import flops, timing
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.parallel import Runner
+from vit_jax.seeds import stack
 
 
 def synthetic_digits(config: ExperimentConfig, num_examples: int) -> dict[str, np.ndarray]:
@@ -35,25 +36,8 @@ def measure_steps(config: ExperimentConfig, runner: Runner, peak: timing.MatmulP
   eval_batches = -(-config.batch_size * steps_per_window // config.eval_batch_size)
   num_examples = eval_batches * config.eval_batch_size
   device_data = runner.replicate(synthetic_digits(config, num_examples))
-  holder = {"state": runner.replicate(steps.create_train_state(config, total_steps=10_000))}
-  order = input_pipeline.EpochOrder(num_examples, config.batch_size, config.seed)
-  positions = runner.split_batch(np.arange(config.batch_size, dtype=np.int32))
-  key = jax.random.PRNGKey(0)
-
-  step_fn = steps.compile_train_step(config, runner)
-  start = time.perf_counter()
-  compiled = step_fn.lower(holder["state"], device_data, runner.split_batch(order.indices(0)),
-                           positions, key).compile()
-  compile_seconds = time.perf_counter() - start
-
-  def train_window():
-    state = holder["state"]
-    for i in range(steps_per_window):
-      state, metrics = step_fn(state, device_data, runner.split_batch(order.indices(i)),
-                               positions, jax.random.fold_in(key, i))
-    jax.block_until_ready(metrics)
-    holder["state"] = state
-
+  train_window, holder, compiled, compile_seconds = _training(
+      config, runner, device_data, num_examples, steps_per_window)
   evaluate = steps.Evaluator(runner, device_data, num_examples, config.eval_batch_size,
                              config.dataset)
   return {
@@ -66,6 +50,53 @@ def measure_steps(config: ExperimentConfig, runner: Runner, peak: timing.MatmulP
       "train_step_compile_seconds": compile_seconds,
       **_compiled_costs(config, runner, compiled, evaluate, holder["state"], device_data),
   }
+
+
+def seeds_train_images_per_second(config: ExperimentConfig, runner: Runner,
+                                  peak: timing.MatmulPeak, num_seeds: int,
+                                  steps_per_window: int = 10, windows: int = 5) -> float:
+  """Training images/s per seed with `num_seeds` seeds in one vmapped step (`vit_jax.seeds`):
+  against `train_images_per_sec`, what training a sweep's seeds as one gains or loses."""
+  num_examples = config.batch_size * steps_per_window
+  device_data = runner.replicate(synthetic_digits(config, num_examples))
+  train_window, *_ = _training(config, runner, device_data, num_examples, steps_per_window,
+                               num_seeds)
+  return timing.images_per_second(train_window, windows, config.batch_size * steps_per_window,
+                                  peak)
+
+
+def _training(config: ExperimentConfig, runner: Runner, device_data: Any, num_examples: int,
+              steps_per_window: int, num_seeds: int = 0):
+  """-> (a window of training steps, the holder of its state, the compiled step, its compile
+  seconds); with `num_seeds`, that many seeds' states stacked, a data order each."""
+  seeds = range(num_seeds or 1)
+  states = [steps.create_train_state(dataclasses.replace(config, seed=s), total_steps=10_000)
+            for s in seeds]
+  holder = {"state": runner.replicate(stack(states) if num_seeds else states[0])}
+  orders = [input_pipeline.EpochOrder(num_examples, config.batch_size, s) for s in seeds]
+  positions = runner.split_batch(np.arange(config.batch_size, dtype=np.int32))
+  keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds])
+
+  def arguments(i):
+    indices = np.stack([order.indices(i) for order in orders], axis=1)
+    step_keys = jax.vmap(lambda key: jax.random.fold_in(key, i))(keys)
+    if not num_seeds:
+      indices, step_keys = indices[:, 0], step_keys[0]
+    return runner.split_batch(indices), positions, step_keys
+
+  step_fn = steps.compile_train_step(config, runner, seeds=bool(num_seeds))
+  start = time.perf_counter()
+  compiled = step_fn.lower(holder["state"], device_data, *arguments(0)).compile()
+  compile_seconds = time.perf_counter() - start
+
+  def train_window():
+    state = holder["state"]
+    for i in range(steps_per_window):
+      state, metrics = step_fn(state, device_data, *arguments(i))
+    jax.block_until_ready(metrics)
+    holder["state"] = state
+
+  return train_window, holder, compiled, compile_seconds
 
 
 def _compiled_costs(config: ExperimentConfig, runner: Runner, compiled, evaluate, state,

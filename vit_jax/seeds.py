@@ -1,0 +1,216 @@
+"""Several seeds of one config trained as one: `jax.vmap` over their stacked train states.
+
+Seeds of one configuration share every shape, so one compiled step can update them all
+(`steps.compile_train_step(..., seeds=True)`). Each seed keeps its own parameters, optimizer
+state, data order, augmentation and dropout, drawn from (seed, step) exactly as its own run
+(`train.train_and_evaluate`) draws them, so the results are a separate run's up to float
+rounding (a test holds them to it).
+
+Each seed has a workdir of its own, like a separate run's: config.json (with its seed),
+metrics.jsonl, TensorBoard events and the final checkpoint, so that evaluation, the
+pictures, the analysis and the sweep's report read it as any other run. The stacked state
+is checkpointed in the group's workdir, so an interrupted group resumes where it stopped.
+
+Layer 4 of vit_jax.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from vit_jax import auto, input_pipeline
+from vit_jax.checkpoints import Checkpoints, prepare_workdir, saved_config, write_or_check_config
+from vit_jax.experiment_config import ExperimentConfig, validate
+from vit_jax.interrupt import StopSignal, TrainingInterruptedError
+from vit_jax.locks import WorkdirLock
+from vit_jax.metrics import MetricsWindow, MetricWriter, Progress
+from vit_jax.parallel import Runner, choose_mode
+from vit_jax.run_log import logging_to
+from vit_jax.steps import (
+  Evaluator,
+  compile_train_step,
+  create_train_state,
+  learning_rate_schedule,
+  microbatches_per_step,
+)
+from vit_jax.train import Data, load_data, total_train_steps
+
+
+def stack(trees: Sequence[Any]) -> Any:
+  """Trees of one structure -> one tree whose arrays gain a leading axis (the first tree's
+  static fields, e.g. a TrainState's optimizer, serve them all)."""
+  leaves = [jax.tree_util.tree_leaves(t) for t in trees]
+  return jax.tree_util.tree_structure(trees[0]).unflatten(
+      [np.stack([np.asarray(x) for x in xs]) for xs in zip(*leaves, strict=True)])
+
+
+def unstack(tree: Any, index: int) -> Any:
+  """The `index`-th tree of a stacked one."""
+  return jax.tree_util.tree_map(lambda x: x[index], tree)
+
+
+def train_and_evaluate_seeds(config: Any, seeds: Sequence[int], workdir: str | Path,
+                             seed_workdirs: Sequence[str | Path], data: Data | None = None
+                             ) -> list[dict[str, float]]:
+  """Trains `config` once per seed in `seeds`, all in one compiled step.
+
+  Args:
+    config: as `train.train_and_evaluate` takes it; its own `seed` is replaced by each of
+      `seeds`.
+    workdir: the group's: its config.json and the stacked state's checkpoints.
+    seed_workdirs: one per seed, each laid out as a separate run's workdir.
+    data: as `train.train_and_evaluate` takes it (loaded from `config` if None).
+
+  Returns:
+    Each seed's final metrics, as `train.train_and_evaluate` returns them.
+  """
+  config = validate(config)
+  if len(set(seeds)) != len(seeds) or len(seeds) != len(seed_workdirs) or not seeds:
+    raise ValueError(f"seeds={list(seeds)} must be distinct, at least one, and one per "
+                     f"seed workdir ({len(seed_workdirs)} given)")
+  runner = Runner(choose_mode(config.parallel))
+  microbatches_per_step(config, runner)  # batches the devices cannot share fail here
+  workdir = prepare_workdir(workdir)
+  with WorkdirLock(workdir), logging_to(workdir):
+    config, choices = auto.resolve(config, runner.num_devices, saved_config(workdir))
+    configs = [dataclasses.replace(config, seed=s) for s in seeds]
+    write_or_check_config(workdir, configs[0])
+    dirs = [prepare_workdir(d) for d in seed_workdirs]
+    for seed_dir, seed_config in zip(dirs, configs, strict=True):
+      write_or_check_config(seed_dir, seed_config)
+    group = _Group(configs, workdir, dirs, runner, data if data is not None else load_data(config))
+    with contextlib.closing(group):
+      return group.train(f"running {len(seeds)} seeds as one on {choices}")
+
+
+class _Group:
+  """The seeds' stacked state, their data orders, evaluators and per-seed logs."""
+
+  def __init__(self, configs: list[ExperimentConfig], workdir: Path, dirs: list[Path],
+               runner: Runner, data: Data):
+    self.configs, self.dirs, self.runner, self.config = configs, dirs, runner, configs[0]
+    num_train = len(data["train"]["label"])
+    self.total_steps = total_train_steps(self.config, num_train)
+    self.orders = [input_pipeline.EpochOrder(num_train, c.batch_size, c.seed) for c in configs]
+    self.checkpoints = Checkpoints(workdir, self.config.checkpoint_every_steps,
+                                   self.config.keep_checkpoints)
+    self.train_data = runner.replicate(data["train"])
+    self.evaluators = {
+        prefix: Evaluator(runner, runner.replicate(data[split]), len(data[split]["label"]),
+                          self.config.eval_batch_size, self.config.dataset)
+        for split, prefix in (("validation", "validation"), ("test", "eval")) if split in data}
+    self.watched = "validation" if "validation" in self.evaluators else "eval"
+    self.writers = [MetricWriter(d) for d in dirs]
+    self.quiet = Progress(self.total_steps, 0, enabled=False)
+    self.windows = [MetricsWindow(lambda m, i=i: unstack(runner.unreplicate(m), i), writer,
+                                  self.quiet, self.config.batch_size,
+                                  learning_rate_schedule(self.config, self.total_steps))
+                    for i, writer in enumerate(self.writers)]
+
+  def close(self) -> None:
+    for writer in self.writers:
+      writer.close()
+    self.checkpoints.close()
+
+  def _restore(self) -> Any:
+    fresh = stack([create_train_state(c, self.total_steps) for c in self.configs])
+    restored = self.checkpoints.restore_latest(fresh)
+    return fresh if restored is None else restored
+
+  def _seed_state(self, device_states: Any, index: int) -> Any:
+    return unstack(self.runner.unreplicate(device_states), index)
+
+  def evaluate(self, step: int, device_states: Any, prefixes: tuple[str, ...]
+               ) -> list[dict[str, float]]:
+    """Each seed's loss and accuracy on the splits of `prefixes`, written to its metrics."""
+    results = []
+    for i, (window, writer) in enumerate(zip(self.windows, self.writers, strict=True)):
+      window.flush(step)
+      state = self.runner.replicate(self._seed_state(device_states, i))
+      result = {}
+      for prefix in prefixes:
+        metrics = self.evaluators[prefix](state)
+        result.update({k.replace("eval_", f"{prefix}_"): v for k, v in metrics.items()})
+      writer.write(step, result)
+      results.append(result)
+    for window in self.windows:
+      window.restart_clock()
+    return results
+
+  def save(self, step: int, device_states: Any, force: bool = False) -> None:
+    due = force or step % self.config.checkpoint_every_steps == 0
+    if due and self.checkpoints.latest_step() != step:
+      for window in self.windows:
+        window.flush(step)  # raises on a non-finite loss before anything is written
+      self.checkpoints.save(step, self.runner.unreplicate(device_states), force=force)
+
+  def train(self, first_line: str) -> list[dict[str, float]]:
+    states = self._restore()
+    start = int(np.asarray(states.step).reshape(-1)[0])
+    progress = Progress(self.total_steps, start)
+    try:
+      progress.message(first_line)
+      device_states = self._steps(self.runner.replicate(states), start, progress)
+      results = self.evaluate(self.total_steps, device_states, tuple(self.evaluators))
+    finally:
+      progress.close()
+    finals = []
+    for i, (seed_dir, result) in enumerate(zip(self.dirs, results, strict=True)):
+      seed_checkpoints = Checkpoints(seed_dir)
+      with contextlib.closing(seed_checkpoints):
+        if seed_checkpoints.latest_step() != self.total_steps:
+          seed_checkpoints.save(self.total_steps, self._seed_state(device_states, i),
+                                force=True)
+      finals.append({**self.windows[i].last, **result, "step": self.total_steps})
+    accuracies = ", ".join(f"{f['eval_accuracy']:.4f}" for f in finals)
+    progress.message(f"final test accuracy per seed {accuracies} at step {self.total_steps}")
+    return finals
+
+  def _steps(self, device_states: Any, start: int, progress: Progress) -> Any:
+    step_fn = compile_train_step(self.config, self.runner, seeds=True)
+    keys = np.stack([np.asarray(jax.random.PRNGKey(c.seed)) for c in self.configs])
+    positions = self.runner.split_batch(np.arange(self.config.batch_size, dtype=np.int32))
+    config = self.config
+    with StopSignal() as stop:
+      for done in range(start + 1, self.total_steps + 1):
+        indices = np.stack([order.indices(done - 1) for order in self.orders], axis=1)
+        rngs = jax.vmap(lambda key, step=done - 1: jax.random.fold_in(key, step))(keys)
+        device_states, metrics = step_fn(device_states, self.train_data,
+                                         self.runner.split_batch(indices), positions, rngs)
+        for window in self.windows:
+          window.add(done, metrics)
+        if done % config.log_every_steps == 0:
+          self._log(done, progress)
+        self.save(done, device_states)
+        if config.eval_every_steps and done % config.eval_every_steps == 0 \
+            and done < self.total_steps:
+          key = f"{self.watched}_accuracy"
+          results = self.evaluate(done, device_states, (self.watched,))
+          progress.message(f"step {done}: {key} per seed "
+                           + ", ".join(f"{r[key]:.4f}" for r in results))
+        if stop.should_stop(done, config.checkpoint_every_steps):
+          self.save(done, device_states, force=True)
+          raise TrainingInterruptedError(stop.received, done)
+      self._log(self.total_steps, progress)
+      self.save(self.total_steps, device_states, force=True)
+    return device_states
+
+  def _log(self, step: int, progress: Progress) -> None:
+    """Every seed's window written; the progress line shows their means, and images/s of
+    all seeds together."""
+    pending = any(window.pending for window in self.windows)
+    for window in self.windows:
+      window.flush(step)
+    lasts = [w.last for w in self.windows if w.last]
+    if pending and lasts:
+      progress.update(step, {
+          "train_loss": float(np.mean([m["train_loss"] for m in lasts])),
+          "train_accuracy": float(np.mean([m["train_accuracy"] for m in lasts])),
+          "images_per_sec": float(np.sum([m["images_per_sec"] for m in lasts]))})
