@@ -18,7 +18,7 @@ def get_config():
       dataset="fashion_mnist",
       validation_examples=5000,
       batch_size=128,
-      microbatch_size=16,  # per device: activations stay in CPU caches
+      microbatch_size="auto",  # cache-sized on a CPU (16 here), the whole share on a GPU
       eval_batch_size=128,
       num_epochs=15,
       learning_rate=2e-3,

@@ -15,7 +15,7 @@ def get_config():
   return as_config_dict(ExperimentConfig(
       model=get_model_config("fast"),
       batch_size=128,
-      microbatch_size=16,  # per device: activations stay in CPU caches
+      microbatch_size="auto",  # cache-sized on a CPU (16 here), the whole share on a GPU
       eval_batch_size=128,
       num_epochs=12,
       learning_rate=2e-3,

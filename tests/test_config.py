@@ -30,6 +30,13 @@ def base():
   return as_config_dict(ExperimentConfig(model=get_model_config("testing")))
 
 
+def test_a_flag_over_an_auto_micro_batch_sets_a_number():
+  config = as_config_dict(ExperimentConfig(model=get_model_config("testing"),
+                                           microbatch_size="auto"))
+  config.microbatch_size = "8"  # what `--config.microbatch_size=8` writes over a str field
+  assert validate(config).microbatch_size == 8
+
+
 def test_config_dict_round_trips_and_optional_fields_stay_settable():
   config = base()
   assert validate(config) == ExperimentConfig(model=get_model_config("testing"))
@@ -43,7 +50,8 @@ def test_config_dict_round_trips_and_optional_fields_stay_settable():
 
 @pytest.mark.parametrize("key,value,message", [
     ("batch_size", 0, "config.batch_size=0 must be positive"),
-    ("microbatch_size", 0, "config.microbatch_size=0 must be positive"),
+    ("microbatch_size", 0, "config.microbatch_size=0 must be positive, None or 'auto'"),
+    ("microbatch_size", "big", "config.microbatch_size='big' must be positive, None or 'auto'"),
     ("batch_size", 1.5, "config.batch_size=1.5 has type float, expected int"),
     ("learning_rate", 0.0, "config.learning_rate=0.0 must be positive"),
     ("learning_rate", "fast", "config.learning_rate='fast' has type str"),

@@ -80,7 +80,7 @@ def test_gradients_match_autodiff_of_attend(kernel, shape, reads):
       total = 0.0
       if reads in ("out", "both"):
         total += jnp.sum(out * g_out)
-      if reads in ("weights", "both"):  # the weights' own cotangent: a second kernel
+      if reads in ("weights", "both"):  # the weights come by the einsum definition
         total += jnp.sum(weights * g_weights)
       return total
     return value
@@ -89,8 +89,20 @@ def test_gradients_match_autodiff_of_attend(kernel, shape, reads):
   expected = jax.grad(loss(A.attend), argnums=(0, 1, 2))(q, k, v)
   for got, want in zip(fused, expected, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
-  backward = "VitAttentionBackward" + ("" if reads == "out" else "WithWeights")
-  assert _uses_kernel(jax.grad(loss(kernel.attend)), q, k, v, target=backward)
+  assert _uses_kernel(jax.grad(loss(kernel.attend)), q, k, v,
+                      target="VitAttentionBackward") == (reads != "weights")
+
+
+@requires_kernel
+def test_training_never_makes_the_n_by_n_weights(kernel):
+  # What the backward pass needs of the forward is each query's log-sum-exp, (B, H, N): the
+  # weights, (B, H, N, N), are computed again inside the kernel, never stored between them.
+  q, k, v = (rand(2, 4, 50, 16, seed=s) for s in range(3))
+  step = jax.jit(jax.grad(lambda q, k, v: jnp.sum(kernel.attend(q, k, v)[0] ** 2),
+                          argnums=(0, 1, 2)))
+  compiled = step.lower(q, k, v).compile().as_text()
+  assert "f32[2,4,50]" in compiled and "f32[2,4,50,50]" not in compiled
+  assert _uses_kernel(lambda q: kernel.attend(q, k, v)[1], q) is False  # maps: the einsum
 
 
 @requires_kernel

@@ -2,7 +2,8 @@
 //
 // What vit_jax.attention.attend computes, for float32 (..., N, D) queries, keys and values
 // (every leading axis a head): weights = softmax(Q K^T / sqrt(D)), out = weights V, and the
-// gradients from the weights saved by the forward pass. XLA runs these as separate batched
+// gradients of out, from each query's log-sum-exp saved by the forward pass (the weights are
+// computed again, not saved: FlashAttention's trade). XLA runs these as separate batched
 // products (50x16 by 16x50 for the `seed` model) with a softmax between them, each through
 // memory; here a head's products and softmax stay in registers and L1, four queries at a
 // time, and the heads are shared out over XLA's intra-op threads.
@@ -125,89 +126,111 @@ class Head {
   explicit Head(int n)
       : n_(n), padded_n_((n + kRows - 1) / kRows * kRows),
         inv_sqrt_d_(1.0f / std::sqrt(float(D))),
-        transposed_(D * W), q_(padded_n_ * D), d_out_(padded_n_ * D),
-        weights_(padded_n_ * W), scores_(kRows * W), pad_(W, 0.0f) {
+        transposed_k_(D * W), transposed_v_(D * W), dk_t_(D * W), dv_t_(D * W),
+        q_(padded_n_ * D), d_out_(padded_n_ * D),
+        weights_(kRows * W), scores_(kRows * W), pad_(W, 0.0f) {
     std::fill(pad_.begin() + n, pad_.end(), -INFINITY);  // padded keys get no weight
   }
 
-  // out (n, D) and weights (n, n) from q, k, v (n, D).
-  void forward(const float* q, const float* k, const float* v, float* out, float* weights) {
-    transpose(k);
+  // out (n, D) and each query's log-sum-exp of its scaled scores, lse (n), from q, k, v
+  // (n, D): the weights are exp(scores - lse), which the backward pass computes again
+  // instead of reading (n, n) weights saved for it (16 heads of 50 tokens: 160 KB an image
+  // and layer, which spilled out of the caches).
+  void forward(const float* q, const float* k, const float* v, float* out, float* lse) {
+    transpose(k, transposed_k_.data());
     pad_rows(q, q_.data(), D, D);
     for (int i0 = 0; i0 < padded_n_; i0 += kRows) {
       float* scores = scores_.data();
-      rows_times_transposed(q_.data() + i0 * D, scores);  // Q K^T
+      rows_times_transposed(q_.data() + i0 * D, transposed_k_.data(), scores);  // Q K^T
+      float row_lse[kRows];
 #pragma GCC unroll 4
-      for (int r = 0; r < kRows; ++r) softmax(scores + r * W);
-      rvec o[kRows][DV] = {};
-      for (int j = 0; j < n_; ++j) {  // out = weights V
+      for (int r = 0; r < kRows; ++r) row_lse[r] = softmax(scores + r * W);
+      rvec o[kSplit][kRows][DV] = {};
+      OverKeys([&](int j, rvec (&acc)[kRows][DV]) {  // out = weights V
 #pragma GCC unroll 4
         for (int c = 0; c < DV; ++c) {
           const rvec vj = R::load(v + j * D + c * kRowLanes);
 #pragma GCC unroll 4
-          for (int r = 0; r < kRows; ++r) o[r][c] += scores[r * W + j] * vj;
+          for (int r = 0; r < kRows; ++r) acc[r][c] += scores[r * W + j] * vj;
         }
-      }
+      }, o);
       for (int r = 0; r < kRows && i0 + r < n_; ++r) {
-        for (int c = 0; c < DV; ++c) R::store(out + (i0 + r) * D + c * kRowLanes, o[r][c]);
-        std::memcpy(weights + (i0 + r) * n_, scores + r * W, n_ * sizeof(float));
+        for (int c = 0; c < DV; ++c) R::store(out + (i0 + r) * D + c * kRowLanes, o[0][r][c]);
+        lse[i0 + r] = row_lse[r];
       }
     }
   }
 
-  // dq, dk, dv (n, D) from q, k, v, the forward pass's weights, d_out (n, D) and, unless
-  // null, d_weights (n, n): the cotangents of out and of the weights.
-  void backward(const float* q, const float* k, const float* v, const float* weights,
-                const float* d_out, const float* d_weights, float* dq, float* dk, float* dv) {
-    transpose(v);
+  // dq, dk, dv (n, D) from q, k, v, the forward pass's lse (n) and d_out (n, D), the
+  // cotangent of out.
+  void backward(const float* q, const float* k, const float* v, const float* lse,
+                const float* d_out, float* dq, float* dk, float* dv) {
+    transpose(k, transposed_k_.data());
+    transpose(v, transposed_v_.data());
     pad_rows(q, q_.data(), D, D);
     pad_rows(d_out, d_out_.data(), D, D);
-    pad_rows(weights, weights_.data(), n_, W);
-    std::fill(dk, dk + n_ * D, 0.0f);
-    std::fill(dv, dv + n_ * D, 0.0f);
+    std::fill(dk_t_.begin(), dk_t_.end(), 0.0f);
+    std::fill(dv_t_.begin(), dv_t_.end(), 0.0f);
     for (int i0 = 0; i0 < padded_n_; i0 += kRows) {
       float* ds = scores_.data();
-      rows_times_transposed(d_out_.data() + i0 * D, ds);  // dP = dO V^T
+      float* p = weights_.data();
+      rows_times_transposed(q_.data() + i0 * D, transposed_k_.data(), p);  // Q K^T
+      rows_times_transposed(d_out_.data() + i0 * D, transposed_v_.data(), ds);  // dP = dO V^T
 #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r) {
-        const int i = i0 + r;
-        if (d_weights != nullptr && i < n_)
-          for (int j = 0; j < n_; ++j) ds[r * W + j] += d_weights[i * n_ + j];
-        softmax_backward(weights_.data() + i * W, ds + r * W);
+        // A padded query row (its d_out is zero) gets weights of zero too.
+        weights_again(p + r * W, i0 + r < n_ ? lse[i0 + r] : INFINITY);
+        softmax_backward(p + r * W, ds + r * W);
       }
-      rvec dq_rows[kRows][DV] = {}, q_rows[kRows][DV], d_out_rows[kRows][DV];
-      for (int r = 0; r < kRows; ++r)
-        for (int c = 0; c < DV; ++c) {
-          q_rows[r][c] = R::load(q_.data() + (i0 + r) * D + c * kRowLanes);
-          d_out_rows[r][c] = R::load(d_out_.data() + (i0 + r) * D + c * kRowLanes);
-        }
-      for (int j = 0; j < n_; ++j) {
+      // dK^T += Q^T dS and dV^T += dO^T P, a row of keys per vector: whole vectors however
+      // small the head (a padded query row has zero q and d_out, so adds nothing).
+      add_transposed_products(q_.data() + i0 * D, ds, dk_t_.data());
+      add_transposed_products(d_out_.data() + i0 * D, p, dv_t_.data());
+      rvec dq_rows[kSplit][kRows][DV] = {};
+      OverKeys([&](int j, rvec (&dq_acc)[kRows][DV]) {  // dQ = dS K
 #pragma GCC unroll 4
         for (int c = 0; c < DV; ++c) {
           const rvec kj = R::load(k + j * D + c * kRowLanes);
-          rvec dkj = R::load(dk + j * D + c * kRowLanes), dvj = R::load(dv + j * D + c * kRowLanes);
 #pragma GCC unroll 4
-          for (int r = 0; r < kRows; ++r) {
-            const float ds_rj = ds[r * W + j], p_rj = weights_[(i0 + r) * W + j];
-            dq_rows[r][c] += ds_rj * kj;             // dQ = dS K
-            dkj += ds_rj * q_rows[r][c];             // dK = dS^T Q
-            dvj += p_rj * d_out_rows[r][c];          // dV = P^T dO
-          }
-          R::store(dk + j * D + c * kRowLanes, dkj);
-          R::store(dv + j * D + c * kRowLanes, dvj);
+          for (int r = 0; r < kRows; ++r) dq_acc[r][c] += ds[r * W + j] * kj;
         }
-      }
+      }, dq_rows);
       for (int r = 0; r < kRows && i0 + r < n_; ++r)
-        for (int c = 0; c < DV; ++c) R::store(dq + (i0 + r) * D + c * kRowLanes, dq_rows[r][c]);
+        for (int c = 0; c < DV; ++c)
+          R::store(dq + (i0 + r) * D + c * kRowLanes, dq_rows[0][r][c]);
     }
+    for (int j = 0; j < n_; ++j)
+      for (int c = 0; c < D; ++c) {
+        dk[j * D + c] = dk_t_[c * W + j];
+        dv[j * D + c] = dv_t_[c * W + j];
+      }
   }
 
  private:
-  // (n, D) -> transposed_ (D, W), zero padded: a row's products become whole vectors.
-  void transpose(const float* x) {
-    std::fill(transposed_.begin(), transposed_.end(), 0.0f);
+  // Partial sums per accumulator over the keys: an FMA's result is ready four cycles after
+  // it starts and two can start a cycle, so a block needs eight independent sums in flight;
+  // with heads of one vector (D <= kLanes) a block's kRows rows give only four.
+  static constexpr int kSplit = std::max(1, 8 / (kRows * DV));
+
+  // f(j, acc[j % kSplit]) for every key j, then acc[0] = their sum: the same result as one
+  // accumulator, up to the order of the additions.
+  template <typename F>
+  void OverKeys(F f, rvec (&acc)[kSplit][kRows][DV]) {
+    int j = 0;
+    for (; j + kSplit <= n_; j += kSplit)
+#pragma GCC unroll 4
+      for (int s = 0; s < kSplit; ++s) f(j + s, acc[s]);
+    for (; j < n_; ++j) f(j, acc[0]);
+    for (int s = 1; s < kSplit; ++s)
+      for (int r = 0; r < kRows; ++r)
+        for (int c = 0; c < DV; ++c) acc[0][r][c] += acc[s][r][c];
+  }
+
+  // (n, D) -> transposed (D, W), zero padded: a row's products become whole vectors.
+  void transpose(const float* x, float* transposed) {
+    std::fill(transposed, transposed + D * W, 0.0f);
     for (int j = 0; j < n_; ++j)
-      for (int c = 0; c < D; ++c) transposed_[c * W + j] = x[j * D + c];
+      for (int c = 0; c < D; ++c) transposed[c * W + j] = x[j * D + c];
   }
 
   // (n, width) -> (padded_n, stride), zero padded.
@@ -216,17 +239,16 @@ class Head {
     for (int i = 0; i < n_; ++i) std::memcpy(padded + i * stride, x + i * width, width * 4);
   }
 
-  // out[r] (W) = a[r] (D) @ transposed_ (D, W) for the kRows rows of a block, from the
+  // out[r] (W) = a[r] (D) @ transposed (D, W) for the kRows rows of a block, from the
   // score vector B0 on, kTile vectors at a time.
   template <int B0 = 0>
-  void rows_times_transposed(const float* a, float* out) {
+  void rows_times_transposed(const float* a, const float* transposed, float* out) {
     constexpr int T = std::min(kTile, NB - B0);
     vec acc[kRows][T] = {};
     for (int c = 0; c < D; ++c) {
       vec column[T];
 #pragma GCC unroll 8
-      for (int b = 0; b < T; ++b)
-        column[b] = load(transposed_.data() + c * W + (B0 + b) * kLanes);
+      for (int b = 0; b < T; ++b) column[b] = load(transposed + c * W + (B0 + b) * kLanes);
 #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 8
@@ -234,11 +256,38 @@ class Head {
     }
     for (int r = 0; r < kRows; ++r)
       for (int b = 0; b < T; ++b) store(out + r * W + (B0 + b) * kLanes, acc[r][b]);
-    if constexpr (B0 + T < NB) rows_times_transposed<B0 + T>(a, out);
+    if constexpr (B0 + T < NB) rows_times_transposed<B0 + T>(a, transposed, out);
   }
 
-  // A row of Q K^T (W) -> its softmax weights, in place.
-  void softmax(float* row) {
+  // out_t (D, W) += a^T (D, kRows) @ rows (kRows, W), for the kRows rows of a block of a
+  // (kRows, D) and of rows.
+  void add_transposed_products(const float* a, const float* rows, float* out_t) {
+    for (int c = 0; c < D; ++c) {
+      vec acc[NB];
+#pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b) acc[b] = load(out_t + c * W + b * kLanes);
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 8
+        for (int b = 0; b < NB; ++b) acc[b] += a[r * D + c] * load(rows + r * W + b * kLanes);
+#pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b) store(out_t + c * W + b * kLanes, acc[b]);
+    }
+  }
+
+  // A row of Q K^T (W) and its forward pass's lse -> the same softmax weights, in place.
+  void weights_again(float* row, float lse) {
+#pragma GCC unroll 8
+    for (int b = 0; b < NB; ++b) {
+      const vec x = load(row + b * kLanes) * inv_sqrt_d_ + load(pad_.data() + b * kLanes) - lse;
+      // Rounding may leave the row's largest a hair above 0; exp_nonpositive still holds.
+      store(row + b * kLanes, exp_nonpositive(x));
+    }
+  }
+
+  // A row of Q K^T (W) -> its softmax weights, in place; returns the log-sum-exp of the
+  // row's scaled scores.
+  float softmax(float* row) {
     vec x[NB], high = splat(-INFINITY);
 #pragma GCC unroll 8
     for (int b = 0; b < NB; ++b) {
@@ -252,9 +301,10 @@ class Head {
       x[b] = exp_nonpositive(x[b] - max);
       sum += x[b];
     }
-    const float inv_sum = 1.0f / sum_of(sum);
+    const float total = sum_of(sum), inv_sum = 1.0f / total;
 #pragma GCC unroll 8
     for (int b = 0; b < NB; ++b) store(row + b * kLanes, x[b] * inv_sum);
+    return max + std::log(total);
   }
 
   // A row of dP (W), the weights' cotangent -> dS, the scores' (Q K^T's) cotangent, in place:
@@ -271,9 +321,10 @@ class Head {
 
   const int n_, padded_n_;
   const float inv_sqrt_d_;
-  std::vector<float> transposed_;                 // K (forward) or V (backward), (D, W)
-  std::vector<float> q_, d_out_, weights_;        // padded to padded_n_ rows
-  std::vector<float> scores_;                     // a block's rows of scores or of dS
+  std::vector<float> transposed_k_, transposed_v_;  // K and V, (D, W)
+  std::vector<float> dk_t_, dv_t_;                  // their gradients, (D, W)
+  std::vector<float> q_, d_out_;                    // padded to padded_n_ rows
+  std::vector<float> weights_, scores_;             // a block's rows of weights, of scores or dS
   std::vector<float> pad_;                        // 0 for a real key, -inf for padding
 };
 
@@ -355,18 +406,6 @@ ffi::ErrorOr<Shape> HeadShape(const F32& x, std::initializer_list<const F32*> sa
   return s;
 }
 
-// Whether every array in `arrays` is (..., n, n) for x's (..., n, d).
-bool WeightsShaped(const F32& x, std::initializer_list<const F32*> arrays) {
-  auto dims = x.dimensions();
-  for (const F32* w : arrays) {
-    auto o = w->dimensions();
-    if (o.size() != dims.size() || o[o.size() - 1] != dims[dims.size() - 2] ||
-        !std::equal(dims.begin(), dims.end() - 1, o.begin()))
-      return false;
-  }
-  return true;
-}
-
 ffi::Error Unsupported(const Shape& s) {
   return ffi::Error::InvalidArgument(
       "fused attention supports head dims 4, 8, 16, 32, 64 and 1 to " + std::to_string(kMaxTokens) +
@@ -386,67 +425,46 @@ ffi::Error OverHeads(ffi::ThreadPool& pool, const Shape& s, PerHead per_head) {
   return ok ? ffi::Error::Success() : Unsupported(s);
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32Out out, F32Out weights) {
+ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32Out out, F32Out lse) {
   auto shape = HeadShape(q, {&k, &v});
   if (!shape.has_value()) return shape.error();
-  const int64_t size = shape->n * shape->d, weights_size = shape->n * shape->n;
+  const int64_t size = shape->n * shape->d;
   return OverHeads(pool, *shape, [&](auto& head, int64_t h) {
     head.forward(q.typed_data() + h * size, k.typed_data() + h * size,
                  v.typed_data() + h * size, out->typed_data() + h * size,
-                 weights->typed_data() + h * weights_size);
+                 lse->typed_data() + h * shape->n);
   });
 }
 
-ffi::Error Backward(ffi::ThreadPool& pool, F32& q, F32& k, F32& v, F32& weights, F32& d_out,
-                    const float* d_weights, F32Out& dq, F32Out& dk, F32Out& dv) {
+ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 lse, F32 d_out, F32Out dq,
+                    F32Out dk, F32Out dv) {
   auto shape = HeadShape(q, {&k, &v, &d_out});
   if (!shape.has_value()) return shape.error();
-  if (!WeightsShaped(q, {&weights}))
-    return ffi::Error::InvalidArgument("weights are not (..., n, n) for q's (..., n, d)");
-  const int64_t size = shape->n * shape->d, weights_size = shape->n * shape->n;
+  auto dims = q.dimensions(), lse_dims = lse.dimensions();
+  if (!std::equal(dims.begin(), dims.end() - 1, lse_dims.begin(), lse_dims.end()))
+    return ffi::Error::InvalidArgument("lse is not (..., n) for q's (..., n, d)");
+  const int64_t size = shape->n * shape->d;
   return OverHeads(pool, *shape, [&](auto& head, int64_t h) {
     head.backward(q.typed_data() + h * size, k.typed_data() + h * size,
-                  v.typed_data() + h * size, weights.typed_data() + h * weights_size,
-                  d_out.typed_data() + h * size,
-                  d_weights ? d_weights + h * weights_size : nullptr,
-                  dq->typed_data() + h * size, dk->typed_data() + h * size,
-                  dv->typed_data() + h * size);
+                  v.typed_data() + h * size, lse.typed_data() + h * shape->n,
+                  d_out.typed_data() + h * size, dq->typed_data() + h * size,
+                  dk->typed_data() + h * size, dv->typed_data() + h * size);
   });
-}
-
-ffi::Error BackwardWithoutWeightsGrad(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 weights,
-                                      F32 d_out, F32Out dq, F32Out dk, F32Out dv) {
-  return Backward(pool, q, k, v, weights, d_out, nullptr, dq, dk, dv);
-}
-
-ffi::Error BackwardWithWeightsGrad(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 weights,
-                                   F32 d_out, F32 d_weights, F32Out dq, F32Out dk,
-                                   F32Out dv) {
-  if (!WeightsShaped(q, {&d_weights}))
-    return ffi::Error::InvalidArgument("d_weights are not (..., n, n) for q's (..., n, d)");
-  return Backward(pool, q, k, v, weights, d_out, d_weights.typed_data(), dq, dk, dv);
 }
 
 }  // namespace
 
-// (q, k, v) -> (out, weights)
+// (q, k, v) -> (out, lse)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>().Arg<F32>().Arg<F32>()
                                   .Ret<F32>().Ret<F32>());
-// (q, k, v, weights, d_out) -> (dq, dk, dv)
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionBackward, BackwardWithoutWeightsGrad,
+// (q, k, v, lse, d_out) -> (dq, dk, dv)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
-                                  .Ret<F32>().Ret<F32>().Ret<F32>());
-// (q, k, v, weights, d_out, d_weights) -> (dq, dk, dv)
-XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionBackwardWithWeights, BackwardWithWeightsGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
-                                  .Arg<F32>()
                                   .Ret<F32>().Ret<F32>().Ret<F32>());
 
 // Floats per vector, 16 (AVX-512) or 8 (AVX2): which build this is.

@@ -23,13 +23,12 @@ import warnings
 import chex
 import jax
 import jax.numpy as jnp
-from jax import custom_derivatives
 
 from vit_jax import attention as A
 from vit_jax.kernels import supports
 from vit_jax.kernels.build import build
 
-_TARGETS = ("VitAttentionForward", "VitAttentionBackward", "VitAttentionBackwardWithWeights")
+_TARGETS = ("VitAttentionForward", "VitAttentionBackward")
 
 
 @functools.cache
@@ -89,7 +88,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: None = None,
     _warn_once(why)
     return A.attend(q, k, v)
   q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-  out, weights = jax.lax.platform_dependent(q, k, v, cpu=_fused, default=A.attend)
+  out = jax.lax.platform_dependent(q, k, v, cpu=_fused,
+                                   default=lambda q, k, v: A.attend(q, k, v)[0])
+  # The weights for whatever reads them (attention maps), by the definition; where nothing
+  # does (training, evaluation), XLA drops them and the kernel's (n, n) never exist.
+  weights = A.attention_weights(q, k)
   chex.assert_equal_shape([out, q])
   chex.assert_shape(weights, q.shape[:-1] + (tokens,))
   return out, weights
@@ -102,9 +105,9 @@ def _warn_once(why: str) -> None:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _kernel_call(target: str, q, *arrays):
-  """The FFI call `target`: (q, k, v) -> (out, weights) or (q, ...) -> (dq, dk, dv)."""
-  weights = q.shape[:-1] + (q.shape[-2],)
-  results = (q.shape, weights) if target == _TARGETS[0] else (q.shape,) * 3
+  """The FFI call `target`: (q, k, v) -> (out, lse) or (q, k, v, lse, d_out) -> (dq, dk, dv),
+  lse (..., n) each query's log-sum-exp of its scaled scores."""
+  results = (q.shape, q.shape[:-1]) if target == _TARGETS[0] else (q.shape,) * 3
   # The kernel treats every leading axis as heads, so vmap may just add one.
   return jax.ffi.ffi_call(target, tuple(jax.ShapeDtypeStruct(r, jnp.float32) for r in results),
                           vmap_method="broadcast_all")(q, *arrays)
@@ -121,25 +124,17 @@ def _kernel_call_jvp(target, primals, tangents):
 
 @jax.custom_vjp
 def _fused(q, k, v):
-  return _kernel_call(_TARGETS[0], q, k, v)
+  return _kernel_call(_TARGETS[0], q, k, v)[0]
 
 
 def _fused_forward(q, k, v):
-  q, k, v = q.value, k.value, v.value  # symbolic_zeros=True wraps the primals
-  out, weights = _kernel_call(_TARGETS[0], q, k, v)
-  return (out, weights), (q, k, v, weights)
+  out, lse = _kernel_call(_TARGETS[0], q, k, v)
+  return out, (q, k, v, lse)  # the weights are computed again from lse, not saved
 
 
-def _fused_backward(residuals, cotangents):
-  q, k, v, weights = residuals
-  d_out, d_weights = cotangents
-  if isinstance(d_out, custom_derivatives.SymbolicZero):
-    d_out = jnp.zeros(q.shape, jnp.float32)
-  # In training nothing reads the weights, so their cotangent is a symbolic zero: skip it.
-  if isinstance(d_weights, custom_derivatives.SymbolicZero):
-    return _kernel_call(_TARGETS[1], q, k, v, weights, d_out)
-  return _kernel_call(_TARGETS[2], q, k, v, weights, d_out, d_weights)
+def _fused_backward(residuals, d_out):
+  q, k, v, lse = residuals
+  return _kernel_call(_TARGETS[1], q, k, v, lse, d_out)
 
 
-_fused.defvjp(_fused_forward, _fused_backward, symbolic_zeros=True)
-
+_fused.defvjp(_fused_forward, _fused_backward)
