@@ -116,8 +116,11 @@ def test_the_scaling_benchmark_varies_one_thing_a_row():
       ("num_heads", 4, 8, 17, 32), ("num_heads", 16, 2, 17, 32),
       ("patch_size", 2, 16, 17, 32), ("patch_size", 2, 16, 5, 32), ("batch_size", 2, 16, 17, 16)]
   assert all(r["train_images_per_sec"] > 0 and 0 < r["train_mfu"] < 1.5 for r in rows)
-  assert result["heads_16_over_4"] == pytest.approx(rows[1]["train_images_per_sec"]
-                                                    / rows[0]["train_images_per_sec"])
+  assert 0.05 < result["heads_16_over_4"] < 20  # interleaved, apart from the rows
+  # The same step against itself, interleaved: even on a shared machine, about 1.
+  from vit_jax.parallel import Runner
+
+  assert 0.5 < scaling.interleaved_speedup(config, config, Runner("jit"), 1, 5) < 2
   assert scaling.table(result).count("\n") == len(rows) + 1
 
 

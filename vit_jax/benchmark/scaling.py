@@ -4,9 +4,10 @@ and batch, each varied alone from one config, all measured in one process.
     python -m vit_jax.benchmark.scaling --out=scaling.json
 
 Every variant is resolved as a run would resolve it (`vit_jax.auto`: the attention path is
-chosen for its own heads) and timed against the same matmul peak, so the rows compare
-within one run; `heads_16_over_4` is the 16-head step's training images/s over the 4-head
-one's at width 64, the sweep's worst case.
+chosen for its own heads) and timed against the same matmul peak. On a shared machine rows
+measured a minute apart may differ by more than their configs do, so `heads_16_over_4`, the
+16-head step's training images/s over the 4-head one's at the base width (the head-count
+sweep's worst case), is measured apart, the two steps' windows interleaved.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -81,11 +83,37 @@ def run(config: ExperimentConfig, steps_per_window: int = 5, windows: int = 3,
             **(host_cpu.describe() if jax.default_backend() == "cpu" else {}),
             "matmul_peak_flops": sorted(peak.measured)[len(peak.measured) // 2],
             "rows": rows}
-  by_heads = {r["heads"]: r for r in rows if r["varied"] == "num_heads"}
-  if 4 in by_heads and 16 in by_heads:
-    result["heads_16_over_4"] = (by_heads[16]["train_images_per_sec"]
-                                 / by_heads[4]["train_images_per_sec"])
+  heads = axes.get("num_heads", ())
+  if 4 in heads and 16 in heads:
+    result["heads_16_over_4"] = interleaved_speedup(
+        variant(config, "num_heads", 4), variant(config, "num_heads", 16), runner,
+        steps_per_window)
   return result
+
+
+def interleaved_speedup(first: ExperimentConfig, second: ExperimentConfig, runner: Runner,
+                        steps_per_window: int = 5, rounds: int = 9) -> float:
+  """Training images/s of `second` over `first` (the same batch), their windows alternating
+  `rounds` times in this process: the median ratio. A neighbour's load on a shared machine
+  then weighs on both alike, where rows measured minutes apart can differ by half."""
+  windows = []
+  for config in (first, second):
+    config, _ = auto.resolve(config, runner.num_devices)
+    num_examples = config.batch_size * steps_per_window
+    data = runner.replicate(step_speed.synthetic_digits(config, num_examples))
+    window, *_ = step_speed.training_window(config, runner, data, num_examples,
+                                            steps_per_window)
+    window()  # compiled and warm
+    windows.append(window)
+  ratios = []
+  for _ in range(rounds):
+    seconds = []
+    for window in windows:
+      start = time.perf_counter()
+      window()
+      seconds.append(time.perf_counter() - start)
+    ratios.append(seconds[0] / seconds[1])
+  return statistics.median(ratios)
 
 
 def table(result: dict[str, Any]) -> str:

@@ -36,7 +36,7 @@ def measure_steps(config: ExperimentConfig, runner: Runner, peak: timing.MatmulP
   eval_batches = -(-config.batch_size * steps_per_window // config.eval_batch_size)
   num_examples = eval_batches * config.eval_batch_size
   device_data = runner.replicate(synthetic_digits(config, num_examples))
-  train_window, holder, compiled, compile_seconds = _training(
+  train_window, holder, compiled, compile_seconds = training_window(
       config, runner, device_data, num_examples, steps_per_window)
   evaluate = steps.Evaluator(runner, device_data, num_examples, config.eval_batch_size,
                              config.dataset)
@@ -59,13 +59,13 @@ def seeds_train_images_per_second(config: ExperimentConfig, runner: Runner,
   against `train_images_per_sec`, what training a sweep's seeds as one gains or loses."""
   num_examples = config.batch_size * steps_per_window
   device_data = runner.replicate(synthetic_digits(config, num_examples))
-  train_window, *_ = _training(config, runner, device_data, num_examples, steps_per_window,
+  train_window, *_ = training_window(config, runner, device_data, num_examples, steps_per_window,
                                num_seeds)
   return timing.images_per_second(train_window, windows, config.batch_size * steps_per_window,
                                   peak)
 
 
-def _training(config: ExperimentConfig, runner: Runner, device_data: Any, num_examples: int,
+def training_window(config: ExperimentConfig, runner: Runner, device_data: Any, num_examples: int,
               steps_per_window: int, num_seeds: int = 0):
   """-> (a window of training steps, the holder of its state, the compiled step, its compile
   seconds); with `num_seeds`, that many seeds' states stacked, a data order each."""
