@@ -112,6 +112,35 @@ inline float reduce(V x, F f) {
   return reduce(f(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7),
                   __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15)), f);
 }
+#if defined(__AVX512F__)
+// The sum of each of sixteen vectors, in lane i for vector i: pairs, then fours, eights and
+// sixteens of lanes added at each step (15 additions, where sixteen reductions take 64).
+inline vec sum_each(const vec (&a)[16]) {
+  vec z[8], y[4], x[2];
+  for (int k = 0; k < 8; ++k)
+    z[k] = __builtin_shufflevector(a[2 * k], a[2 * k + 1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24,
+                                   10, 26, 12, 28, 14, 30) +
+           __builtin_shufflevector(a[2 * k], a[2 * k + 1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25,
+                                   11, 27, 13, 29, 15, 31);
+  for (int m = 0; m < 4; ++m)
+    y[m] = __builtin_shufflevector(z[2 * m], z[2 * m + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9,
+                                   24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(z[2 * m], z[2 * m + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11,
+                                   26, 27, 14, 15, 30, 31);
+  for (int p = 0; p < 2; ++p)
+    x[p] = __builtin_shufflevector(y[2 * p], y[2 * p + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9,
+                                   10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(y[2 * p], y[2 * p + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13,
+                                   14, 15, 28, 29, 30, 31);
+  return __builtin_shufflevector(x[0], x[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21,
+                                 22, 23) +
+         __builtin_shufflevector(x[0], x[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
+                                 29, 30, 31);
+}
+#else
+inline vec sum_each(const vec (&a)[kLanes]);  // used with AVX-512 only
+#endif
+
 inline float max_of(vec x) { return reduce(x, [](auto a, auto b) { return a > b ? a : b; }); }
 inline float sum_of(vec x) { return reduce(x, [](auto a, auto b) { return a + b; }); }
 
@@ -148,6 +177,7 @@ class Head {
   // and layer, which spilled out of the caches).
   void forward(const float* q, const float* k, const float* v, float* out, float* lse) {
     transpose(k, transposed_k_.data());
+    if constexpr (kDotProducts) transpose(v, transposed_v_.data());
     pad_rows(q, q_.data(), D, D);
     for (int i0 = 0; i0 < padded_n_; i0 += kRows) {
       float* scores = scores_.data();
@@ -155,19 +185,9 @@ class Head {
       float row_lse[kRows];
 #pragma GCC unroll 4
       for (int r = 0; r < kRows; ++r) row_lse[r] = softmax(scores + r * W);
-      rvec o[kSplit][kRows][DV] = {};
-      OverKeys([&](int j, rvec (&acc)[kRows][DV]) {  // out = weights V
-#pragma GCC unroll 4
-        for (int c = 0; c < DV; ++c) {
-          const rvec vj = R::load(v + j * D + c * kRowLanes);
-#pragma GCC unroll 4
-          for (int r = 0; r < kRows; ++r) acc[r][c] += scores[r * W + j] * vj;
-        }
-      }, o);
-      for (int r = 0; r < kRows && i0 + r < n_; ++r) {
-        for (int c = 0; c < DV; ++c) R::store(out + (i0 + r) * D + c * kRowLanes, o[0][r][c]);
-        lse[i0 + r] = row_lse[r];
-      }
+      const int rows = std::min(kRows, n_ - i0);
+      rows_times(scores, v, transposed_v_.data(), out + i0 * D, rows);  // out = weights V
+      for (int r = 0; r < rows; ++r) lse[i0 + r] = row_lse[r];
     }
   }
 
@@ -196,18 +216,7 @@ class Head {
       // small the head (a padded query row has zero q and d_out, so adds nothing).
       add_transposed_products(q_.data() + i0 * D, ds, dk_t_.data());
       add_transposed_products(d_out_.data() + i0 * D, p, dv_t_.data());
-      rvec dq_rows[kSplit][kRows][DV] = {};
-      OverKeys([&](int j, rvec (&dq_acc)[kRows][DV]) {  // dQ = dS K
-#pragma GCC unroll 4
-        for (int c = 0; c < DV; ++c) {
-          const rvec kj = R::load(k + j * D + c * kRowLanes);
-#pragma GCC unroll 4
-          for (int r = 0; r < kRows; ++r) dq_acc[r][c] += ds[r * W + j] * kj;
-        }
-      }, dq_rows);
-      for (int r = 0; r < kRows && i0 + r < n_; ++r)
-        for (int c = 0; c < DV; ++c)
-          R::store(dq + (i0 + r) * D + c * kRowLanes, dq_rows[0][r][c]);
+      rows_times(ds, k, transposed_k_.data(), dq + i0 * D, std::min(kRows, n_ - i0));  // dS K
     }
     for (int j = 0; j < n_; ++j)
       for (int c = 0; c < D; ++c) {
@@ -217,6 +226,43 @@ class Head {
   }
 
  private:
+  // Heads of 4 with AVX-512: a block's kRows x D products of rows and a head's (n, D) are
+  // sixteen dot products over the keys, a vector of keys at a time, where the rows of 4
+  // would fill a quarter of a vector each.
+  static constexpr bool kDotProducts = kLanes == 16 && D * kRows == kLanes;
+
+  // out (rows, D) = block (kRows, W) @ x (n, D): the first `rows` of a block's products with
+  // a head's K or V (x, and transposed, its (D, W) copy).
+  void rows_times(const float* block, const float* x, const float* transposed, float* out,
+                  int rows) {
+    if constexpr (kDotProducts) {
+      vec acc[kLanes] = {};
+#pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b)
+#pragma GCC unroll 4
+        for (int r = 0; r < kRows; ++r) {
+          const vec a = load(block + r * W + b * kLanes);
+#pragma GCC unroll 4
+          for (int c = 0; c < D; ++c) acc[r * D + c] += a * load(transposed + c * W + b * kLanes);
+        }
+      float sums[kLanes];
+      store(sums, sum_each(acc));  // (r, c) in lane r D + c: out's own order
+      std::memcpy(out, sums, rows * D * sizeof(float));
+    } else {
+      rvec o[kSplit][kRows][DV] = {};
+      OverKeys([&](int j, rvec (&acc)[kRows][DV]) {
+#pragma GCC unroll 4
+        for (int c = 0; c < DV; ++c) {
+          const rvec xj = R::load(x + j * D + c * kRowLanes);
+#pragma GCC unroll 4
+          for (int r = 0; r < kRows; ++r) acc[r][c] += block[r * W + j] * xj;
+        }
+      }, o);
+      for (int r = 0; r < rows; ++r)
+        for (int c = 0; c < DV; ++c) R::store(out + r * D + c * kRowLanes, o[0][r][c]);
+    }
+  }
+
   // Partial sums per accumulator over the keys: an FMA's result is ready four cycles after
   // it starts and two can start a cycle, so a block needs eight independent sums in flight;
   // with heads of one vector (D <= kLanes) a block's kRows rows give only four.
