@@ -74,13 +74,8 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
       "eval_batch_size": config.eval_batch_size,
   }
   result.update(step_speed.measure_steps(config, runner, peak, steps_per_window, windows))
-  # A sweep's seeds in one vmapped step (vit_jax.seeds): images/s of each seed against the
-  # one run's just above.
-  result["vmapped_seeds"] = VMAPPED_SEEDS
-  result["vmapped_train_images_per_sec_per_seed"] = step_speed.seeds_train_images_per_second(
-      config, runner, peak, VMAPPED_SEEDS, steps_per_window, windows)
-  result["vmapped_seeds_speedup"] = (result["vmapped_train_images_per_sec_per_seed"]
-                                     / result["train_images_per_sec"])
+  result.update(_seeds_as_one(config, runner, peak, steps_per_window, windows,
+                              result["train_images_per_sec"]))
   result.update(ceiling.matmul_only_speed(config.model, config.batch_size // microbatches,
                                           config.eval_batch_size, peak, runner))
   result.update(baseline.measure(config, peak, steps_per_window, windows))
@@ -98,6 +93,16 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
     result.update(step_speed.compile_times(config, microbatches))
   result["peak_rss_megabytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   return result
+
+
+def _seeds_as_one(config, runner, peak, steps_per_window: int, windows: int,
+                  one_run: float) -> dict[str, float]:
+  """A sweep's seeds in one vmapped step (vit_jax.seeds): each seed's images/s against
+  `one_run`'s."""
+  per_seed = step_speed.seeds_train_images_per_second(config, runner, peak, VMAPPED_SEEDS,
+                                                      steps_per_window, windows)
+  return {"vmapped_seeds": VMAPPED_SEEDS, "vmapped_train_images_per_sec_per_seed": per_seed,
+          "vmapped_seeds_speedup": per_seed / one_run}
 
 
 def _attention_that_ran(kernel: str) -> dict[str, Any]:
