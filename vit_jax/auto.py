@@ -126,6 +126,18 @@ def _same_in_every_process(choice: str, options: tuple[str, ...]) -> str:
   return options[int(index)]
 
 
+def _as_recorded(model: ModelConfig, field: str, before: dict, options: tuple[str, ...],
+                 choose) -> tuple[str, str]:
+  """(model.`field` where 'auto' is resolved, why): what the workdir's run recorded in
+  `before` (its config.json's model) if it is one of `options`, else `choose()`; process 0's
+  choice in every process."""
+  if getattr(model, field) == "auto" and before.get(field) in options:
+    choice, why = before[field], "as this workdir's run chose"
+  else:
+    choice, why = choose()
+  return _same_in_every_process(choice, options), why
+
+
 def resolve(config: ExperimentConfig, num_devices: int = 1, recorded: dict | None = None
             ) -> tuple[ExperimentConfig, str]:
   """-> (`config` with its 'auto' fields chosen, a one-line summary of what runs).
@@ -135,23 +147,15 @@ def resolve(config: ExperimentConfig, num_devices: int = 1, recorded: dict | Non
   a resumed run, or the evaluation of a finished one, computes as the run did.
   """
   per_device = config.batch_size // num_devices
-  model_before = (recorded or {}).get("model", {})
-  if config.model.compute_dtype == "auto" and model_before.get("compute_dtype") in (
-      "float32", "bfloat16"):
-    dtype, dtype_why = model_before["compute_dtype"], "as this workdir's run chose"
-  else:
-    dtype, dtype_why = choose_compute_dtype(config.model)
-  dtype = _same_in_every_process(dtype, ("float32", "bfloat16"))
+  before = (recorded or {}).get("model", {})
+  dtype, dtype_why = _as_recorded(config.model, "compute_dtype", before, ("float32", "bfloat16"),
+                                  lambda: choose_compute_dtype(config.model))
   size, size_why = choose_microbatch_size(config, per_device)
   config = dataclasses.replace(config, microbatch_size=size,
                                model=dataclasses.replace(config.model, compute_dtype=dtype))
   microbatch = min(per_device, size or per_device)
-  if config.model.attention_kernel == "auto" and model_before.get("attention_kernel") in (
-      kernels.KERNELS):
-    kernel, why = model_before["attention_kernel"], "as this workdir's run chose"
-  else:
-    kernel, why = choose_attention_kernel(config.model, microbatch)
-  kernel = _same_in_every_process(kernel, kernels.KERNELS)
+  kernel, why = _as_recorded(config.model, "attention_kernel", before, kernels.KERNELS,
+                             lambda: choose_attention_kernel(config.model, microbatch))
   config = dataclasses.replace(config, model=dataclasses.replace(config.model,
                                                                  attention_kernel=kernel))
   summary = (f"{num_devices} {jax.default_backend()} device{'s' * (num_devices > 1)}, "

@@ -124,16 +124,19 @@ class _Group:
     restored = self.checkpoints.restore_latest(fresh)
     return fresh if restored is None else restored
 
-  def _seed_state(self, device_states: Any, index: int) -> Any:
-    return unstack(self.runner.unreplicate(device_states), index)
+  def _seed_states(self, device_states: Any) -> list[Any]:
+    """Each seed's state on the host, from one copy of the stack."""
+    host = self.runner.unreplicate(device_states)
+    return [unstack(host, i) for i in range(len(self.configs))]
 
   def evaluate(self, step: int, device_states: Any, prefixes: tuple[str, ...]
                ) -> list[dict[str, float]]:
     """Each seed's loss and accuracy on the splits of `prefixes`, written to its metrics."""
     results = []
-    for i, (window, writer) in enumerate(zip(self.windows, self.writers, strict=True)):
+    for window, writer, seed_state in zip(self.windows, self.writers,
+                                          self._seed_states(device_states), strict=True):
       window.flush(step)
-      state = self.runner.replicate(self._seed_state(device_states, i))
+      state = self.runner.replicate(seed_state)
       result = {}
       for prefix in prefixes:
         metrics = self.evaluators[prefix](state)
@@ -162,13 +165,13 @@ class _Group:
     finally:
       progress.close()
     finals = []
-    for i, (seed_dir, result) in enumerate(zip(self.dirs, results, strict=True)):
+    for seed_dir, result, window, seed_state in zip(
+        self.dirs, results, self.windows, self._seed_states(device_states), strict=True):
       seed_checkpoints = Checkpoints(seed_dir)
       with contextlib.closing(seed_checkpoints):
         if seed_checkpoints.latest_step() != self.total_steps:
-          seed_checkpoints.save(self.total_steps, self._seed_state(device_states, i),
-                                force=True)
-      finals.append({**self.windows[i].last, **result, "step": self.total_steps})
+          seed_checkpoints.save(self.total_steps, seed_state, force=True)
+      finals.append({**window.last, **result, "step": self.total_steps})
     accuracies = ", ".join(f"{f['eval_accuracy']:.4f}" for f in finals)
     progress.message(f"final test accuracy per seed {accuracies} at step {self.total_steps}")
     return finals

@@ -50,7 +50,7 @@ def measure(config: ExperimentConfig, runner: Runner, peak: timing.MatmulPeak,
   """One row: the variant's choices, images/s and MFU."""
   config, choices = auto.resolve(config, runner.num_devices)
   speed = step_speed.measure_steps(config, runner, peak, steps_per_window, windows)
-  peak_flops = sorted(peak.measured)[len(peak.measured) // 2]
+  peak_flops = statistics.median(peak.measured)
   c = config.model
   return {
       "heads": c.num_heads, "head_dim": c.head_dim, "tokens": c.num_tokens,
@@ -81,7 +81,7 @@ def run(config: ExperimentConfig, steps_per_window: int = 5, windows: int = 3,
       rows.append(row)
   result = {"date": time.strftime("%Y-%m-%d"), "num_devices": runner.num_devices,
             **(host_cpu.describe() if jax.default_backend() == "cpu" else {}),
-            "matmul_peak_flops": sorted(peak.measured)[len(peak.measured) // 2],
+            "matmul_peak_flops": statistics.median(peak.measured),
             "rows": rows}
   heads = axes.get("num_heads", ())
   if 4 in heads and 16 in heads:
