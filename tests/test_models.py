@@ -76,6 +76,7 @@ def expected_param_count(c: ModelConfig) -> int:
 
 
 PINNED_PARAM_COUNTS = {"testing": 3_466, "seed": 204_810, "fast": 538_634, "sprint": 138_250,
+                       "best": 802_826,
                        "wide": 2_386_954}
 
 

@@ -133,6 +133,10 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
     # fit in a time budget (experiments/mnist_sprint.py).
     "sprint": ModelConfig(patch_size=7, hidden_size=64, num_layers=4, num_heads=4,
                           mlp_dim=128),
+    # The seed's patches and depth at twice its width (heads of 32): the shape of the
+    # long recipe in experiments/mnist_best.py, inside the 1.1M parameters it allows.
+    "best": ModelConfig(patch_size=4, hidden_size=128, num_layers=6, num_heads=4,
+                        mlp_dim=256),
     # Wider and deeper, for when the seed shape is not enough (e.g. Fashion-MNIST).
     "wide": ModelConfig(patch_size=4, hidden_size=192, num_layers=8, num_heads=6,
                         mlp_dim=384),
