@@ -41,6 +41,8 @@ flags.DEFINE_string("output_dir", None, "visualize, export, analyze: where to wr
                     "WORKDIR/visualize, WORKDIR/saved_model, WORKDIR/analysis, or for a shipped "
                     "run, marked by a SHIPPED file, runs/<its name>/...); the other modes only "
                     "read.")
+flags.DEFINE_enum("ablation", "zero", ["zero", "mean"], "analyze: how a head is removed: its "
+                  "output zeroed, or replaced by its mean output over the images.")
 # Several processes (hosts), on JAX's own multi-controller runtime. Either name the
 # coordinator and this process, or let JAX detect the cluster (SLURM, Open MPI, TPU pods).
 flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
@@ -157,7 +159,7 @@ def _analyze(config) -> None:
   from vit_jax import analyze
 
   for path in analyze.analyze_checkpoint(config, FLAGS.workdir, FLAGS.num_images or 1000,
-                                         _output_dir("analysis")):
+                                         _output_dir("analysis"), ablation=FLAGS.ablation):
     print(f"wrote {path}")
 
 

@@ -188,3 +188,11 @@ def test_analyze_writes_every_instrument_as_csv_and_png(trained, tmp_path):
   assert len(curve) == 1 + 1 + layers * heads  # header, nothing removed, then one by one
   spectra = (tmp_path / "analysis" / "projection_spectra.csv").read_text().splitlines()
   assert len(spectra) == 1 + layers * heads * 5
+  result = launch(*common, "--mode=analyze", "--num_images=100", "--ablation=mean",
+                  f"--output_dir={tmp_path / 'analysis'}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  mean = (tmp_path / "analysis" / "head_importance_mean.csv").read_text().splitlines()
+  assert len(mean) == 1 + layers * heads and mean != rows  # another ablation, other drops
+  assert (tmp_path / "analysis" / "pruning_curve_mean.png").exists()
+  result = launch(*common, "--mode=analyze", "--ablation=half")
+  assert result.returncode != 0 and "ablation" in result.stderr

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import instruments, models
+from vit_jax import attention, input_pipeline, instruments, models
 from vit_jax.model_configs import get_model_config
 
 MODEL = get_model_config("testing", num_layers=2)  # width 16, 2 heads of 8, 16 patches
@@ -40,6 +40,42 @@ def test_removing_every_head_of_a_layer_equals_a_zero_attention_output(params):
   intact = jax.jit(models.ViT(MODEL).apply)({"params": params}, images)
   np.testing.assert_allclose(apply(params, jnp.ones((2, 2))), intact, rtol=1e-6, atol=1e-7)
   assert not np.allclose(removed, intact)
+
+
+def test_remove_heads_keeps_kept_heads_and_puts_zeros_or_the_means_in_removed_ones():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 5, 4))
+  means = jax.random.normal(jax.random.PRNGKey(1), (3, 5, 4))
+  mask = jnp.array([1.0, 0.0, 1.0])
+  zeroed, replaced = attention.remove_heads(x, mask), attention.remove_heads(x, mask, means)
+  for out in (zeroed, replaced):
+    np.testing.assert_array_equal(out[:, [0, 2]], x[:, [0, 2]])
+  np.testing.assert_array_equal(zeroed[:, 1], 0.0)
+  np.testing.assert_array_equal(replaced[:, 1], jnp.broadcast_to(means[1], (2, 5, 4)))
+  with pytest.raises(ValueError, match="head_means applies to the heads a head_mask removes"):
+    attention.self_attention(x[:, 0], {"to_out": {"kernel": jnp.eye(4), "bias": jnp.zeros(4)}},
+                             2, head_means=means[:2])
+
+
+def test_mean_ablation_with_one_images_own_means_changes_nothing(params):
+  # Over one image a head's mean output is its output: replacing every head by it must give
+  # the intact logits, which holds only if `head_means` computes the heads as the model does.
+  rng = np.random.default_rng(3)
+  images = rng.integers(0, 256, (2, 28, 28, 1)).astype(np.uint8)
+  apply_fn = models.ViT(MODEL).apply
+  means = [instruments.head_means(apply_fn, params, MODEL, images[i:i + 1], "mnist")
+           for i in range(2)]
+  assert means[0].shape == (2, 2, 17, 8)
+  both = instruments.head_means(apply_fn, params, MODEL, images, "mnist", batch_size=1)
+  np.testing.assert_allclose(both, (means[0] + means[1]) / 2, rtol=1e-5, atol=1e-6)
+  none = jnp.zeros((2, 2))
+  normalized = input_pipeline.normalize(images, "mnist")
+  for i in range(2):
+    intact = apply_fn({"params": params}, normalized[i:i + 1])
+    own = apply_fn({"params": params}, normalized[i:i + 1], head_mask=none, head_means=means[i])
+    other = apply_fn({"params": params}, normalized[i:i + 1], head_mask=none,
+                     head_means=means[1 - i])
+    np.testing.assert_allclose(own, intact, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(other, intact, rtol=1e-3, atol=1e-3)
 
 
 def test_head_importance_and_pruning_match_models_without_those_heads(params):

@@ -1,9 +1,12 @@
 """`launch.py --mode=analyze`: the head instruments on a run's latest checkpoint.
 
     python launch.py --workdir=runs/mnist --mode=analyze [--output_dir=DIR] [--num_images=N]
+        [--ablation=mean]
 
 writes into WORKDIR/analysis/ (or DIR), as CSV and PNG: each head's importance (a layers x
-heads heatmap of the accuracy lost when it alone is removed) and the pruning curve; the
+heads heatmap of the accuracy lost when it alone is removed: its output zeroed, or with
+`ablation='mean'` replaced by its mean output over the images, in files named *_mean) and
+the pruning curve; the
 projection spectra (effective rank of every head's W_Q, W_K, W_V, W_QK and W_VO, singular
 values per layer); the attention statistics (mean entropy and mean attention distance in
 pixels, per layer and head, against depth); head redundancy (Jensen-Shannon divergence
@@ -50,7 +53,7 @@ def _heatmap(path: Path, matrix: np.ndarray, title: str, xlabel: str, ylabel: st
   return path
 
 
-def _importance(out: Path, evaluate, config, images, labels) -> list[Path]:
+def _importance(out: Path, evaluate, config, images, labels, suffix: str) -> list[Path]:
   importance = instruments.head_importance(evaluate, config.model, images, labels)
   curve = instruments.pruning_curve(evaluate, importance, images, labels)
   drop = importance["base_accuracy"] - importance["accuracy"]
@@ -58,21 +61,22 @@ def _importance(out: Path, evaluate, config, images, labels) -> list[Path]:
            drop[layer, head]) for layer, head in np.ndindex(drop.shape)]
   fig, ax = plt.subplots(figsize=(5, 3.5))
   ax.plot([c[0] for c in curve], [c[3] for c in curve], marker="o")
+  how = " (mean-ablated)" if suffix else ""
   ax.set(xlabel="heads removed (least important first)", ylabel="accuracy",
-         title="pruning curve")
+         title=f"pruning curve{how}")
   fig.tight_layout()
-  fig.savefig(out / "pruning_curve.png", dpi=100)
+  fig.savefig(out / f"pruning_curve{suffix}.png", dpi=100)
   plt.close(fig)
   return [
-      _write_csv(out / "head_importance.csv", ["layer", "head", "loss", "accuracy",
-                                               "accuracy_drop"], rows),
-      _write_csv(out / "pruning_curve.csv", ["heads_removed", "last_removed", "loss",
-                                             "accuracy"],
+      _write_csv(out / f"head_importance{suffix}.csv", ["layer", "head", "loss", "accuracy",
+                                                        "accuracy_drop"], rows),
+      _write_csv(out / f"pruning_curve{suffix}.csv", ["heads_removed", "last_removed", "loss",
+                                                      "accuracy"],
                  [(n, "" if h is None else f"{h[0]}.{h[1]}", loss, acc)
                   for n, h, loss, acc in curve]),
-      _heatmap(out / "head_importance.png", drop, "accuracy lost with the head removed alone",
-               "head", "layer"),
-      out / "pruning_curve.png"]
+      _heatmap(out / f"head_importance{suffix}.png", drop,
+               f"accuracy lost with the head removed alone{how}", "head", "layer"),
+      out / f"pruning_curve{suffix}.png"]
 
 
 def _spectra(out: Path, params: Any, model) -> list[Path]:
@@ -119,15 +123,31 @@ def _attention_statistics(out: Path, maps: np.ndarray, model) -> list[Path]:
       out / "attention_distance.png"]
 
 
+ABLATIONS = ("zero", "mean")
+
+
 def analyze_checkpoint(config: Any, workdir: str | Path, num_images: int = 1000,
-                       output_dir: str | Path | None = None, test_data=None) -> list[Path]:
-  """Every instrument on the first `num_images` test images; -> the files written."""
+                       output_dir: str | Path | None = None, test_data=None,
+                       ablation: str = "zero") -> list[Path]:
+  """Every instrument on the first `num_images` test images; -> the files written.
+
+  ablation: how a removed head is removed, 'zero' (its output zeroed) or 'mean' (its output
+  replaced by its mean over those images, `instruments.head_means`).
+  """
+  if ablation not in ABLATIONS:
+    raise ValueError(f"ablation={ablation!r} is not one of {', '.join(map(repr, ABLATIONS))}")
   config, state, images, labels = inference.restore_with_test_images(config, workdir,
                                                                       num_images, test_data)
   out = Path(output_dir or Path(workdir) / "analysis")
   out.mkdir(parents=True, exist_ok=True)
-  evaluate = instruments.masked_evaluator(state.apply_fn, state.params, config.dataset)
+  means = None
+  if ablation == "mean":
+    means = instruments.head_means(state.apply_fn, state.params, config.model, images,
+                                   config.dataset)
+  evaluate = instruments.masked_evaluator(state.apply_fn, state.params, config.dataset,
+                                          head_means=means)
   _, maps = analysis.collect_attention(state, images, config.dataset)
-  return [*_importance(out, evaluate, config, images, labels),
+  return [*_importance(out, evaluate, config, images, labels,
+                       "_mean" if ablation == "mean" else ""),
           *_spectra(out, state.params, config.model),
           *_attention_statistics(out, maps, config.model)]

@@ -194,18 +194,26 @@ def merge_heads(x: jax.Array) -> jax.Array:
   return x
 
 
-def remove_heads(x: jax.Array, head_mask: jax.Array) -> jax.Array:
-  """Zeroes the outputs of the heads whose `head_mask` entry is 0 (head ablation).
+def remove_heads(x: jax.Array, head_mask: jax.Array, head_means: jax.Array | None = None
+                 ) -> jax.Array:
+  """Replaces the outputs of the heads whose `head_mask` entry is 0 (head ablation): by
+  zeros, or by `head_means` (mean-ablation: what the head adds on average stays, only what
+  it adds for this image goes).
 
   Args:
     x: (B, H, N, D/H), the heads' outputs before `merge_heads`.
     head_mask: (H,), 1 for a head kept, 0 for a head removed.
+    head_means: optional (H, N, D/H), each head's mean output (`instruments.head_means`).
 
   Returns:
     (B, H, N, D/H).
   """
   chex.assert_shape(head_mask, (x.shape[1],))
-  return x * head_mask.astype(x.dtype)[None, :, None, None]
+  keep = head_mask.astype(x.dtype)[None, :, None, None]
+  if head_means is None:
+    return x * keep
+  chex.assert_shape(head_means, x.shape[1:])
+  return x * keep + (1 - keep) * head_means.astype(x.dtype)[None]
 
 
 def project_out(x: jax.Array, kernel: jax.Array, bias: jax.Array,
@@ -216,11 +224,30 @@ def project_out(x: jax.Array, kernel: jax.Array, bias: jax.Array,
   return project(x, kernel, bias, compute_dtype)
 
 
+def attend_heads(x: jax.Array, weights: Mapping[str, Mapping[str, jax.Array]],
+                 num_heads: int, mask: jax.Array | None = None,
+                 attend_fn: Callable[..., tuple[jax.Array, jax.Array]] = attend,
+                 compute_dtype=None) -> tuple[jax.Array, jax.Array]:
+  """The first four steps of `self_attention`: project, chunk, split heads, attend.
+
+  Returns each head's output (B, H, N, D/H), before the heads merge, and the attention
+  weights (B, H, N, N). The arguments are `self_attention`'s.
+  """
+  chex.assert_rank(x, 3)
+  if "to_qkv" in weights:
+    q, k, v = chunk_qkv(project(x, **weights["to_qkv"], compute_dtype=compute_dtype))
+  else:  # each of Q, K, V projected where its matrix is given, else the tokens themselves
+    q, k, v = (project(x, **weights[f"to_{t}"], compute_dtype=compute_dtype)
+               if f"to_{t}" in weights else x for t in "qkv")
+  q, k, v = (split_heads(t, num_heads) for t in (q, k, v))
+  return attend_fn(q, k, v, mask, compute_dtype)
+
+
 def self_attention(x: jax.Array, weights: Mapping[str, Mapping[str, jax.Array]],
                    num_heads: int, mask: jax.Array | None = None,
                    attend_fn: Callable[..., tuple[jax.Array, jax.Array]] = attend,
-                   compute_dtype=None, head_mask: jax.Array | None = None
-                   ) -> tuple[jax.Array, jax.Array]:
+                   compute_dtype=None, head_mask: jax.Array | None = None,
+                   head_means: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Multi-head self-attention: project, chunk, split heads, attend, merge heads, project out.
 
   Args:
@@ -236,20 +263,17 @@ def self_attention(x: jax.Array, weights: Mapping[str, Mapping[str, jax.Array]],
       `vit_jax.kernels.attend_function('fused_cpu')`.
     compute_dtype: the precision of the products (see `products`).
     head_mask: optional (H,): heads whose entry is 0 are removed (`remove_heads`).
+    head_means: optional (H, N, D/H), with `head_mask`: removed heads output these instead
+      of zeros (mean-ablation).
 
   Returns:
     out: (B, N, D), and the attention weights: (B, H, N, N).
   """
-  chex.assert_rank(x, 3)
-  if "to_qkv" in weights:
-    q, k, v = chunk_qkv(project(x, **weights["to_qkv"], compute_dtype=compute_dtype))
-  else:  # each of Q, K, V projected where its matrix is given, else the tokens themselves
-    q, k, v = (project(x, **weights[f"to_{t}"], compute_dtype=compute_dtype)
-               if f"to_{t}" in weights else x for t in "qkv")
-  q, k, v = (split_heads(t, num_heads) for t in (q, k, v))
-  out, attention = attend_fn(q, k, v, mask, compute_dtype)
+  out, attention = attend_heads(x, weights, num_heads, mask, attend_fn, compute_dtype)
   if head_mask is not None:
-    out = remove_heads(out, head_mask)
+    out = remove_heads(out, head_mask, head_means)
+  elif head_means is not None:
+    raise ValueError("head_means applies to the heads a head_mask removes; no head_mask given")
   out = merge_heads(out)
   chex.assert_shape(out, x.shape)
   to_out = weights["to_out"]

@@ -1,8 +1,9 @@
 """Instruments for what the projections do to each head, measured on a trained model.
 
 - `head_importance`: the loss and accuracy with each head removed alone (its output zeroed
-  before the heads merge, `attention.remove_heads`), and `pruning_curve`, the accuracy as
-  heads are removed cumulatively, least important (by that single-head loss) first;
+  before the heads merge, `attention.remove_heads`, or replaced by its mean output over the
+  images, `head_means`: mean-ablation), and `pruning_curve`, the accuracy as heads are
+  removed cumulatively, least important (by that single-head loss) first;
 - `projection_spectra`: for every layer and head, the singular values and effective rank of
   its slices of W_Q, W_K, W_V, of the bilinear form W_Q^h (W_K^h)ᵀ that its scores use, and
   of W_V^h W_O^h, the map from a token to what the head adds to the residual stream;
@@ -22,19 +23,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import input_pipeline
+from vit_jax import attention, input_pipeline
 from vit_jax.model_configs import ModelConfig
 from vit_jax.models import attention_maps, layer_projections
 from vit_jax.steps import cross_entropy
 
 
-def masked_evaluator(apply_fn, params, dataset: str, batch_size: int = 500):
-  """-> evaluate(images, labels, head_mask (L, H)) -> (mean loss, accuracy); compiled once."""
+def masked_evaluator(apply_fn, params, dataset: str, batch_size: int = 500,
+                     head_means: np.ndarray | None = None):
+  """-> evaluate(images, labels, head_mask (L, H)) -> (mean loss, accuracy); compiled once.
+
+  head_means: optional (L, H, N, D/H) (`head_means`): removed heads output these, not zeros.
+  """
 
   @jax.jit
   def batch_sums(images, labels, head_mask):
     logits = apply_fn({"params": params}, input_pipeline.normalize(images, dataset),
-                      head_mask=head_mask)
+                      head_mask=head_mask, head_means=head_means)
     correct = (logits.argmax(-1) == labels).sum()
     return cross_entropy(logits, labels).sum(), correct
 
@@ -47,6 +52,35 @@ def masked_evaluator(apply_fn, params, dataset: str, batch_size: int = 500):
     return loss / len(labels), correct / len(labels)
 
   return evaluate
+
+
+def head_means(apply_fn, params, model: ModelConfig, images: np.ndarray, dataset: str,
+               batch_size: int = 500) -> np.ndarray:
+  """Every head's output before the heads merge, averaged over `images` (uint8, (B, 28, 28,
+  1)): (L, H, N, D/H), the values a mean-ablated head outputs instead of its own.
+
+  Each layer's heads are computed again (`attention.attend_heads`, the einsum path) from
+  the input its attention received, captured in one forward pass.
+  """
+  def is_attention_input(module, _):
+    return module.name == "norm1"  # each block's LayerNorm before its attention
+
+  @jax.jit
+  def batch_sums(batch):
+    _, variables = apply_fn({"params": params}, input_pipeline.normalize(batch, dataset),
+                            capture_intermediates=is_attention_input, mutable=["intermediates"])
+    blocks = variables["intermediates"]["encoder"]
+    sums = []
+    for layer in range(model.num_layers):
+      x = blocks[f"block{layer}"]["norm1"]["__call__"][0]
+      heads, _ = attention.attend_heads(x, layer_projections(params, model, layer),
+                                        model.num_heads, compute_dtype=model.compute_dtype)
+      sums.append(heads.astype(jnp.float32).sum(0))
+    return jnp.stack(sums)
+
+  total = sum(np.asarray(batch_sums(images[i:i + batch_size]), np.float64)
+              for i in range(0, len(images), batch_size))
+  return (total / len(images)).astype(np.float32)
 
 
 def head_importance(evaluate, model: ModelConfig, images, labels) -> dict[str, np.ndarray]:

@@ -104,7 +104,8 @@ class MultiHeadSelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               head_mask: jax.Array | None = None) -> jax.Array:
+               head_mask: jax.Array | None = None,
+               head_means: jax.Array | None = None) -> jax.Array:
     width = x.shape[-1]
     if self.qkv not in QKV_MODES:
       raise ValueError(f"qkv={self.qkv!r} is not one of {', '.join(map(repr, QKV_MODES))}")
@@ -122,7 +123,7 @@ class MultiHeadSelfAttention(nn.Module):
     weights["to_out"] = LinearWeights(width, name="to_out")(width)
     out, attention_weights = A.self_attention(
         x, weights, self.num_heads, mask, kernels.attend_function(self.attention_kernel),
-        self.compute_dtype, head_mask)
+        self.compute_dtype, head_mask, head_means)
     self.sow("intermediates", "attention_weights", attention_weights)
     return out
 
@@ -197,14 +198,16 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool,
-               head_mask: jax.Array | None = None) -> jax.Array:
+               head_mask: jax.Array | None = None,
+               head_means: jax.Array | None = None) -> jax.Array:
     c = self.config
     # One draw per example, broadcast over its tokens and features: the whole branch goes.
     drop_path = nn.Dropout(self.drop_path, broadcast_dims=(1, 2), name="drop_path")
     y = LayerNorm(name="norm1")(x)
     y = MultiHeadSelfAttention(c.num_heads, c.qkv, c.qkv_bias, c.compute_dtype,
                                c.attention_kernel, c.qkv_rank,
-                               name="attention")(y, head_mask=head_mask)
+                               name="attention")(y, head_mask=head_mask,
+                                                 head_means=head_means)
     y = nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
     x = x + drop_path(y, deterministic=deterministic)
     y = LayerNorm(name="norm2")(x)
@@ -225,10 +228,12 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool,
-               head_mask: jax.Array | None = None) -> jax.Array:
+               head_mask: jax.Array | None = None,
+               head_means: jax.Array | None = None) -> jax.Array:
     for i, rate in enumerate(drop_path_rates(self.config)):
       x = EncoderBlock(self.config, rate, name=f"block{i}")(
-          x, deterministic, None if head_mask is None else head_mask[i])
+          x, deterministic, None if head_mask is None else head_mask[i],
+          None if head_means is None else head_means[i])
     return LayerNorm(name="norm")(x)
 
 
@@ -236,13 +241,16 @@ class ViT(nn.Module):
   """Vision Transformer classifier: (B, H, W, C) images -> (B, num_classes) logits.
 
   `head_mask`: optional (num_layers, num_heads); a head whose entry is 0 is removed (its
-  output zeroed before the heads merge), for head-importance studies.
+  output zeroed before the heads merge), for head-importance studies. `head_means`: optional
+  (num_layers, num_heads, N, D/H), the removed heads' outputs instead of zeros
+  (mean-ablation; `instruments.head_means`).
   """
   config: ModelConfig
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False,
-               head_mask: jax.Array | None = None) -> jax.Array:
+               head_mask: jax.Array | None = None,
+               head_means: jax.Array | None = None) -> jax.Array:
     c = self.config
     if c.compute_dtype == "auto":
       raise ValueError("model.compute_dtype='auto' is chosen when a run starts (vit_jax.auto); "
@@ -256,7 +264,8 @@ class ViT(nn.Module):
     pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
                      (1, x.shape[1], c.hidden_size))
     x = nn.Dropout(c.dropout_rate)(x + pos, deterministic=not train)
-    x = Encoder(c, name="encoder")(x, deterministic=not train, head_mask=head_mask)
+    x = Encoder(c, name="encoder")(x, deterministic=not train, head_mask=head_mask,
+                                   head_means=head_means)
     pooled = x[:, 0] if c.classifier == "token" else x.mean(axis=1)
     # A zero-initialised head starts every class at equal probability.
     head = Linear(c.num_classes, kernel_init=nn.initializers.zeros, compute_dtype=c.compute_dtype,
