@@ -6,12 +6,15 @@
     python experiments/sweep_heads.py --root=runs/sweep_hs --fixed=head_dim    # width grows
     python experiments/sweep_heads.py --root=runs/sweep --config.num_epochs=1  # any override
     python experiments/sweep_heads.py --root=runs/sweep --vmap_seeds   # a setting's seeds as one
+    python experiments/sweep_heads.py --root=runs/sweep --analyze=zero,mean  # both ablations
 
 Runs go through the same `train_and_evaluate` as launch.py, one workdir each under
 --root. Rerunning skips finished runs and resumes interrupted ones. Several processes may
 share one --root (one per host or GPU, a SLURM job array): each takes the next run that is
-neither finished nor held by another. The tables and the plot are written to --root by the
-process that finds every run finished, or by --report_only.
+neither finished nor held by another. Each finished run is analyzed as `launch.py
+--mode=analyze` does (into its workdir's analysis/; --analyze= for none). The tables, the
+paired differences, the gathered analyses and the plot are written to --root by the process
+that finds every run finished, or by --report_only.
 """
 
 import logging
@@ -40,6 +43,9 @@ flags.DEFINE_bool("report_only", False, "Train nothing: write the reports from t
 flags.DEFINE_bool("vmap_seeds", False, "Train each setting's seeds as one compiled step "
                   "(vit_jax.seeds: jax.vmap over their stacked states), the same results up to "
                   "float rounding; off by default: docs/performance.md measures it on CPUs.")
+flags.DEFINE_list("analyze", ["zero"], "Analyze each finished run (vit_jax.analyze) with these "
+                  "head ablations: zero, mean; empty: no analysis.")
+flags.DEFINE_integer("analysis_images", 1000, "Test images each run's analysis measures.")
 flags.DEFINE_enum("fixed", "width", ["width", "head_dim"],
                   "Keep the width (head dim = width / heads) or the head dim.")
 
@@ -58,7 +64,8 @@ def main(argv):
   runs = sweep.plan(base, [int(h) for h in FLAGS.heads], range(FLAGS.seeds), FLAGS.qkv,
                     FLAGS.fixed)
   data = None if FLAGS.report_only else train.load_data(base)
-  records = sweep.run_all(runs, Path(FLAGS.root), data, vmap_seeds=FLAGS.vmap_seeds)
+  records = sweep.run_all(runs, Path(FLAGS.root), data, vmap_seeds=FLAGS.vmap_seeds,
+                          after_run=_analyzer(data) if FLAGS.analyze else None)
   if len(records) < len(runs):  # what the other processes finished meanwhile
     records = sweep.run_all(runs, Path(FLAGS.root), None, say=lambda _: None)
   if len(records) < len(runs):  # others still train: the last process to finish reports
@@ -68,6 +75,24 @@ def main(argv):
   for path in sweep_report.write_reports(records, Path(FLAGS.root)):
     print(f"wrote {path}")
   print((Path(FLAGS.root) / "summary.md").read_text())
+
+
+def _analyzer(data):
+  """-> after_run(config, workdir): the run's analysis for each --analyze ablation not done."""
+  from vit_jax import analyze
+
+  for ablation in FLAGS.analyze:
+    if ablation not in analyze.ABLATIONS:
+      raise ValueError(f"--analyze={ablation} is not one of {', '.join(analyze.ABLATIONS)}")
+
+  def after_run(config, workdir):
+    for ablation in FLAGS.analyze:
+      name = "head_importance_mean.csv" if ablation == "mean" else "head_importance.csv"
+      if data is not None and not (workdir / "analysis" / name).is_file():
+        analyze.analyze_checkpoint(config, workdir, FLAGS.analysis_images,
+                                   test_data=data["test"], ablation=ablation)
+
+  return after_run
 
 
 if __name__ == "__main__":

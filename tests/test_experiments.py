@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import jax
 import numpy as np
@@ -194,6 +195,35 @@ def test_a_run_another_process_holds_is_skipped_and_reports_wait(tmp_path, monke
   assert trained == [runs[1][0].name]
 
 
+def test_after_run_sees_every_finished_run_under_its_lock_but_not_one_held_elsewhere(
+    tmp_path, monkeypatch):
+  from vit_jax.locks import WorkdirBusyError, WorkdirLock
+
+  runs = sweep.plan(base_config(), heads=[1, 2, 4], seeds=[0])
+  (tmp_path / runs[0][0].name).mkdir()  # finished before this sweep
+  (tmp_path / runs[0][0].name / "result.json").write_text(
+      json.dumps(fake_record(runs[0][0], 0.9, runs[0][1])))
+
+  def fake_run_one(run, config, workdir, data):
+    return fake_record(run, 0.8, config)
+
+  monkeypatch.setattr(sweep, "run_one", fake_run_one)
+  seen = []
+
+  def after_run(config, workdir):
+    with pytest.raises(WorkdirBusyError):  # the sweep holds the run while it is analyzed
+      WorkdirLock(workdir, "sweep_lock").__enter__()
+    seen.append((workdir.name, config.model.num_heads))
+
+  said = []
+  (tmp_path / runs[2][0].name).mkdir()
+  with WorkdirLock(tmp_path / runs[2][0].name, "sweep_lock"):  # another process trains it
+    sweep.run_all(runs, tmp_path, data={}, say=said.append, after_run=after_run)
+  assert seen == [(runs[0][0].name, 1), (runs[1][0].name, 2)]
+  sweep.run_all(runs, tmp_path, data=None, say=said.append, after_run=after_run)
+  assert len(seen) == 2  # collecting only (--report_only) analyzes nothing
+
+
 def test_vmapped_seeds_leave_each_run_as_a_separate_run_would(tmp_path, digits):
   data = {"train": {k: v[:256] for k, v in digits["train"].items()},
           "test": {k: v[:200] for k, v in digits["test"].items()}}
@@ -231,8 +261,25 @@ def test_summary_table_and_plot_from_fake_records(tmp_path):
   # The plot draws the numbers: other accuracies, another picture.
   other = [{**r, "eval_accuracy": r["eval_accuracy"] / 2} for r in records]
   sweep_report.plot(sweep_report.summarize(other), tmp_path / "other.png")
-  assert paths[-1].name == "sweep.png"
-  assert paths[-1].read_bytes() != (tmp_path / "other.png").read_bytes()
+  assert paths[3].name == "sweep.png"
+  assert paths[3].read_bytes() != (tmp_path / "other.png").read_bytes()
+  # identity is 0.1 below fused on every seed: the paired difference, with no spread.
+  assert "| identity | fused | 2 | 16 | 3 | -10.00 | [-10.00, -10.00] |" in table
+
+
+def test_paired_differences_and_their_95_percent_interval_by_hand():
+  runs = sweep.plan(base_config(), heads=[2], seeds=[0, 1, 2, 3], qkv_modes=["fused", "tied_qk"])
+  fused = {0: 0.90, 1: 0.80, 2: 0.95, 3: 0.70}  # far apart: only pairing removes the seeds'
+  diff = {0: 0.01, 1: 0.02, 2: 0.03, 3: None}   # seed 3 has no tied_qk run
+  records = [fake_record(r, fused[r.seed] + (diff[r.seed] if r.qkv == "tied_qk" else 0), c)
+             for r, c in runs if r.qkv == "fused" or diff[r.seed] is not None]
+  (row,) = sweep_report.paired_differences(records)
+  assert (row["qkv"], row["heads"], row["seeds"]) == ("tied_qk", 2, 3)
+  assert row["difference_mean"] == pytest.approx(0.02)
+  # t(0.975, 2 degrees of freedom) = 4.3027; the differences' sample std is 0.01.
+  half = 4.302653 * 0.01 / math.sqrt(3)
+  assert row["ci95_low"] == pytest.approx(0.02 - half, rel=1e-5)
+  assert row["ci95_high"] == pytest.approx(0.02 + half, rel=1e-5)
 
 
 # --- Pictures from a real (tiny) checkpoint --------------------------------------------

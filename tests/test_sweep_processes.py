@@ -12,7 +12,7 @@ from conftest import REPO
 def test_two_sweep_processes_share_the_runs_of_one_root(tmp_path, tfds_dir):
   command = [sys.executable, str(REPO / "experiments" / "sweep_heads.py"), f"--root={tmp_path}",
              "--heads=1,2,4", "--seeds=2", "--cpu_devices=1", f"--config.tfds_data_dir={tfds_dir}",
-             "--config.train_examples=512", "--config.num_epochs=2"]
+             "--config.train_examples=512", "--config.num_epochs=2", "--analysis_images=100"]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   procs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True) for _ in range(2)]
@@ -27,5 +27,10 @@ def test_two_sweep_processes_share_the_runs_of_one_root(tmp_path, tfds_dir):
     trained_by = [out for out in outputs if f"{name}: training" in out]
     assert len(trained_by) == 1, (name, outputs)  # exactly once, by one of the two
     assert (tmp_path / name / "result.json").is_file()
+    assert (tmp_path / name / "analysis" / "head_importance.csv").is_file()  # each analyzed
   assert (tmp_path / "summary.md").is_file()
+  gathered = (tmp_path / "analysis_head_importance.csv").read_text().splitlines()
+  layers = 4  # experiments/sweep_small.py
+  assert len(gathered) == 1 + 2 * layers * (1 + 2 + 4)  # every head of every run, a row each
+  assert gathered[0].startswith("run,qkv,heads,hidden_size,seed,layer,head,")
   assert any("wrote" in out for out in outputs)

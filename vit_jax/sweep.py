@@ -138,15 +138,21 @@ def finished_record(workdir: Path, config: ExperimentConfig) -> dict[str, Any] |
   return record
 
 
+AfterRun = Callable[[ExperimentConfig, Path], Any]
+
+
 def run_all(runs: list[tuple[Run, ExperimentConfig]], root: Path, data: dict | None,
-            say: Callable[[str], None] = print, vmap_seeds: bool = False
-            ) -> list[dict[str, Any]]:
+            say: Callable[[str], None] = print, vmap_seeds: bool = False,
+            after_run: AfterRun | None = None) -> list[dict[str, Any]]:
   """Runs what is neither finished nor taken, skips the rest; returns the finished records.
 
   Several processes (hosts, GPUs, a SLURM job array) may share one `root`: each run is
   claimed by a lock in its workdir (`sweep_lock`) before it trains, so a run that another
   process holds is skipped, not trained twice. `data` None: only collect what is finished.
   `vmap_seeds`: the unfinished seeds of each setting train as one (`run_seeds`).
+  `after_run(config, workdir)`: called on every finished run (trained now or before) when
+  `data` is given, holding the run's lock, e.g. to analyze its checkpoint (it should skip
+  what it finds done); a run another process holds is left to that process.
   """
   records, groups = [], _groups(runs, vmap_seeds)
   for i, group in enumerate(groups, 1):
@@ -158,8 +164,22 @@ def run_all(runs: list[tuple[Run, ExperimentConfig]], root: Path, data: dict | N
     if left and data is not None:
       done.update(_claim_and_run(left, Path(root), data,
                                  lambda text, tag=tag: say(f"{tag}: {text}")))
-    records += [done[run] for run, _ in group if done[run] is not None]
+    finished = [(run, config) for run, config in group if done[run] is not None]
+    if after_run is not None and data is not None:
+      for run, config in finished:
+        _after_run(after_run, config, Path(root) / run.name,
+                   lambda text, tag=tag: say(f"{tag}: {text}"))
+    records += [done[run] for run, _ in finished]
   return records
+
+
+def _after_run(after_run: AfterRun, config: ExperimentConfig, workdir: Path,
+               say: Callable[[str], None]) -> None:
+  try:
+    with WorkdirLock(workdir, "sweep_lock"):
+      after_run(config, workdir)
+  except WorkdirBusyError:
+    say(f"{workdir.name} is held by another process: not analyzed here")
 
 
 def _groups(runs: list[tuple[Run, ExperimentConfig]], vmap_seeds: bool

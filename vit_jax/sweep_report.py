@@ -1,4 +1,6 @@
-"""A sweep's records as tables and a plot: runs.csv, summary.csv, summary.md, sweep.png.
+"""A sweep's records as tables and a plot: runs.csv, summary.csv, summary.md, sweep.png,
+paired_differences.csv (each mode against `fused`, seed by seed), and the runs' analyses
+gathered into one CSV per instrument (analysis_*.csv).
 
 Layer 5 of vit_jax, beside `visualize.py`: it reads the records `vit_jax.sweep` writes.
 """
@@ -10,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats
+
+ANALYSIS_FILES = ("head_importance.csv", "head_importance_mean.csv",
+                  "attention_statistics.csv", "projection_spectra.csv", "head_redundancy.csv")
 
 SUMMARY_COLUMNS = ["qkv", "heads", "hidden_size", "head_dim", "params", "seeds",
                    "accuracy_mean", "accuracy_std", "entropy_mean", "images_per_sec",
@@ -49,18 +55,78 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def paired_differences(records: list[dict[str, Any]], baseline: str = "fused"
+                       ) -> list[dict[str, Any]]:
+  """Per (qkv, heads, width) other than `baseline`: its test accuracy minus the baseline's
+  at the same heads, width and seed, averaged over the seeds both have, with a 95 %
+  t-interval (none from a single seed)."""
+  accuracy = {(r["qkv"], r["heads"], r["hidden_size"], r["seed"]): r["eval_accuracy"]
+              for r in records}
+  groups: dict[tuple, list[float]] = {}
+  for (qkv, heads, width, seed), acc in accuracy.items():
+    base = accuracy.get((baseline, heads, width, seed))
+    if qkv != baseline and base is not None:
+      groups.setdefault((qkv, heads, width), []).append(acc - base)
+  rows = []
+  for (qkv, heads, width), diffs in sorted(groups.items()):
+    d = np.array(diffs)
+    half = (stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+            if len(d) > 1 else float("nan"))
+    rows.append({"qkv": qkv, "baseline": baseline, "heads": heads, "hidden_size": width,
+                 "seeds": len(d), "difference_mean": float(d.mean()),
+                 "ci95_low": float(d.mean() - half), "ci95_high": float(d.mean() + half)})
+  return rows
+
+
+def collect_analyses(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+  """Each instrument's CSV from every run's analysis/ (`launch.py --mode=analyze`), one
+  table per instrument with the run's name, mode, heads, width and seed in front."""
+  paths = []
+  for name in ANALYSIS_FILES:
+    header, rows = None, []
+    for r in records:
+      path = out_dir / r["name"] / "analysis" / name
+      if path.is_file():
+        with path.open(newline="") as f:
+          header, *body = list(csv.reader(f))
+        rows += [[r["name"], r["qkv"], r["heads"], r["hidden_size"], r["seed"], *row]
+                 for row in body]
+    if header is not None:
+      paths.append(out_dir / f"analysis_{name}")
+      with paths[-1].open("w", newline="") as f:
+        csv.writer(f).writerows([["run", "qkv", "heads", "hidden_size", "seed", *header],
+                                 *rows])
+  return paths
+
+
 def write_reports(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-  """runs.csv, summary.csv, summary.md and sweep.png in `out_dir`."""
+  """runs.csv, summary.csv, summary.md, sweep.png and paired_differences.csv in `out_dir`,
+  and the runs' analyses gathered (`collect_analyses`)."""
   out_dir.mkdir(parents=True, exist_ok=True)
   rows = summarize(records)
   paths = [out_dir / "runs.csv", out_dir / "summary.csv", out_dir / "summary.md",
-           out_dir / "sweep.png"]
+           out_dir / "sweep.png", out_dir / "paired_differences.csv"]
   _write_csv(paths[0], [{k: v for k, v in r.items() if k != "config"} for r in records],
              [k for k in records[0] if k != "config"])
   _write_csv(paths[1], rows, SUMMARY_COLUMNS)
-  paths[2].write_text(markdown_table(rows))
+  differences = paired_differences(records)
+  paths[2].write_text(markdown_table(rows) + differences_table(differences))
   plot(rows, paths[3])
-  return paths
+  _write_csv(paths[4], differences, ["qkv", "baseline", "heads", "hidden_size", "seeds",
+                                     "difference_mean", "ci95_low", "ci95_high"])
+  return paths + collect_analyses(records, out_dir)
+
+
+def differences_table(rows: list[dict[str, Any]]) -> str:
+  if not rows:
+    return ""
+  lines = ["", "| Q/K/V | minus | heads | width | seeds | accuracy difference "
+           "(percentage points) | 95 % interval |", "|" + " --- |" * 7]
+  for r in rows:
+    lines.append(f"| {r['qkv']} | {r['baseline']} | {r['heads']} | {r['hidden_size']} | "
+                 f"{r['seeds']} | {100 * r['difference_mean']:+.2f} | "
+                 f"[{100 * r['ci95_low']:+.2f}, {100 * r['ci95_high']:+.2f}] |")
+  return "\n".join(lines) + "\n"
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
