@@ -267,6 +267,33 @@ def test_summary_table_and_plot_from_fake_records(tmp_path):
   assert "| identity | fused | 2 | 16 | 3 | -10.00 | [-10.00, -10.00] |" in table
 
 
+def test_reports_gather_each_runs_analysis_and_average_it_by_head_count(tmp_path):
+  runs = sweep.plan(base_config(), heads=[1, 2], seeds=[0, 1])
+  records = [fake_record(r, 0.9, c) for r, c in runs]
+  for run, _ in runs:  # as analyze writes them: a drop of 0.01 * heads * (seed + 1) per head
+    folder = tmp_path / run.name / "analysis"
+    folder.mkdir(parents=True)
+    drop = 0.01 * run.heads * (run.seed + 1)
+    (folder / "head_importance.csv").write_text(
+        "layer,head,loss,accuracy,accuracy_drop\n"
+        + "".join(f"0,{h},0.1,0.8,{drop}\n" for h in range(run.heads)))
+    head_dim = run.hidden_size // run.heads
+    (folder / "projection_spectra.csv").write_text(
+        "layer,head,matrix,effective_rank,singular_values\n"
+        + "".join(f"0,{h},{m},{head_dim / 2},1 1\n" for h in range(run.heads)
+                  for m in ("W_Q", "W_QK")))
+  paths = sweep_report.write_reports(records, tmp_path)
+  gathered = (tmp_path / "analysis_head_importance.csv").read_text().splitlines()
+  assert gathered[0] == "run,qkv,heads,hidden_size,seed,layer,head,loss,accuracy,accuracy_drop"
+  assert len(gathered) == 1 + (1 + 1) + (2 + 2)  # every head of every run
+  assert gathered[1].startswith(f"{runs[0][0].name},fused,1,16,0,0,0,")
+  means = sweep_report.analysis_by_heads(tmp_path)
+  assert means["fused"][1]["accuracy_drop"] == pytest.approx(0.015)  # seeds: 0.01, 0.02
+  assert means["fused"][2]["accuracy_drop"] == pytest.approx(0.03)
+  assert means["fused"][2]["qk_rank_share"] == pytest.approx(0.5)  # W_Q rows left out
+  assert paths[-1].name == "analysis_by_heads.png" and paths[-1].stat().st_size > 0
+
+
 def test_paired_differences_and_their_95_percent_interval_by_hand():
   runs = sweep.plan(base_config(), heads=[2], seeds=[0, 1, 2, 3], qkv_modes=["fused", "tied_qk"])
   fused = {0: 0.90, 1: 0.80, 2: 0.95, 3: 0.70}  # far apart: only pairing removes the seeds'

@@ -114,7 +114,10 @@ def write_reports(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
   plot(rows, paths[3])
   _write_csv(paths[4], differences, ["qkv", "baseline", "heads", "hidden_size", "seeds",
                                      "difference_mean", "ci95_low", "ci95_high"])
-  return paths + collect_analyses(records, out_dir)
+  gathered = collect_analyses(records, out_dir)
+  if gathered:
+    gathered.append(plot_analyses(out_dir, out_dir / "analysis_by_heads.png"))
+  return paths + gathered
 
 
 def differences_table(rows: list[dict[str, Any]]) -> str:
@@ -161,6 +164,54 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
   acc_ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def analysis_by_heads(out_dir: Path) -> dict[str, dict[int, dict[str, float]]]:
+  """From the gathered analyses: per mode and head count, the mean accuracy lost when one
+  head is removed alone (over layers, heads and seeds; zero-ablation) and the mean effective
+  rank of the heads' W_QK as a share of the head dim (its largest possible rank)."""
+  out: dict[str, dict[int, dict[str, list[float]]]] = {}
+
+  def add(row, key, value):
+    out.setdefault(row["qkv"], {}).setdefault(int(row["heads"]), {}).setdefault(
+        key, []).append(value)
+
+  importance, spectra = out_dir / "analysis_head_importance.csv", \
+      out_dir / "analysis_projection_spectra.csv"
+  if importance.is_file():
+    for row in csv.DictReader(importance.open(newline="")):
+      add(row, "accuracy_drop", float(row["accuracy_drop"]))
+  if spectra.is_file():
+    for row in csv.DictReader(spectra.open(newline="")):
+      if row["matrix"] == "W_QK":
+        head_dim = int(row["hidden_size"]) // int(row["heads"])
+        add(row, "qk_rank_share", float(row["effective_rank"]) / head_dim)
+  return {qkv: {h: {k: float(np.mean(v)) for k, v in d.items()} for h, d in by_heads.items()}
+          for qkv, by_heads in out.items()}
+
+
+def plot_analyses(out_dir: Path, path: Path) -> Path:
+  """`analysis_by_heads` against heads, a line per mode."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  means = analysis_by_heads(out_dir)
+  fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+  for ax, key, ylabel in ((axes[0], "accuracy_drop", "accuracy lost, one head removed"),
+                          (axes[1], "qk_rank_share", "W_QK effective rank / head dim")):
+    for qkv, by_heads in sorted(means.items()):
+      heads = sorted(h for h in by_heads if key in by_heads[h])
+      ax.plot(heads, [by_heads[h][key] for h in heads], marker="o", label=qkv)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="heads", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
