@@ -159,7 +159,7 @@ def _analyze(config) -> None:
   from vit_jax import analyze
 
   for path in analyze.analyze_checkpoint(config, FLAGS.workdir, FLAGS.num_images or 1000,
-                                         _output_dir("analysis"), ablation=FLAGS.ablation):
+                                         _output_dir("analysis"), ablations=(FLAGS.ablation,)):
     print(f"wrote {path}")
 
 

@@ -45,7 +45,8 @@ flags.DEFINE_bool("vmap_seeds", False, "Train each setting's seeds as one compil
                   "float rounding; off by default: docs/performance.md measures it on CPUs.")
 flags.DEFINE_list("analyze", ["zero"], "Analyze each finished run (vit_jax.analyze) with these "
                   "head ablations: zero, mean; empty: no analysis.")
-flags.DEFINE_integer("analysis_images", 1000, "Test images each run's analysis measures.")
+flags.DEFINE_integer("analysis_images", 1000, "Test images each run's analysis measures.",
+                     lower_bound=1)
 flags.DEFINE_enum("fixed", "width", ["width", "head_dim"],
                   "Keep the width (head dim = width / heads) or the head dim.")
 
@@ -58,8 +59,12 @@ def main(argv):
   host_cpu.configure(FLAGS.cpu_devices, (FLAGS.config.batch_size,
                                              FLAGS.config.eval_batch_size))
   from vit_jax import sweep, sweep_report, train
+  from vit_jax.analyze import ABLATIONS
   from vit_jax.experiment_config import validate
 
+  for ablation in FLAGS.analyze:  # before the data loads: a typo costs nothing
+    if ablation not in ABLATIONS:
+      raise ValueError(f"--analyze={ablation} is not one of {', '.join(ABLATIONS)}")
   base = validate(FLAGS.config)
   runs = sweep.plan(base, [int(h) for h in FLAGS.heads], range(FLAGS.seeds), FLAGS.qkv,
                     FLAGS.fixed)
@@ -78,19 +83,15 @@ def main(argv):
 
 
 def _analyzer(data):
-  """-> after_run(config, workdir): the run's analysis for each --analyze ablation not done."""
+  """-> after_run(config, workdir): the run's analysis, for each --analyze ablation not done."""
   from vit_jax import analyze
 
-  for ablation in FLAGS.analyze:
-    if ablation not in analyze.ABLATIONS:
-      raise ValueError(f"--analyze={ablation} is not one of {', '.join(analyze.ABLATIONS)}")
-
   def after_run(config, workdir):
-    for ablation in FLAGS.analyze:
-      name = "head_importance_mean.csv" if ablation == "mean" else "head_importance.csv"
-      if data is not None and not (workdir / "analysis" / name).is_file():
-        analyze.analyze_checkpoint(config, workdir, FLAGS.analysis_images,
-                                   test_data=data["test"], ablation=ablation)
+    left = tuple(a for a in FLAGS.analyze
+                 if not analyze.done_marker(workdir / "analysis", a).is_file())
+    if left:
+      analyze.analyze_checkpoint(config, workdir, FLAGS.analysis_images,
+                                 test_data=data["test"], ablations=left)
 
   return after_run
 

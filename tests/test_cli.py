@@ -180,7 +180,7 @@ def test_analyze_writes_every_instrument_as_csv_and_png(trained, tmp_path):
   assert written == sorted(
       ["head_importance.csv", "head_importance.png", "pruning_curve.csv", "pruning_curve.png",
        "projection_spectra.csv", "projection_spectra.png", "attention_statistics.csv",
-       "head_redundancy.csv", "head_redundancy.png", "attention_distance.png"])
+       "head_redundancy.csv", "head_redundancy.png", "attention_distance.png", "done_zero"])
   layers, heads = 2, 4  # experiments/tiny.py
   rows = (tmp_path / "analysis" / "head_importance.csv").read_text().splitlines()
   assert len(rows) == 1 + layers * heads
@@ -194,5 +194,6 @@ def test_analyze_writes_every_instrument_as_csv_and_png(trained, tmp_path):
   mean = (tmp_path / "analysis" / "head_importance_mean.csv").read_text().splitlines()
   assert len(mean) == 1 + layers * heads and mean != rows  # another ablation, other drops
   assert (tmp_path / "analysis" / "pruning_curve_mean.png").exists()
+  assert (tmp_path / "analysis" / "done_mean").exists()
   result = launch(*common, "--mode=analyze", "--ablation=half")
   assert result.returncode != 0 and "ablation" in result.stderr

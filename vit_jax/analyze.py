@@ -126,28 +126,42 @@ def _attention_statistics(out: Path, maps: np.ndarray, model) -> list[Path]:
 ABLATIONS = ("zero", "mean")
 
 
+def done_marker(out_dir: str | Path, ablation: str) -> Path:
+  """Written last by `analyze_checkpoint`: every file of that ablation's analysis is there
+  (an interrupted analysis leaves none, and is redone)."""
+  return Path(out_dir) / f"done_{ablation}"
+
+
 def analyze_checkpoint(config: Any, workdir: str | Path, num_images: int = 1000,
                        output_dir: str | Path | None = None, test_data=None,
-                       ablation: str = "zero") -> list[Path]:
+                       ablations: tuple[str, ...] = ("zero",)) -> list[Path]:
   """Every instrument on the first `num_images` test images; -> the files written.
 
-  ablation: how a removed head is removed, 'zero' (its output zeroed) or 'mean' (its output
-  replaced by its mean over those images, `instruments.head_means`).
+  ablations: how a removed head is removed, each one set of importance files: 'zero' (its
+  output zeroed) or 'mean' (its output replaced by its mean over those images,
+  `instruments.head_means`; files named *_mean). The other instruments are measured once.
   """
-  if ablation not in ABLATIONS:
-    raise ValueError(f"ablation={ablation!r} is not one of {', '.join(map(repr, ABLATIONS))}")
+  for ablation in ablations:
+    if ablation not in ABLATIONS:
+      raise ValueError(f"ablation={ablation!r} is not one of "
+                       f"{', '.join(map(repr, ABLATIONS))}")
+  if num_images < 1:
+    raise ValueError(f"num_images={num_images} must be at least 1")
   config, state, images, labels = inference.restore_with_test_images(config, workdir,
                                                                       num_images, test_data)
   out = Path(output_dir or Path(workdir) / "analysis")
   out.mkdir(parents=True, exist_ok=True)
-  means = None
-  if ablation == "mean":
-    means = instruments.head_means(state.apply_fn, state.params, config.model, images,
-                                   config.dataset)
-  evaluate = instruments.masked_evaluator(state.apply_fn, state.params, config.dataset,
-                                          head_means=means)
   _, maps = analysis.collect_attention(state, images, config.dataset)
-  return [*_importance(out, evaluate, config, images, labels,
-                       "_mean" if ablation == "mean" else ""),
-          *_spectra(out, state.params, config.model),
-          *_attention_statistics(out, maps, config.model)]
+  written = [*_spectra(out, state.params, config.model),
+             *_attention_statistics(out, maps, config.model)]
+  for ablation in ablations:
+    means = None
+    if ablation == "mean":
+      means = instruments.head_means(state.apply_fn, state.params, config.model, images,
+                                     config.dataset)
+    evaluate = instruments.masked_evaluator(state.apply_fn, state.params, config.dataset,
+                                            head_means=means)
+    written += _importance(out, evaluate, config, images, labels,
+                           "_mean" if ablation == "mean" else "")
+    done_marker(out, ablation).write_text(f"{num_images} test images\n")
+  return written

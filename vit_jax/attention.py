@@ -13,6 +13,8 @@ meets them here:
     project_out    (B, N, D)         -> (B, N, D)          x @ W_out + b_out
 
     self_attention (B, N, D)         -> (B, N, D), weights  the six steps above, in order
+    attend_heads   (B, N, D)         -> (B, H, N, D/H)     its first four steps, heads apart
+    remove_heads   (B, H, N, D/H)    -> (B, H, N, D/H)     head ablation, before merge_heads
 
 B is the batch, N the number of tokens, D the width, H the number of heads.
 
@@ -269,11 +271,11 @@ def self_attention(x: jax.Array, weights: Mapping[str, Mapping[str, jax.Array]],
   Returns:
     out: (B, N, D), and the attention weights: (B, H, N, N).
   """
+  if head_means is not None and head_mask is None:
+    raise ValueError("head_means applies to the heads a head_mask removes; no head_mask given")
   out, attention = attend_heads(x, weights, num_heads, mask, attend_fn, compute_dtype)
   if head_mask is not None:
     out = remove_heads(out, head_mask, head_means)
-  elif head_means is not None:
-    raise ValueError("head_means applies to the heads a head_mask removes; no head_mask given")
   out = merge_heads(out)
   chex.assert_shape(out, x.shape)
   to_out = weights["to_out"]

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-ANALYSIS_FILES = ("head_importance.csv", "head_importance_mean.csv",
-                  "attention_statistics.csv", "projection_spectra.csv", "head_redundancy.csv")
+ANALYSIS_FILES = ("head_importance.csv", "head_importance_mean.csv", "pruning_curve.csv",
+                  "pruning_curve_mean.csv", "attention_statistics.csv",
+                  "projection_spectra.csv", "head_redundancy.csv")
 
 SUMMARY_COLUMNS = ["qkv", "heads", "hidden_size", "head_dim", "params", "seeds",
                    "accuracy_mean", "accuracy_std", "entropy_mean", "images_per_sec",
@@ -121,6 +122,7 @@ def write_reports(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
 
 def differences_table(rows: list[dict[str, Any]]) -> str:
+  """`paired_differences` as markdown, in percentage points ('-' for no interval)."""
   if not rows:
     return ""
   lines = ["", "| Q/K/V | minus | heads | width | seeds | accuracy difference "
@@ -128,7 +130,8 @@ def differences_table(rows: list[dict[str, Any]]) -> str:
   for r in rows:
     lines.append(f"| {r['qkv']} | {r['baseline']} | {r['heads']} | {r['hidden_size']} | "
                  f"{r['seeds']} | {100 * r['difference_mean']:+.2f} | "
-                 f"[{100 * r['ci95_low']:+.2f}, {100 * r['ci95_high']:+.2f}] |")
+                 + ("- |" if np.isnan(r["ci95_low"]) else
+                    f"[{100 * r['ci95_low']:+.2f}, {100 * r['ci95_high']:+.2f}] |"))
   return "\n".join(lines) + "\n"
 
 
@@ -182,16 +185,21 @@ def analysis_by_heads(out_dir: Path) -> dict[str, dict[int, dict[str, float]]]:
 
   importance, spectra = out_dir / "analysis_head_importance.csv", \
       out_dir / "analysis_projection_spectra.csv"
-  if importance.is_file():
-    for row in csv.DictReader(importance.open(newline="")):
-      add(row, "accuracy_drop", float(row["accuracy_drop"]))
-  if spectra.is_file():
-    for row in csv.DictReader(spectra.open(newline="")):
-      if row["matrix"] == "W_QK":
-        head_dim = int(row["hidden_size"]) // int(row["heads"])
-        add(row, "qk_rank_share", float(row["effective_rank"]) / head_dim)
+  for row in _read_rows(importance):
+    add(row, "accuracy_drop", float(row["accuracy_drop"]))
+  for row in _read_rows(spectra):
+    if row["matrix"] == "W_QK":
+      head_dim = int(row["hidden_size"]) // int(row["heads"])
+      add(row, "qk_rank_share", float(row["effective_rank"]) / head_dim)
   return {qkv: {h: {k: float(np.mean(v)) for k, v in d.items()} for h, d in by_heads.items()}
           for qkv, by_heads in out.items()}
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+  if not path.is_file():
+    return []
+  with path.open(newline="") as f:
+    return list(csv.DictReader(f))
 
 
 def plot_analyses(out_dir: Path, path: Path) -> Path:

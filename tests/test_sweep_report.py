@@ -1,0 +1,76 @@
+"""A sweep's reports from fake records: the tables, the paired differences by hand, and the
+runs' analyses gathered and averaged by head count."""
+
+import math
+
+import pytest
+from test_experiments import base_config, fake_record
+
+from vit_jax import sweep, sweep_report
+
+
+def test_summary_table_and_plot_from_fake_records(tmp_path):
+  runs = sweep.plan(base_config(), heads=[1, 2], seeds=[0, 1, 2], qkv_modes=["fused", "identity"])
+  accuracies = {0: 0.90, 1: 0.92, 2: 0.94}
+  records = [fake_record(r, accuracies[r.seed] - (r.qkv == "identity") * 0.1, c)
+             for r, c in runs]
+  rows = sweep_report.summarize(records)
+  assert len(rows) == 4
+  fused_1 = next(r for r in rows if r["qkv"] == "fused" and r["heads"] == 1)
+  assert fused_1["accuracy_mean"] == pytest.approx(0.92)
+  assert fused_1["accuracy_std"] == pytest.approx(0.02)  # sample std of .90 .92 .94
+  assert fused_1["seeds"] == 3 and fused_1["head_dim"] == 16
+  paths = sweep_report.write_reports(records, tmp_path)
+  table = (tmp_path / "summary.md").read_text()
+  assert "| fused | 1 | 16 | 16 | 100 | 3 | 92.00 ± 2.00 % |" in table
+  assert "| identity | 2 | 16 | 8 | 200 | 3 | 82.00 ± 2.00 % |" in table
+  assert len((tmp_path / "runs.csv").read_text().splitlines()) == 13
+  # The plot draws the numbers: other accuracies, another picture.
+  other = [{**r, "eval_accuracy": r["eval_accuracy"] / 2} for r in records]
+  sweep_report.plot(sweep_report.summarize(other), tmp_path / "other.png")
+  assert paths[3].name == "sweep.png"
+  assert paths[3].read_bytes() != (tmp_path / "other.png").read_bytes()
+  # identity is 0.1 below fused on every seed: the paired difference, with no spread.
+  assert "| identity | fused | 2 | 16 | 3 | -10.00 | [-10.00, -10.00] |" in table
+
+
+def test_paired_differences_and_their_95_percent_interval_by_hand():
+  runs = sweep.plan(base_config(), heads=[2], seeds=[0, 1, 2, 3], qkv_modes=["fused", "tied_qk"])
+  fused = {0: 0.90, 1: 0.80, 2: 0.95, 3: 0.70}  # far apart: only pairing removes the seeds'
+  diff = {0: 0.01, 1: 0.02, 2: 0.03, 3: None}   # seed 3 has no tied_qk run
+  records = [fake_record(r, fused[r.seed] + (diff[r.seed] if r.qkv == "tied_qk" else 0), c)
+             for r, c in runs if r.qkv == "fused" or diff[r.seed] is not None]
+  (row,) = sweep_report.paired_differences(records)
+  assert (row["qkv"], row["heads"], row["seeds"]) == ("tied_qk", 2, 3)
+  assert row["difference_mean"] == pytest.approx(0.02)
+  # t(0.975, 2 degrees of freedom) = 4.3027; the differences' sample std is 0.01.
+  half = 4.302653 * 0.01 / math.sqrt(3)
+  assert row["ci95_low"] == pytest.approx(0.02 - half, rel=1e-5)
+  assert row["ci95_high"] == pytest.approx(0.02 + half, rel=1e-5)
+
+
+def test_reports_gather_each_runs_analysis_and_average_it_by_head_count(tmp_path):
+  runs = sweep.plan(base_config(), heads=[1, 2], seeds=[0, 1])
+  records = [fake_record(r, 0.9, c) for r, c in runs]
+  for run, _ in runs:  # as analyze writes them: a drop of 0.01 * heads * (seed + 1) per head
+    folder = tmp_path / run.name / "analysis"
+    folder.mkdir(parents=True)
+    drop = 0.01 * run.heads * (run.seed + 1)
+    (folder / "head_importance.csv").write_text(
+        "layer,head,loss,accuracy,accuracy_drop\n"
+        + "".join(f"0,{h},0.1,0.8,{drop}\n" for h in range(run.heads)))
+    head_dim = run.hidden_size // run.heads
+    (folder / "projection_spectra.csv").write_text(
+        "layer,head,matrix,effective_rank,singular_values\n"
+        + "".join(f"0,{h},{m},{head_dim / 2},1 1\n" for h in range(run.heads)
+                  for m in ("W_Q", "W_QK")))
+  paths = sweep_report.write_reports(records, tmp_path)
+  gathered = (tmp_path / "analysis_head_importance.csv").read_text().splitlines()
+  assert gathered[0] == "run,qkv,heads,hidden_size,seed,layer,head,loss,accuracy,accuracy_drop"
+  assert len(gathered) == 1 + (1 + 1) + (2 + 2)  # every head of every run
+  assert gathered[1].startswith(f"{runs[0][0].name},fused,1,16,0,0,0,")
+  means = sweep_report.analysis_by_heads(tmp_path)
+  assert means["fused"][1]["accuracy_drop"] == pytest.approx(0.015)  # seeds: 0.01, 0.02
+  assert means["fused"][2]["accuracy_drop"] == pytest.approx(0.03)
+  assert means["fused"][2]["qk_rank_share"] == pytest.approx(0.5)  # W_Q rows left out
+  assert paths[-1].name == "analysis_by_heads.png" and paths[-1].stat().st_size > 0
