@@ -1,4 +1,4 @@
-"""The base of the converged head-count study: trained to >= 98.5 % at 4 heads.
+"""The base of the converged head-count study, meant to reach >= 98.5 % at 4 heads.
 
     python experiments/sweep_heads.py --config=experiments/study.py --root=runs/study \
         --qkv=fused,identity,tied_qk,identity_v --analyze=zero,mean
