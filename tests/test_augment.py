@@ -1,4 +1,5 @@
-"""The affine and erasing augmentations: what they do, per example, and nothing at strength 0."""
+"""The affine, elastic and erasing augmentations: what they do, per example, and nothing at
+strength 0."""
 
 import dataclasses
 import functools
@@ -38,6 +39,7 @@ def test_affine_rotates_scales_and_shears_about_the_centre():
 @pytest.mark.parametrize("fn,strength", [
     (augment.random_affine, dict(max_rotation=30.0, max_scale=0.2, max_shear=10.0)),
     (augment.random_erasing, dict(probability=1.0)),
+    (augment.random_elastic, dict(alpha=34.0, sigma=4.0)),
 ])
 def test_random_augmentations_are_per_example_deterministic_in_range(fn, strength):
   fn = jax.jit(functools.partial(fn, **strength))
@@ -54,8 +56,28 @@ def test_strength_zero_is_the_identity():
   images = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1)).astype(np.uint8)
   assert augment.random_affine(images, keys(4), 0.0, 0.0, 0.0) is images
   assert augment.random_erasing(images, keys(4), 0.0) is images
+  assert augment.random_elastic(images, keys(4), 0.0) is images
   config = ExperimentConfig(model=get_model_config("testing"), augment_max_shift=0)
   assert steps.augmented(images, keys(4), config) is images
+
+
+def test_elastic_displacements_are_smooth_and_as_large_as_blurred_noise_says():
+  from scipy import ndimage
+
+  # On a horizontal ramp, bilinear sampling is exact: the warped image minus the ramp is 8 dx.
+  ramp = np.broadcast_to(8.0 * np.arange(28.0)[None, :, None], (64, 28, 28, 1))
+  warp = jax.jit(augment.random_elastic, static_argnums=(2, 3))
+  inner = (slice(None), slice(6, 22), slice(6, 22), 0)  # clear of the borders
+  dx = (np.asarray(warp(ramp, keys(64), 34.0, 4.0)) - ramp)[inner] / 8.0
+  noise = np.random.default_rng(0).uniform(-1, 1, (64, 28, 28))
+  reference = 34.0 * np.stack([ndimage.gaussian_filter(n, 4.0, mode="constant", truncate=3.0)
+                               for n in noise])[inner[:3]]
+  assert dx.std() == pytest.approx(reference.std(), rel=0.25)
+  assert 0.5 < np.abs(dx).mean() < 3.0  # pixels
+  # Smooth: neighbours move alike, far less than the displacement itself.
+  assert np.abs(np.diff(dx, axis=2)).mean() < 0.25 * np.abs(dx).mean()
+  rough = (np.asarray(warp(ramp, keys(64), 34.0 / 4, 1.0)) - ramp)[inner] / 8.0
+  assert np.abs(np.diff(rough, axis=2)).mean() > 2 * np.abs(np.diff(dx, axis=2)).mean()
 
 
 def test_erasing_zeroes_one_rectangle_of_the_given_share():
@@ -73,7 +95,9 @@ def test_erasing_zeroes_one_rectangle_of_the_given_share():
 
 @pytest.mark.parametrize("key,value", [("augment_max_rotation", 200.0),
                                        ("augment_max_scale", -0.1),
-                                       ("random_erasing", 1.5)])
+                                       ("random_erasing", 1.5),
+                                       ("augment_elastic_alpha", 150.0),
+                                       ("augment_elastic_sigma", 0.5)])
 def test_bad_augmentation_strengths_are_one_line_errors(key, value):
   config = dataclasses.asdict(ExperimentConfig(model=get_model_config("testing")))
   with pytest.raises(ValueError, match=f"config.{key}={value} must be in"):

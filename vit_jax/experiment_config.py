@@ -73,6 +73,11 @@ class ExperimentConfig:
   augment_max_rotation: float = 0.0
   augment_max_scale: float = 0.0
   augment_max_shear: float = 0.0
+  # Elastic distortion (`augment.random_elastic`): a smooth random displacement field, its
+  # noise blurred by a Gaussian of augment_elastic_sigma pixels and scaled by
+  # augment_elastic_alpha (0: none; Simard et al. used 34 and 4 on MNIST).
+  augment_elastic_alpha: float = 0.0
+  augment_elastic_sigma: float = 4.0
   # The chance that an example has one random rectangle (2-20 % of it) zeroed
   # (`augment.random_erasing`).
   random_erasing: float = 0.0
@@ -112,8 +117,11 @@ class ExperimentConfig:
             "must be in [0, 1)")
     require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in [0, 1)")
     for key, top in (("augment_max_rotation", 180), ("augment_max_shear", 45),
-                     ("augment_max_scale", 0.5), ("random_erasing", 1)):
+                     ("augment_max_scale", 0.5), ("random_erasing", 1),
+                     ("augment_elastic_alpha", 100)):
       require(0 <= getattr(self, key) <= top, key, getattr(self, key), f"must be in [0, {top}]")
+    require(1 <= self.augment_elastic_sigma <= 10, "augment_elastic_sigma",
+            self.augment_elastic_sigma, "must be in [1, 10] (pixels)")
     # Both datasets are 28x28 grey images of 10 classes.
     for key, value in (("num_classes", 10), ("image_size", 28), ("num_channels", 1)):
       require(getattr(self.model, key) == value, f"model.{key}", getattr(self.model, key),

@@ -176,14 +176,17 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str 
 # --- The steps on device-resident data --------------------------------------------------
 
 def augmented(images: jax.Array, keys: jax.Array, config: ExperimentConfig) -> jax.Array:
-  """(B, H, W, C) images shifted, then through a random affine map, then randomly erased, as
-  `config` says; keys (B, 2), one per example. Each augmentation draws from its own stream."""
+  """(B, H, W, C) images shifted, then through a random affine map, then elastically
+  distorted, then randomly erased, as `config` says; keys (B, 2), one per example. Each
+  augmentation draws from its own stream."""
   def stream(i):
     return jax.vmap(lambda key: jax.random.fold_in(key, i))(keys)
 
   images = input_pipeline.random_translate(images, keys, config.augment_max_shift)
   images = augment.random_affine(images, stream(1), config.augment_max_rotation,
                                  config.augment_max_scale, config.augment_max_shear)
+  images = augment.random_elastic(images, stream(3), config.augment_elastic_alpha,
+                                  config.augment_elastic_sigma)
   return augment.random_erasing(images, stream(2), config.random_erasing)
 
 
