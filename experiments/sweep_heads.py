@@ -59,10 +59,12 @@ def main(argv):
   host_cpu.configure(FLAGS.cpu_devices, (FLAGS.config.batch_size,
                                              FLAGS.config.eval_batch_size))
   from vit_jax import sweep, sweep_report, train
-  from vit_jax.analyze import check_ablations
+  from vit_jax.analyze import ABLATIONS
   from vit_jax.experiment_config import validate
 
-  check_ablations(FLAGS.analyze, "--analyze")  # before the data loads: a typo costs nothing
+  for ablation in FLAGS.analyze:  # before the data loads: a typo costs nothing
+    if ablation not in ABLATIONS:
+      raise ValueError(f"--analyze={ablation} is not one of {', '.join(ABLATIONS)}")
   base = validate(FLAGS.config)
   runs = sweep.plan(base, [int(h) for h in FLAGS.heads], range(FLAGS.seeds), FLAGS.qkv,
                     FLAGS.fixed)
