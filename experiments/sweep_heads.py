@@ -59,12 +59,10 @@ def main(argv):
   host_cpu.configure(FLAGS.cpu_devices, (FLAGS.config.batch_size,
                                              FLAGS.config.eval_batch_size))
   from vit_jax import sweep, sweep_report, train
-  from vit_jax.analyze import ABLATIONS
+  from vit_jax.analyze import check_ablations
   from vit_jax.experiment_config import validate
 
-  for ablation in FLAGS.analyze:  # before the data loads: a typo costs nothing
-    if ablation not in ABLATIONS:
-      raise ValueError(f"--analyze={ablation} is not one of {', '.join(ABLATIONS)}")
+  check_ablations(FLAGS.analyze, "--analyze")  # before the data loads: a typo costs nothing
   base = validate(FLAGS.config)
   runs = sweep.plan(base, [int(h) for h in FLAGS.heads], range(FLAGS.seeds), FLAGS.qkv,
                     FLAGS.fixed)

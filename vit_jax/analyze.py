@@ -126,6 +126,14 @@ def _attention_statistics(out: Path, maps: np.ndarray, model) -> list[Path]:
 ABLATIONS = ("zero", "mean")
 
 
+def check_ablations(ablations, name: str = "ablation") -> None:
+  """A one-line ValueError, naming the field `name`, for a value not in `ABLATIONS`."""
+  for ablation in ablations:
+    if ablation not in ABLATIONS:
+      raise ValueError(f"{name}={ablation!r} is not one of "
+                       f"{', '.join(map(repr, ABLATIONS))}")
+
+
 def done_marker(out_dir: str | Path, ablation: str) -> Path:
   """Written last by `analyze_checkpoint`: every file of that ablation's analysis is there
   (an interrupted analysis leaves none, and is redone)."""
@@ -141,10 +149,7 @@ def analyze_checkpoint(config: Any, workdir: str | Path, num_images: int = 1000,
   output zeroed) or 'mean' (its output replaced by its mean over those images,
   `instruments.head_means`; files named *_mean). The other instruments are measured once.
   """
-  for ablation in ablations:
-    if ablation not in ABLATIONS:
-      raise ValueError(f"ablation={ablation!r} is not one of "
-                       f"{', '.join(map(repr, ABLATIONS))}")
+  check_ablations(ablations)
   if num_images < 1:
     raise ValueError(f"num_images={num_images} must be at least 1")
   config, state, images, labels = inference.restore_with_test_images(config, workdir,

@@ -157,18 +157,17 @@ def run_all(runs: list[tuple[Run, ExperimentConfig]], root: Path, data: dict | N
   records, groups = [], _groups(runs, vmap_seeds)
   for i, group in enumerate(groups, 1):
     tag = f"[{i}/{len(groups)}] {group_name([run for run, _ in group])}"
+    tagged = (lambda text, tag=tag: say(f"{tag}: {text}"))
     done = {run: finished_record(Path(root) / run.name, config) for run, config in group}
     left = [(run, config) for run, config in group if done[run] is None]
     if len(left) < len(group):
-      say(f"{tag}: {len(group) - len(left)} of {len(group)} finished before, skipped")
+      tagged(f"{len(group) - len(left)} of {len(group)} finished before, skipped")
     if left and data is not None:
-      done.update(_claim_and_run(left, Path(root), data,
-                                 lambda text, tag=tag: say(f"{tag}: {text}")))
+      done.update(_claim_and_run(left, Path(root), data, tagged))
     finished = [(run, config) for run, config in group if done[run] is not None]
     if after_run is not None and data is not None:
       for run, config in finished:
-        _after_run(after_run, config, Path(root) / run.name,
-                   lambda text, tag=tag: say(f"{tag}: {text}"))
+        _after_run(after_run, config, Path(root) / run.name, tagged)
     records += [done[run] for run, _ in finished]
   return records
 
