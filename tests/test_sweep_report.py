@@ -3,6 +3,7 @@ runs' analyses gathered and averaged by head count."""
 
 import math
 
+import numpy as np
 import pytest
 from test_experiments import base_config, fake_record
 
@@ -58,19 +59,29 @@ def test_reports_gather_each_runs_analysis_and_average_it_by_head_count(tmp_path
     drop = 0.01 * run.heads * (run.seed + 1)
     (folder / "head_importance.csv").write_text(
         "layer,head,loss,accuracy,accuracy_drop\n"
-        + "".join(f"0,{h},0.1,0.8,{drop}\n" for h in range(run.heads)))
+        + "".join(f"{layer},{h},0.1,0.8,{drop + layer * h / 100}\n" for layer in (0, 1)
+                  for h in range(run.heads)))
     head_dim = run.hidden_size // run.heads
     (folder / "projection_spectra.csv").write_text(
         "layer,head,matrix,effective_rank,singular_values\n"
-        + "".join(f"0,{h},{m},{head_dim / 2},1 1\n" for h in range(run.heads)
-                  for m in ("W_Q", "W_QK")))
+        + "".join(f"0,{h},{m},{head_dim / 2},{h + 1} {run.seed + 1}\n"
+                  for h in range(run.heads) for m in ("W_Q", "W_QK")))
   paths = sweep_report.write_reports(records, tmp_path)
   gathered = (tmp_path / "analysis_head_importance.csv").read_text().splitlines()
   assert gathered[0] == "run,qkv,heads,hidden_size,seed,layer,head,loss,accuracy,accuracy_drop"
-  assert len(gathered) == 1 + (1 + 1) + (2 + 2)  # every head of every run
+  assert len(gathered) == 1 + 2 * ((1 + 1) + (2 + 2))  # every head of every run
   assert gathered[1].startswith(f"{runs[0][0].name},fused,1,16,0,0,0,")
   means = sweep_report.analysis_by_heads(tmp_path)
   assert means["fused"][1]["accuracy_drop"] == pytest.approx(0.015)  # seeds: 0.01, 0.02
-  assert means["fused"][2]["accuracy_drop"] == pytest.approx(0.03)
+  assert means["fused"][2]["accuracy_drop"] == pytest.approx(0.03 + 0.0025)  # + layer 1 head 1
   assert means["fused"][2]["qk_rank_share"] == pytest.approx(0.5)  # W_Q rows left out
-  assert paths[-1].name == "analysis_by_heads.png" and paths[-1].stat().st_size > 0
+  # One model per head count, seed 0 unless asked: its drops as (layers, heads), its spectra.
+  models = sweep_report.models_by_heads(tmp_path, "fused")
+  assert sorted(models) == [1, 2]
+  np.testing.assert_allclose(models[2]["drops"], [[0.02, 0.02], [0.02, 0.03]])
+  assert models[2]["qk_spectra"] == {(0, 0): [1.0, 1.0], (0, 1): [2.0, 1.0]}
+  np.testing.assert_allclose(
+      sweep_report.models_by_heads(tmp_path, "fused", seed=1)[1]["drops"], [[0.02], [0.02]])
+  assert sweep_report.models_by_heads(tmp_path, "identity") == {}
+  assert [p.name for p in paths[-2:]] == ["analysis_by_heads.png", "analysis_models_fused.png"]
+  assert all(p.stat().st_size > 0 for p in paths[-2:])

@@ -118,6 +118,9 @@ def write_reports(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
   gathered = collect_analyses(records, out_dir)
   if gathered:
     gathered.append(plot_analyses(out_dir, out_dir / "analysis_by_heads.png"))
+    for qkv in sorted({r["qkv"] for r in records}):
+      if models_by_heads(out_dir, qkv):
+        gathered.append(plot_models(out_dir, qkv, out_dir / f"analysis_models_{qkv}.png"))
   return paths + gathered
 
 
@@ -222,5 +225,58 @@ def plot_analyses(out_dir: Path, path: Path) -> Path:
   axes[0].legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def models_by_heads(out_dir: Path, qkv: str, seed: int = 0) -> dict[int, dict[str, Any]]:
+  """One model per head count (mode `qkv`, seed `seed`), from the gathered analyses: its
+  accuracy lost with each head removed alone, (layers, heads), and each head's singular
+  values of W_QK as {(layer, head): values}."""
+  models: dict[int, dict[str, Any]] = {}
+  mine = lambda row: row["qkv"] == qkv and int(row["seed"]) == seed  # noqa: E731
+  for row in filter(mine, _read_rows(out_dir / "analysis_head_importance.csv")):
+    drops = models.setdefault(int(row["heads"]), {"drops": {}, "qk_spectra": {}})["drops"]
+    drops[int(row["layer"]), int(row["head"])] = float(row["accuracy_drop"])
+  for row in filter(mine, _read_rows(out_dir / "analysis_projection_spectra.csv")):
+    if row["matrix"] == "W_QK" and int(row["heads"]) in models:
+      models[int(row["heads"])]["qk_spectra"][int(row["layer"]), int(row["head"])] = [
+          float(v) for v in row["singular_values"].split()]
+  for model in models.values():
+    layers, heads = (1 + max(i for i, _ in model["drops"]), 1 + max(h for _, h in model["drops"]))
+    grid = np.full((layers, heads), np.nan)
+    for (layer, head), drop in model["drops"].items():
+      grid[layer, head] = drop
+    model["drops"] = grid
+  return models
+
+
+def plot_models(out_dir: Path, qkv: str, path: Path, seed: int = 0) -> Path:
+  """`models_by_heads` drawn, a column per head count: above, the accuracy lost with each
+  head removed (layers x heads, each its own colour scale); below, each head's W_QK
+  singular values over its largest, a line per head coloured by layer (dark: first)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  models = models_by_heads(out_dir, qkv, seed)
+  fig, axes = plt.subplots(2, len(models), figsize=(2.8 * len(models), 5.6), squeeze=False,
+                           layout="constrained")
+  for column, heads in enumerate(sorted(models)):
+    model, (above, below) = models[heads], axes[:, column]
+    image = above.imshow(100 * model["drops"], cmap="magma", vmin=0, aspect="auto")
+    fig.colorbar(image, ax=above, label="points lost" if column == len(models) - 1 else None)
+    above.set(title=f"{qkv}, {heads} head{'s' * (heads > 1)}", xlabel="head")
+    above.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    above.set_yticks(range(model["drops"].shape[0]))
+    layers = model["drops"].shape[0]
+    for (layer, _), values in sorted(model["qk_spectra"].items()):
+      below.semilogy(np.arange(1, len(values) + 1), np.asarray(values) / values[0],
+                     color=plt.cm.viridis(layer / max(layers - 1, 1)), alpha=0.6, lw=1)
+    below.set(xlabel="singular value index")
+  axes[0, 0].set_ylabel("layer (accuracy lost,\none head removed)")
+  axes[1, 0].set_ylabel("W_QK singular values\nover the largest")
+  fig.savefig(path, dpi=90)
   plt.close(fig)
   return path
