@@ -1,9 +1,13 @@
 """The base of the converged head-count study, meant to reach >= 98.5 % at 4 heads.
 
-    python experiments/sweep_heads.py --config=experiments/study.py --root=runs/study \
+    python experiments/sweep_heads.py --config=experiments/study.py --root=runs/study/width \
         --qkv=fused,identity,tied_qk,identity_v --analyze=zero,mean
-    python experiments/sweep_heads.py --config=experiments/study.py --root=runs/study \
-        --qkv=fused,identity,tied_qk,identity_v --analyze=zero,mean --fixed=head_dim
+    python experiments/sweep_heads.py --config=experiments/study.py --root=runs/study/head_dim \
+        --qkv=fused,identity,tied_qk,identity_v --analyze=zero,mean --fixed=head_dim \
+        --config.model.num_heads=8
+
+The first keeps the width at 64 (head size 64 / heads); the second keeps the head size at 8
+(64 / the base's 8 heads; width 8 x heads, 8 to 128), so its 8-head runs are the first's.
 
 The `sprint` shape (7x7 patches: 16 tokens and the class token, width 64, depth 4, MLP
 128), as `experiments/mnist_sprint.py` trains it (about 98.4-98.8 % after 8 epochs), for 10
