@@ -268,7 +268,7 @@ def plot_models(out_dir: Path, qkv: str, path: Path, seed: int = 0) -> Path:
     image = above.imshow(100 * model["drops"], cmap="magma", vmin=0, aspect="auto")
     fig.colorbar(image, ax=above, label="points lost" if column == len(models) - 1 else None)
     above.set(title=f"{qkv}, {heads} head{'s' * (heads > 1)}", xlabel="head")
-    above.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    above.set_xticks(range(0, heads, max(1, heads // 8)))
     above.set_yticks(range(model["drops"].shape[0]))
     layers = model["drops"].shape[0]
     for (layer, _), values in sorted(model["qk_spectra"].items()):
