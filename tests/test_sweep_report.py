@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from test_experiments import base_config, fake_record
 
-from vit_jax import sweep, sweep_report
+from vit_jax import sweep, sweep_plots, sweep_report
 
 
 def test_summary_table_and_plot_from_fake_records(tmp_path):
@@ -28,7 +28,7 @@ def test_summary_table_and_plot_from_fake_records(tmp_path):
   assert len((tmp_path / "runs.csv").read_text().splitlines()) == 13
   # The plot draws the numbers: other accuracies, another picture.
   other = [{**r, "eval_accuracy": r["eval_accuracy"] / 2} for r in records]
-  sweep_report.plot(sweep_report.summarize(other), tmp_path / "other.png")
+  sweep_plots.plot(sweep_report.summarize(other), tmp_path / "other.png")
   assert paths[3].name == "sweep.png"
   assert paths[3].read_bytes() != (tmp_path / "other.png").read_bytes()
   # identity is 0.1 below fused on every seed: the paired difference, with no spread.
@@ -50,22 +50,37 @@ def test_paired_differences_and_their_95_percent_interval_by_hand():
   assert row["ci95_high"] == pytest.approx(0.02 + half, rel=1e-5)
 
 
+def write_analysis(folder, run):
+  """Instrument CSVs as analyze writes them: a drop of 0.01 * heads * (seed + 1) per head."""
+  folder.mkdir(parents=True)
+  drop = 0.01 * run.heads * (run.seed + 1)
+  (folder / "head_importance.csv").write_text(
+      "layer,head,loss,accuracy,accuracy_drop\n"
+      + "".join(f"{layer},{h},0.1,0.8,{drop + layer * h / 100}\n" for layer in (0, 1)
+                for h in range(run.heads)))
+  head_dim = run.hidden_size // run.heads
+  (folder / "projection_spectra.csv").write_text(
+      "layer,head,matrix,effective_rank,singular_values\n"
+      + "".join(f"0,{h},{m},{head_dim / 2},{h + 1} {run.seed + 1}\n"
+                for h in range(run.heads) for m in ("W_Q", "W_QK")))
+  (folder / "head_importance_mean.csv").write_text(  # a tenth of the zeroed drop
+      "layer,head,loss,accuracy,accuracy_drop\n"
+      + "".join(f"0,{h},0.1,0.8,{drop / 10}\n" for h in range(run.heads)))
+  (folder / "attention_statistics.csv").write_text(  # distance 10 + layer + seed
+      "layer,head,entropy,mean_distance_pixels\n"
+      + "".join(f"{layer},{h},1.0,{10 + layer + run.seed}\n" for layer in (0, 1, 2)
+                for h in range(run.heads)))
+  (folder / "head_redundancy.csv").write_text(  # 0 on the diagonal, 0.3 * heads off it
+      "layer,head_a,head_b,js_divergence\n"
+      + "".join(f"0,{a},{b},{0.3 * run.heads * (a != b)}\n" for a in range(run.heads)
+                for b in range(run.heads)))
+
+
 def test_reports_gather_each_runs_analysis_and_average_it_by_head_count(tmp_path):
   runs = sweep.plan(base_config(), heads=[1, 2], seeds=[0, 1])
   records = [fake_record(r, 0.9, c) for r, c in runs]
-  for run, _ in runs:  # as analyze writes them: a drop of 0.01 * heads * (seed + 1) per head
-    folder = tmp_path / run.name / "analysis"
-    folder.mkdir(parents=True)
-    drop = 0.01 * run.heads * (run.seed + 1)
-    (folder / "head_importance.csv").write_text(
-        "layer,head,loss,accuracy,accuracy_drop\n"
-        + "".join(f"{layer},{h},0.1,0.8,{drop + layer * h / 100}\n" for layer in (0, 1)
-                  for h in range(run.heads)))
-    head_dim = run.hidden_size // run.heads
-    (folder / "projection_spectra.csv").write_text(
-        "layer,head,matrix,effective_rank,singular_values\n"
-        + "".join(f"0,{h},{m},{head_dim / 2},{h + 1} {run.seed + 1}\n"
-                  for h in range(run.heads) for m in ("W_Q", "W_QK")))
+  for run, _ in runs:
+    write_analysis(tmp_path / run.name / "analysis", run)
   paths = sweep_report.write_reports(records, tmp_path)
   gathered = (tmp_path / "analysis_head_importance.csv").read_text().splitlines()
   assert gathered[0] == "run,qkv,heads,hidden_size,seed,layer,head,loss,accuracy,accuracy_drop"
@@ -75,6 +90,14 @@ def test_reports_gather_each_runs_analysis_and_average_it_by_head_count(tmp_path
   assert means["fused"][1]["accuracy_drop"] == pytest.approx(0.015)  # seeds: 0.01, 0.02
   assert means["fused"][2]["accuracy_drop"] == pytest.approx(0.03 + 0.0025)  # + layer 1 head 1
   assert means["fused"][2]["qk_rank_share"] == pytest.approx(0.5)  # W_Q rows left out
+  assert means["fused"][2]["accuracy_drop_mean_ablation"] == pytest.approx(0.003)
+  assert means["fused"][1]["distance_first_layer"] == pytest.approx(10.5)  # seeds 0 and 1
+  assert means["fused"][1]["distance_last_layer"] == pytest.approx(12.5)
+  assert means["fused"][2]["js_divergence"] == pytest.approx(0.6)  # the diagonal left out
+  assert "js_divergence" not in means["fused"][1]  # one head: no pair to compare
+  table = (tmp_path / "analysis_by_heads.csv").read_text().splitlines()
+  assert table[0] == "qkv,heads," + ",".join(sweep_report.BY_HEADS_COLUMNS)
+  assert table[1].startswith("fused,1,0.015,0.0015,0.5,10.5,12.5,") and table[1].endswith(",")
   # One model per head count, seed 0 unless asked: its drops as (layers, heads), its spectra.
   models = sweep_report.models_by_heads(tmp_path, "fused")
   assert sorted(models) == [1, 2]
@@ -83,5 +106,6 @@ def test_reports_gather_each_runs_analysis_and_average_it_by_head_count(tmp_path
   np.testing.assert_allclose(
       sweep_report.models_by_heads(tmp_path, "fused", seed=1)[1]["drops"], [[0.02], [0.02]])
   assert sweep_report.models_by_heads(tmp_path, "identity") == {}
-  assert [p.name for p in paths[-2:]] == ["analysis_by_heads.png", "analysis_models_fused.png"]
-  assert all(p.stat().st_size > 0 for p in paths[-2:])
+  assert [p.name for p in paths[-3:]] == ["analysis_by_heads.csv", "analysis_by_heads.png",
+                                          "analysis_models_fused.png"]
+  assert all(p.stat().st_size > 0 for p in paths[-3:])

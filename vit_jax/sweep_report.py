@@ -1,6 +1,7 @@
-"""A sweep's records as tables and a plot: runs.csv, summary.csv, summary.md, sweep.png,
-paired_differences.csv (each mode against `fused`, seed by seed), and the runs' analyses
-gathered into one CSV per instrument (analysis_*.csv).
+"""A sweep's records as tables: runs.csv, summary.csv, summary.md, paired_differences.csv
+(each mode against `fused`, seed by seed), the runs' analyses gathered into one CSV per
+instrument (analysis_*.csv) and averaged by head count (analysis_by_heads.csv); and the
+pictures of them that `sweep_plots` draws.
 
 Layer 5 of vit_jax, beside `visualize.py`: it reads the records `vit_jax.sweep` writes.
 """
@@ -13,6 +14,8 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+
+from vit_jax import sweep_plots
 
 ANALYSIS_FILES = ("head_importance.csv", "head_importance_mean.csv", "pruning_curve.csv",
                   "pruning_curve_mean.csv", "attention_statistics.csv",
@@ -112,15 +115,21 @@ def write_reports(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
   _write_csv(paths[1], rows, SUMMARY_COLUMNS)
   differences = paired_differences(records)
   paths[2].write_text(markdown_table(rows) + differences_table(differences))
-  plot(rows, paths[3])
+  sweep_plots.plot(rows, paths[3])
   _write_csv(paths[4], differences, ["qkv", "baseline", "heads", "hidden_size", "seeds",
                                      "difference_mean", "ci95_low", "ci95_high"])
   gathered = collect_analyses(records, out_dir)
   if gathered:
-    gathered.append(plot_analyses(out_dir, out_dir / "analysis_by_heads.png"))
+    means = analysis_by_heads(out_dir)
+    gathered.append(out_dir / "analysis_by_heads.csv")
+    _write_csv(gathered[-1], [{"qkv": qkv, "heads": h, **values} for qkv, by_heads in
+                              sorted(means.items()) for h, values in sorted(by_heads.items())],
+               ["qkv", "heads", *BY_HEADS_COLUMNS])
+    gathered.append(sweep_plots.plot_analyses(means, out_dir / "analysis_by_heads.png"))
     for qkv in sorted({r["qkv"] for r in records}):
-      if models_by_heads(out_dir, qkv):
-        gathered.append(plot_models(out_dir, qkv, out_dir / f"analysis_models_{qkv}.png"))
+      if models := models_by_heads(out_dir, qkv):
+        gathered.append(sweep_plots.plot_models(models, qkv,
+                                                out_dir / f"analysis_models_{qkv}.png"))
   return paths + gathered
 
 
@@ -145,55 +154,43 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     writer.writerows(rows)
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> Path:
-  """Test accuracy (error bars: std over seeds) and attention entropy against heads."""
-  import matplotlib
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (acc_ax, ent_ax) = plt.subplots(1, 2, figsize=(9, 3.6))
-  for qkv in sorted({r["qkv"] for r in rows}):
-    mine = sorted((r for r in rows if r["qkv"] == qkv), key=lambda r: r["heads"])
-    heads = [r["heads"] for r in mine]
-    label = {"fused": "learned Q/K/V", "separate": "learned W_Q, W_K, W_V",
-             "identity": "identity (no projection)"}.get(qkv, qkv)
-    acc_ax.errorbar(heads, [100 * r["accuracy_mean"] for r in mine],
-                    yerr=[100 * r["accuracy_std"] for r in mine], marker="o", capsize=3,
-                    label=label)
-    ent_ax.plot(heads, [r["entropy_mean"] for r in mine], marker="o", label=label)
-  for ax, ylabel in ((acc_ax, "test accuracy (%)"), (ent_ax, "mean attention entropy (nats)")):
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({r["heads"] for r in rows}))
-    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("heads")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-  acc_ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+BY_HEADS_COLUMNS = ["accuracy_drop", "accuracy_drop_mean_ablation", "qk_rank_share",
+                    "distance_first_layer", "distance_last_layer", "js_divergence"]
 
 
 def analysis_by_heads(out_dir: Path) -> dict[str, dict[int, dict[str, float]]]:
-  """From the gathered analyses: per mode and head count, the mean accuracy lost when one
-  head is removed alone (over layers, heads and seeds; zero-ablation) and the mean effective
-  rank of the heads' W_QK as a share of the head dim (its largest possible rank)."""
+  """From the gathered analyses, per mode and head count, means over layers, heads and seeds
+  of: the accuracy lost when one head is removed alone (zeroed; mean-ablated), the effective
+  rank of the heads' W_QK as a share of the head dim (its largest possible rank), the mean
+  attention distance in pixels in the first and the last layer, and the Jensen-Shannon
+  divergence between two different heads of a layer."""
   out: dict[str, dict[int, dict[str, list[float]]]] = {}
 
   def add(row, key, value):
     out.setdefault(row["qkv"], {}).setdefault(int(row["heads"]), {}).setdefault(
         key, []).append(value)
 
-  importance, spectra = out_dir / "analysis_head_importance.csv", \
-      out_dir / "analysis_projection_spectra.csv"
-  for row in _read_rows(importance):
+  def rows(name):
+    return _read_rows(out_dir / f"analysis_{name}.csv")
+
+  for row in rows("head_importance"):
     add(row, "accuracy_drop", float(row["accuracy_drop"]))
-  for row in _read_rows(spectra):
+  for row in rows("head_importance_mean"):
+    add(row, "accuracy_drop_mean_ablation", float(row["accuracy_drop"]))
+  for row in rows("projection_spectra"):
     if row["matrix"] == "W_QK":
       head_dim = int(row["hidden_size"]) // int(row["heads"])
       add(row, "qk_rank_share", float(row["effective_rank"]) / head_dim)
+  statistics = rows("attention_statistics")
+  last = max((int(row["layer"]) for row in statistics), default=0)
+  for row in statistics:
+    if int(row["layer"]) in (0, last):
+      add(row, f"distance_{'first' if row['layer'] == '0' else 'last'}_layer",
+          float(row["mean_distance_pixels"]))
+  for row in rows("head_redundancy"):
+    if int(row["head_a"]) < int(row["head_b"]):
+      add(row, "js_divergence", float(row["js_divergence"]))
   return {qkv: {h: {k: float(np.mean(v)) for k, v in d.items()} for h, d in by_heads.items()}
           for qkv, by_heads in out.items()}
 
@@ -204,29 +201,6 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
   with path.open(newline="") as f:
     return list(csv.DictReader(f))
 
-
-def plot_analyses(out_dir: Path, path: Path) -> Path:
-  """`analysis_by_heads` against heads, a line per mode."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  means = analysis_by_heads(out_dir)
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-  for ax, key, ylabel in ((axes[0], "accuracy_drop", "accuracy lost, one head removed"),
-                          (axes[1], "qk_rank_share", "W_QK effective rank / head dim")):
-    for qkv, by_heads in sorted(means.items()):
-      heads = sorted(h for h in by_heads if key in by_heads[h])
-      ax.plot(heads, [by_heads[h][key] for h in heads], marker="o", label=qkv)
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="heads", ylabel=ylabel)
-    ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
 
 
 def models_by_heads(out_dir: Path, qkv: str, seed: int = 0) -> dict[int, dict[str, Any]]:
@@ -249,34 +223,3 @@ def models_by_heads(out_dir: Path, qkv: str, seed: int = 0) -> dict[int, dict[st
       grid[layer, head] = drop
     model["drops"] = grid
   return models
-
-
-def plot_models(out_dir: Path, qkv: str, path: Path, seed: int = 0) -> Path:
-  """`models_by_heads` drawn, a column per head count: above, the accuracy lost with each
-  head removed (layers x heads, each its own colour scale); below, each head's W_QK
-  singular values over its largest, a line per head coloured by layer (dark: first)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  models = models_by_heads(out_dir, qkv, seed)
-  fig, axes = plt.subplots(2, len(models), figsize=(2.8 * len(models), 5.6), squeeze=False,
-                           layout="constrained")
-  for column, heads in enumerate(sorted(models)):
-    model, (above, below) = models[heads], axes[:, column]
-    image = above.imshow(100 * model["drops"], cmap="magma", vmin=0, aspect="auto")
-    fig.colorbar(image, ax=above, label="points lost" if column == len(models) - 1 else None)
-    above.set(title=f"{qkv}, {heads} head{'s' * (heads > 1)}", xlabel="head")
-    above.set_xticks(range(0, heads, max(1, heads // 8)))
-    above.set_yticks(range(model["drops"].shape[0]))
-    layers = model["drops"].shape[0]
-    for (layer, _), values in sorted(model["qk_spectra"].items()):
-      below.semilogy(np.arange(1, len(values) + 1), np.asarray(values) / values[0],
-                     color=plt.cm.viridis(layer / max(layers - 1, 1)), alpha=0.6, lw=1)
-    below.set(xlabel="singular value index")
-  axes[0, 0].set_ylabel("layer (accuracy lost,\none head removed)")
-  axes[1, 0].set_ylabel("W_QK singular values\nover the largest")
-  fig.savefig(path, dpi=90)
-  plt.close(fig)
-  return path
