@@ -184,10 +184,10 @@ def analysis_by_heads(out_dir: Path) -> dict[str, dict[int, dict[str, float]]]:
       add(row, "qk_rank_share", float(row["effective_rank"]) / head_dim)
   statistics = rows("attention_statistics")
   last = max((int(row["layer"]) for row in statistics), default=0)
-  for row in statistics:
-    if int(row["layer"]) in (0, last):
-      add(row, f"distance_{'first' if row['layer'] == '0' else 'last'}_layer",
-          float(row["mean_distance_pixels"]))
+  for row in statistics:  # a one-layer model's only layer is both
+    for key, layer in (("distance_first_layer", 0), ("distance_last_layer", last)):
+      if int(row["layer"]) == layer:
+        add(row, key, float(row["mean_distance_pixels"]))
   for row in rows("head_redundancy"):
     if int(row["head_a"]) < int(row["head_b"]):
       add(row, "js_divergence", float(row["js_divergence"]))
