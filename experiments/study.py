@@ -7,7 +7,9 @@
         --config.model.num_heads=8
 
 The first keeps the width at 64 (head size 64 / heads); the second keeps the head size at 8
-(64 / the base's 8 heads; width 8 x heads, 8 to 128), so its 8-head runs are the first's.
+(64 / the base's 8 heads; width 8 x heads, 8 to 128), so its 8-head runs are the first's
+(symlink `runs/study/width/*_h8_w64_s*` into its root before it starts to skip training them
+again). The README's study sections have what both reached.
 
 The `sprint` shape (7x7 patches: 16 tokens and the class token, width 64, depth 4, MLP
 128), as `experiments/mnist_sprint.py` trains it (about 98.4-98.8 % after 8 epochs), for 10
