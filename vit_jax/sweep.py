@@ -51,7 +51,8 @@ def plan(base: ExperimentConfig, heads: Sequence[int], seeds: Sequence[int],
   """Every (qkv, heads, seed) run with its config.
 
   fixed='width' keeps the base width (head dim = width / heads, as in the design);
-  fixed='head_dim' keeps the base head dim (width = heads * head dim).
+  fixed='head_dim' keeps the base head dim (width = heads * head dim); either way the MLP keeps
+  the base's mlp_dim.
   A mode is a `model.qkv` value; 'low_rank:R' is qkv='low_rank' with qkv_rank=R.
   """
   if fixed not in ("width", "head_dim"):
