@@ -109,3 +109,12 @@ def test_reports_gather_each_runs_analysis_and_average_it_by_head_count(tmp_path
   assert [p.name for p in paths[-3:]] == ["analysis_by_heads.csv", "analysis_by_heads.png",
                                           "analysis_models_fused.png"]
   assert all(p.stat().st_size > 0 for p in paths[-3:])
+
+
+def test_a_one_layer_model_s_only_layer_is_its_first_and_its_last(tmp_path):
+  (tmp_path / "analysis_attention_statistics.csv").write_text(
+      "run,qkv,heads,hidden_size,seed,layer,head,entropy,mean_distance_pixels\n"
+      "r0,fused,2,16,0,0,0,1.0,6.0\n"
+      "r0,fused,2,16,0,0,1,1.0,8.0\n")
+  means = sweep_report.analysis_by_heads(tmp_path)["fused"][2]
+  assert means["distance_first_layer"] == means["distance_last_layer"] == pytest.approx(7.0)
