@@ -21,11 +21,12 @@ def kernel_speedup(monkeypatch):
   """Fakes the kernel as built, and its measured speedup over einsum as `value`."""
   def set_speedup(value):
     monkeypatch.setattr(fused_attention, "load", lambda: None)
-    monkeypatch.setattr(timing, "speedup_over_einsum", lambda shape: value)
+    monkeypatch.setattr(timing, "speedup_over_einsum", lambda shape, compute_dtype: value)
   return set_speedup
 
 
-@pytest.mark.parametrize("speedup,chosen", [(1.6, "fused_cpu"), (1.05, "einsum")])
+@pytest.mark.parametrize("speedup,chosen", [(1.6, "fused_cpu"), (1.1, "fused_cpu"),
+                                            (1.02, "einsum"), (0.8, "einsum")])
 def test_auto_takes_the_kernel_only_where_it_measures_faster(kernel_speedup, speedup, chosen):
   kernel_speedup(speedup)
   kernel, why = auto.choose_attention_kernel(SEED_SHAPE, microbatch=16)
@@ -60,16 +61,28 @@ def test_an_explicit_kernel_stands(kernel_speedup):
 def test_resolve_measures_the_micro_batch_a_device_takes(monkeypatch):
   shapes = []
   monkeypatch.setattr(fused_attention, "load", lambda: None)
-  monkeypatch.setattr(timing, "speedup_over_einsum", lambda shape: shapes.append(shape) or 2.0)
+  monkeypatch.setattr(timing, "speedup_over_einsum",
+                      lambda *probe: shapes.append(probe) or 2.0)
   config = ExperimentConfig(model=SEED_SHAPE, batch_size=128, microbatch_size=16)
   resolved, line = auto.resolve(config, num_devices=2)
   assert resolved.model.attention_kernel == "fused_cpu"
   assert dataclasses.replace(resolved, model=SEED_SHAPE) == config  # nothing else changed
-  assert shapes == [(16, 4, 50, 16)]
+  assert shapes == [((16, 4, 50, 16), "float32")]
   assert line.startswith("2 cpu devices, float32 products (as configured), micro-batches of "
                          "16 per device (as configured), attention fused_cpu (")
   whole_share, _ = auto.resolve(dataclasses.replace(config, microbatch_size=None), 2)
-  assert shapes[-1] == (64, 4, 50, 16)  # no micro-batches: each device's half of the batch
+  assert shapes[-1] == ((64, 4, 50, 16), "float32")  # each device's half of the batch
+
+
+def test_the_kernel_is_timed_in_the_precision_the_run_chose(monkeypatch):
+  probes = []
+  monkeypatch.setattr(fused_attention, "load", lambda: None)
+  monkeypatch.setattr(host_cpu, "has_bfloat16_units", lambda: True)
+  monkeypatch.setattr(timing, "speedup_over_einsum",
+                      lambda *probe: probes.append(probe) or 2.0)
+  model = dataclasses.replace(SEED_SHAPE, compute_dtype="auto")
+  auto.resolve(ExperimentConfig(model=model, batch_size=128, microbatch_size=16), num_devices=2)
+  assert probes == [((16, 4, 50, 16), "bfloat16")]
 
 
 def test_a_model_refuses_an_unresolved_auto():
