@@ -1,5 +1,5 @@
-"""The affine, elastic and erasing augmentations: what they do, per example, and nothing at
-strength 0."""
+"""The affine, elastic, erasing and flip augmentations: what they do, per example, and nothing
+at strength 0."""
 
 import dataclasses
 import functools
@@ -40,6 +40,7 @@ def test_affine_rotates_scales_and_shears_about_the_centre():
     (augment.random_affine, dict(max_rotation=30.0, max_scale=0.2, max_shear=10.0)),
     (augment.random_erasing, dict(probability=1.0)),
     (augment.random_elastic, dict(alpha=34.0, sigma=4.0)),
+    (augment.random_flip, dict(probability=0.5)),
 ])
 def test_random_augmentations_are_per_example_deterministic_in_range(fn, strength):
   fn = jax.jit(functools.partial(fn, **strength))
@@ -57,6 +58,7 @@ def test_strength_zero_is_the_identity():
   assert augment.random_affine(images, keys(4), 0.0, 0.0, 0.0) is images
   assert augment.random_erasing(images, keys(4), 0.0) is images
   assert augment.random_elastic(images, keys(4), 0.0) is images
+  assert augment.random_flip(images, keys(4), 0.0) is images
   config = ExperimentConfig(model=get_model_config("testing"), augment_max_shift=0)
   assert steps.augmented(images, keys(4), config) is images
 
@@ -93,9 +95,28 @@ def test_erasing_zeroes_one_rectangle_of_the_given_share():
   assert 0.35 < np.mean(np.any(half == 0, axis=(1, 2, 3))) < 0.65
 
 
+def test_flips_mirror_left_to_right_with_the_given_chance():
+  images = np.random.default_rng(0).integers(0, 256, (400, 28, 28, 1)).astype(np.uint8)
+  flip = jax.jit(augment.random_flip, static_argnums=2)
+  np.testing.assert_array_equal(flip(images, keys(400), 1.0), images[:, :, ::-1])
+  half = np.asarray(flip(images, keys(400), 0.5))
+  mirrored = np.all(half == images[:, :, ::-1], axis=(1, 2, 3))
+  assert np.all(mirrored | np.all(half == images, axis=(1, 2, 3)))  # each whole, or kept
+  assert 0.4 < mirrored.mean() < 0.6
+
+
+def test_flips_are_refused_for_digits_and_taken_for_clothes():
+  config = dataclasses.asdict(ExperimentConfig(model=get_model_config("testing")))
+  with pytest.raises(ValueError, match="config.augment_flip=0.5 must be 0 for mnist: a "
+                                       "mirrored digit is another digit or none"):
+    validate({**config, "augment_flip": 0.5})
+  assert validate({**config, "augment_flip": 0.5, "dataset": "fashion_mnist"}).augment_flip == 0.5
+
+
 @pytest.mark.parametrize("key,value", [("augment_max_rotation", 200.0),
                                        ("augment_max_scale", -0.1),
                                        ("random_erasing", 1.5),
+                                       ("augment_flip", -0.5),
                                        ("augment_elastic_alpha", 150.0),
                                        ("augment_elastic_sigma", 0.5)])
 def test_bad_augmentation_strengths_are_one_line_errors(key, value):

@@ -1,9 +1,10 @@
-"""Augmentations beyond the shift: random affine maps, elastic distortions and random erasing,
-per example.
+"""Augmentations beyond the shift: random affine maps, elastic distortions, random erasing and
+horizontal flips, per example.
 
 Each draws from its example's own key (`input_pipeline.example_keys`), so the result does not
-depend on how a batch is split over devices, and runs inside the compiled training step. None
-flips: a mirrored digit is another digit (or none). Each is the identity at strength 0.
+depend on how a batch is split over devices, and runs inside the compiled training step. Each
+is the identity at strength 0. Flips are for clothes (Fashion-MNIST), never for digits: a
+mirrored digit is another digit (or none), and the config refuses them for MNIST.
 
 Layer 3 of vit_jax: knows nothing of models or training.
 """
@@ -117,3 +118,13 @@ def random_erasing(images: jax.Array, keys: jax.Array, probability: float,
     return jnp.where(erase[..., None], jnp.zeros_like(image), image)
 
   return jax.vmap(one)(images, keys)
+
+
+def random_flip(images: jax.Array, keys: jax.Array, probability: float) -> jax.Array:
+  """With `probability`, mirrors each (B, H, W, C) image left to right. keys: (B, 2).
+  Returns the same shape and dtype; `images` if probability is 0."""
+  chex.assert_rank(images, 4)
+  if probability == 0:
+    return images
+  flip = jax.vmap(lambda key: jax.random.bernoulli(key, probability))(keys)
+  return jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)

@@ -81,6 +81,9 @@ class ExperimentConfig:
   # The chance that an example has one random rectangle (2-20 % of it) zeroed
   # (`augment.random_erasing`).
   random_erasing: float = 0.0
+  # The chance of mirroring an image left to right (`augment.random_flip`): for clothes only;
+  # refused for MNIST, where a mirrored digit is another digit or none.
+  augment_flip: float = 0.0
   # Images per evaluation batch (test and validation), shared by all devices.
   eval_batch_size: int = 1000
   # 'auto' uses pmap when JAX sees more than one device, else jit; 'shard' is
@@ -117,9 +120,11 @@ class ExperimentConfig:
             "must be in [0, 1)")
     require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in [0, 1)")
     for key, top in (("augment_max_rotation", 180), ("augment_max_shear", 45),
-                     ("augment_max_scale", 0.5), ("random_erasing", 1),
+                     ("augment_max_scale", 0.5), ("random_erasing", 1), ("augment_flip", 1),
                      ("augment_elastic_alpha", 100)):
       require(0 <= getattr(self, key) <= top, key, getattr(self, key), f"must be in [0, {top}]")
+    require(self.augment_flip == 0 or self.dataset != "mnist", "augment_flip",
+            self.augment_flip, "must be 0 for mnist: a mirrored digit is another digit or none")
     require(1 <= self.augment_elastic_sigma <= 10, "augment_elastic_sigma",
             self.augment_elastic_sigma, "must be in [1, 10] (pixels)")
     # Both datasets are 28x28 grey images of 10 classes.

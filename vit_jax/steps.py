@@ -177,8 +177,8 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str 
 
 def augmented(images: jax.Array, keys: jax.Array, config: ExperimentConfig) -> jax.Array:
   """(B, H, W, C) images shifted, then through a random affine map, then elastically
-  distorted, then randomly erased, as `config` says; keys (B, 2), one per example. Each
-  augmentation draws from its own stream."""
+  distorted, then randomly erased, then mirrored, as `config` says; keys (B, 2), one per
+  example. Each augmentation draws from its own stream."""
   def stream(i):
     return jax.vmap(lambda key: jax.random.fold_in(key, i))(keys)
 
@@ -187,7 +187,8 @@ def augmented(images: jax.Array, keys: jax.Array, config: ExperimentConfig) -> j
                                  config.augment_max_scale, config.augment_max_shear)
   images = augment.random_elastic(images, stream(3), config.augment_elastic_alpha,
                                   config.augment_elastic_sigma)
-  return augment.random_erasing(images, stream(2), config.random_erasing)
+  images = augment.random_erasing(images, stream(2), config.random_erasing)
+  return augment.random_flip(images, stream(4), config.augment_flip)
 
 
 def _train_on_indices(state, data, indices, positions, rng, *, config: ExperimentConfig,
