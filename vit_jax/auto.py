@@ -43,7 +43,8 @@ def choose_attention_kernel(model: ModelConfig, microbatch: int) -> tuple[str, s
   """-> ('einsum' or 'fused_cpu', why), for 'auto'; an explicit choice stands.
 
   `microbatch`: the examples a device takes at once (one micro-batch), the batch the
-  kernel would see.
+  kernel would see. `model.compute_dtype` is already chosen (`resolve` chooses it first):
+  the einsum path is timed in it.
   """
   if model.attention_kernel != "auto":
     return model.attention_kernel, "as configured"
