@@ -16,11 +16,16 @@ def rand(*shape, seed=0):
 
 # --- Independent numpy references ------------------------------------------------------
 
-def ref_patchify(images, p):
+def ref_patchify(images, p, overlap=0):
   b, h, w, c = images.shape
   out = []
   for img in images:
-    patches = [img[r:r + p, s:s + p, :].reshape(-1)
+    # Pixel (r, s) of the image padded with its edge, by clamping the index into the image.
+    def pixel(r, s):
+      return img[min(max(r, 0), h - 1), min(max(s, 0), w - 1)]
+    side = p + 2 * overlap
+    patches = [np.stack([pixel(r - overlap + i, s - overlap + j)
+                         for i in range(side) for j in range(side)]).reshape(-1)
                for r in range(0, h, p) for s in range(0, w, p)]
     out.append(np.stack(patches))
   return np.stack(out)
@@ -51,6 +56,22 @@ def ref_attention(q, k, v, mask=None):
 def test_patchify_matches_reference(p, c):
   images = rand(2, 28, 28, c)
   np.testing.assert_allclose(A.patchify(images, p), ref_patchify(images, p), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p,overlap,c", [(4, 1, 1), (4, 2, 1), (7, 3, 2), (2, 1, 3)])
+def test_overlapping_patches_match_reference(p, overlap, c):
+  images = rand(2, 28, 28, c)
+  patches = A.patchify(images, p, overlap)
+  assert patches.shape == (2, (28 // p) ** 2, (p + 2 * overlap) ** 2 * c)
+  np.testing.assert_array_equal(patches, ref_patchify(images, p, overlap))
+
+
+def test_overlapping_patches_share_their_borders():
+  images = rand(1, 8, 8, 1)
+  patches = np.asarray(A.patchify(images, 4, 1)).reshape(1, 2, 2, 6, 6)
+  # The first patch's last two columns are the second patch's first two.
+  np.testing.assert_array_equal(patches[0, 0, 0, :, 4:], patches[0, 0, 1, :, :2])
+  np.testing.assert_array_equal(patches[0, 0, 0, 1:5, 1:5], images[0, :4, :4, 0])
 
 
 def test_patchify_rejects_patch_that_does_not_divide_the_image():

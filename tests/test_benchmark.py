@@ -25,6 +25,9 @@ def test_forward_flops_by_hand_for_the_testing_config():
   c = get_model_config("testing")
   assert benchmark.forward_flops(c) == 113_536
   assert benchmark.train_flops(c) == 3 * 113_536
+  # Patches overlapping by 1 pixel: 81 pixels each, 16 x 32 x 16 more multiply-adds.
+  overlapping = get_model_config("testing", patch_overlap=1)
+  assert benchmark.forward_flops(overlapping) == 113_536 + 2 * 16 * 32 * 16
 
 
 def test_the_peak_probe_times_its_own_product():

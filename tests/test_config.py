@@ -79,6 +79,16 @@ def test_model_that_does_not_fit_the_dataset_is_refused():
     validate(config)
 
 
+@pytest.mark.parametrize("overlap", [-1, 8])
+def test_patch_overlap_out_of_range_is_refused(overlap):
+  config = base().to_dict()
+  config["model"]["patch_size"] = 7
+  config["model"]["patch_overlap"] = overlap
+  with pytest.raises(ValueError, match=rf"config.model.patch_overlap={overlap} must be an "
+                                       r"integer from 0 to patch_size=7"):
+    validate(config)
+
+
 def test_bad_model_value_is_named_with_its_path():
   config = base().to_dict()
   config["model"]["patch_size"] = 5

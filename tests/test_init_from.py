@@ -59,7 +59,7 @@ def test_another_patch_size_resamples_the_grid_and_keeps_the_class_token():
 
 
 @pytest.mark.parametrize("field, value", [("hidden_size", 32), ("num_layers", 2),
-                                          ("qkv", "separate")])
+                                          ("qkv", "separate"), ("patch_overlap", 1)])
 def test_what_cannot_be_mapped_is_one_line_naming_the_field(field, value):
   target = get_model_config("testing", **{field: value})
   with pytest.raises(ValueError, match=rf"^config.init_from='runs/a': its model.{field}="):

@@ -66,7 +66,7 @@ def test_qkv_bias_is_off_by_default_and_on_when_asked():
 
 def expected_param_count(c: ModelConfig) -> int:
   """Counted from the architecture, independently of the modules."""
-  d, p = c.hidden_size, c.patch_size
+  d, p = c.hidden_size, c.patch_size + 2 * c.patch_overlap
   tokens = c.num_patches + (c.classifier == "token")
   qkv = {"fused": 3 * d * d, "separate": 3 * d * d, "identity": 0}[c.qkv]
   qkv += 3 * d * c.qkv_bias * (c.qkv != "identity")
@@ -96,7 +96,7 @@ def test_every_registered_config_is_pinned():
 
 @pytest.mark.parametrize("overrides", [
     {}, {"classifier": "gap"}, {"qkv": "separate", "qkv_bias": True}, {"qkv": "identity"},
-    {"patch_size": 4, "num_heads": 1},
+    {"patch_size": 4, "num_heads": 1}, {"patch_size": 4, "patch_overlap": 1},
 ])
 def test_vit_output_shapes_and_attention_intermediates(overrides):
   config = get_model_config("testing", **overrides)

@@ -4,7 +4,7 @@ Layer 1 of vit_jax: jax, numpy and chex only, no parameters, no Flax. Modules in
 `vit_jax.models` own the weights and call these functions in the order a reader
 meets them here:
 
-    patchify       (B, H, W, C)      -> (B, N, P*P*C)
+    patchify       (B, H, W, C)      -> (B, N, K*K*C)      K = P, or P + 2 overlap
     project        (B, N, D_in)      -> (B, N, D_out)      x @ W (+ b)
     chunk_qkv      (B, N, 3*D)       -> 3 x (B, N, D)      fused projection only
     split_heads    (B, N, D)         -> (B, H, N, D/H)     reshape, then transpose
@@ -36,29 +36,36 @@ import jax.numpy as jnp
 from vit_jax.precision import products  # every matrix product below, in one precision
 
 
-def patchify(images: jax.Array, patch_size: int) -> jax.Array:
-  """Cuts images into non-overlapping square patches, each flattened.
+def patchify(images: jax.Array, patch_size: int, overlap: int = 0) -> jax.Array:
+  """Cuts images into square patches on a grid of `patch_size` cells, each flattened.
 
   Args:
     images: (B, H, W, C), with H and W multiples of `patch_size`.
-    patch_size: side P of a square patch.
+    patch_size: side P of a grid cell; there are (H/P) * (W/P) patches whatever the overlap.
+    overlap: pixels each patch reaches past its cell on every side, so that neighbours share
+      a border; the image is padded with copies of its edge pixels for the outer patches.
 
   Returns:
-    (B, N, P*P*C) with N = (H/P) * (W/P), patches in row-major order and each
-    patch flattened as (row, column, channel).
+    (B, N, K*K*C) with N = (H/P) * (W/P) and K = P + 2 * overlap, patches in row-major
+    order and each patch flattened as (row, column, channel).
   """
   chex.assert_rank(images, 4)
   batch, height, width, channels = images.shape
   if height % patch_size or width % patch_size:
     raise ValueError(
         f"patch_size={patch_size} does not divide the image size {height}x{width}")
-  rows, cols = height // patch_size, width // patch_size
-  patches = images.reshape(batch, rows, patch_size, cols, patch_size, channels)
-  chex.assert_shape(patches, (batch, rows, patch_size, cols, patch_size, channels))
-  patches = patches.transpose(0, 1, 3, 2, 4, 5)
-  chex.assert_shape(patches, (batch, rows, cols, patch_size, patch_size, channels))
-  patches = patches.reshape(batch, rows * cols, patch_size * patch_size * channels)
-  chex.assert_shape(patches, (batch, rows * cols, patch_size * patch_size * channels))
+  rows, cols, side = height // patch_size, width // patch_size, patch_size + 2 * overlap
+  if overlap:  # a gather of overlapping windows; without overlap, a reshape does it
+    padded = jnp.pad(images, ((0, 0), (overlap, overlap), (overlap, overlap), (0, 0)), "edge")
+    starts = patch_size * jnp.arange(max(rows, cols))[:, None] + jnp.arange(side)
+    patches = padded[:, starts[:rows, None, :, None], starts[None, :cols, None, :]]
+  else:
+    patches = images.reshape(batch, rows, side, cols, side, channels)
+    chex.assert_shape(patches, (batch, rows, side, cols, side, channels))
+    patches = patches.transpose(0, 1, 3, 2, 4, 5)
+  chex.assert_shape(patches, (batch, rows, cols, side, side, channels))
+  patches = patches.reshape(batch, rows * cols, side * side * channels)
+  chex.assert_shape(patches, (batch, rows * cols, side * side * channels))
   return patches
 
 

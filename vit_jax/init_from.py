@@ -28,7 +28,7 @@ from vit_jax.model_configs import ModelConfig
 # patch_size (resampled), num_classes (the head re-initialised), num_heads (the same matrices
 # split otherwise), dropout, drop path, compute dtype and attention kernel (no parameters).
 MUST_MATCH = ("hidden_size", "num_layers", "mlp_dim", "qkv", "qkv_bias", "classifier",
-              "image_size", "num_channels")
+              "image_size", "num_channels", "patch_overlap")
 
 
 def source_run(workdir: str | Path) -> tuple[ExperimentConfig, Any, int]:
@@ -79,10 +79,9 @@ def transfer(source_params: Any, target_params: Any, source: ModelConfig, target
           num_prefix=int(target.classifier == "token"))
       notes.append(f"position embeddings resampled to {fresh.shape[1]} tokens")
     elif path == "patch_embedding/projection/kernel" and value.shape != fresh.shape:
-      value = resample.resize_patch_kernel(value, source.patch_size, target.patch_size,
-                                           target.num_channels)
-      notes.append(f"patch projection resized from {source.patch_size}x{source.patch_size} "
-                   f"to {target.patch_size}x{target.patch_size}")
+      old, new = source.patch_window, target.patch_window
+      value = resample.resize_patch_kernel(value, old, new, target.num_channels)
+      notes.append(f"patch projection resized from {old}x{old} to {new}x{new}")
     out[path] = jnp.asarray(value, fresh.dtype)
   return traverse_util.unflatten_dict(out, sep="/"), notes
 

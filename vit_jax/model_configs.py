@@ -56,6 +56,9 @@ class ModelConfig:
   image_size: int = 28
   num_channels: int = 1
   classifier: Literal["token", "gap"] = "token"
+  # Pixels each patch reaches past its patch_size cell on every side (`attention.patchify`):
+  # neighbouring patches share borders; the token count stays (image_size / patch_size)^2.
+  patch_overlap: int = 0
   qkv: Literal["fused", "separate", "identity", "identity_q", "identity_k", "identity_v",
                "tied_qk", "low_rank", "frozen_random"] = "fused"
   qkv_bias: bool = False
@@ -74,6 +77,9 @@ class ModelConfig:
       value = getattr(self, key)
       require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
               key, value, "must be a positive integer")
+    require(isinstance(self.patch_overlap, int) and not isinstance(self.patch_overlap, bool)
+            and 0 <= self.patch_overlap <= self.patch_size, "patch_overlap",
+            self.patch_overlap, f"must be an integer from 0 to patch_size={self.patch_size}")
     require(self.hidden_size % self.num_heads == 0, "num_heads", self.num_heads,
             f"does not divide hidden_size={self.hidden_size}")
     require(self.image_size % self.patch_size == 0, "patch_size", self.patch_size,
@@ -107,6 +113,11 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @property
+  def patch_window(self) -> int:
+    """The side of one patch in pixels: its cell and the overlap on both sides."""
+    return self.patch_size + 2 * self.patch_overlap
 
   @property
   def num_patches(self) -> int:

@@ -78,10 +78,11 @@ class PatchEmbedding(nn.Module):
   patch_size: int
   hidden_size: int
   compute_dtype: Any = None
+  overlap: int = 0
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
-    patches = A.patchify(images, self.patch_size)
+    patches = A.patchify(images, self.patch_size, self.overlap)
     return Linear(self.hidden_size, compute_dtype=self.compute_dtype, name="projection")(patches)
 
 
@@ -255,7 +256,7 @@ class ViT(nn.Module):
     if c.compute_dtype == "auto":
       raise ValueError("model.compute_dtype='auto' is chosen when a run starts (vit_jax.auto); "
                        "a model takes 'float32' or 'bfloat16'")
-    x = PatchEmbedding(c.patch_size, c.hidden_size, c.compute_dtype,
+    x = PatchEmbedding(c.patch_size, c.hidden_size, c.compute_dtype, c.patch_overlap,
                        name="patch_embedding")(images)
     batch = x.shape[0]
     if c.classifier == "token":

@@ -59,11 +59,12 @@ def matmul_only_problem(c: ModelConfig, batch_size: int):
       attention["to_qkv"] = {"kernel": weight(d, 3 * d)}
     return {"attention": attention, "fc1": weight(d, m), "fc2": weight(m, d)}
 
-  params = {"embed": weight(c.patch_size**2 * c.num_channels, d),
+  params = {"embed": weight(c.patch_window**2 * c.num_channels, d),
             "layers": [layer() for _ in range(c.num_layers)],
             "head": weight(d, c.num_classes)}
   patches = A.patchify(jax.random.normal(next(keys), (batch_size, c.image_size, c.image_size,
-                                                      c.num_channels)), c.patch_size)
+                                                      c.num_channels)), c.patch_size,
+                        c.patch_overlap)
   return functools.partial(_matmuls_only, c=c), params, patches
 
 

@@ -8,7 +8,7 @@ from vit_jax.model_configs import ModelConfig
 def forward_flops(c: ModelConfig) -> int:
   """Multiply-adds x 2 of one image's forward pass (matmuls and attention only)."""
   n = c.num_tokens
-  d, p = c.hidden_size, c.patch_size
+  d, p = c.hidden_size, c.patch_window
   qkv = 0 if c.qkv == "identity" else 3 * n * d * d
   per_layer = qkv + 2 * n * n * d + n * d * d + 2 * n * d * c.mlp_dim  # QK^T and AV: 2 n^2 d
   return 2 * (c.num_patches * p * p * c.num_channels * d + c.num_layers * per_layer
