@@ -18,13 +18,14 @@ def rand(*shape, seed=0):
 
 def ref_patchify(images, p, overlap=0):
   b, h, w, c = images.shape
+  side = p + 2 * overlap
+
+  def pixel(img, r, s):  # the image padded with its edge: the index clamped into it
+    return img[min(max(r, 0), h - 1), min(max(s, 0), w - 1)]
+
   out = []
   for img in images:
-    # Pixel (r, s) of the image padded with its edge, by clamping the index into the image.
-    def pixel(r, s):
-      return img[min(max(r, 0), h - 1), min(max(s, 0), w - 1)]
-    side = p + 2 * overlap
-    patches = [np.stack([pixel(r - overlap + i, s - overlap + j)
+    patches = [np.stack([pixel(img, r - overlap + i, s - overlap + j)
                          for i in range(side) for j in range(side)]).reshape(-1)
                for r in range(0, h, p) for s in range(0, w, p)]
     out.append(np.stack(patches))

@@ -58,6 +58,14 @@ def test_another_patch_size_resamples_the_grid_and_keeps_the_class_token():
   assert len(notes) == 2
 
 
+def test_overlapping_patches_resize_their_whole_window():
+  seven, four = (get_model_config("testing", patch_size=p, patch_overlap=1) for p in (7, 4))
+  source = params_of(seven, seed=1)
+  params, notes = init_from.transfer(source, params_of(four, seed=2), seven, four, False)
+  assert params["patch_embedding"]["projection"]["kernel"].shape == (36, 16)
+  assert "patch projection resized from 9x9 to 6x6" in notes
+
+
 @pytest.mark.parametrize("field, value", [("hidden_size", 32), ("num_layers", 2),
                                           ("qkv", "separate"), ("patch_overlap", 1)])
 def test_what_cannot_be_mapped_is_one_line_naming_the_field(field, value):
