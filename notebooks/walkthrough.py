@@ -63,7 +63,7 @@ plt.show()
 # and the position embeddings added: 50 tokens of 64, the x (B, N, D) of the design.
 
 # %%
-patches = A.patchify(x_image, config.model.patch_size)
+patches = A.patchify(x_image, config.model.patch_size, config.model.patch_overlap)
 print("patches", patches.shape)
 embedding = params["patch_embedding"]["projection"]
 tokens = A.project(patches, embedding["kernel"], embedding["bias"])

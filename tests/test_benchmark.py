@@ -1,5 +1,6 @@
 """The benchmark runs (so it cannot rot) and its FLOP count agrees with XLA's. No speed asserts."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -50,11 +51,13 @@ def test_the_peak_probe_times_its_own_product():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("qkv,compute_dtype", [
-    ("fused", "float32"), ("identity", "float32"), ("fused", "bfloat16")])
-def test_matmul_only_step_does_the_models_matmul_work(qkv, compute_dtype):
+@pytest.mark.parametrize("qkv,compute_dtype,overlap", [
+    ("fused", "float32", 0), ("identity", "float32", 0), ("fused", "bfloat16", 0),
+    ("fused", "float32", 2)])
+def test_matmul_only_step_does_the_models_matmul_work(qkv, compute_dtype, overlap):
   # The ceiling is only a ceiling if it multiplies the same matrices as the model.
-  c = get_model_config("seed", num_layers=2, qkv=qkv, compute_dtype=compute_dtype)
+  c = get_model_config("seed", num_layers=2, qkv=qkv, compute_dtype=compute_dtype,
+                       patch_overlap=overlap)
   loss, params, patches = ceiling.matmul_only_problem(c, batch_size=8)
   for fn, ours in ((jax.jit(loss), benchmark.forward_flops(c)),
                    (jax.jit(jax.grad(loss)), benchmark.train_flops(c))):
@@ -112,6 +115,8 @@ def test_the_scaling_benchmark_varies_one_thing_a_row():
                             batch_size=32, eval_batch_size=32, parallel="jit")
   wider = scaling.variant(config, "hidden_size", 64)
   assert (wider.model.hidden_size, wider.model.mlp_dim) == (64, 2 * config.model.mlp_dim)
+  overlapping = dataclasses.replace(config, model=get_model_config("testing", patch_overlap=4))
+  assert scaling.variant(overlapping, "patch_size", 2).model.patch_overlap == 2
   axes = {"num_heads": (4, 16), "patch_size": (7, 14), "batch_size": (16,)}
   result = scaling.run(config, steps_per_window=1, windows=1, axes=axes)
   rows = result["rows"]
@@ -239,10 +244,11 @@ def test_the_plain_flax_baseline_has_our_shape_plus_flaxs_qkv_biases():
   from vit_jax import models
   from vit_jax.benchmark import baseline
 
-  config = get_model_config("seed")
   images = jnp.zeros((2, 28, 28, 1))
-  plain = jax.eval_shape(baseline.PlainViT(config).init, jax.random.PRNGKey(0), images)
-  ours = jax.eval_shape(models.ViT(config).init, jax.random.PRNGKey(0), images)
-  extra = 3 * config.hidden_size * config.num_layers
-  assert models.count_params(plain) == models.count_params(ours) + extra == 204_810 + extra
-  assert jax.eval_shape(baseline.PlainViT(config).apply, plain, images).shape == (2, 10)
+  for config, count in ((get_model_config("seed"), 204_810),
+                        (get_model_config("seed", patch_overlap=2), 204_810 + 48 * 64)):
+    plain = jax.eval_shape(baseline.PlainViT(config).init, jax.random.PRNGKey(0), images)
+    ours = jax.eval_shape(models.ViT(config).init, jax.random.PRNGKey(0), images)
+    extra = 3 * config.hidden_size * config.num_layers
+    assert models.count_params(plain) == models.count_params(ours) + extra == count + extra
+    assert jax.eval_shape(baseline.PlainViT(config).apply, plain, images).shape == (2, 10)

@@ -89,6 +89,14 @@ def test_patch_overlap_out_of_range_is_refused(overlap):
     validate(config)
 
 
+@pytest.mark.parametrize("overlap", [0, 7])
+def test_patch_overlap_from_0_to_the_patch_size_is_taken(overlap):
+  config = base().to_dict()
+  config["model"]["patch_size"] = 7
+  config["model"]["patch_overlap"] = overlap
+  assert validate(config).model.patch_window == 7 + 2 * overlap
+
+
 def test_bad_model_value_is_named_with_its_path():
   config = base().to_dict()
   config["model"]["patch_size"] = 5

@@ -54,6 +54,8 @@ def patchify(images: jax.Array, patch_size: int, overlap: int = 0) -> jax.Array:
   if height % patch_size or width % patch_size:
     raise ValueError(
         f"patch_size={patch_size} does not divide the image size {height}x{width}")
+  if overlap < 0:
+    raise ValueError(f"overlap={overlap} must be at least 0")
   rows, cols, side = height // patch_size, width // patch_size, patch_size + 2 * overlap
   if overlap:  # a gather of overlapping windows; without overlap, a reshape does it
     padded = jnp.pad(images, ((0, 0), (overlap, overlap), (overlap, overlap), (0, 0)), "edge")

@@ -4,7 +4,9 @@ What can be carried over is carried over, and the rest said in one line:
 - the classifier head is re-initialised when the classes differ or `config.reinit_head`;
 - for another patch size (another patch grid), the position embeddings are resampled and
   the patch projection resized (`vit_jax.resample`);
-- a different width, depth, MLP or projection mode cannot be mapped: a one-line error.
+- a different width, depth, MLP, projection mode or patch overlap cannot be mapped: a
+  one-line error. With overlapping patches the whole window is resized, so a resized
+  projection reproduces the source's tokens only approximately.
 The source's evaluation parameters (its moving average, where it kept one) are the ones taken.
 
 Layer 4 of vit_jax.

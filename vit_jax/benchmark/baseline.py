@@ -32,8 +32,10 @@ class PlainViT(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
     c = self.config
-    patch = (c.patch_size, c.patch_size)
-    x = nn.Conv(c.hidden_size, patch, strides=patch, padding="VALID")(images)
+    o = c.patch_overlap  # patches reaching into their neighbours, padded as `patchify` pads
+    images = jnp.pad(images, ((0, 0), (o, o), (o, o), (0, 0)), "edge")
+    x = nn.Conv(c.hidden_size, (c.patch_window,) * 2, strides=(c.patch_size,) * 2,
+                padding="VALID")(images)
     x = x.reshape(x.shape[0], -1, c.hidden_size)
     cls = self.param("cls_token", nn.initializers.zeros, (1, 1, c.hidden_size))
     x = jnp.concatenate([jnp.tile(cls, (x.shape[0], 1, 1)), x], axis=1)

@@ -44,8 +44,9 @@ def _matmuls_only(params: dict[str, Any], patches: jax.Array, c: ModelConfig) ->
 def matmul_only_problem(c: ModelConfig, batch_size: int):
   """(loss, params, patches) for `_matmuls_only`: random weights of the model's shapes.
 
-  `patches` is (batch_size, N, P*P*C); `loss(params, patches)` is a float32 scalar (the
-  head's outputs summed, something to differentiate).
+  `patches` is (batch_size, N, K*K*C), K the patch window (`ModelConfig.patch_window`);
+  `loss(params, patches)` is a float32 scalar (the head's outputs summed, something to
+  differentiate).
   """
   d, m = c.hidden_size, c.mlp_dim
   keys = iter(jax.random.split(jax.random.PRNGKey(0), 8 * c.num_layers + 2))

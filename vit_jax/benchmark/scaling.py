@@ -40,6 +40,8 @@ def variant(config: ExperimentConfig, axis: str, value: int) -> ExperimentConfig
   if axis == "batch_size":
     return dataclasses.replace(config, batch_size=value)
   changes = {axis: value}
+  if axis == "patch_size":  # an overlap may not exceed the patch it surrounds
+    changes["patch_overlap"] = min(config.model.patch_overlap, value)
   if axis == "hidden_size":
     changes["mlp_dim"] = config.model.mlp_dim * value // config.model.hidden_size
   return dataclasses.replace(config, model=dataclasses.replace(config.model, **changes))
