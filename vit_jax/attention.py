@@ -59,8 +59,9 @@ def patchify(images: jax.Array, patch_size: int, overlap: int = 0) -> jax.Array:
   rows, cols, side = height // patch_size, width // patch_size, patch_size + 2 * overlap
   if overlap:  # a gather of overlapping windows; without overlap, a reshape does it
     padded = jnp.pad(images, ((0, 0), (overlap, overlap), (overlap, overlap), (0, 0)), "edge")
-    starts = patch_size * jnp.arange(max(rows, cols))[:, None] + jnp.arange(side)
-    patches = padded[:, starts[:rows, None, :, None], starts[None, :cols, None, :]]
+    row_pixels = patch_size * jnp.arange(rows)[:, None] + jnp.arange(side)  # (rows, side)
+    col_pixels = patch_size * jnp.arange(cols)[:, None] + jnp.arange(side)  # (cols, side)
+    patches = padded[:, row_pixels[:, None, :, None], col_pixels[None, :, None, :]]
   else:
     patches = images.reshape(batch, rows, side, cols, side, channels)
     chex.assert_shape(patches, (batch, rows, side, cols, side, channels))
