@@ -38,11 +38,14 @@ def test_the_peak_probe_times_its_own_product():
   peak.probe()
   assert len(peak.measured) == 2
   # Independently: twenty products in a row, waited for once at the end. A probe that timed
-  # only the dispatch (no wait for the result) would claim many times this speed.
-  start = time.perf_counter()
-  results = [peak.matmul(peak.a, peak.b) for _ in range(20)]
-  jax.block_until_ready(results)
-  sustained = 20 * peak.flops / (time.perf_counter() - start)
+  # only the dispatch (no wait for the result) would claim many times this speed. The best
+  # of three such rounds: one round (50 ms) can be slowed by other work on a shared machine.
+  def sustained_rate():
+    start = time.perf_counter()
+    jax.block_until_ready([peak.matmul(peak.a, peak.b) for _ in range(20)])
+    return 20 * peak.flops / (time.perf_counter() - start)
+
+  sustained = max(sustained_rate() for _ in range(3))
   assert max(peak.measured) < 3 * sustained, (peak.measured, sustained)
   # On an accelerator a 2048 product takes microseconds: its launch, not the chip, would set
   # the "peak" and overstate every MFU.
