@@ -84,6 +84,11 @@ class ExperimentConfig:
   # The chance of mirroring an image left to right (`augment.random_flip`): for clothes only;
   # refused for MNIST, where a mirrored digit is another digit or none.
   augment_flip: float = 0.0
+  # Test-time augmentation: evaluation (validation, test, `--mode=eval`) and prediction
+  # average each image's class probabilities over its shifts by up to this many pixels in
+  # each direction, (2 eval_max_shift + 1)^2 views (`input_pipeline.shifted_views`). 0: the
+  # image alone.
+  eval_max_shift: int = 0
   # Images per evaluation batch (test and validation), shared by all devices.
   eval_batch_size: int = 1000
   # 'auto' uses pmap when JAX sees more than one device, else jit; 'shard' is
@@ -121,7 +126,7 @@ class ExperimentConfig:
     require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in [0, 1)")
     for key, top in (("augment_max_rotation", 180), ("augment_max_shear", 45),
                      ("augment_max_scale", 0.5), ("random_erasing", 1), ("augment_flip", 1),
-                     ("augment_elastic_alpha", 100)):
+                     ("augment_elastic_alpha", 100), ("eval_max_shift", 4)):
       require(0 <= getattr(self, key) <= top, key, getattr(self, key), f"must be in [0, {top}]")
     require(self.augment_flip == 0 or self.dataset != "mnist", "augment_flip",
             self.augment_flip, "must be 0 for mnist: a mirrored digit is another digit or none")

@@ -9,13 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import auto, input_pipeline, mnist_source
 from vit_jax.checkpoints import Checkpoints, saved_config, write_or_check_config
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.parallel import Runner, choose_mode
-from vit_jax.steps import Evaluator, TrainState, create_train_state, evaluation_params
+from vit_jax.steps import (
+  Evaluator,
+  TrainState,
+  create_train_state,
+  evaluation_params,
+  view_averaged_log_probabilities,
+)
 
 
 def resolved_config(config: Any, workdir: str | Path) -> ExperimentConfig:
@@ -51,18 +58,25 @@ def evaluate_checkpoint(config: Any, workdir: str | Path,
       mnist_source.load_split(config.dataset, "test", config.tfds_data_dir, config.idx_dir),
       strict=True))
   runner = Runner(choose_mode(config.parallel))
-  result = Evaluator(runner, runner.replicate(test), len(test["label"]),
-                     config.eval_batch_size, config.dataset)(runner.replicate(state))
+  result = Evaluator(runner, runner.replicate(test), len(test["label"]), config.eval_batch_size,
+                     config.dataset, config.eval_max_shift)(runner.replicate(state))
   return {**result, "step": int(state.step)}
 
 
 def predict(config: Any, workdir: str | Path, images: np.ndarray) -> np.ndarray:
-  """Class probabilities (B, num_classes) of uint8 (B, H, W, C) images, latest checkpoint."""
+  """Class probabilities (B, num_classes) of uint8 (B, H, W, C) images, latest checkpoint;
+  averaged over the shifted views as evaluation averages them (`config.eval_max_shift`)."""
   config = resolved_config(config, workdir)
   state = restore_state(config, workdir)
-  logits = jax.jit(state.apply_fn)({"params": state.params},
-                                   input_pipeline.normalize(images, config.dataset))
-  return np.asarray(jax.nn.softmax(logits, axis=-1))
+
+  @jax.jit
+  def probabilities(images):
+    if config.eval_max_shift:
+      images = input_pipeline.shifted_views(images, config.eval_max_shift)
+    return jnp.exp(view_averaged_log_probabilities(
+        state.apply_fn, state.params, input_pipeline.normalize(images, config.dataset)))
+
+  return np.asarray(probabilities(images))
 
 
 def restore_with_test_images(config: Any, workdir: str | Path, num_images: int,

@@ -93,8 +93,7 @@ def random_translate(images: jax.Array, rng: jax.Array, max_shift: int) -> jax.A
   if max_shift == 0:
     return images
   _, height, width, _ = images.shape
-  pad = ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0))
-  padded = jnp.pad(images, pad)
+  padded = _zero_padded(images, max_shift)
 
   def shift_one(image, key):
     dy, dx = jax.random.randint(key, (2,), 0, 2 * max_shift + 1)
@@ -103,6 +102,29 @@ def random_translate(images: jax.Array, rng: jax.Array, max_shift: int) -> jax.A
   out = jax.vmap(shift_one)(padded, rng)
   chex.assert_equal_shape([out, images])
   return out
+
+
+def shifted_views(images: jax.Array, max_shift: int) -> jax.Array:
+  """Every shift of each image by (dy, dx) in [-max_shift, max_shift], zero-filled, as
+  `random_translate` draws them: the views that evaluation averages over.
+
+  (B, H, W, C) -> ((2 max_shift + 1)^2, B, H, W, C); the unshifted view is the middle one.
+  """
+  chex.assert_rank(images, 4)
+  if max_shift < 0:
+    raise ValueError(f"max_shift={max_shift} must not be negative")
+  _, height, width, _ = images.shape
+  padded = _zero_padded(images, max_shift)
+  offsets = range(2 * max_shift + 1)
+  views = jnp.stack([padded[:, dy:dy + height, dx:dx + width]
+                     for dy in offsets for dx in offsets])
+  chex.assert_shape(views, (len(offsets) ** 2, *images.shape))
+  return views
+
+
+def _zero_padded(images: jax.Array, width: int) -> jax.Array:
+  """(B, H, W, C) -> (B, H + 2 width, W + 2 width, C), zeros around each image."""
+  return jnp.pad(images, ((0, 0), (width, width), (width, width), (0, 0)))
 
 
 def normalize(images: jax.Array, dataset: str) -> jax.Array:

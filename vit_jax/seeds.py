@@ -34,13 +34,12 @@ from vit_jax.metrics import MetricsWindow, MetricWriter, Progress
 from vit_jax.parallel import Runner, choose_mode
 from vit_jax.run_log import logging_to
 from vit_jax.steps import (
-  Evaluator,
   compile_train_step,
   create_train_state,
   learning_rate_schedule,
   microbatches_per_step,
 )
-from vit_jax.train import Data, load_data, total_train_steps
+from vit_jax.train import Data, evaluators, load_data, total_train_steps
 
 
 def stack(trees: Sequence[Any]) -> Any:
@@ -102,10 +101,7 @@ class _Group:
     self.checkpoints = Checkpoints(workdir, self.config.checkpoint_every_steps,
                                    self.config.keep_checkpoints)
     self.train_data = runner.replicate(data["train"])
-    self.evaluators = {
-        prefix: Evaluator(runner, runner.replicate(data[split]), len(data[split]["label"]),
-                          self.config.eval_batch_size, self.config.dataset)
-        for split, prefix in (("validation", "validation"), ("test", "eval")) if split in data}
+    self.evaluators = evaluators(self.config, runner, data)
     self.watched = "validation" if "validation" in self.evaluators else "eval"
     self.writers = [MetricWriter(d) for d in dirs]
     self.quiet = Progress(self.total_steps, 0, enabled=False)

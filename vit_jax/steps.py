@@ -160,17 +160,31 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str | None = None):
   """Sums over the examples of `batch` whose 'mask' is True: loss, correct, count.
 
-  `batch`: 'image' float32 (B, H, W, C) normalised, 'label' int32 (B,), 'mask' bool (B,).
+  `batch`: 'image' float32 (B, H, W, C) normalised, or (V, B, H, W, C): V views of each
+  example, whose class probabilities are averaged; 'label' int32 (B,); 'mask' bool (B,).
   Returns three float32 scalars, summed over the devices of `axis_name` if given.
   """
-  logits = state.apply_fn({"params": evaluation_params(state)}, batch["image"], train=False)
+  log_probs = view_averaged_log_probabilities(state.apply_fn, evaluation_params(state),
+                                              batch["image"])
   mask = batch["mask"].astype(jnp.float32)
-  sums = {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
-          "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+  label_log_probs = jnp.take_along_axis(log_probs, batch["label"][:, None], axis=-1)[:, 0]
+  sums = {"loss": -jnp.sum(label_log_probs * mask),
+          "correct": jnp.sum((jnp.argmax(log_probs, -1) == batch["label"]) * mask),
           "count": jnp.sum(mask)}
   if axis_name is not None:
     sums = jax.lax.psum(sums, axis_name)
   return sums
+
+
+def view_averaged_log_probabilities(apply_fn, params, images: jax.Array) -> jax.Array:
+  """log of the class probabilities averaged over views: images (B, H, W, C), one view, or
+  (V, B, H, W, C) -> (B, num_classes). One forward pass over all V * B images."""
+  views = images if images.ndim == 5 else images[None]
+  num_views, batch = views.shape[:2]
+  logits = apply_fn({"params": params}, views.reshape(num_views * batch, *views.shape[2:]),
+                    train=False)
+  log_probs = jax.nn.log_softmax(logits.reshape(num_views, batch, -1).astype(jnp.float32))
+  return jax.nn.logsumexp(log_probs, axis=0) - jnp.log(num_views)
 
 
 # --- The steps on device-resident data --------------------------------------------------
@@ -246,8 +260,10 @@ def _over_seeds(step):
   return seeded
 
 
-def _eval_on_indices(state, data, indices, mask, *, dataset: str, axis_name):
-  batch = {"image": input_pipeline.normalize(data["image"][indices], dataset),
+def _eval_on_indices(state, data, indices, mask, *, dataset: str, max_shift: int, axis_name):
+  images = data["image"][indices]
+  views = input_pipeline.shifted_views(images, max_shift) if max_shift else images
+  batch = {"image": input_pipeline.normalize(views, dataset),
            "label": data["label"][indices], "mask": mask}
   return eval_step(state, batch, axis_name=axis_name)
 
@@ -260,10 +276,12 @@ class Evaluator:
   num_examples: int
   batch_size: int
   dataset: str
+  max_shift: int = 0  # config.eval_max_shift: the shifted views averaged over (0: none)
 
   def __post_init__(self):
     self.step = self.runner.compile(
-        functools.partial(_eval_on_indices, dataset=self.dataset), in_axes=(0, 0, 0, 0))
+        functools.partial(_eval_on_indices, dataset=self.dataset, max_shift=self.max_shift),
+        in_axes=(0, 0, 0, 0))
 
   def __call__(self, state) -> dict[str, float]:
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}

@@ -64,6 +64,15 @@ def load_data(config: ExperimentConfig) -> Data:
   return out
 
 
+def evaluators(config: ExperimentConfig, runner: Runner, data: Data) -> dict[str, Evaluator]:
+  """{'validation': ..., 'eval': ...}: an Evaluator of each held-out split in `data` (the
+  test split, and validation where held out), named as the metrics they write."""
+  return {prefix: Evaluator(runner, runner.replicate(data[split]), len(data[split]["label"]),
+                            config.eval_batch_size, config.dataset, config.eval_max_shift)
+          for split, prefix in (("validation", "validation"), ("test", "eval"))
+          if split in data}
+
+
 def total_train_steps(config: ExperimentConfig, num_train_examples: int) -> int:
   steps_per_epoch = num_train_examples // config.batch_size
   return max(1, math.ceil(config.num_epochs * steps_per_epoch))
@@ -159,13 +168,7 @@ class _Run:
     """The training split, and an Evaluator for the test split and the validation split (if
     one is held out), whose metrics are named eval_* and validation_*."""
     self.train_data = self.runner.replicate(self.data["train"])
-    self.evaluators = {}
-    for split, prefix in (("validation", "validation"), ("test", "eval")):
-      if split in self.data:
-        held = self.data[split]
-        self.evaluators[prefix] = Evaluator(
-            self.runner, self.runner.replicate(held), len(held["label"]),
-            self.config.eval_batch_size, self.config.dataset)
+    self.evaluators = evaluators(self.config, self.runner, self.data)
     # What training watches: the validation split where there is one, never both.
     self.watched = "validation" if "validation" in self.evaluators else "eval"
     # The attention statistics at each evaluation are measured on these images.

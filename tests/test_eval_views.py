@@ -1,0 +1,126 @@
+"""Test-time augmentation: evaluation and prediction averaging over shifted views."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vit_jax import inference, input_pipeline, steps, train
+from vit_jax.experiment_config import ExperimentConfig
+from vit_jax.model_configs import get_model_config
+from vit_jax.parallel import Runner
+
+
+def shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
+  """Reference: `image` (H, W, C) moved down dy and right dx pixels, zeros coming in."""
+  out = np.zeros_like(image)
+  h, w = image.shape[:2]
+  out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+      image[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+  return out
+
+
+def test_the_views_are_every_shift_zero_filled_with_the_image_itself_in_the_middle():
+  images = np.random.default_rng(0).integers(1, 256, (3, 6, 7, 1)).astype(np.uint8)
+  views = np.asarray(input_pipeline.shifted_views(jnp.asarray(images), 2))
+  assert views.shape == (25, 3, 6, 7, 1)
+  np.testing.assert_array_equal(views[12], images)
+  expected = {shifted(images[1], dy, dx).tobytes()
+              for dy in range(-2, 3) for dx in range(-2, 3)}
+  assert {v.tobytes() for v in views[:, 1]} == expected  # 25 distinct shifts, none missing
+  np.testing.assert_array_equal(input_pipeline.shifted_views(jnp.asarray(images), 0)[0], images)
+
+
+def test_the_views_are_what_training_draws_its_random_shifts_from():
+  image = np.random.default_rng(1).integers(1, 256, (1, 8, 8, 1)).astype(np.uint8)
+  views = {v.tobytes() for v in np.asarray(input_pipeline.shifted_views(jnp.asarray(image), 1))}
+  keys = jax.random.split(jax.random.PRNGKey(0), 64)
+  drawn = np.asarray(input_pipeline.random_translate(jnp.repeat(image, 64, 0), keys, 1))
+  assert {d.tobytes() for d in drawn} == views  # 64 draws cover all 9 shifts
+
+
+def test_negative_shifts_are_refused():
+  with pytest.raises(ValueError, match="max_shift=-1 must not be negative"):
+    input_pipeline.shifted_views(jnp.zeros((1, 4, 4, 1)), -1)
+
+
+def linear_model(variables, images, train=False):
+  """A stand-in model: logits = flattened image @ weights."""
+  return images.reshape(images.shape[0], -1) @ variables["params"]
+
+
+def test_averaging_is_the_log_of_the_mean_probability_and_one_view_is_plain_softmax():
+  rng = np.random.default_rng(2)
+  weights = rng.normal(size=(12, 5)).astype(np.float32)
+  views = rng.normal(size=(3, 4, 2, 2, 3)).astype(np.float32)  # 3 views of 4 images
+  got = steps.view_averaged_log_probabilities(linear_model, weights, jnp.asarray(views))
+  logits = views.reshape(3, 4, 12) @ weights
+  probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  np.testing.assert_allclose(np.exp(got), probs.mean(0), rtol=1e-5, atol=1e-7)
+  one = steps.view_averaged_log_probabilities(linear_model, weights, jnp.asarray(views[0]))
+  np.testing.assert_allclose(one, jax.nn.log_softmax(logits[0]), rtol=1e-6, atol=1e-6)
+
+
+def untrained_state():
+  """A `testing` ViT whose parameters are all perturbed: its zero-initialised head would
+  give every class the same probability, whatever the views."""
+  state = steps.create_train_state(
+      ExperimentConfig(model=get_model_config("testing"), parallel="jit"), total_steps=1)
+  leaves, tree = jax.tree_util.tree_flatten(state.params)
+  keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+  noisy = [leaf + 0.2 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)]
+  return state.replace(params=jax.tree_util.tree_unflatten(tree, noisy))
+
+
+def test_one_view_evaluates_as_plain_cross_entropy(digits):
+  state = untrained_state()
+  images = input_pipeline.normalize(jnp.asarray(digits["test"]["image"][:32]), "mnist")
+  labels = jnp.asarray(digits["test"]["label"][:32])
+  sums = steps.eval_step(state, {"image": images, "label": labels, "mask": jnp.ones(32, bool)})
+  logits = state.apply_fn({"params": state.params}, images, train=False)
+  np.testing.assert_allclose(sums["loss"], jnp.sum(steps.cross_entropy(logits, labels)),
+                             rtol=1e-5)
+  assert sums["correct"] == jnp.sum(jnp.argmax(logits, -1) == labels)
+
+
+def test_evaluation_and_prediction_average_the_same_nine_views(digits):
+  state = untrained_state()
+  images, labels = digits["test"]["image"][:40], digits["test"]["label"][:40]
+  runner = Runner("jit")
+  result = steps.Evaluator(runner, runner.replicate({"image": images, "label": labels}), 40,
+                           16, "mnist", max_shift=1)(runner.replicate(state))
+  # Reference: the model on each shifted copy separately, probabilities averaged.
+  apply = jax.jit(lambda x: jax.nn.softmax(state.apply_fn({"params": state.params}, x)))
+  probs = np.mean([apply(input_pipeline.normalize(np.stack(
+      [shifted(im, dy, dx) for im in images]), "mnist"))
+      for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+  assert result["eval_accuracy"] == pytest.approx(np.mean(probs.argmax(-1) == labels))
+  assert result["eval_loss"] == pytest.approx(
+      -np.mean(np.log(probs[np.arange(40), labels])), rel=1e-4)
+  plain = steps.Evaluator(runner, runner.replicate({"image": images, "label": labels}), 40,
+                          16, "mnist")(runner.replicate(state))
+  assert plain["eval_loss"] != pytest.approx(result["eval_loss"], rel=1e-4)
+
+
+def test_a_run_evaluates_and_predicts_with_the_views_its_config_names(tmp_path, digits):
+  config = ExperimentConfig(model=get_model_config("testing"), parallel="jit", batch_size=64,
+                            num_epochs=0.25, augment_max_shift=0, eval_max_shift=1,
+                            eval_batch_size=128)
+  data = {"train": digits["train"], "test": digits["test"]}
+  result = train.train_and_evaluate(config, tmp_path, data=data)
+  again = inference.evaluate_checkpoint(config, tmp_path, data=data)
+  assert again["eval_accuracy"] == pytest.approx(result["eval_accuracy"], abs=1e-6)
+  probs = inference.predict(config, tmp_path, digits["test"]["image"])
+  np.testing.assert_allclose(probs.sum(-1), 1, rtol=1e-5)
+  predicted_accuracy = np.mean(probs.argmax(-1) == digits["test"]["label"])
+  assert predicted_accuracy == pytest.approx(result["eval_accuracy"], abs=1e-6)
+  # The views can be changed when evaluating a finished run: they are not the model's.
+  plain = inference.evaluate_checkpoint(
+      ExperimentConfig(**{**config.__dict__, "eval_max_shift": 0}), tmp_path, data=data)
+  assert plain["eval_loss"] != pytest.approx(result["eval_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("value", [-1, 5])
+def test_an_impossible_number_of_views_is_a_one_line_error(value):
+  with pytest.raises(ValueError, match=rf"eval_max_shift={value} must be in \[0, 4\]"):
+    ExperimentConfig(model=get_model_config("testing"), eval_max_shift=value)
