@@ -9,9 +9,10 @@ reaching 2 pixels into its neighbours (8x8 windows on the 4x4 grid: still 49 tok
 four times as long as `experiments/mnist.py` with random affine maps on top of the shifts and
 a moving average of the parameters for evaluation, which averages each image's class
 probabilities over its 9 shifts by up to a pixel (test-time augmentation). Each of those was
-kept on validation accuracy (docs/performance.md, "The long recipe"). The test split is read once, at the end;
-the 5,000 held-out training images are evaluated every sixth epoch. About 30-40 minutes a run
-on this project's 2-core AMD EPYC machines; the README's results table has what it reached.
+kept on validation accuracy (docs/performance.md, "The long recipe"). The test split is read
+once, at the end; the 5,000 held-out training images are evaluated every sixth epoch. About
+30-40 minutes a run on this project's 2-core AMD EPYC machines; the README's results table
+has what it reached.
 """
 
 from vit_jax.experiment_config import ExperimentConfig, as_config_dict

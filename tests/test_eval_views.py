@@ -23,17 +23,18 @@ def shifted(image: np.ndarray, dy: int, dx: int) -> np.ndarray:
 def test_the_views_are_every_shift_zero_filled_with_the_image_itself_in_the_middle():
   images = np.random.default_rng(0).integers(1, 256, (3, 6, 7, 1)).astype(np.uint8)
   views = np.asarray(input_pipeline.shifted_views(jnp.asarray(images), 2))
-  assert views.shape == (25, 3, 6, 7, 1)
-  np.testing.assert_array_equal(views[12], images)
+  assert views.shape == (3, 25, 6, 7, 1)  # batch first: a device's images keep their views
+  np.testing.assert_array_equal(views[:, 12], images)
   expected = {shifted(images[1], dy, dx).tobytes()
               for dy in range(-2, 3) for dx in range(-2, 3)}
-  assert {v.tobytes() for v in views[:, 1]} == expected  # 25 distinct shifts, none missing
-  np.testing.assert_array_equal(input_pipeline.shifted_views(jnp.asarray(images), 0)[0], images)
+  assert {v.tobytes() for v in views[1]} == expected  # 25 distinct shifts, none missing
+  np.testing.assert_array_equal(input_pipeline.shifted_views(jnp.asarray(images), 0)[:, 0],
+                                images)
 
 
 def test_the_views_are_what_training_draws_its_random_shifts_from():
   image = np.random.default_rng(1).integers(1, 256, (1, 8, 8, 1)).astype(np.uint8)
-  views = {v.tobytes() for v in np.asarray(input_pipeline.shifted_views(jnp.asarray(image), 1))}
+  views = {v.tobytes() for v in np.asarray(input_pipeline.shifted_views(jnp.asarray(image), 1))[0]}
   keys = jax.random.split(jax.random.PRNGKey(0), 64)
   drawn = np.asarray(input_pipeline.random_translate(jnp.repeat(image, 64, 0), keys, 1))
   assert {d.tobytes() for d in drawn} == views  # 64 draws cover all 9 shifts
@@ -52,13 +53,13 @@ def linear_model(variables, images, train=False):
 def test_averaging_is_the_log_of_the_mean_probability_and_one_view_is_plain_softmax():
   rng = np.random.default_rng(2)
   weights = rng.normal(size=(12, 5)).astype(np.float32)
-  views = rng.normal(size=(3, 4, 2, 2, 3)).astype(np.float32)  # 3 views of 4 images
+  views = rng.normal(size=(4, 3, 2, 2, 3)).astype(np.float32)  # 4 images, 3 views each
   got = steps.view_averaged_log_probabilities(linear_model, weights, jnp.asarray(views))
-  logits = views.reshape(3, 4, 12) @ weights
+  logits = views.reshape(4, 3, 12) @ weights
   probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-  np.testing.assert_allclose(np.exp(got), probs.mean(0), rtol=1e-5, atol=1e-7)
-  one = steps.view_averaged_log_probabilities(linear_model, weights, jnp.asarray(views[0]))
-  np.testing.assert_allclose(one, jax.nn.log_softmax(logits[0]), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.exp(got), probs.mean(1), rtol=1e-5, atol=1e-7)
+  one = steps.view_averaged_log_probabilities(linear_model, weights, jnp.asarray(views[:, 0]))
+  np.testing.assert_allclose(one, jax.nn.log_softmax(logits[:, 0]), rtol=1e-6, atol=1e-6)
 
 
 def untrained_state():
@@ -68,7 +69,8 @@ def untrained_state():
       ExperimentConfig(model=get_model_config("testing"), parallel="jit"), total_steps=1)
   leaves, tree = jax.tree_util.tree_flatten(state.params)
   keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
-  noisy = [leaf + 0.2 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)]
+  noisy = [leaf + 0.2 * jax.random.normal(key, leaf.shape)
+           for leaf, key in zip(leaves, keys, strict=True)]
   return state.replace(params=jax.tree_util.tree_unflatten(tree, noisy))
 
 
@@ -83,23 +85,35 @@ def test_one_view_evaluates_as_plain_cross_entropy(digits):
   assert sums["correct"] == jnp.sum(jnp.argmax(logits, -1) == labels)
 
 
-def test_evaluation_and_prediction_average_the_same_nine_views(digits):
-  state = untrained_state()
-  images, labels = digits["test"]["image"][:40], digits["test"]["label"][:40]
-  runner = Runner("jit")
-  result = steps.Evaluator(runner, runner.replicate({"image": images, "label": labels}), 40,
-                           16, "mnist", max_shift=1)(runner.replicate(state))
-  # Reference: the model on each shifted copy separately, probabilities averaged.
+def nine_view_reference(state, images):
+  """The model on each shifted copy of `images` separately, probabilities averaged."""
   apply = jax.jit(lambda x: jax.nn.softmax(state.apply_fn({"params": state.params}, x)))
-  probs = np.mean([apply(input_pipeline.normalize(np.stack(
+  return np.mean([apply(input_pipeline.normalize(np.stack(
       [shifted(im, dy, dx) for im in images]), "mnist"))
       for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+
+
+@pytest.mark.parametrize("mode", ["jit", "pmap", "shard"])
+def test_evaluation_averages_the_nine_views_on_any_devices(mode, digits):
+  state = untrained_state()
+  images, labels = digits["test"]["image"][:40], digits["test"]["label"][:40]
+  runner = Runner(mode)
+  held = runner.replicate({"image": images, "label": labels})
+  result = steps.Evaluator(runner, held, 40, 16, "mnist", max_shift=1)(runner.replicate(state))
+  probs = nine_view_reference(state, images)
   assert result["eval_accuracy"] == pytest.approx(np.mean(probs.argmax(-1) == labels))
   assert result["eval_loss"] == pytest.approx(
       -np.mean(np.log(probs[np.arange(40), labels])), rel=1e-4)
-  plain = steps.Evaluator(runner, runner.replicate({"image": images, "label": labels}), 40,
-                          16, "mnist")(runner.replicate(state))
+  plain = steps.Evaluator(runner, held, 40, 16, "mnist")(runner.replicate(state))
   assert plain["eval_loss"] != pytest.approx(result["eval_loss"], rel=1e-4)
+
+
+def test_prediction_averages_the_nine_views(digits):
+  state = untrained_state()
+  config = ExperimentConfig(model=get_model_config("testing"), eval_max_shift=1)
+  images = digits["test"]["image"][:12]
+  probs = inference.probabilities(config, state.apply_fn, state.params, images)
+  np.testing.assert_allclose(probs, nine_view_reference(state, images), rtol=1e-4, atol=1e-6)
 
 
 def test_a_run_evaluates_and_predicts_with_the_views_its_config_names(tmp_path, digits):
@@ -111,9 +125,10 @@ def test_a_run_evaluates_and_predicts_with_the_views_its_config_names(tmp_path, 
   again = inference.evaluate_checkpoint(config, tmp_path, data=data)
   assert again["eval_accuracy"] == pytest.approx(result["eval_accuracy"], abs=1e-6)
   probs = inference.predict(config, tmp_path, digits["test"]["image"])
-  np.testing.assert_allclose(probs.sum(-1), 1, rtol=1e-5)
-  predicted_accuracy = np.mean(probs.argmax(-1) == digits["test"]["label"])
-  assert predicted_accuracy == pytest.approx(result["eval_accuracy"], abs=1e-6)
+  labels = digits["test"]["label"]
+  assert np.mean(probs.argmax(-1) == labels) == pytest.approx(result["eval_accuracy"], abs=1e-6)
+  assert -np.mean(np.log(probs[np.arange(len(labels)), labels])) == pytest.approx(
+      result["eval_loss"], rel=1e-4)
   # The views can be changed when evaluating a finished run: they are not the model's.
   plain = inference.evaluate_checkpoint(
       ExperimentConfig(**{**config.__dict__, "eval_max_shift": 0}), tmp_path, data=data)

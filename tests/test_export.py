@@ -1,5 +1,6 @@
 """`--mode=export`: a SavedModel that TensorFlow alone runs, as the JAX model does."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -48,10 +49,14 @@ def snapshot(folder):
 
 
 @pytest.mark.slow
-def test_the_saved_model_gives_the_jax_probabilities_and_attention(run, tmp_path, digits):
+@pytest.mark.parametrize("views", [0, 1])
+def test_the_saved_model_gives_the_jax_probabilities_and_attention(run, tmp_path, digits,
+                                                                   views):
   config, workdir = run
+  # eval_max_shift=1: the exported probabilities average the 9 shifted views, as predict does.
+  config = dataclasses.replace(config, eval_max_shift=views)
   result = launch("--config=experiments/tiny.py", f"--workdir={workdir}", "--mode=export",
-                  f"--output_dir={tmp_path / 'exported'}")
+                  f"--config.eval_max_shift={views}", f"--output_dir={tmp_path / 'exported'}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"wrote {tmp_path / 'exported'}" in result.stdout
   images = digits["test"]["image"][:5]
@@ -62,8 +67,10 @@ def test_the_saved_model_gives_the_jax_probabilities_and_attention(run, tmp_path
   assert loaded.returncode == 0, loaded.stderr[-3000:]
   outputs = json.loads(loaded.stdout.strip().splitlines()[-1])
   expected = inference.predict(config, workdir, images)
-  assert expected.std(axis=0).max() > 0.05  # a trained model's: each image its own answer
   np.testing.assert_allclose(outputs["probabilities"], expected, atol=1e-5)
+  single = inference.predict(dataclasses.replace(config, eval_max_shift=0), workdir, images)
+  assert single.std(axis=0).max() > 0.05  # a trained model's: each image its own answer
+  assert (np.abs(single - expected).max() > 1e-3) == bool(views)  # the views change it
   attention = np.asarray(outputs["attention"])
   assert attention.shape == (5, 2, 4, 17, 17)  # tiny: 2 layers, 4 heads, 1 + 16 tokens
   np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)

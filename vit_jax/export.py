@@ -27,15 +27,19 @@ from vit_jax.experiment_config import ExperimentConfig
 
 
 def serving_function(config: ExperimentConfig, params: Any) -> Callable[[jax.Array], tuple]:
-  """uint8 (B, H, W, C) images -> (probabilities (B, K), attention (B, L, H, N, N))."""
+  """uint8 (B, H, W, C) images -> (probabilities (B, K), attention (B, L, H, N, N)).
+
+  The probabilities are averaged over the run's shifted views (`config.eval_max_shift`), as
+  evaluation and `inference.predict` average them; the attention is the image's own."""
   model = models.ViT(dataclasses.replace(config.model, attention_kernel="einsum"))
 
   def serve(images):
-    logits, variables = model.apply({"params": params},
-                                    input_pipeline.normalize(images, config.dataset),
-                                    mutable=["intermediates"])
+    _, variables = model.apply({"params": params},
+                               input_pipeline.normalize(images, config.dataset),
+                               mutable=["intermediates"])
     maps = models.attention_maps(variables["intermediates"])  # (L, B, H, N, N)
-    return jax.nn.softmax(logits, axis=-1), jnp.moveaxis(maps, 0, 1)
+    probs = inference.probabilities(config, model.apply, params, images)
+    return probs, jnp.moveaxis(maps, 0, 1)
 
   return serve
 

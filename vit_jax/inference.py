@@ -5,6 +5,7 @@ Layer 4 of vit_jax.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +70,17 @@ def predict(config: Any, workdir: str | Path, images: np.ndarray) -> np.ndarray:
   config = resolved_config(config, workdir)
   state = restore_state(config, workdir)
 
-  @jax.jit
-  def probabilities(images):
-    if config.eval_max_shift:
-      images = input_pipeline.shifted_views(images, config.eval_max_shift)
-    return jnp.exp(view_averaged_log_probabilities(
-        state.apply_fn, state.params, input_pipeline.normalize(images, config.dataset)))
+  return np.asarray(jax.jit(functools.partial(probabilities, config, state.apply_fn))(
+      state.params, images))
 
-  return np.asarray(probabilities(images))
+
+def probabilities(config: ExperimentConfig, apply_fn, params, images: jax.Array) -> jax.Array:
+  """uint8 (B, H, W, C) images -> class probabilities (B, num_classes), averaged over the
+  shifted views of `config.eval_max_shift` as evaluation averages them."""
+  if config.eval_max_shift:
+    images = input_pipeline.shifted_views(images, config.eval_max_shift)
+  return jnp.exp(view_averaged_log_probabilities(
+      apply_fn, params, input_pipeline.normalize(images, config.dataset)))
 
 
 def restore_with_test_images(config: Any, workdir: str | Path, num_images: int,

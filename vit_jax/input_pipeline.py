@@ -108,7 +108,8 @@ def shifted_views(images: jax.Array, max_shift: int) -> jax.Array:
   """Every shift of each image by (dy, dx) in [-max_shift, max_shift], zero-filled, as
   `random_translate` draws them: the views that evaluation averages over.
 
-  (B, H, W, C) -> ((2 max_shift + 1)^2, B, H, W, C); the unshifted view is the middle one.
+  (B, H, W, C) -> (B, (2 max_shift + 1)^2, H, W, C); the unshifted view is the middle one.
+  Batch first, so that a batch split over devices keeps each image's views on its device.
   """
   chex.assert_rank(images, 4)
   if max_shift < 0:
@@ -117,8 +118,8 @@ def shifted_views(images: jax.Array, max_shift: int) -> jax.Array:
   padded = _zero_padded(images, max_shift)
   offsets = range(2 * max_shift + 1)
   views = jnp.stack([padded[:, dy:dy + height, dx:dx + width]
-                     for dy in offsets for dx in offsets])
-  chex.assert_shape(views, (len(offsets) ** 2, *images.shape))
+                     for dy in offsets for dx in offsets], axis=1)
+  chex.assert_shape(views, (images.shape[0], len(offsets) ** 2, *images.shape[1:]))
   return views
 
 

@@ -160,7 +160,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str | None = None):
   """Sums over the examples of `batch` whose 'mask' is True: loss, correct, count.
 
-  `batch`: 'image' float32 (B, H, W, C) normalised, or (V, B, H, W, C): V views of each
+  `batch`: 'image' float32 (B, H, W, C) normalised, or (B, V, H, W, C): V views of each
   example, whose class probabilities are averaged; 'label' int32 (B,); 'mask' bool (B,).
   Returns three float32 scalars, summed over the devices of `axis_name` if given.
   """
@@ -178,13 +178,13 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str 
 
 def view_averaged_log_probabilities(apply_fn, params, images: jax.Array) -> jax.Array:
   """log of the class probabilities averaged over views: images (B, H, W, C), one view, or
-  (V, B, H, W, C) -> (B, num_classes). One forward pass over all V * B images."""
-  views = images if images.ndim == 5 else images[None]
-  num_views, batch = views.shape[:2]
-  logits = apply_fn({"params": params}, views.reshape(num_views * batch, *views.shape[2:]),
+  (B, V, H, W, C) -> (B, num_classes). One forward pass over all B * V images."""
+  views = images if images.ndim == 5 else images[:, None]
+  batch, num_views = views.shape[:2]
+  logits = apply_fn({"params": params}, views.reshape(batch * num_views, *views.shape[2:]),
                     train=False)
-  log_probs = jax.nn.log_softmax(logits.reshape(num_views, batch, -1).astype(jnp.float32))
-  return jax.nn.logsumexp(log_probs, axis=0) - jnp.log(num_views)
+  log_probs = jax.nn.log_softmax(logits.reshape(batch, num_views, -1).astype(jnp.float32))
+  return jax.nn.logsumexp(log_probs, axis=1) - jnp.log(num_views)
 
 
 # --- The steps on device-resident data --------------------------------------------------
