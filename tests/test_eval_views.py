@@ -1,4 +1,5 @@
-"""Test-time augmentation: evaluation and prediction averaging over shifted views."""
+"""Test-time augmentation: evaluation and prediction averaging over shifted and mirrored
+views."""
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,18 @@ def test_the_views_are_what_training_draws_its_random_shifts_from():
 def test_negative_shifts_are_refused():
   with pytest.raises(ValueError, match="max_shift=-1 must not be negative"):
     input_pipeline.shifted_views(jnp.zeros((1, 4, 4, 1)), -1)
+
+
+def test_flipped_views_follow_the_views_each_mirrored_left_to_right():
+  images = np.random.default_rng(4).integers(1, 256, (2, 5, 6, 1)).astype(np.uint8)
+  views = np.asarray(input_pipeline.evaluation_views(jnp.asarray(images), 1, flip=True))
+  assert views.shape == (2, 18, 5, 6, 1)
+  shifts = np.asarray(input_pipeline.shifted_views(jnp.asarray(images), 1))
+  np.testing.assert_array_equal(views[:, :9], shifts)
+  np.testing.assert_array_equal(views[:, 9:], shifts[:, :, :, ::-1])
+  np.testing.assert_array_equal(views[:, 13, :, ::-1], images)  # the middle one, mirrored
+  alone = input_pipeline.evaluation_views(jnp.asarray(images), 0, flip=False)
+  np.testing.assert_array_equal(alone, images[:, None])
 
 
 def linear_model(variables, images, train=False):
@@ -91,6 +104,36 @@ def nine_view_reference(state, images):
   return np.mean([apply(input_pipeline.normalize(np.stack(
       [shifted(im, dy, dx) for im in images]), "mnist"))
       for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+
+
+def mirrored_reference(state, images):
+  """The model on `images` and on their mirror images separately, probabilities averaged."""
+  apply = jax.jit(lambda x: jax.nn.softmax(state.apply_fn({"params": state.params}, x)))
+  return np.mean([apply(input_pipeline.normalize(x, "fashion_mnist"))
+                  for x in (images, images[:, :, ::-1])], axis=0)
+
+
+@pytest.mark.parametrize("mode", ["jit", "pmap"])
+def test_evaluation_and_prediction_average_each_image_with_its_mirror(mode, digits):
+  state = untrained_state()
+  images, labels = digits["test"]["image"][:40], digits["test"]["label"][:40]
+  runner = Runner(mode)
+  held = runner.replicate({"image": images, "label": labels})
+  result = steps.Evaluator(runner, held, 40, 16, "fashion_mnist", flip=True)(
+      runner.replicate(state))
+  probs = mirrored_reference(state, images)
+  assert result["eval_loss"] == pytest.approx(
+      -np.mean(np.log(probs[np.arange(40), labels])), rel=1e-4)
+  assert result["eval_accuracy"] == pytest.approx(np.mean(probs.argmax(-1) == labels))
+  config = ExperimentConfig(model=get_model_config("testing"), dataset="fashion_mnist",
+                            eval_flip=True)
+  predicted = inference.probabilities(config, state.apply_fn, state.params, images[:12])
+  np.testing.assert_allclose(predicted, probs[:12], rtol=1e-4, atol=1e-6)
+
+
+def test_test_time_flips_are_refused_for_digits():
+  with pytest.raises(ValueError, match="eval_flip=True must be False for mnist"):
+    ExperimentConfig(model=get_model_config("testing"), eval_flip=True)
 
 
 @pytest.mark.parametrize("mode", ["jit", "pmap", "shard"])

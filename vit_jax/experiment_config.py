@@ -89,6 +89,9 @@ class ExperimentConfig:
   # each direction, (2 eval_max_shift + 1)^2 views (`input_pipeline.shifted_views`). 0: the
   # image alone.
   eval_max_shift: int = 0
+  # Test-time flips: evaluation and prediction average each view with its mirror image too
+  # (`input_pipeline.evaluation_views`). For clothes only, as `augment_flip`.
+  eval_flip: bool = False
   # Images per evaluation batch (test and validation), shared by all devices.
   eval_batch_size: int = 1000
   # 'auto' uses pmap when JAX sees more than one device, else jit; 'shard' is
@@ -130,6 +133,8 @@ class ExperimentConfig:
       require(0 <= getattr(self, key) <= top, key, getattr(self, key), f"must be in [0, {top}]")
     require(self.augment_flip == 0 or self.dataset != "mnist", "augment_flip",
             self.augment_flip, "must be 0 for mnist: a mirrored digit is another digit or none")
+    require(not self.eval_flip or self.dataset != "mnist", "eval_flip", self.eval_flip,
+            "must be False for mnist: a mirrored digit is another digit or none")
     require(1 <= self.augment_elastic_sigma <= 10, "augment_elastic_sigma",
             self.augment_elastic_sigma, "must be in [1, 10] (pixels)")
     # Both datasets are 28x28 grey images of 10 classes.

@@ -29,7 +29,7 @@ from vit_jax.experiment_config import ExperimentConfig
 def serving_function(config: ExperimentConfig, params: Any) -> Callable[[jax.Array], tuple]:
   """uint8 (B, H, W, C) images -> (probabilities (B, K), attention (B, L, H, N, N)).
 
-  The probabilities are averaged over the run's shifted views (`config.eval_max_shift`), as
+  The probabilities are averaged over the run's views (`eval_max_shift`, `eval_flip`), as
   evaluation and `inference.predict` average them; the attention is the image's own."""
   model = models.ViT(dataclasses.replace(config.model, attention_kernel="einsum"))
 

@@ -60,13 +60,14 @@ def evaluate_checkpoint(config: Any, workdir: str | Path,
       strict=True))
   runner = Runner(choose_mode(config.parallel))
   result = Evaluator(runner, runner.replicate(test), len(test["label"]), config.eval_batch_size,
-                     config.dataset, config.eval_max_shift)(runner.replicate(state))
+                     config.dataset, config.eval_max_shift, config.eval_flip)(
+                         runner.replicate(state))
   return {**result, "step": int(state.step)}
 
 
 def predict(config: Any, workdir: str | Path, images: np.ndarray) -> np.ndarray:
   """Class probabilities (B, num_classes) of uint8 (B, H, W, C) images, latest checkpoint;
-  averaged over the shifted views as evaluation averages them (`config.eval_max_shift`)."""
+  averaged over the views as evaluation averages them (`eval_max_shift`, `eval_flip`)."""
   config = resolved_config(config, workdir)
   state = restore_state(config, workdir)
 
@@ -76,9 +77,8 @@ def predict(config: Any, workdir: str | Path, images: np.ndarray) -> np.ndarray:
 
 def probabilities(config: ExperimentConfig, apply_fn, params, images: jax.Array) -> jax.Array:
   """uint8 (B, H, W, C) images -> class probabilities (B, num_classes), averaged over the
-  shifted views of `config.eval_max_shift` as evaluation averages them."""
-  if config.eval_max_shift:
-    images = input_pipeline.shifted_views(images, config.eval_max_shift)
+  views of `config.eval_max_shift` and `config.eval_flip` as evaluation averages them."""
+  images = input_pipeline.evaluation_views(images, config.eval_max_shift, config.eval_flip)
   return jnp.exp(view_averaged_log_probabilities(
       apply_fn, params, input_pipeline.normalize(images, config.dataset)))
 

@@ -123,6 +123,17 @@ def shifted_views(images: jax.Array, max_shift: int) -> jax.Array:
   return views
 
 
+def evaluation_views(images: jax.Array, max_shift: int, flip: bool) -> jax.Array:
+  """The views of each image that evaluation averages over: its shifts by up to `max_shift`
+  pixels (`shifted_views`) and, with `flip`, each of those mirrored left to right.
+
+  (B, H, W, C) -> (B, V, H, W, C), V = (2 max_shift + 1)^2, twice that with `flip`; the
+  unmirrored views come first, so that V = 1 is the image alone.
+  """
+  views = shifted_views(images, max_shift)
+  return jnp.concatenate([views, views[:, :, :, ::-1]], axis=1) if flip else views
+
+
 def _zero_padded(images: jax.Array, width: int) -> jax.Array:
   """(B, H, W, C) -> (B, H + 2 width, W + 2 width, C), zeros around each image."""
   return jnp.pad(images, ((0, 0), (width, width), (width, width), (0, 0)))

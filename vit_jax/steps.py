@@ -260,9 +260,9 @@ def _over_seeds(step):
   return seeded
 
 
-def _eval_on_indices(state, data, indices, mask, *, dataset: str, max_shift: int, axis_name):
-  images = data["image"][indices]
-  views = input_pipeline.shifted_views(images, max_shift) if max_shift else images
+def _eval_on_indices(state, data, indices, mask, *, dataset: str, max_shift: int, flip: bool,
+                     axis_name):
+  views = input_pipeline.evaluation_views(data["image"][indices], max_shift, flip)
   batch = {"image": input_pipeline.normalize(views, dataset),
            "label": data["label"][indices], "mask": mask}
   return eval_step(state, batch, axis_name=axis_name)
@@ -277,19 +277,19 @@ class Evaluator:
   batch_size: int
   dataset: str
   max_shift: int = 0  # config.eval_max_shift: the shifted views averaged over (0: none)
+  flip: bool = False  # config.eval_flip: each view's mirror image averaged over too
 
   def __post_init__(self):
-    self.step = self.runner.compile(
-        functools.partial(_eval_on_indices, dataset=self.dataset, max_shift=self.max_shift),
+    self.step = self.runner.compile(functools.partial(
+        _eval_on_indices, dataset=self.dataset, max_shift=self.max_shift, flip=self.flip),
         in_axes=(0, 0, 0, 0))
 
   def __call__(self, state) -> dict[str, float]:
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
     for indices, mask in input_pipeline.eval_indices(self.num_examples, self.batch_size):
-      # Each batch finished on every device (not only the first, whose sums are read) before
-      # the next is dispatched: with several batches in flight (each has an all-reduce),
-      # XLA's CPU devices waited on each other until XLA aborted the process (a two-device
-      # run; reproduced with eight, tests/test_train.py).
+      # Each batch finishes on every device, not only the first, before the next is sent:
+      # with several in flight (each has an all-reduce), XLA's CPU devices waited on each
+      # other until XLA aborted (two devices; reproduced with eight, tests/test_train.py).
       sums = jax.block_until_ready(self.step(state, self.data, self.runner.split_batch(indices),
                                              self.runner.split_batch(mask)))
       sums = self.runner.unreplicate(sums)

@@ -68,7 +68,8 @@ def evaluators(config: ExperimentConfig, runner: Runner, data: Data) -> dict[str
   """{'validation': ..., 'eval': ...}: an Evaluator of each held-out split in `data` (the
   test split, and validation where held out), named as the metrics they write."""
   return {prefix: Evaluator(runner, runner.replicate(data[split]), len(data[split]["label"]),
-                            config.eval_batch_size, config.dataset, config.eval_max_shift)
+                            config.eval_batch_size, config.dataset, config.eval_max_shift,
+                            config.eval_flip)
           for split, prefix in (("validation", "validation"), ("test", "eval"))
           if split in data}
 
