@@ -49,6 +49,14 @@ def restore_state(config: Any, workdir: str | Path) -> TrainState:
   return state.replace(params=evaluation_params(state))
 
 
+def split_evaluator(config: ExperimentConfig, runner: Runner,
+                    split: dict[str, np.ndarray]) -> Evaluator:
+  """An Evaluator of one held-out split, with the config's batch size and test-time views
+  (the one place they are read: training and `--mode=eval` evaluate alike)."""
+  return Evaluator(runner, runner.replicate(split), len(split["label"]), config.eval_batch_size,
+                   config.dataset, config.eval_max_shift, config.eval_flip)
+
+
 def evaluate_checkpoint(config: Any, workdir: str | Path,
                         data: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, float]:
   """Test loss and accuracy of the latest checkpoint in `workdir`."""
@@ -59,9 +67,7 @@ def evaluate_checkpoint(config: Any, workdir: str | Path,
       mnist_source.load_split(config.dataset, "test", config.tfds_data_dir, config.idx_dir),
       strict=True))
   runner = Runner(choose_mode(config.parallel))
-  result = Evaluator(runner, runner.replicate(test), len(test["label"]), config.eval_batch_size,
-                     config.dataset, config.eval_max_shift, config.eval_flip)(
-                         runner.replicate(state))
+  result = split_evaluator(config, runner, test)(runner.replicate(state))
   return {**result, "step": int(state.step)}
 
 

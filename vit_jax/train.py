@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vit_jax import auto, init_from, input_pipeline, instruments, mnist_source
+from vit_jax import auto, inference, init_from, input_pipeline, instruments, mnist_source
 from vit_jax.checkpoints import (
   Checkpoints,
   WriteError,
@@ -67,9 +67,7 @@ def load_data(config: ExperimentConfig) -> Data:
 def evaluators(config: ExperimentConfig, runner: Runner, data: Data) -> dict[str, Evaluator]:
   """{'validation': ..., 'eval': ...}: an Evaluator of each held-out split in `data` (the
   test split, and validation where held out), named as the metrics they write."""
-  return {prefix: Evaluator(runner, runner.replicate(data[split]), len(data[split]["label"]),
-                            config.eval_batch_size, config.dataset, config.eval_max_shift,
-                            config.eval_flip)
+  return {prefix: inference.split_evaluator(config, runner, data[split])
           for split, prefix in (("validation", "validation"), ("test", "eval"))
           if split in data}
 
