@@ -11,7 +11,8 @@
 # A measurement that fails is reported and the others still run; the script then exits 1.
 # It refuses to start unless JAX's default backend is a GPU or TPU (ALLOW_CPU=1 lets it run
 # on a CPU, as its test does). Environment, all optional: CONFIG (default
-# experiments/mnist.py), BATCHES (default "128 8192"), DTYPES (default "bfloat16 float32"),
+# experiments/mnist.py), BATCHES (default "128 8192"), DTYPES (default "bfloat16 float32";
+# either empty skips the step measurements, e.g. to rerun only the time to accuracy),
 # WINDOWS (default 5), TTA_CONFIG (default experiments/mnist_fast.py: its time to 98 % and
 # 99 % in mixed precision; empty skips it), TTA_FLAGS (more --config.x=y for that run, e.g.
 # --config.idx_dir=DIR), GPU_TFDS (default .gpu_tfds: where that folder exists, the run
@@ -31,8 +32,8 @@ out="$(realpath -m "${1:-${OUT:-gpu_results}}")"  # before the cd: relative to t
 gpu_tfds="$(realpath -m "${GPU_TFDS:-$(dirname "$0")/../.gpu_tfds}")"
 cd "$(dirname "$0")/.."
 config="${CONFIG:-experiments/mnist.py}"
-read -ra batches <<<"${BATCHES:-128 8192}"
-read -ra dtypes <<<"${DTYPES:-bfloat16 float32}"
+read -ra batches <<<"${BATCHES-128 8192}"
+read -ra dtypes <<<"${DTYPES-bfloat16 float32}"
 windows="${WINDOWS:-5}"
 tta_config="${TTA_CONFIG-experiments/mnist_fast.py}"
 read -ra tta_flags <<<"${TTA_FLAGS:-}"

@@ -221,12 +221,13 @@ def test_the_accelerator_script_times_accuracy_from_a_prepared_dataset_without_t
   empty.mkdir()
   out = tmp_path / "out"
   result = _accelerator_script(
-      out, BATCHES=" ", ALLOW_CPU="1", GPU_TFDS=str(prepared), TFDS_DATA_DIR=str(empty),
+      out, BATCHES="", ALLOW_CPU="1", GPU_TFDS=str(prepared), TFDS_DATA_DIR=str(empty),
       TTA_CONFIG="experiments/tiny.py",
       TTA_FLAGS="--config.train_examples=1024 --config.num_epochs=1",
       PYTHONPATH=os.pathsep.join(filter(None, [str(hidden.parent), os.environ.get("PYTHONPATH")])))
   log = (out / "gpu_benchmark.log").read_text()
   assert result.returncode == 0, log[-3000:]
+  assert [p.name for p in out.glob("*.json")] == ["tiny_bfloat16_time_to_accuracy.json"]
   written = json.loads((out / "tiny_bfloat16_time_to_accuracy.json").read_text())
   assert written["compute_dtype"] == "bfloat16"
   assert 0.1 < written["final_accuracy"] <= 1  # it learned from real digits
