@@ -42,7 +42,8 @@ flags.DEFINE_bool("report_only", False, "Train nothing: write the reports from t
                   "finished under --root (all of them must be).")
 flags.DEFINE_bool("vmap_seeds", False, "Train each setting's seeds as one compiled step "
                   "(vit_jax.seeds: jax.vmap over their stacked states), the same results up to "
-                  "float rounding; off by default: docs/performance.md measures it on CPUs.")
+                  "float rounding; off by default: docs/performance.md measures it on CPUs "
+                  "and an H200.")
 flags.DEFINE_list("analyze", ["zero"], "Analyze each finished run (vit_jax.analyze) with these "
                   "head ablations: zero, mean; empty: no analysis.")
 flags.DEFINE_integer("analysis_images", 1000, "Test images each run's analysis measures.",
