@@ -8,7 +8,7 @@
 shifts by up to 2 pixels, mirror images (clothes stay clothes), random erasing and label
 smoothing, no affine maps; evaluation averages each image over its 9 one-pixel shifts. Each
 lever was kept on the 5,000 held-out training images (docs/performance.md, "Fashion-MNIST
-with the long recipe"). About 50 minutes a run on this project's 2-core AMD EPYC machines
+with the long recipe"). About 55 minutes a run on this project's 2-core AMD EPYC machines
 when nothing else runs; the README's results table has what it reached.
 """
 
