@@ -49,8 +49,6 @@ namespace {
 typedef float vec __attribute__((vector_size(4 * kLanes)));
 typedef float vec_unaligned __attribute__((vector_size(4 * kLanes), aligned(4)));
 typedef int32_t ivec __attribute__((vector_size(4 * kLanes)));
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
 
 inline vec load(const float* p) { return *reinterpret_cast<const vec_unaligned*>(p); }
 inline void store(float* p, vec x) { *reinterpret_cast<vec_unaligned*>(p) = x; }
@@ -81,12 +79,11 @@ inline vec exp_nonpositive(vec x) {
   const vec n = (x * 1.44269504088896341f + round) - round;
   vec r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;  // ln 2 in two parts, so that r keeps its low bits
-  vec p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  vec p = splat(1.3814612757e-3f);  // a relative-minimax fit, within 7e-8 in float32
+  p = p * r + 8.3687100559e-3f;
+  p = p * r + 4.1668388993e-2f;
+  p = p * r + 1.6666521132e-1f;
+  p = p * r + 4.9999994040e-1f;
   p = p * r * r + r + 1.0f;
 #if defined(__AVX512F__)
   return _mm512_scalef_ps(p, n);  // p 2^n in one instruction
@@ -98,20 +95,33 @@ inline vec exp_nonpositive(vec x) {
 #endif
 }
 
-// f folded over the lanes, halving the width each time.
-template <typename F>
-inline float reduce(v8 a, F f) {
-  const v4 b = f(__builtin_shufflevector(a, a, 0, 1, 2, 3),
-                 __builtin_shufflevector(a, a, 4, 5, 6, 7));
-  const v4 c = f(b, __builtin_shufflevector(b, b, 2, 3, 0, 1));
-  return f(c, __builtin_shufflevector(c, c, 1, 0, 3, 2))[0];
+// log(x) for x >= 1 (a softmax row's sum, to which its maximum adds exp(0)): x = m 2^e with
+// m in [sqrt(1/2), sqrt(2)), Cephes' degree-9 polynomial for log(m), e ln 2 in two parts.
+// About 1 ulp; a vector of rows at once, where std::log took 7 % of the kernel at heads of 4.
+inline vec log_at_least_one(vec x) {
+  ivec bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  ivec e = (bits >> 23) - 127;
+  bits = (bits & 0x007fffff) | 0x3f800000;  // the mantissa, in [1, 2)
+  vec m;
+  std::memcpy(&m, &bits, sizeof m);
+  const ivec high = m >= 1.41421356f;  // -1 where true
+  m = high ? m * 0.5f : m;
+  e -= high;
+  const vec f = m - 1.0f, f2 = f * f;
+  vec p = splat(7.0376836292e-2f);
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  const vec n = __builtin_convertvector(e, vec);
+  return ((p * f * f2 + n * -2.12194440e-4f) - 0.5f * f2 + f) + n * 0.693359375f;
 }
-template <typename V, typename F>
-  requires(sizeof(V) == 64)
-inline float reduce(V x, F f) {
-  return reduce(f(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7),
-                  __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15)), f);
-}
+
 #if defined(__AVX512F__)
 // The sum of each of sixteen vectors, in lane i for vector i: pairs, then fours, eights and
 // sixteens of lanes added at each step (15 additions, where sixteen reductions take 64).
@@ -141,8 +151,46 @@ inline vec sum_each(const vec (&a)[16]) {
 inline vec sum_each(const vec (&a)[kLanes]);  // used with AVX-512 only
 #endif
 
-inline float max_of(vec x) { return reduce(x, [](auto a, auto b) { return a > b ? a : b; }); }
-inline float sum_of(vec x) { return reduce(x, [](auto a, auto b) { return a + b; }); }
+// f folded over the lanes of each of four vectors, a[r]'s in lane r * kLanes / 4 (the
+// others hold partial folds): the four rows of a block at once, where folding each alone
+// spent most of the softmax's time waiting on its shuffles.
+template <typename F>
+inline vec fold_each_of_4(const vec (&a)[4], F f) {
+#if defined(__AVX512F__)
+  const vec x = f(__builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19,
+                                          20, 21, 22, 23),
+                  __builtin_shufflevector(a[0], a[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26,
+                                          27, 28, 29, 30, 31));
+  const vec y = f(__builtin_shufflevector(a[2], a[3], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19,
+                                          20, 21, 22, 23),
+                  __builtin_shufflevector(a[2], a[3], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26,
+                                          27, 28, 29, 30, 31));
+  const vec z = f(__builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24,
+                                          25, 26, 27),
+                  __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28,
+                                          29, 30, 31));
+  const vec w = f(z, __builtin_shufflevector(z, z, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14,
+                                             15, 12, 13));
+  return f(w, __builtin_shufflevector(w, w, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15,
+                                      14));
+#else
+  const vec x = f(__builtin_shufflevector(a[0], a[1], 0, 1, 2, 3, 8, 9, 10, 11),
+                  __builtin_shufflevector(a[0], a[1], 4, 5, 6, 7, 12, 13, 14, 15));
+  const vec y = f(__builtin_shufflevector(a[2], a[3], 0, 1, 2, 3, 8, 9, 10, 11),
+                  __builtin_shufflevector(a[2], a[3], 4, 5, 6, 7, 12, 13, 14, 15));
+  const vec z = f(__builtin_shufflevector(x, y, 0, 1, 4, 5, 8, 9, 12, 13),
+                  __builtin_shufflevector(x, y, 2, 3, 6, 7, 10, 11, 14, 15));
+  return f(z, __builtin_shufflevector(z, z, 1, 0, 3, 2, 5, 4, 7, 6));
+#endif
+}
+constexpr int kFoldStride = kLanes / 4;  // fold_each_of_4's lanes: 0, kFoldStride, ...
+
+inline vec max_each_of_4(const vec (&a)[4]) {
+  return fold_each_of_4(a, [](vec x, vec y) { return x > y ? x : y; });
+}
+inline vec sum_each_of_4(const vec (&a)[4]) {
+  return fold_each_of_4(a, [](vec x, vec y) { return x + y; });
+}
 
 // --- One head ---------------------------------------------------------------------------
 
@@ -167,7 +215,8 @@ class Head {
         inv_sqrt_d_(1.0f / std::sqrt(float(D))),
         transposed_k_(D * W), transposed_v_(D * W), dk_t_(D * W), dv_t_(D * W),
         q_(padded_n_ * D), d_out_(padded_n_ * D),
-        weights_(kRows * W), scores_(kRows * W), pad_(W, 0.0f) {
+        weights_(kRows * W), scores_(kRows * W), row_max_(W, 0.0f), row_sum_(W, 1.0f),
+        pad_(W, 0.0f) {
     std::fill(pad_.begin() + n, pad_.end(), -INFINITY);  // padded keys get no weight
   }
 
@@ -182,13 +231,13 @@ class Head {
     for (int i0 = 0; i0 < padded_n_; i0 += kRows) {
       float* scores = scores_.data();
       rows_times_transposed(q_.data() + i0 * D, transposed_k_.data(), scores);  // Q K^T
-      float row_lse[kRows];
-#pragma GCC unroll 4
-      for (int r = 0; r < kRows; ++r) row_lse[r] = softmax(scores + r * W);
-      const int rows = std::min(kRows, n_ - i0);
-      rows_times(scores, v, transposed_v_.data(), out + i0 * D, rows);  // out = weights V
-      for (int r = 0; r < rows; ++r) lse[i0 + r] = row_lse[r];
+      softmax(scores, i0);
+      rows_times(scores, v, transposed_v_.data(), out + i0 * D, std::min(kRows, n_ - i0));
     }
+    for (int b = 0; b < NB; ++b)  // padded rows: a maximum of 0 and a sum of 1
+      store(row_max_.data() + b * kLanes, load(row_max_.data() + b * kLanes) +
+                                          log_at_least_one(load(row_sum_.data() + b * kLanes)));
+    std::memcpy(lse, row_max_.data(), n_ * sizeof(float));
   }
 
   // dq, dk, dv (n, D) from q, k, v, the forward pass's lse (n) and d_out (n, D), the
@@ -207,11 +256,9 @@ class Head {
       rows_times_transposed(q_.data() + i0 * D, transposed_k_.data(), p);  // Q K^T
       rows_times_transposed(d_out_.data() + i0 * D, transposed_v_.data(), ds);  // dP = dO V^T
 #pragma GCC unroll 4
-      for (int r = 0; r < kRows; ++r) {
-        // A padded query row (its d_out is zero) gets weights of zero too.
+      for (int r = 0; r < kRows; ++r)  // a padded query row (zero d_out) gets zero weights too
         weights_again(p + r * W, i0 + r < n_ ? lse[i0 + r] : INFINITY);
-        softmax_backward(p + r * W, ds + r * W);
-      }
+      softmax_backward(p, ds);
       // dK^T += Q^T dS and dV^T += dO^T P, a row of keys per vector: whole vectors however
       // small the head (a padded query row has zero q and d_out, so adds nothing).
       add_transposed_products(q_.data() + i0 * D, ds, dk_t_.data());
@@ -341,38 +388,62 @@ class Head {
     }
   }
 
-  // A row of Q K^T (W) -> its softmax weights, in place; returns the log-sum-exp of the
-  // row's scaled scores.
-  float softmax(float* row) {
-    vec x[NB], high = splat(-INFINITY);
+  // A block's kRows rows of Q K^T (kRows, W), from query i0 on -> their softmax weights, in
+  // place; each row's scaled scores' maximum and the sum of their exp(score - maximum), the
+  // log-sum-exp's two parts, go to row_max_ and row_sum_.
+  void softmax(float* block, int i0) {
+    static_assert(kRows == 4);  // fold_each_of_4
+    vec x[kRows][NB], high[kRows];
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      high[r] = splat(-INFINITY);
 #pragma GCC unroll 8
-    for (int b = 0; b < NB; ++b) {
-      x[b] = load(row + b * kLanes) * inv_sqrt_d_ + load(pad_.data() + b * kLanes);
-      high = x[b] > high ? x[b] : high;
+      for (int b = 0; b < NB; ++b) {
+        x[r][b] = load(block + r * W + b * kLanes) * inv_sqrt_d_ + load(pad_.data() + b * kLanes);
+        high[r] = x[r][b] > high[r] ? x[r][b] : high[r];
+      }
     }
-    const float max = max_of(high);
-    vec sum = {};
+    const vec max = max_each_of_4(high);
+    vec sum[kRows];
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      sum[r] = vec{};
 #pragma GCC unroll 8
-    for (int b = 0; b < NB; ++b) {
-      x[b] = exp_nonpositive(x[b] - max);
-      sum += x[b];
+      for (int b = 0; b < NB; ++b) {
+        x[r][b] = exp_nonpositive(x[r][b] - max[r * kFoldStride]);
+        sum[r] += x[r][b];
+      }
     }
-    const float total = sum_of(sum), inv_sum = 1.0f / total;
+    const vec total = sum_each_of_4(sum), inv_total = 1.0f / total;
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
 #pragma GCC unroll 8
-    for (int b = 0; b < NB; ++b) store(row + b * kLanes, x[b] * inv_sum);
-    return max + std::log(total);
+      for (int b = 0; b < NB; ++b)
+        store(block + r * W + b * kLanes, x[r][b] * inv_total[r * kFoldStride]);
+      row_max_[i0 + r] = max[r * kFoldStride];
+      row_sum_[i0 + r] = total[r * kFoldStride];
+    }
   }
 
-  // A row of dP (W), the weights' cotangent -> dS, the scores' (Q K^T's) cotangent, in place:
-  // dS = P * (dP - sum(P dP)) / sqrt(D).
-  void softmax_backward(const float* p, float* row) {
-    vec dot = {};
+  // A block's kRows rows of weights P and of dP, their cotangent (kRows, W) -> dS, the
+  // scores' (Q K^T's) cotangent, in dP's place: dS = P * (dP - sum(P dP)) / sqrt(D).
+  void softmax_backward(const float* p, float* block) {
+    vec dot[kRows];
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+      dot[r] = vec{};
 #pragma GCC unroll 8
-    for (int b = 0; b < NB; ++b) dot += load(p + b * kLanes) * load(row + b * kLanes);
-    const float total = sum_of(dot);
+      for (int b = 0; b < NB; ++b)
+        dot[r] += load(p + r * W + b * kLanes) * load(block + r * W + b * kLanes);
+    }
+    const vec total = sum_each_of_4(dot);
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r)
 #pragma GCC unroll 8
-    for (int b = 0; b < NB; ++b)
-      store(row + b * kLanes, load(p + b * kLanes) * (load(row + b * kLanes) - total) * inv_sqrt_d_);
+      for (int b = 0; b < NB; ++b) {
+        const int at = r * W + b * kLanes;
+        store(block + at, load(p + at) * (load(block + at) - total[r * kFoldStride]) * inv_sqrt_d_);
+      }
   }
 
   const int n_, padded_n_;
@@ -381,6 +452,7 @@ class Head {
   std::vector<float> dk_t_, dv_t_;                  // their gradients, (D, W)
   std::vector<float> q_, d_out_;                    // padded to padded_n_ rows
   std::vector<float> weights_, scores_;             // a block's rows of weights, of scores or dS
+  std::vector<float> row_max_, row_sum_;            // the forward's rows' log-sum-exp parts
   std::vector<float> pad_;                        // 0 for a real key, -inf for padding
 };
 
