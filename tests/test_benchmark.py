@@ -135,6 +135,22 @@ def test_the_scaling_benchmark_varies_one_thing_a_row():
   assert scaling.table(result).count("\n") == len(rows) + 1
 
 
+def test_alternating_ratio_cancels_what_going_first_in_a_round_does(monkeypatch):
+  from vit_jax.kernels import timing
+
+  clock = {"now": 0.0, "calls": 0}
+  monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["now"])
+
+  def taking(seconds):  # a call of `seconds`, 10 % longer when it is a round's first
+    def call():
+      clock["calls"] += 1
+      clock["now"] += seconds * (1.1 if clock["calls"] % 2 else 1.0)
+    return call
+
+  assert timing.alternating_ratio(taking(2.0), taking(1.0), rounds=6) == pytest.approx(2.0)
+  assert timing.alternating_ratio(taking(2.0), taking(1.0), rounds=1) == pytest.approx(2.2)
+
+
 def _kernel_available() -> bool:
   from vit_jax.kernels import fused_attention
 

@@ -28,6 +28,7 @@ from vit_jax import auto, host_cpu
 from vit_jax.benchmark import flops, step_speed, timing
 from vit_jax.benchmark.report import REPO
 from vit_jax.experiment_config import ExperimentConfig, validate
+from vit_jax.kernels import timing as kernel_timing
 from vit_jax.parallel import Runner, choose_mode
 
 # (what varies, its values): each row changes one thing of the base config.
@@ -94,10 +95,11 @@ def run(config: ExperimentConfig, steps_per_window: int = 5, windows: int = 3,
 
 
 def interleaved_speedup(first: ExperimentConfig, second: ExperimentConfig, runner: Runner,
-                        steps_per_window: int = 5, rounds: int = 9) -> float:
+                        steps_per_window: int = 5, rounds: int = 10) -> float:
   """Training images/s of `second` over `first` (the same batch), their windows alternating
-  `rounds` times in this process: the median ratio. A neighbour's load on a shared machine
-  then weighs on both alike, where rows measured minutes apart can differ by half."""
+  `rounds` times in this process, in both orders (`kernels.timing.alternating_ratio`). A
+  neighbour's load on a shared machine then weighs on both alike, where rows measured minutes
+  apart can differ by half."""
   windows = []
   for config in (first, second):
     config, _ = auto.resolve(config, runner.num_devices)
@@ -107,15 +109,7 @@ def interleaved_speedup(first: ExperimentConfig, second: ExperimentConfig, runne
                                             steps_per_window)
     window()  # compiled and warm
     windows.append(window)
-  ratios = []
-  for _ in range(rounds):
-    seconds = []
-    for window in windows:
-      start = time.perf_counter()
-      window()
-      seconds.append(time.perf_counter() - start)
-    ratios.append(seconds[0] / seconds[1])
-  return statistics.median(ratios)
+  return kernel_timing.alternating_ratio(*windows, rounds)
 
 
 def table(result: dict[str, Any]) -> str:

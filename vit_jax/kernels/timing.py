@@ -1,16 +1,42 @@
-"""How much faster the fused kernel runs a model's attention than the einsum path, here."""
+"""How much faster the fused kernel runs a model's attention than the einsum path, here; and
+the order-balanced A/B timing that measures it (the benchmark's head-count ratio uses it too)."""
 
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from vit_jax import attention as A
 from vit_jax.kernels import fused_attention
+
+
+def alternating_ratio(first: Callable[[], object], second: Callable[[], object],
+                      rounds: int) -> float:
+  """`first()`'s seconds over `second()`'s, the two timed in turn `rounds` times in this
+  process, the order swapped every other round: the geometric mean of each order's median.
+
+  Alternating, a neighbour's load on a shared machine weighs on both alike; swapping the
+  order keeps whatever going first in a round does to a call from counting for one side only.
+  What it cannot remove: the ratio differs between processes by several per cent (the 16-head
+  step over the 4-head one, 0.78-0.84x over nine processes on 2026-12-04).
+  """
+  by_order: tuple[list[float], list[float]] = ([], [])
+  for round_ in range(rounds):
+    swapped = round_ % 2
+    seconds = {}
+    for name, call in ((("second", second), ("first", first)) if swapped
+                       else (("first", first), ("second", second))):
+      start = time.perf_counter()
+      call()
+      seconds[name] = time.perf_counter() - start
+    by_order[swapped].append(seconds["first"] / seconds["second"])
+  return math.sqrt(statistics.median(by_order[0]) * statistics.median(by_order[1] or by_order[0]))
 
 
 def _gradient_step(attend):
@@ -22,10 +48,9 @@ def speedup_over_einsum(shape: tuple[int, int, int, int], compute_dtype=None, ro
                         calls: int = 10) -> float:
   """The einsum path's time over the kernel's for heads of `shape` (B, H, N, D/H).
 
-  Forward and backward, alternating between the two `rounds` times (`calls` calls each), so
-  that a neighbour's load on a shared machine weighs on both alike; the median ratio. The
-  einsum path's products in `compute_dtype`, as the run computes them (the kernel's stay
-  float32).
+  Forward and backward, `calls` calls at a time, the two alternating `rounds` times
+  (`alternating_ratio`). The einsum path's products in `compute_dtype`, as the run computes
+  them (the kernel's stay float32).
   """
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   q, k, v = (jax.random.normal(key, shape, jnp.float32) for key in keys)
@@ -34,12 +59,7 @@ def speedup_over_einsum(shape: tuple[int, int, int, int], compute_dtype=None, ro
   for step in steps.values():
     jax.block_until_ready(step(q, k, v))  # compiles
 
-  def seconds(step) -> float:
-    start = time.perf_counter()
-    for _ in range(calls):
-      out = step(q, k, v)
-    jax.block_until_ready(out)
-    return time.perf_counter() - start
+  def run(step):
+    return lambda: jax.block_until_ready([step(q, k, v) for _ in range(calls)])
 
-  ratios = [seconds(steps["einsum"]) / seconds(steps["fused"]) for _ in range(rounds)]
-  return statistics.median(ratios)
+  return alternating_ratio(run(steps["einsum"]), run(steps["fused"]), rounds)
