@@ -152,8 +152,8 @@ inline vec sum_each(const vec (&a)[kLanes]);  // used with AVX-512 only
 #endif
 
 // f folded over the lanes of each of four vectors, a[r]'s in lane r * kLanes / 4 (the
-// others hold partial folds): the four rows of a block at once, where folding each alone
-// spent most of the softmax's time waiting on its shuffles.
+// others hold partial folds): a block's four rows in one chain of shuffles, where each row's
+// own chain, then a broadcast of its result, held the softmax's hottest instructions.
 template <typename F>
 inline vec fold_each_of_4(const vec (&a)[4], F f) {
 #if defined(__AVX512F__)
