@@ -234,7 +234,8 @@ class Head {
       softmax(scores, i0);
       rows_times(scores, v, transposed_v_.data(), out + i0 * D, std::min(kRows, n_ - i0));
     }
-    for (int b = 0; b < NB; ++b)  // padded rows: a maximum of 0 and a sum of 1
+    // row_max_ becomes the log-sum-exp in place; past padded_n_ it stays 0 (0 + log 1).
+    for (int b = 0; b < NB; ++b)
       store(row_max_.data() + b * kLanes, load(row_max_.data() + b * kLanes) +
                                           log_at_least_one(load(row_sum_.data() + b * kLanes)));
     std::memcpy(lse, row_max_.data(), n_ * sizeof(float));
