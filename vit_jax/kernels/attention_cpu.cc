@@ -66,28 +66,43 @@ struct Row {
   static void store(float* p, type x) { *reinterpret_cast<unaligned*>(p) = x; }
 };
 
-// exp(x) for x <= 0: Cody-Waite reduction to r in [-ln2/2, ln2/2], a degree-6 polynomial
-// for exp(r), times 2^n built in the exponent bits. About 1 ulp. Below -87 it returns
-// exp(-87), about 1.6e-38: beside a row maximum's exp(0) = 1 that weight is still 0.
+// exp(x) for x <= 0, as 2^t with t = x / ln 2. Below -87 it returns exp(-87), about
+// 1.6e-38: beside a row maximum's exp(0) = 1 that weight is still 0.
+// AVX-512: t = n + f with n = floor(t), f in [0, 1); a degree-6 polynomial for 2^f (a
+// relative-minimax fit, within 9e-8 in float32) and vscalefps, which multiplies by 2^floor(t)
+// itself: 10 instructions. Rounding t costs exp(x) a relative 2^-24 |t|, under 1e-6 where
+// the weight is over 1e-7 (x > -16), and nothing that shows beside the row's larger weights.
+// AVX2: Cody-Waite reduction to r in [-ln2/2, ln2/2] (ln 2 in two parts, so that r keeps its
+// low bits), a degree-6 polynomial for exp(r), times 2^n built in the exponent bits. About 1
+// ulp.
 inline vec exp_nonpositive(vec x) {
 #if defined(__AVX512F__)
-  x = _mm512_max_ps(x, splat(-87.0f));  // one instruction, where a select takes two
+  const vec t = _mm512_max_ps(x, splat(-87.0f)) * 1.44269504088896341f;
+#if defined(__AVX512DQ__)
+  const vec f = _mm512_reduce_ps(t, 0x09);  // t - floor(t) (0x09: round down, no exceptions)
+#else
+  const vec f = t - _mm512_roundscale_ps(t, 0x09);
+#endif
+  vec p = splat(2.1702254890e-4f);
+  p = p * f + 1.2439688435e-3f;
+  p = p * f + 9.6788406372e-3f;
+  p = p * f + 5.5483341217e-2f;
+  p = p * f + 2.4022983015e-1f;
+  p = p * f + 6.9314700365e-1f;
+  p = p * f + 1.0f;
+  return _mm512_scalef_ps(p, t);  // p 2^floor(t)
 #else
   x = _mm256_max_ps(x, splat(-87.0f));
-#endif
   const vec round = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const vec n = (x * 1.44269504088896341f + round) - round;
   vec r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;  // ln 2 in two parts, so that r keeps its low bits
+  r = r + n * 2.12194440e-4f;
   vec p = splat(1.3814612757e-3f);  // a relative-minimax fit, within 7e-8 in float32
   p = p * r + 8.3687100559e-3f;
   p = p * r + 4.1668388993e-2f;
   p = p * r + 1.6666521132e-1f;
   p = p * r + 4.9999994040e-1f;
   p = p * r * r + r + 1.0f;
-#if defined(__AVX512F__)
-  return _mm512_scalef_ps(p, n);  // p 2^n in one instruction
-#else
   const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
   vec two_to_n;
   std::memcpy(&two_to_n, &bits, sizeof two_to_n);
@@ -227,12 +242,12 @@ class Head {
   void forward(const float* q, const float* k, const float* v, float* out, float* lse) {
     transpose(k, transposed_k_.data());
     if constexpr (kDotProducts) transpose(v, transposed_v_.data());
-    pad_rows(q, q_.data(), D, D);
+    scale_rows(q, q_.data());
     for (int i0 = 0; i0 < padded_n_; i0 += kRows) {
       float* scores = scores_.data();
       rows_times_transposed(q_.data() + i0 * D, transposed_k_.data(), scores);  // Q K^T
       softmax(scores, i0);
-      rows_times(scores, v, transposed_v_.data(), out + i0 * D, std::min(kRows, n_ - i0));
+      rows_times(scores, v, transposed_v_.data(), out + i0 * D, std::min(kRows, n_ - i0), 1.0f);
     }
     // row_max_ becomes the log-sum-exp in place; past padded_n_ it stays 0 (0 + log 1).
     for (int b = 0; b < NB; ++b)
@@ -247,8 +262,8 @@ class Head {
                 const float* d_out, float* dq, float* dk, float* dv) {
     transpose(k, transposed_k_.data());
     transpose(v, transposed_v_.data());
-    pad_rows(q, q_.data(), D, D);
-    pad_rows(d_out, d_out_.data(), D, D);
+    scale_rows(q, q_.data());
+    pad_rows(d_out, d_out_.data());
     std::fill(dk_t_.begin(), dk_t_.end(), 0.0f);
     std::fill(dv_t_.begin(), dv_t_.end(), 0.0f);
     for (int i0 = 0; i0 < padded_n_; i0 += kRows) {
@@ -264,7 +279,9 @@ class Head {
       // small the head (a padded query row has zero q and d_out, so adds nothing).
       add_transposed_products(q_.data() + i0 * D, ds, dk_t_.data());
       add_transposed_products(d_out_.data() + i0 * D, p, dv_t_.data());
-      rows_times(ds, k, transposed_k_.data(), dq + i0 * D, std::min(kRows, n_ - i0));  // dS K
+      // dQ = dS K / sqrt(D): softmax_backward leaves the scale to here (see scale_rows).
+      rows_times(ds, k, transposed_k_.data(), dq + i0 * D, std::min(kRows, n_ - i0),
+                 inv_sqrt_d_);
     }
     for (int j = 0; j < n_; ++j)
       for (int c = 0; c < D; ++c) {
@@ -279,10 +296,10 @@ class Head {
   // would fill a quarter of a vector each.
   static constexpr bool kDotProducts = kLanes == 16 && D * kRows == kLanes;
 
-  // out (rows, D) = block (kRows, W) @ x (n, D): the first `rows` of a block's products with
-  // a head's K or V (x, and transposed, its (D, W) copy).
+  // out (rows, D) = scale block (kRows, W) @ x (n, D): the first `rows` of a block's products
+  // with a head's K or V (x, and transposed, its (D, W) copy).
   void rows_times(const float* block, const float* x, const float* transposed, float* out,
-                  int rows) {
+                  int rows, float scale) {
     if constexpr (kDotProducts) {
       vec acc[kLanes] = {};
 #pragma GCC unroll 8
@@ -294,7 +311,7 @@ class Head {
           for (int c = 0; c < D; ++c) acc[r * D + c] += a * load(transposed + c * W + b * kLanes);
         }
       float sums[kLanes];
-      store(sums, sum_each(acc));  // (r, c) in lane r D + c: out's own order
+      store(sums, sum_each(acc) * scale);  // (r, c) in lane r D + c: out's own order
       std::memcpy(out, sums, rows * D * sizeof(float));
     } else {
       rvec o[kSplit][kRows][DV] = {};
@@ -307,7 +324,7 @@ class Head {
         }
       }, o);
       for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < DV; ++c) R::store(out + r * D + c * kRowLanes, o[0][r][c]);
+        for (int c = 0; c < DV; ++c) R::store(out + r * D + c * kRowLanes, o[0][r][c] * scale);
     }
   }
 
@@ -337,10 +354,23 @@ class Head {
       for (int c = 0; c < D; ++c) transposed[c * W + j] = x[j * D + c];
   }
 
-  // (n, width) -> (padded_n, stride), zero padded.
-  void pad_rows(const float* x, float* padded, int width, int stride) {
-    std::fill(padded, padded + padded_n_ * stride, 0.0f);
-    for (int i = 0; i < n_; ++i) std::memcpy(padded + i * stride, x + i * width, width * 4);
+  // (n, D) -> (padded_n, D), zero padded.
+  void pad_rows(const float* x, float* padded) {
+    std::fill(padded, padded + padded_n_ * D, 0.0f);
+    std::memcpy(padded, x, n_ * D * sizeof(float));
+  }
+
+  // The queries, padded and scaled by 1 / sqrt(D): Q K^T is then the scaled scores, which
+  // saves the softmax a multiplication per score in both passes (exact for D = 4, 16, 64).
+  // dK = Q^T dS takes the scale with these queries; dQ = dS K takes it at the end.
+  void scale_rows(const float* q, float* padded) {
+    pad_rows(q, padded);
+    for (int i = 0; i < n_ * D; ++i) padded[i] *= inv_sqrt_d_;
+  }
+
+  // Scores with -inf added to the padded keys, which only a row's last vector holds.
+  vec masked(vec scores, int b) const {
+    return b == NB - 1 ? scores + load(pad_.data() + b * kLanes) : scores;
   }
 
   // out[r] (W) = a[r] (D) @ transposed (D, W) for the kRows rows of a block, from the
@@ -383,7 +413,7 @@ class Head {
   void weights_again(float* row, float lse) {
 #pragma GCC unroll 8
     for (int b = 0; b < NB; ++b) {
-      const vec x = load(row + b * kLanes) * inv_sqrt_d_ + load(pad_.data() + b * kLanes) - lse;
+      const vec x = masked(load(row + b * kLanes), b) - lse;
       // Rounding may leave the row's largest a hair above 0; exp_nonpositive still holds.
       store(row + b * kLanes, exp_nonpositive(x));
     }
@@ -400,7 +430,7 @@ class Head {
       high[r] = splat(-INFINITY);
 #pragma GCC unroll 8
       for (int b = 0; b < NB; ++b) {
-        x[r][b] = load(block + r * W + b * kLanes) * inv_sqrt_d_ + load(pad_.data() + b * kLanes);
+        x[r][b] = masked(load(block + r * W + b * kLanes), b);
         high[r] = x[r][b] > high[r] ? x[r][b] : high[r];
       }
     }
@@ -427,7 +457,8 @@ class Head {
   }
 
   // A block's kRows rows of weights P and of dP, their cotangent (kRows, W) -> dS, the
-  // scores' (Q K^T's) cotangent, in dP's place: dS = P * (dP - sum(P dP)) / sqrt(D).
+  // scores' (Q K^T's) cotangent, in dP's place: sqrt(D) dS = P * (dP - sum(P dP)), the
+  // scale left to dQ and to the scaled queries of dK.
   void softmax_backward(const float* p, float* block) {
     vec dot[kRows];
 #pragma GCC unroll 4
@@ -443,7 +474,7 @@ class Head {
 #pragma GCC unroll 8
       for (int b = 0; b < NB; ++b) {
         const int at = r * W + b * kLanes;
-        store(block + at, load(p + at) * (load(block + at) - total[r * kFoldStride]) * inv_sqrt_d_);
+        store(block + at, load(p + at) * (load(block + at) - total[r * kFoldStride]));
       }
   }
 
