@@ -68,9 +68,9 @@ struct Row {
 
 // exp(x) for x <= 0, as 2^t with t = x / ln 2. Below -87 it returns exp(-87), about
 // 1.6e-38: beside a row maximum's exp(0) = 1 that weight is still 0.
-// AVX-512: t = n + f with n = floor(t), f in [0, 1); a degree-6 polynomial for 2^f (a
-// relative-minimax fit, within 9e-8 in float32) and vscalefps, which multiplies by 2^floor(t)
-// itself: 10 instructions. Rounding t costs exp(x) a relative 2^-24 |t|, under 1e-6 where
+// AVX-512: t = n + f with n = floor(t), f in [0, 1); a degree-5 polynomial for 2^f (a
+// relative-minimax fit with 2^0 = 1 exactly, within 1.5e-7 in float32: about 1 ulp) and
+// vscalefps, which multiplies by 2^floor(t) itself: 9 instructions. Rounding t costs exp(x) a relative 2^-24 |t|, under 1e-6 where
 // the weight is over 1e-7 (x > -16), and nothing that shows beside the row's larger weights.
 // AVX2: Cody-Waite reduction to r in [-ln2/2, ln2/2] (ln 2 in two parts, so that r keeps its
 // low bits), a degree-6 polynomial for exp(r), times 2^n built in the exponent bits. About 1
@@ -83,12 +83,11 @@ inline vec exp_nonpositive(vec x) {
 #else
   const vec f = t - _mm512_roundscale_ps(t, 0x09);
 #endif
-  vec p = splat(2.1702254890e-4f);
-  p = p * f + 1.2439688435e-3f;
-  p = p * f + 9.6788406372e-3f;
-  p = p * f + 5.5483341217e-2f;
-  p = p * f + 2.4022983015e-1f;
-  p = p * f + 6.9314700365e-1f;
+  vec p = splat(1.8671301659e-3f);
+  p = p * f + 9.0170297772e-3f;
+  p = p * f + 5.5799912661e-2f;
+  p = p * f + 2.4016444385e-1f;
+  p = p * f + 6.9315129519e-1f;
   p = p * f + 1.0f;
   return _mm512_scalef_ps(p, t);  // p 2^floor(t)
 #else
