@@ -1,7 +1,8 @@
 // Scaled dot-product attention for small heads, one CPU kernel per direction.
 //
-// What vit_jax.attention.attend computes, for float32 (..., N, D) queries, keys and values
-// (every leading axis a head): weights = softmax(Q K^T / sqrt(D)), out = weights V, and the
+// What vit_jax.attention.attend computes, for float32 (..., N, H, D) queries, keys and values
+// (tokens before heads, as the projections lay them out, so that splitting and merging the
+// heads moves no data; every axis before N a batch axis): weights = softmax(Q K^T / sqrt(D)), out = weights V, and the
 // gradients of out, from each query's log-sum-exp saved by the forward pass (the weights are
 // computed again, not saved: FlashAttention's trade). XLA runs these as separate batched
 // products (50x16 by 16x50 for the `seed` model) with a softmax between them, each through
@@ -210,8 +211,9 @@ inline vec sum_each_of_4(const vec (&a)[4]) {
 
 constexpr int kRows = 4;  // queries per block: the key (or value) loaded once serves four
 
-// One head of n tokens and D dims; NB = ceil(n / kLanes) vectors span a row of scores.
-// Holds the padded copies a head needs; one per chunk of heads, reused over them.
+// One head of n tokens and D dims, a token's D at `stride` floats from the next one's (H D,
+// the heads interleaved); NB = ceil(n / kLanes) vectors span a row of scores. Holds the
+// padded copies a head needs; one per chunk of heads, reused over them.
 template <int D, int NB>
 class Head {
   using R = Row<D>;
@@ -224,8 +226,8 @@ class Head {
   // column and a broadcast factor must all fit in the registers.
   static constexpr int kTile = (kRegisters - 1) / (kRows + 1);
 
-  explicit Head(int n)
-      : n_(n), padded_n_((n + kRows - 1) / kRows * kRows),
+  Head(int n, int64_t stride)
+      : n_(n), stride_(stride), padded_n_((n + kRows - 1) / kRows * kRows),
         inv_sqrt_d_(1.0f / std::sqrt(float(D))),
         transposed_k_(D * W), transposed_v_(D * W), dk_t_(D * W), dv_t_(D * W),
         q_(padded_n_ * D), d_out_(padded_n_ * D),
@@ -235,7 +237,7 @@ class Head {
   }
 
   // out (n, D) and each query's log-sum-exp of its scaled scores, lse (n), from q, k, v
-  // (n, D): the weights are exp(scores - lse), which the backward pass computes again
+  // (n, D), each token's row `stride` floats apart: the weights are exp(scores - lse), which the backward pass computes again
   // instead of reading (n, n) weights saved for it (16 heads of 50 tokens: 160 KB an image
   // and layer, which spilled out of the caches).
   void forward(const float* q, const float* k, const float* v, float* out, float* lse) {
@@ -246,7 +248,8 @@ class Head {
       float* scores = scores_.data();
       rows_times_transposed(q_.data() + i0 * D, transposed_k_.data(), scores);  // Q K^T
       softmax(scores, i0);
-      rows_times(scores, v, transposed_v_.data(), out + i0 * D, std::min(kRows, n_ - i0), 1.0f);
+      rows_times(scores, v, transposed_v_.data(), out + i0 * stride_, std::min(kRows, n_ - i0),
+                 1.0f);
     }
     // row_max_ becomes the log-sum-exp in place; past padded_n_ it stays 0 (0 + log 1).
     for (int b = 0; b < NB; ++b)
@@ -256,7 +259,7 @@ class Head {
   }
 
   // dq, dk, dv (n, D) from q, k, v, the forward pass's lse (n) and d_out (n, D), the
-  // cotangent of out.
+  // cotangent of out (every (n, D) at `stride`, as forward's).
   void backward(const float* q, const float* k, const float* v, const float* lse,
                 const float* d_out, float* dq, float* dk, float* dv) {
     transpose(k, transposed_k_.data());
@@ -279,13 +282,13 @@ class Head {
       add_transposed_products(q_.data() + i0 * D, ds, dk_t_.data());
       add_transposed_products(d_out_.data() + i0 * D, p, dv_t_.data());
       // dQ = dS K / sqrt(D): softmax_backward leaves the scale to here (see scale_rows).
-      rows_times(ds, k, transposed_k_.data(), dq + i0 * D, std::min(kRows, n_ - i0),
+      rows_times(ds, k, transposed_k_.data(), dq + i0 * stride_, std::min(kRows, n_ - i0),
                  inv_sqrt_d_);
     }
     for (int j = 0; j < n_; ++j)
       for (int c = 0; c < D; ++c) {
-        dk[j * D + c] = dk_t_[c * W + j];
-        dv[j * D + c] = dv_t_[c * W + j];
+        dk[j * stride_ + c] = dk_t_[c * W + j];
+        dv[j * stride_ + c] = dv_t_[c * W + j];
       }
   }
 
@@ -296,7 +299,7 @@ class Head {
   static constexpr bool kDotProducts = kLanes == 16 && D * kRows == kLanes;
 
   // out (rows, D) = scale block (kRows, W) @ x (n, D): the first `rows` of a block's products
-  // with a head's K or V (x, and transposed, its (D, W) copy).
+  // with a head's K or V (x, and transposed, its (D, W) copy); x's and out's rows at stride.
   void rows_times(const float* block, const float* x, const float* transposed, float* out,
                   int rows, float scale) {
     if constexpr (kDotProducts) {
@@ -310,20 +313,21 @@ class Head {
           for (int c = 0; c < D; ++c) acc[r * D + c] += a * load(transposed + c * W + b * kLanes);
         }
       float sums[kLanes];
-      store(sums, sum_each(acc) * scale);  // (r, c) in lane r D + c: out's own order
-      std::memcpy(out, sums, rows * D * sizeof(float));
+      store(sums, sum_each(acc) * scale);  // (r, c) in lane r D + c
+      for (int r = 0; r < rows; ++r) std::memcpy(out + r * stride_, sums + r * D, D * sizeof(float));
     } else {
       rvec o[kSplit][kRows][DV] = {};
       OverKeys([&](int j, rvec (&acc)[kRows][DV]) {
 #pragma GCC unroll 4
         for (int c = 0; c < DV; ++c) {
-          const rvec xj = R::load(x + j * D + c * kRowLanes);
+          const rvec xj = R::load(x + j * stride_ + c * kRowLanes);
 #pragma GCC unroll 4
           for (int r = 0; r < kRows; ++r) acc[r][c] += block[r * W + j] * xj;
         }
       }, o);
       for (int r = 0; r < rows; ++r)
-        for (int c = 0; c < DV; ++c) R::store(out + r * D + c * kRowLanes, o[0][r][c] * scale);
+        for (int c = 0; c < DV; ++c)
+          R::store(out + r * stride_ + c * kRowLanes, o[0][r][c] * scale);
     }
   }
 
@@ -346,17 +350,17 @@ class Head {
         for (int c = 0; c < DV; ++c) acc[0][r][c] += acc[s][r][c];
   }
 
-  // (n, D) -> transposed (D, W), zero padded: a row's products become whole vectors.
+  // (n, D) at stride -> transposed (D, W), zero padded: a row's products become whole vectors.
   void transpose(const float* x, float* transposed) {
     std::fill(transposed, transposed + D * W, 0.0f);
     for (int j = 0; j < n_; ++j)
-      for (int c = 0; c < D; ++c) transposed[c * W + j] = x[j * D + c];
+      for (int c = 0; c < D; ++c) transposed[c * W + j] = x[j * stride_ + c];
   }
 
-  // (n, D) -> (padded_n, D), zero padded.
+  // (n, D) at stride -> (padded_n, D), zero padded.
   void pad_rows(const float* x, float* padded) {
-    std::fill(padded, padded + padded_n_ * D, 0.0f);
-    std::memcpy(padded, x, n_ * D * sizeof(float));
+    std::fill(padded + n_ * D, padded + padded_n_ * D, 0.0f);
+    for (int i = 0; i < n_; ++i) std::memcpy(padded + i * D, x + i * stride_, D * sizeof(float));
   }
 
   // The queries, padded and scaled by 1 / sqrt(D): Q K^T is then the scaled scores, which
@@ -477,7 +481,9 @@ class Head {
       }
   }
 
-  const int n_, padded_n_;
+  const int n_;
+  const int64_t stride_;
+  const int padded_n_;
   const float inv_sqrt_d_;
   std::vector<float> transposed_k_, transposed_v_;  // K and V, (D, W)
   std::vector<float> dk_t_, dv_t_;                  // their gradients, (D, W)
@@ -547,21 +553,26 @@ void ForEachChunk(ffi::ThreadPool& pool, int64_t heads, const Work& work) {
 using F32 = ffi::Buffer<ffi::F32>;
 using F32Out = ffi::ResultBuffer<ffi::F32>;
 
+// x (..., n, h, d): batch x h heads of n tokens and d dims.
 struct Shape {
-  int64_t heads, n, d;
+  int64_t batch, n, h, d;
+  int64_t heads() const { return batch * h; }
+  // Head g's first float: its batch's (n, h, d) block, its own d within a token's h d.
+  int64_t offset(int64_t g) const { return g / h * n * h * d + g % h * d; }
 };
 
-// The (heads, n, d) of x, which every array in `same` must share.
+// The Shape of x, which every array in `same` must share.
 ffi::ErrorOr<Shape> HeadShape(const F32& x, std::initializer_list<const F32*> same) {
   auto dims = x.dimensions();
-  if (dims.size() < 2) return ffi::Unexpected(ffi::Error::InvalidArgument("rank < 2"));
+  if (dims.size() < 3) return ffi::Unexpected(ffi::Error::InvalidArgument("rank < 3"));
   for (const F32* other : same) {
     auto o = other->dimensions();
     if (!std::equal(dims.begin(), dims.end(), o.begin(), o.end()))
       return ffi::Unexpected(ffi::Error::InvalidArgument("q, k, v shapes differ"));
   }
-  Shape s{1, dims[dims.size() - 2], dims[dims.size() - 1]};
-  for (size_t i = 0; i + 2 < dims.size(); ++i) s.heads *= dims[i];
+  const size_t r = dims.size();
+  Shape s{1, dims[r - 3], dims[r - 2], dims[r - 1]};
+  for (size_t i = 0; i + 3 < r; ++i) s.batch *= dims[i];
   return s;
 }
 
@@ -572,13 +583,13 @@ ffi::Error Unsupported(const Shape& s) {
       " tokens");
 }
 
-// Runs per_head(head, h) for every head h, with a Head<D, NB> for each chunk of heads.
+// Runs per_head(head, g) for every head g, with a Head<D, NB> for each chunk of heads.
 template <typename PerHead>
 ffi::Error OverHeads(ffi::ThreadPool& pool, const Shape& s, PerHead per_head) {
   const bool ok = Dispatch(s.d, s.n, [&]<int D, int NB>() {
-    ForEachChunk(pool, s.heads, [&](int64_t begin, int64_t end) {
-      Head<D, NB> head(s.n);
-      for (int64_t h = begin; h < end; ++h) per_head(head, h);
+    ForEachChunk(pool, s.heads(), [&](int64_t begin, int64_t end) {
+      Head<D, NB> head(s.n, s.h * s.d);
+      for (int64_t g = begin; g < end; ++g) per_head(head, g);
     });
   });
   return ok ? ffi::Error::Success() : Unsupported(s);
@@ -587,11 +598,10 @@ ffi::Error OverHeads(ffi::ThreadPool& pool, const Shape& s, PerHead per_head) {
 ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32Out out, F32Out lse) {
   auto shape = HeadShape(q, {&k, &v});
   if (!shape.has_value()) return shape.error();
-  const int64_t size = shape->n * shape->d;
-  return OverHeads(pool, *shape, [&](auto& head, int64_t h) {
-    head.forward(q.typed_data() + h * size, k.typed_data() + h * size,
-                 v.typed_data() + h * size, out->typed_data() + h * size,
-                 lse->typed_data() + h * shape->n);
+  return OverHeads(pool, *shape, [&](auto& head, int64_t g) {
+    const int64_t at = shape->offset(g);
+    head.forward(q.typed_data() + at, k.typed_data() + at, v.typed_data() + at,
+                 out->typed_data() + at, lse->typed_data() + g * shape->n);
   });
 }
 
@@ -599,27 +609,25 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 lse, F32 d_ou
                     F32Out dk, F32Out dv) {
   auto shape = HeadShape(q, {&k, &v, &d_out});
   if (!shape.has_value()) return shape.error();
-  auto dims = q.dimensions(), lse_dims = lse.dimensions();
-  if (!std::equal(dims.begin(), dims.end() - 1, lse_dims.begin(), lse_dims.end()))
-    return ffi::Error::InvalidArgument("lse is not (..., n) for q's (..., n, d)");
-  const int64_t size = shape->n * shape->d;
-  return OverHeads(pool, *shape, [&](auto& head, int64_t h) {
-    head.backward(q.typed_data() + h * size, k.typed_data() + h * size,
-                  v.typed_data() + h * size, lse.typed_data() + h * shape->n,
-                  d_out.typed_data() + h * size, dq->typed_data() + h * size,
-                  dk->typed_data() + h * size, dv->typed_data() + h * size);
+  if (int64_t(lse.element_count()) != shape->heads() * shape->n)
+    return ffi::Error::InvalidArgument("lse is not (..., h, n) for q's (..., n, h, d)");
+  return OverHeads(pool, *shape, [&](auto& head, int64_t g) {
+    const int64_t at = shape->offset(g);
+    head.backward(q.typed_data() + at, k.typed_data() + at, v.typed_data() + at,
+                  lse.typed_data() + g * shape->n, d_out.typed_data() + at,
+                  dq->typed_data() + at, dk->typed_data() + at, dv->typed_data() + at);
   });
 }
 
 }  // namespace
 
-// (q, k, v) -> (out, lse)
+// (q, k, v) -> (out, lse): each (..., n, h, d) but lse (..., h, n)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>().Arg<F32>().Arg<F32>()
                                   .Ret<F32>().Ret<F32>());
-// (q, k, v, lse, d_out) -> (dq, dk, dv)
+// (q, k, v, lse, d_out) -> (dq, dk, dv), as forward's
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

@@ -88,7 +88,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: None = None,
     _warn_once(why)
     return A.attend(q, k, v)
   q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-  out = jax.lax.platform_dependent(q, k, v, cpu=_fused,
+  out = jax.lax.platform_dependent(q, k, v, cpu=_fused_heads_apart,
                                    default=lambda q, k, v: A.attend(q, k, v)[0])
   # The weights for whatever reads them (attention maps), by the definition; where nothing
   # does (training, evaluation), XLA drops them and the kernel's (n, n) never exist.
@@ -103,11 +103,21 @@ def _warn_once(why: str) -> None:
   warnings.warn(f"fused attention unavailable, using attention.attend: {why}", stacklevel=3)
 
 
+def _fused_heads_apart(q, k, v):
+  """`_fused` for (B, H, N, D/H) heads: the kernel takes the tokens before the heads, as the
+  projections lay them out, so XLA cancels these transposes against `split_heads`' and
+  `merge_heads`' and the heads are never moved in memory (2-3 % of the default step, at 4
+  heads and at 16)."""
+  tokens_first = [jnp.swapaxes(t, -3, -2) for t in (q, k, v)]  # (B, N, H, D/H)
+  return jnp.swapaxes(_fused(*tokens_first), -3, -2)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _kernel_call(target: str, q, *arrays):
   """The FFI call `target`: (q, k, v) -> (out, lse) or (q, k, v, lse, d_out) -> (dq, dk, dv),
-  lse (..., n) each query's log-sum-exp of its scaled scores."""
-  results = (q.shape, q.shape[:-1]) if target == _TARGETS[0] else (q.shape,) * 3
+  each (..., N, H, D/H) but lse (..., H, N), each query's log-sum-exp of its scaled scores."""
+  lse = q.shape[:-3] + (q.shape[-2], q.shape[-3])
+  results = (q.shape, lse) if target == _TARGETS[0] else (q.shape,) * 3
   # The kernel treats every leading axis as heads, so vmap may just add one.
   return jax.ffi.ffi_call(target, tuple(jax.ShapeDtypeStruct(r, jnp.float32) for r in results),
                           vmap_method="broadcast_all")(q, *arrays)
