@@ -129,6 +129,20 @@ def test_vmap_and_pmap_give_the_same_values(kernel):
 
 
 @requires_kernel
+def test_vmapped_gradients_equal_the_definitions(kernel):
+  # vmap adds a leading axis to the kernel's arrays, its saved lse included.
+  q, k, v = (rand(3, 2, 4, 17, 8, seed=s) for s in range(3))
+
+  def gradients(attend):
+    return jax.vmap(jax.grad(lambda q, k, v: (attend(q, k, v)[0] ** 2).sum(), (0, 1, 2)))
+
+  assert _uses_kernel(gradients(kernel.attend), q, k, v)
+  fused, definition = gradients(kernel.attend)(q, k, v), gradients(A.attend)(q, k, v)
+  for got, want in zip(fused, definition, strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@requires_kernel
 def test_model_with_the_kernel_equals_the_einsum_model(kernel):
   config = get_model_config("testing", hidden_size=32, num_heads=2)  # heads of 16, 17 tokens
   fused_config = get_model_config("testing", hidden_size=32, num_heads=2,

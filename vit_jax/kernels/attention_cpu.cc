@@ -1,10 +1,11 @@
 // Scaled dot-product attention for small heads, one CPU kernel per direction.
 //
-// What vit_jax.attention.attend computes, for float32 (..., N, H, D) queries, keys and values
-// (tokens before heads, as the projections lay them out, so that splitting and merging the
-// heads moves no data; every axis before N a batch axis): weights = softmax(Q K^T / sqrt(D)), out = weights V, and the
-// gradients of out, from each query's log-sum-exp saved by the forward pass (the weights are
-// computed again, not saved: FlashAttention's trade). XLA runs these as separate batched
+// What vit_jax.attention.attend computes, for float32 (..., N, H, D) queries, keys and
+// values (tokens before heads, as the projections lay them out, so that splitting and
+// merging the heads moves no data; every axis before N a batch axis): weights =
+// softmax(Q K^T / sqrt(D)), out = weights V, and the gradients of out, from each query's
+// log-sum-exp saved by the forward pass (the weights are computed again, not saved:
+// FlashAttention's trade). XLA runs these as separate batched
 // products (50x16 by 16x50 for the `seed` model) with a softmax between them, each through
 // memory; here a head's products and softmax stay in registers and L1, four queries at a
 // time, and the heads are shared out over XLA's intra-op threads.
@@ -71,8 +72,9 @@ struct Row {
 // 1.6e-38: beside a row maximum's exp(0) = 1 that weight is still 0.
 // AVX-512: t = n + f with n = floor(t), f in [0, 1); a degree-5 polynomial for 2^f (a
 // relative-minimax fit with 2^0 = 1 exactly, within 1.5e-7 in float32: about 1 ulp) and
-// vscalefps, which multiplies by 2^floor(t) itself: 9 instructions. Rounding t costs exp(x) a relative 2^-24 |t|, under 1e-6 where
-// the weight is over 1e-7 (x > -16), and nothing that shows beside the row's larger weights.
+// vscalefps, which multiplies by 2^floor(t) itself: 9 instructions. Rounding t costs exp(x)
+// a relative 2^-24 |t|, under 1e-6 where the weight is over 1e-7 (x > -16), and nothing that
+// shows beside the row's larger weights.
 // AVX2: Cody-Waite reduction to r in [-ln2/2, ln2/2] (ln 2 in two parts, so that r keeps its
 // low bits), a degree-6 polynomial for exp(r), times 2^n built in the exponent bits. About 1
 // ulp.
@@ -237,9 +239,9 @@ class Head {
   }
 
   // out (n, D) and each query's log-sum-exp of its scaled scores, lse (n), from q, k, v
-  // (n, D), each token's row `stride` floats apart: the weights are exp(scores - lse), which the backward pass computes again
-  // instead of reading (n, n) weights saved for it (16 heads of 50 tokens: 160 KB an image
-  // and layer, which spilled out of the caches).
+  // (n, D), each token's row `stride` floats apart: the weights are exp(scores - lse), which
+  // the backward pass computes again instead of reading (n, n) weights saved for it (16 heads
+  // of 50 tokens: 160 KB an image and layer, which spilled out of the caches).
   void forward(const float* q, const float* k, const float* v, float* out, float* lse) {
     transpose(k, transposed_k_.data());
     if constexpr (kDotProducts) transpose(v, transposed_v_.data());
@@ -314,7 +316,8 @@ class Head {
         }
       float sums[kLanes];
       store(sums, sum_each(acc) * scale);  // (r, c) in lane r D + c
-      for (int r = 0; r < rows; ++r) std::memcpy(out + r * stride_, sums + r * D, D * sizeof(float));
+      for (int r = 0; r < rows; ++r)
+        std::memcpy(out + r * stride_, sums + r * D, D * sizeof(float));
     } else {
       rvec o[kSplit][kRows][DV] = {};
       OverKeys([&](int j, rvec (&acc)[kRows][DV]) {
@@ -609,7 +612,10 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 lse, F32 d_ou
                     F32Out dk, F32Out dv) {
   auto shape = HeadShape(q, {&k, &v, &d_out});
   if (!shape.has_value()) return shape.error();
-  if (int64_t(lse.element_count()) != shape->heads() * shape->n)
+  auto dims = q.dimensions(), lse_dims = lse.dimensions();
+  const size_t r = dims.size();
+  if (lse_dims.size() != r - 1 || !std::equal(dims.begin(), dims.end() - 3, lse_dims.begin()) ||
+      lse_dims[r - 3] != shape->h || lse_dims[r - 2] != shape->n)
     return ffi::Error::InvalidArgument("lse is not (..., h, n) for q's (..., n, h, d)");
   return OverHeads(pool, *shape, [&](auto& head, int64_t g) {
     const int64_t at = shape->offset(g);

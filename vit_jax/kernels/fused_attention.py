@@ -118,7 +118,7 @@ def _kernel_call(target: str, q, *arrays):
   each (..., N, H, D/H) but lse (..., H, N), each query's log-sum-exp of its scaled scores."""
   lse = q.shape[:-3] + (q.shape[-2], q.shape[-3])
   results = (q.shape, lse) if target == _TARGETS[0] else (q.shape,) * 3
-  # The kernel treats every leading axis as heads, so vmap may just add one.
+  # Every axis before (N, H, D/H) is a batch axis to the kernel, so vmap may just add one.
   return jax.ffi.ffi_call(target, tuple(jax.ShapeDtypeStruct(r, jnp.float32) for r in results),
                           vmap_method="broadcast_all")(q, *arrays)
 
