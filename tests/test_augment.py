@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from vit_jax import augment, input_pipeline, steps
+from vit_jax import augment, input_pipeline
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.model_configs import get_model_config
+from vit_jax.training_images import augmented
 
 
 def bar(vertical=False):
@@ -60,7 +61,7 @@ def test_strength_zero_is_the_identity():
   assert augment.random_elastic(images, keys(4), 0.0) is images
   assert augment.random_flip(images, keys(4), 0.0) is images
   config = ExperimentConfig(model=get_model_config("testing"), augment_max_shift=0)
-  assert steps.augmented(images, keys(4), config) is images
+  assert augmented(images, keys(4), config) is images
 
 
 def test_elastic_displacements_are_smooth_and_as_large_as_blurred_noise_says():

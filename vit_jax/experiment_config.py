@@ -84,6 +84,10 @@ class ExperimentConfig:
   # The chance of mirroring an image left to right (`augment.random_flip`): for clothes only;
   # refused for MNIST, where a mirrored digit is another digit or none.
   augment_flip: float = 0.0
+  # The last this many epochs train without the distortions (the affine maps, elastic
+  # distortion and random erasing; the shifts and flips stay), on images like the evaluated
+  # ones (`training_images`). 0: the distortions throughout.
+  undistorted_final_epochs: float = 0.0
   # Test-time augmentation: evaluation (validation, test, `--mode=eval`) and prediction
   # average each image's class probabilities over its shifts by up to this many pixels in
   # each direction, (2 eval_max_shift + 1)^2 views (`input_pipeline.shifted_views`). 0: the
@@ -135,6 +139,8 @@ class ExperimentConfig:
             self.augment_flip, "must be 0 for mnist: a mirrored digit is another digit or none")
     require(not self.eval_flip or self.dataset != "mnist", "eval_flip", self.eval_flip,
             "must be False for mnist: a mirrored digit is another digit or none")
+    require(0 <= self.undistorted_final_epochs <= self.num_epochs, "undistorted_final_epochs",
+            self.undistorted_final_epochs, f"must be in [0, num_epochs={self.num_epochs}]")
     require(1 <= self.augment_elastic_sigma <= 10, "augment_elastic_sigma",
             self.augment_elastic_sigma, "must be in [1, 10] (pixels)")
     # Both datasets are 28x28 grey images of 10 classes.

@@ -173,7 +173,8 @@ class _Group:
     return finals
 
   def _steps(self, device_states: Any, start: int, progress: Progress) -> Any:
-    step_fn = compile_train_step(self.config, self.runner, seeds=True)
+    step_fn = compile_train_step(self.config, self.runner, seeds=True,
+                                 total_steps=self.total_steps)
     keys = np.stack([np.asarray(jax.random.PRNGKey(c.seed)) for c in self.configs])
     positions = self.runner.split_batch(np.arange(self.config.batch_size, dtype=np.int32))
     config = self.config

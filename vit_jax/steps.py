@@ -20,10 +20,11 @@ from flax import struct
 from flax.training import train_state
 from jax.flatten_util import ravel_pytree
 
-from vit_jax import augment, input_pipeline
+from vit_jax import input_pipeline
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.models import ViT
 from vit_jax.parallel import Runner
+from vit_jax.training_images import distortion_end_step, training_images
 
 TrainState = train_state.TrainState
 
@@ -189,29 +190,13 @@ def view_averaged_log_probabilities(apply_fn, params, images: jax.Array) -> jax.
 
 # --- The steps on device-resident data --------------------------------------------------
 
-def augmented(images: jax.Array, keys: jax.Array, config: ExperimentConfig) -> jax.Array:
-  """(B, H, W, C) images shifted, then through a random affine map, then elastically
-  distorted, then randomly erased, then mirrored, as `config` says; keys (B, 2), one per
-  example. Each augmentation draws from its own stream."""
-  def stream(i):
-    return jax.vmap(lambda key: jax.random.fold_in(key, i))(keys)
-
-  images = input_pipeline.random_translate(images, keys, config.augment_max_shift)
-  images = augment.random_affine(images, stream(1), config.augment_max_rotation,
-                                 config.augment_max_scale, config.augment_max_shear)
-  images = augment.random_elastic(images, stream(3), config.augment_elastic_alpha,
-                                  config.augment_elastic_sigma)
-  images = augment.random_erasing(images, stream(2), config.random_erasing)
-  return augment.random_flip(images, stream(4), config.augment_flip)
-
-
 def _train_on_indices(state, data, indices, positions, rng, *, config: ExperimentConfig,
-                      num_microbatches: int, axis_name):
+                      num_microbatches: int, distortion_end: int | None, axis_name):
   """Gathers, augments and normalises a batch on device, then `train_step`."""
   augment_rng, dropout_rng = jax.random.split(rng)
   keys = input_pipeline.example_keys(augment_rng, positions)
-  batch = {"image": input_pipeline.normalize(augmented(data["image"][indices], keys, config),
-                                             config.dataset),
+  images = training_images(data["image"][indices], keys, state.step, config, distortion_end)
+  batch = {"image": input_pipeline.normalize(images, config.dataset),
            "label": data["label"][indices]}
   if axis_name is not None:
     dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
@@ -233,8 +218,12 @@ def microbatches_per_step(config: ExperimentConfig, runner: Runner) -> int:
   return runner.num_microbatches(config.batch_size, config.microbatch_size)
 
 
-def compile_train_step(config: ExperimentConfig, runner: Runner, seeds: bool = False):
+def compile_train_step(config: ExperimentConfig, runner: Runner, seeds: bool = False,
+                       total_steps: int | None = None):
   """`_train_on_indices` for `runner`: (state, data, indices, positions, rng) -> (state, metrics).
+
+  `total_steps`: the run's length, for `undistorted_final_epochs` (None: the distortions
+  throughout, as the benchmark's timing windows take them).
 
   With `seeds`, the step of several seeds at once (`vit_jax.seeds`): `jax.vmap` over a state
   stacked on a leading seed axis, indices (B, seeds) (a column per seed) and rng (seeds, 2);
@@ -246,7 +235,8 @@ def compile_train_step(config: ExperimentConfig, runner: Runner, seeds: bool = F
                      "(vit_jax.auto.resolve), before the step is compiled")
   step = functools.partial(
       _train_on_indices, config=config,
-      num_microbatches=microbatches_per_step(config, runner))
+      num_microbatches=microbatches_per_step(config, runner),
+      distortion_end=distortion_end_step(config, total_steps))
   if seeds:
     step = _over_seeds(step)
   return runner.compile(step, in_axes=(0, 0, 0, 0, None), donate_argnums=(0,))

@@ -233,7 +233,7 @@ class _Run:
   def _steps(self, device_state: Any, start_step: int) -> Any:
     """Runs the training steps from `start_step`, logging, evaluating and saving on the way."""
     config, runner = self.config, self.runner
-    step_fn = compile_train_step(config, runner)
+    step_fn = compile_train_step(config, runner, total_steps=self.total_steps)
     base_rng = jax.random.PRNGKey(config.seed)
     positions = runner.split_batch(np.arange(config.batch_size, dtype=np.int32))
     with StopSignal() as stop:

@@ -1,0 +1,79 @@
+"""What a training step does to its images: the augmentations in order, and the last epochs
+without the distortions (`undistorted_final_epochs`)."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from vit_jax import augment, inference, input_pipeline, train
+from vit_jax.experiment_config import ExperimentConfig, validate
+from vit_jax.model_configs import get_model_config
+from vit_jax.training_images import augmented, distortion_end_step, training_images
+
+
+def keys(n, seed=0):
+  return input_pipeline.example_keys(jax.random.PRNGKey(seed), np.arange(n))
+
+
+def config(**overrides):
+  fields = dict(model=get_model_config("testing"), dataset="fashion_mnist", num_epochs=36,
+                augment_max_shift=2, augment_max_rotation=30.0, augment_max_shear=10.0,
+                random_erasing=1.0, augment_flip=0.5)
+  return ExperimentConfig(**{**fields, **overrides})
+
+
+def test_the_distortions_end_where_the_last_undistorted_epochs_begin():
+  assert distortion_end_step(config(undistorted_final_epochs=6), total_steps=15480) == 12900
+  assert distortion_end_step(config(undistorted_final_epochs=36), total_steps=360) == 0
+  assert distortion_end_step(config(undistorted_final_epochs=0), total_steps=360) is None
+  assert distortion_end_step(config(undistorted_final_epochs=6), total_steps=None) is None
+
+
+def test_the_last_epochs_keep_the_shifts_and_flips_and_drop_the_distortions():
+  images = np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1)).astype(np.uint8)
+  run = config(undistorted_final_epochs=6)
+  at_step = jax.jit(lambda step: training_images(images, keys(8), step, run, 100))
+  distorted, undistorted = np.asarray(at_step(99)), np.asarray(at_step(100))
+  # jit and eager round the bilinear sampling differently: grey levels within 1e-2.
+  np.testing.assert_allclose(distorted, augmented(images, keys(8), run), atol=1e-2)
+  np.testing.assert_array_equal(undistorted, at_step(5000))
+  # Undistorted: each image's own shift and flip, the same draws as with the distortions.
+  flip_keys = jax.vmap(lambda key: jax.random.fold_in(key, 4))(keys(8))
+  shifted = input_pipeline.random_translate(images, keys(8), 2)
+  np.testing.assert_array_equal(undistorted, augment.random_flip(shifted, flip_keys, 0.5))
+  assert not np.array_equal(distorted, undistorted)
+  assert undistorted.dtype == distorted.dtype == np.float32
+  # Without the field, the step's images are `augmented`'s, the dtype kept where they can be.
+  plain = config(augment_max_rotation=0.0, augment_max_shear=0.0, random_erasing=0.0)
+  assert training_images(images, keys(8), 0, plain, None).dtype == np.uint8
+
+
+@pytest.mark.parametrize("value", [-1.0, 37.0])
+def test_more_undistorted_epochs_than_the_run_has_is_a_one_line_error(value):
+  fields = dataclasses.asdict(config())
+  with pytest.raises(ValueError, match=f"config.undistorted_final_epochs={value} must be in "
+                                       r"\[0, num_epochs=36.0\]"):
+    validate({**fields, "undistorted_final_epochs": value})
+
+
+@pytest.mark.slow
+def test_a_run_undistorted_throughout_trains_as_one_without_distortions(tmp_path, digits):
+  data = {"train": {k: v[:512] for k, v in digits["train"].items()}, "test": digits["test"]}
+  common = dict(dataset="mnist", augment_flip=0.0, num_epochs=1, batch_size=64,
+                warmup_steps=2, parallel="jit", log_every_steps=4, eval_batch_size=256)
+  undistorted = config(**common, undistorted_final_epochs=1)
+  without = config(**common, augment_max_rotation=0.0, augment_max_shear=0.0,
+                   random_erasing=0.0)
+  distorted = config(**common)
+  for name, run in (("undistorted", undistorted), ("without", without), ("distorted", distorted)):
+    train.train_and_evaluate(run, tmp_path / name, data=data)
+  params = {name: jax.device_get(inference.restore_state(run, tmp_path / name).params)
+            for name, run in (("undistorted", undistorted), ("without", without),
+                              ("distorted", distorted))}
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         params["undistorted"], params["without"])
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()),
+                                 params["distorted"], params["without"])
+  assert max(jax.tree_util.tree_leaves(moved)) > 1e-3

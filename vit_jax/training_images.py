@@ -1,0 +1,61 @@
+"""What a training step does to its images, as the config says: the shifts, then the
+distortions (random affine maps, elastic distortion, random erasing), then the flips, each
+example from its own key; and, with `undistorted_final_epochs`, the last epochs with the
+shifts and flips only.
+
+The last epochs without the distortions follow YOLOX (Ge et al. 2021, its strongest
+augmentations off for the last 15 epochs): the model's last updates see images like the
+ones it is evaluated on. All of it runs inside the compiled training step.
+
+Layer 4 of vit_jax.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from vit_jax import augment, input_pipeline
+from vit_jax.experiment_config import ExperimentConfig
+
+
+def augmented(images: jax.Array, keys: jax.Array, config: ExperimentConfig,
+              distort: bool = True) -> jax.Array:
+  """(B, H, W, C) images shifted, then (with `distort`) through a random affine map,
+  elastically distorted and randomly erased, then mirrored, as `config` says; keys (B, 2),
+  one per example. Each augmentation draws from its own stream, so an image's shift and
+  flip are the same with and without `distort`."""
+  def stream(i):
+    return jax.vmap(lambda key: jax.random.fold_in(key, i))(keys)
+
+  images = input_pipeline.random_translate(images, keys, config.augment_max_shift)
+  if distort:
+    images = augment.random_affine(images, stream(1), config.augment_max_rotation,
+                                   config.augment_max_scale, config.augment_max_shear)
+    images = augment.random_elastic(images, stream(3), config.augment_elastic_alpha,
+                                    config.augment_elastic_sigma)
+    images = augment.random_erasing(images, stream(2), config.random_erasing)
+  return augment.random_flip(images, stream(4), config.augment_flip)
+
+
+def distortion_end_step(config: ExperimentConfig, total_steps: int | None) -> int | None:
+  """The first step (0-based) of the last `config.undistorted_final_epochs` epochs of a run
+  of `total_steps`, which go without the distortions; None where no step does (or where
+  there is no run's length: the benchmark's timing windows, which keep them)."""
+  if not config.undistorted_final_epochs or total_steps is None:
+    return None
+  undistorted = round(total_steps * config.undistorted_final_epochs / config.num_epochs)
+  return total_steps - undistorted
+
+
+def training_images(images: jax.Array, keys: jax.Array, step: jax.Array,
+                    config: ExperimentConfig, distortion_end: int | None) -> jax.Array:
+  """`augmented` images for training step `step` (a traced scalar, the state's): without
+  the distortions from step `distortion_end` on (`distortion_end_step`; None: never).
+  float32 (B, H, W, C) where distorted or switched, else the images' dtype."""
+  if distortion_end is None:
+    return augmented(images, keys, config)
+  return jax.lax.cond(
+      step < distortion_end,
+      lambda x: augmented(x, keys, config).astype(jnp.float32),
+      lambda x: augmented(x, keys, config, distort=False).astype(jnp.float32), images)
