@@ -59,7 +59,8 @@ def test_more_undistorted_epochs_than_the_run_has_is_a_one_line_error(value):
 
 
 @pytest.mark.slow
-def test_a_run_undistorted_throughout_trains_as_one_without_distortions(tmp_path, digits):
+def test_a_run_undistorted_throughout_trains_as_one_without_distortions(tmp_path, digits,
+                                                                        capsys):
   data = {"train": {k: v[:512] for k, v in digits["train"].items()}, "test": digits["test"]}
   common = dict(dataset="mnist", augment_flip=0.0, num_epochs=1, batch_size=64,
                 warmup_steps=2, parallel="jit", log_every_steps=4, eval_batch_size=256)
@@ -69,6 +70,9 @@ def test_a_run_undistorted_throughout_trains_as_one_without_distortions(tmp_path
   distorted = config(**common)
   for name, run in (("undistorted", undistorted), ("without", without), ("distorted", distorted)):
     train.train_and_evaluate(run, tmp_path / name, data=data)
+    said = capsys.readouterr()
+    assert ("step 1: the last 1 epochs, without the distortions" in said.out + said.err) == (
+        name == "undistorted")
   params = {name: jax.device_get(inference.restore_state(run, tmp_path / name).params)
             for name, run in (("undistorted", undistorted), ("without", without),
                               ("distorted", distorted))}
