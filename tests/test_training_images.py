@@ -4,13 +4,21 @@ without the distortions (`undistorted_final_epochs`)."""
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import augment, inference, input_pipeline, train
+from vit_jax import augment, inference, input_pipeline, steps, train
+from vit_jax.benchmark import step_speed
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.model_configs import get_model_config
-from vit_jax.training_images import augmented, distortion_end_step, training_images
+from vit_jax.parallel import Runner
+from vit_jax.training_images import (
+    augmented,
+    distortion_end_step,
+    training_images,
+    undistorted_line,
+)
 
 
 def keys(n, seed=0):
@@ -29,6 +37,45 @@ def test_the_distortions_end_where_the_last_undistorted_epochs_begin():
   assert distortion_end_step(config(undistorted_final_epochs=36), total_steps=360) == 0
   assert distortion_end_step(config(undistorted_final_epochs=0), total_steps=360) is None
   assert distortion_end_step(config(undistorted_final_epochs=6), total_steps=None) is None
+  assert distortion_end_step(config(undistorted_final_epochs=0.001), total_steps=360) is None
+
+
+def test_the_line_is_said_where_the_undistorted_epochs_begin_or_a_resumed_run_starts():
+  run = config(undistorted_final_epochs=6)  # 360 steps: the last 60 undistorted
+  said = {step: undistorted_line(run, 360, step, first_step=0) for step in range(360)}
+  assert {step for step, line in said.items() if line} == {300}
+  assert said[300] == "step 301: the last 6 epochs, without the distortions"
+  resumed = [undistorted_line(run, 360, step, first_step=320) for step in range(320, 360)]
+  assert resumed[0] == "step 321: the last 6 epochs, without the distortions"
+  assert not any(resumed[1:])
+  assert undistorted_line(config(), 360, 300, first_step=0) is None
+
+
+def test_the_compiled_step_switches_at_the_state_s_own_step():
+  common = dict(dataset="mnist", augment_flip=0.0, num_epochs=2, batch_size=16)
+  runs = {"switching": config(**common, undistorted_final_epochs=1),  # steps 8-15 undistorted
+          "distorted": config(**common),
+          "without": config(**common, augment_max_rotation=0.0, augment_max_shear=0.0,
+                            random_erasing=0.0)}
+  data = step_speed.synthetic_digits(runs["distorted"], 16)
+  index = np.arange(16, dtype=np.int32)
+  state = steps.create_train_state(runs["distorted"], total_steps=16)
+  # Parameters off their initial values (a zero head makes every image's loss log 10).
+  leaves, tree = jax.tree_util.tree_flatten(state.params)
+  noise = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  moved = [leaf + 0.1 * jax.random.normal(key, leaf.shape)
+           for leaf, key in zip(leaves, noise, strict=True)]
+  state = state.replace(params=jax.tree_util.tree_unflatten(tree, moved))
+
+  def loss(name, step):  # the batch's loss before the update: it sees the step's images
+    step_fn = steps.compile_train_step(runs[name], Runner("jit"), total_steps=16)
+    fresh = jax.tree_util.tree_map(jnp.array, state.replace(step=jnp.asarray(step)))
+    return float(step_fn(fresh, data, index, index, jax.random.PRNGKey(0))[1]["loss"])
+
+  assert loss("switching", 7) == pytest.approx(loss("distorted", 7), rel=1e-6)
+  assert loss("switching", 8) == pytest.approx(loss("without", 8), rel=1e-6)
+  assert loss("switching", 15) == pytest.approx(loss("without", 15), rel=1e-6)
+  assert loss("switching", 7) != pytest.approx(loss("without", 7), rel=1e-3)
 
 
 def test_the_last_epochs_keep_the_shifts_and_flips_and_drop_the_distortions():
@@ -44,7 +91,6 @@ def test_the_last_epochs_keep_the_shifts_and_flips_and_drop_the_distortions():
   shifted = input_pipeline.random_translate(images, keys(8), 2)
   np.testing.assert_array_equal(undistorted, augment.random_flip(shifted, flip_keys, 0.5))
   assert not np.array_equal(distorted, undistorted)
-  assert undistorted.dtype == distorted.dtype == np.float32
   # Without the field, the step's images are `augmented`'s, the dtype kept where they can be.
   plain = config(augment_max_rotation=0.0, augment_max_shear=0.0, random_erasing=0.0)
   assert training_images(images, keys(8), 0, plain, None).dtype == np.uint8

@@ -40,6 +40,7 @@ from vit_jax.steps import (
   microbatches_per_step,
 )
 from vit_jax.train import Data, evaluators, load_data, total_train_steps
+from vit_jax.training_images import undistorted_line
 
 
 def stack(trees: Sequence[Any]) -> Any:
@@ -180,6 +181,8 @@ class _Group:
     config = self.config
     with StopSignal() as stop:
       for done in range(start + 1, self.total_steps + 1):
+        if line := undistorted_line(config, self.total_steps, done - 1, start):
+          progress.message(line)
         indices = np.stack([order.indices(done - 1) for order in self.orders], axis=1)
         rngs = jax.vmap(lambda key, step=done - 1: jax.random.fold_in(key, step))(keys)
         device_states, metrics = step_fn(device_states, self.train_data,

@@ -43,7 +43,7 @@ from vit_jax.steps import (
   learning_rate_schedule,
   microbatches_per_step,
 )
-from vit_jax.training_images import distortion_end_step
+from vit_jax.training_images import undistorted_line
 
 PROBE_IMAGES = 256  # held-out images whose attention statistics every evaluation logs
 Data = dict[str, dict[str, np.ndarray]]  # {'train' | 'validation' | 'test': {'image', 'label'}}
@@ -237,13 +237,11 @@ class _Run:
     step_fn = compile_train_step(config, runner, total_steps=self.total_steps)
     base_rng = jax.random.PRNGKey(config.seed)
     positions = runner.split_batch(np.arange(config.batch_size, dtype=np.int32))
-    distortion_end = distortion_end_step(config, self.total_steps)
     with StopSignal() as stop:
       for done in range(start_step + 1, self.total_steps + 1):
         self.step = done - 1  # the last step taken, for errors
-        if done - 1 == distortion_end:
-          self.progress.message(f"step {done}: the last {config.undistorted_final_epochs:g} "
-                                "epochs, without the distortions")
+        if line := undistorted_line(config, self.total_steps, done - 1, start_step):
+          self.progress.message(line)
         indices = runner.split_batch(self.order.indices(done - 1))
         device_state, metrics = step_fn(device_state, self.train_data, indices, positions,
                                         jax.random.fold_in(base_rng, done - 1))

@@ -45,7 +45,18 @@ def distortion_end_step(config: ExperimentConfig, total_steps: int | None) -> in
   if not config.undistorted_final_epochs or total_steps is None:
     return None
   undistorted = round(total_steps * config.undistorted_final_epochs / config.num_epochs)
-  return total_steps - undistorted
+  return total_steps - undistorted if undistorted else None
+
+
+def undistorted_line(config: ExperimentConfig, total_steps: int, step: int, first_step: int
+                     ) -> str | None:
+  """The line a run prints as it takes 0-based `step`, if that is the first of its
+  undistorted final epochs, or the first it takes (`first_step`, resumed) inside them."""
+  end = distortion_end_step(config, total_steps)
+  if end is None or step != max(end, first_step):
+    return None
+  return (f"step {step + 1}: the last {config.undistorted_final_epochs:g} epochs, without the "
+          "distortions")
 
 
 def training_images(images: jax.Array, keys: jax.Array, step: jax.Array,
