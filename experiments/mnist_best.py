@@ -6,9 +6,10 @@
 
 The seed's 4x4 patch grid and depth at twice its width (808,970 parameters), each patch
 reaching 2 pixels into its neighbours (8x8 windows on the 4x4 grid: still 49 tokens), trained
-four times as long as `experiments/mnist.py` with random affine maps on top of the shifts and
-a moving average of the parameters for evaluation, which averages each image's class
-probabilities over its 9 shifts by up to a pixel (test-time augmentation). Each of those was
+four times as long as `experiments/mnist.py` with random affine maps on top of the shifts
+(the last 6 epochs with the shifts only, on digits like the evaluated ones) and a moving
+average of the parameters for evaluation, which averages each image's class probabilities
+over its 9 shifts by up to a pixel (test-time augmentation). Each of those was
 kept on validation accuracy (docs/performance.md, "The long recipe"). The test split is read
 once, at the end; the 5,000 held-out training images are evaluated every sixth epoch. About
 30-40 minutes a run on this project's 2-core AMD EPYC machines; the README's results table
@@ -36,6 +37,7 @@ def get_config():
       augment_max_rotation=10.0,
       augment_max_scale=0.1,
       augment_max_shear=5.0,
+      undistorted_final_epochs=6,  # the last 6 without the affine maps: shifts only
       ema_decay=0.9995,
       eval_max_shift=1,  # each evaluated image averaged over its 9 shifts by up to 1 pixel
       eval_every_steps=2580,  # every sixth epoch: the held-out accuracy as it climbs
