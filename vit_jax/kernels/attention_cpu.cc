@@ -68,11 +68,16 @@ struct Row {
   static void store(float* p, type x) { *reinterpret_cast<unaligned*>(p) = x; }
 };
 
-// exp(x) for x <= 0, as 2^t with t = x / ln 2. Below -87 it returns exp(-87), about
-// 1.6e-38: beside a row maximum's exp(0) = 1 that weight is still 0.
+// Where a weight must be 0: the padded keys' scores, and minus a padded query row's lse in
+// the backward pass. Finite, so that exp_nonpositive needs no clamp for -inf (whose t -
+// floor(t) is not a number); exp of it is 0.
+constexpr float kNoWeight = -1e30f;
+
+// exp(x) for finite x <= 0, as 2^t with t = x / ln 2.
 // AVX-512: t = n + f with n = floor(t), f in [0, 1); a degree-5 polynomial for 2^f (a
 // relative-minimax fit with 2^0 = 1 exactly, within 1.5e-7 in float32: about 1 ulp) and
-// vscalefps, which multiplies by 2^floor(t) itself: 9 instructions. Rounding t costs exp(x)
+// vscalefps, which multiplies by 2^floor(t) itself, down to 0 (or a denormal) for any t
+// below -150 however large: 8 instructions, no clamp. Rounding t costs exp(x)
 // a relative 2^-24 |t|, under 1e-6 where the weight is over 1e-7 (x > -16), and nothing that
 // shows beside the row's larger weights.
 // AVX2: Cody-Waite reduction to r in [-ln2/2, ln2/2] (ln 2 in two parts, so that r keeps its
@@ -80,7 +85,7 @@ struct Row {
 // ulp.
 inline vec exp_nonpositive(vec x) {
 #if defined(__AVX512F__)
-  const vec t = _mm512_max_ps(x, splat(-87.0f)) * 1.44269504088896341f;
+  const vec t = x * 1.44269504088896341f;
 #if defined(__AVX512DQ__)
   const vec f = _mm512_reduce_ps(t, 0x09);  // t - floor(t) (0x09: round down, no exceptions)
 #else
@@ -94,7 +99,7 @@ inline vec exp_nonpositive(vec x) {
   p = p * f + 1.0f;
   return _mm512_scalef_ps(p, t);  // p 2^floor(t)
 #else
-  x = _mm256_max_ps(x, splat(-87.0f));
+  x = _mm256_max_ps(x, splat(-87.0f));  // exp(-87), about 1.6e-38, beside a row's exp(0) = 1
   const vec round = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const vec n = (x * 1.44269504088896341f + round) - round;
   vec r = x - n * 0.693359375f;
@@ -164,8 +169,14 @@ inline vec sum_each(const vec (&a)[16]) {
          __builtin_shufflevector(x[0], x[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
                                  29, 30, 31);
 }
+
+// Lanes 0, 4, 8 and 12 (a fold_each_of_4's results) each copied over its quarter.
+inline vec each_of_4_to_its_quarter(vec x) {
+  return __builtin_shufflevector(x, x, 0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
+}
 #else
-inline vec sum_each(const vec (&a)[kLanes]);  // used with AVX-512 only
+inline vec sum_each(const vec (&a)[kLanes]);  // these two with AVX-512 only
+inline vec each_of_4_to_its_quarter(vec x);
 #endif
 
 // f folded over the lanes of each of four vectors, a[r]'s in lane r * kLanes / 4 (the
@@ -211,6 +222,9 @@ inline vec sum_each_of_4(const vec (&a)[4]) {
 
 // --- One head ---------------------------------------------------------------------------
 
+// A product's vectors as they are (rows_times_transposed's default `then`).
+constexpr auto kKeep = [](vec x, int, int) { return x; };
+
 constexpr int kRows = 4;  // queries per block: the key (or value) loaded once serves four
 
 // One head of n tokens and D dims, a token's D at `stride` floats from the next one's (H D,
@@ -235,7 +249,7 @@ class Head {
         q_(padded_n_ * D), d_out_(padded_n_ * D),
         weights_(kRows * W), scores_(kRows * W), row_max_(W, 0.0f), row_sum_(W, 1.0f),
         pad_(W, 0.0f) {
-    std::fill(pad_.begin() + n, pad_.end(), -INFINITY);  // padded keys get no weight
+    std::fill(pad_.begin() + n, pad_.end(), kNoWeight);  // padded keys get no weight
   }
 
   // out (n, D) and each query's log-sum-exp of its scaled scores, lse (n), from q, k, v
@@ -249,9 +263,9 @@ class Head {
     for (int i0 = 0; i0 < padded_n_; i0 += kRows) {
       float* scores = scores_.data();
       rows_times_transposed(q_.data() + i0 * D, transposed_k_.data(), scores);  // Q K^T
-      softmax(scores, i0);
+      const vec inv_sums = softmax(scores, i0);
       rows_times(scores, v, transposed_v_.data(), out + i0 * stride_, std::min(kRows, n_ - i0),
-                 1.0f);
+                 inv_sums);
     }
     // row_max_ becomes the log-sum-exp in place; past padded_n_ it stays 0 (0 + log 1).
     for (int b = 0; b < NB; ++b)
@@ -273,11 +287,16 @@ class Head {
     for (int i0 = 0; i0 < padded_n_; i0 += kRows) {
       float* ds = scores_.data();
       float* p = weights_.data();
-      rows_times_transposed(q_.data() + i0 * D, transposed_k_.data(), p);  // Q K^T
+      float row_lse[kRows];  // a padded query row (zero d_out) gets zero weights too
+      for (int r = 0; r < kRows; ++r) row_lse[r] = i0 + r < n_ ? lse[i0 + r] : -kNoWeight;
+      // The forward's weights again, exp(Q K^T - lse), as each vector of Q K^T is done.
+      rows_times_transposed(q_.data() + i0 * D, transposed_k_.data(), p,
+                            [&](vec scores, int r, int b) {
+                              // Rounding may leave the row's largest a hair above 0;
+                              // exp_nonpositive still holds.
+                              return exp_nonpositive(masked(scores, b) - row_lse[r]);
+                            });
       rows_times_transposed(d_out_.data() + i0 * D, transposed_v_.data(), ds);  // dP = dO V^T
-#pragma GCC unroll 4
-      for (int r = 0; r < kRows; ++r)  // a padded query row (zero d_out) gets zero weights too
-        weights_again(p + r * W, i0 + r < n_ ? lse[i0 + r] : INFINITY);
       softmax_backward(p, ds);
       // dK^T += Q^T dS and dV^T += dO^T P, a row of keys per vector: whole vectors however
       // small the head (a padded query row has zero q and d_out, so adds nothing).
@@ -285,7 +304,7 @@ class Head {
       add_transposed_products(d_out_.data() + i0 * D, p, dv_t_.data());
       // dQ = dS K / sqrt(D): softmax_backward leaves the scale to here (see scale_rows).
       rows_times(ds, k, transposed_k_.data(), dq + i0 * stride_, std::min(kRows, n_ - i0),
-                 inv_sqrt_d_);
+                 splat(inv_sqrt_d_));
     }
     for (int j = 0; j < n_; ++j)
       for (int c = 0; c < D; ++c) {
@@ -300,10 +319,11 @@ class Head {
   // would fill a quarter of a vector each.
   static constexpr bool kDotProducts = kLanes == 16 && D * kRows == kLanes;
 
-  // out (rows, D) = scale block (kRows, W) @ x (n, D): the first `rows` of a block's products
-  // with a head's K or V (x, and transposed, its (D, W) copy); x's and out's rows at stride.
+  // out (rows, D) = diag(scales) block (kRows, W) @ x (n, D): the first `rows` of a block's
+  // products with a head's K or V (x, and transposed, its (D, W) copy), row r's scaled by
+  // scales[r * kFoldStride]; x's and out's rows at stride.
   void rows_times(const float* block, const float* x, const float* transposed, float* out,
-                  int rows, float scale) {
+                  int rows, vec scales) {
     if constexpr (kDotProducts) {
       vec acc[kLanes] = {};
 #pragma GCC unroll 8
@@ -315,7 +335,8 @@ class Head {
           for (int c = 0; c < D; ++c) acc[r * D + c] += a * load(transposed + c * W + b * kLanes);
         }
       float sums[kLanes];
-      store(sums, sum_each(acc) * scale);  // (r, c) in lane r D + c
+      // (r, c) in lane r D + c, its scale in lane r kFoldStride = r D (kLanes = kRows D)
+      store(sums, sum_each(acc) * each_of_4_to_its_quarter(scales));
       for (int r = 0; r < rows; ++r)
         std::memcpy(out + r * stride_, sums + r * D, D * sizeof(float));
     } else {
@@ -330,7 +351,7 @@ class Head {
       }, o);
       for (int r = 0; r < rows; ++r)
         for (int c = 0; c < DV; ++c)
-          R::store(out + r * stride_ + c * kRowLanes, o[0][r][c] * scale);
+          R::store(out + r * stride_ + c * kRowLanes, o[0][r][c] * scales[r * kFoldStride]);
     }
   }
 
@@ -374,15 +395,17 @@ class Head {
     for (int i = 0; i < n_ * D; ++i) padded[i] *= inv_sqrt_d_;
   }
 
-  // Scores with -inf added to the padded keys, which only a row's last vector holds.
+  // Scores with kNoWeight added to the padded keys, which only a row's last vector holds.
   vec masked(vec scores, int b) const {
     return b == NB - 1 ? scores + load(pad_.data() + b * kLanes) : scores;
   }
 
-  // out[r] (W) = a[r] (D) @ transposed (D, W) for the kRows rows of a block, from the
-  // score vector B0 on, kTile vectors at a time.
-  template <int B0 = 0>
-  void rows_times_transposed(const float* a, const float* transposed, float* out) {
+  // out[r] (W) = then(a[r] (D) @ transposed (D, W)) for the kRows rows of a block, from the
+  // score vector B0 on, kTile vectors at a time; then(x, r, b) takes a row's vector b while
+  // it is still in a register.
+  template <int B0 = 0, typename Then = decltype(kKeep)>
+  void rows_times_transposed(const float* a, const float* transposed, float* out,
+                             const Then& then = kKeep) {
     constexpr int T = std::min(kTile, NB - B0);
     vec acc[kRows][T] = {};
     for (int c = 0; c < D; ++c) {
@@ -394,9 +417,12 @@ class Head {
 #pragma GCC unroll 8
         for (int b = 0; b < T; ++b) acc[r][b] += a[r * D + c] * column[b];
     }
+#pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r)
-      for (int b = 0; b < T; ++b) store(out + r * W + (B0 + b) * kLanes, acc[r][b]);
-    if constexpr (B0 + T < NB) rows_times_transposed<B0 + T>(a, transposed, out);
+#pragma GCC unroll 8
+      for (int b = 0; b < T; ++b)
+        store(out + r * W + (B0 + b) * kLanes, then(acc[r][b], r, B0 + b));
+    if constexpr (B0 + T < NB) rows_times_transposed<B0 + T>(a, transposed, out, then);
   }
 
   // out_t (D, W) += a^T (D, kRows) @ rows (kRows, W), for the kRows rows of a block of a
@@ -415,20 +441,12 @@ class Head {
     }
   }
 
-  // A row of Q K^T (W) and its forward pass's lse -> the same softmax weights, in place.
-  void weights_again(float* row, float lse) {
-#pragma GCC unroll 8
-    for (int b = 0; b < NB; ++b) {
-      const vec x = masked(load(row + b * kLanes), b) - lse;
-      // Rounding may leave the row's largest a hair above 0; exp_nonpositive still holds.
-      store(row + b * kLanes, exp_nonpositive(x));
-    }
-  }
-
-  // A block's kRows rows of Q K^T (kRows, W), from query i0 on -> their softmax weights, in
-  // place; each row's scaled scores' maximum and the sum of their exp(score - maximum), the
-  // log-sum-exp's two parts, go to row_max_ and row_sum_.
-  void softmax(float* block, int i0) {
+  // A block's kRows rows of Q K^T (kRows, W), from query i0 on -> their softmax weights
+  // times each row's sum, exp(score - maximum), in place; returns 1 / sum, row r's in lane
+  // r * kFoldStride: rows_times scales the block's output rows by it (D products a row
+  // where the weights take W). Each row's maximum and sum, the log-sum-exp's two parts, go
+  // to row_max_ and row_sum_.
+  vec softmax(float* block, int i0) {
     static_assert(kRows == 4);  // fold_each_of_4
     vec x[kRows][NB], high[kRows];
 #pragma GCC unroll 4
@@ -451,15 +469,15 @@ class Head {
         sum[r] += x[r][b];
       }
     }
-    const vec total = sum_each_of_4(sum), inv_total = 1.0f / total;
+    const vec total = sum_each_of_4(sum);
 #pragma GCC unroll 4
     for (int r = 0; r < kRows; ++r) {
 #pragma GCC unroll 8
-      for (int b = 0; b < NB; ++b)
-        store(block + r * W + b * kLanes, x[r][b] * inv_total[r * kFoldStride]);
+      for (int b = 0; b < NB; ++b) store(block + r * W + b * kLanes, x[r][b]);
       row_max_[i0 + r] = max[r * kFoldStride];
       row_sum_[i0 + r] = total[r * kFoldStride];
     }
+    return 1.0f / total;
   }
 
   // A block's kRows rows of weights P and of dP, their cotangent (kRows, W) -> dS, the
@@ -493,7 +511,7 @@ class Head {
   std::vector<float> q_, d_out_;                    // padded to padded_n_ rows
   std::vector<float> weights_, scores_;             // a block's rows of weights, of scores or dS
   std::vector<float> row_max_, row_sum_;            // the forward's rows' log-sum-exp parts
-  std::vector<float> pad_;                        // 0 for a real key, -inf for padding
+  std::vector<float> pad_;                        // 0 for a real key, kNoWeight for padding
 };
 
 // --- Heads, threads and the FFI handlers ------------------------------------------------
