@@ -61,6 +61,7 @@ def test_config_dict_round_trips_and_optional_fields_stay_settable():
     ("label_smoothing", 1.0, "config.label_smoothing=1.0 must be in"),
     ("train_examples", 10, "config.train_examples=10 must be at least batch_size=128"),
     ("augment_max_shift", -2, "config.augment_max_shift=-2 must not be negative"),
+    ("warmup_steps", -1, "config.warmup_steps=-1 must not be negative"),
     ("seed", True, "config.seed=True has type bool"),
     ("learnig_rate", 0.1, "config.learnig_rate is not a known key"),
 ])

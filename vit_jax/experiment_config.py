@@ -111,11 +111,17 @@ class ExperimentConfig:
   keep_checkpoints: int = 3
 
   def __post_init__(self):
+    self._check_schedule()
+    self._check_augmentation()
+    self._check_data()
+
+  def _check_schedule(self):
+    """Batches, steps, the optimizer and the loss."""
     for key in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints"):
       value = getattr(self, key)
       require(value > 0, key, value, "must be positive")
-    for key in ("warmup_steps", "eval_every_steps", "augment_max_shift", "validation_examples"):
+    for key in ("warmup_steps", "eval_every_steps"):
       value = getattr(self, key)
       require(value >= 0, key, value, "must not be negative")
     if isinstance(self.microbatch_size, str) and self.microbatch_size.isdigit():
@@ -131,6 +137,11 @@ class ExperimentConfig:
     require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing,
             "must be in [0, 1)")
     require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in [0, 1)")
+
+  def _check_augmentation(self):
+    """The distortions of training images and the views evaluation averages over."""
+    require(self.augment_max_shift >= 0, "augment_max_shift", self.augment_max_shift,
+            "must not be negative")
     for key, top in (("augment_max_rotation", 180), ("augment_max_shear", 45),
                      ("augment_max_scale", 0.5), ("random_erasing", 1), ("augment_flip", 1),
                      ("augment_elastic_alpha", 100), ("eval_max_shift", 4)):
@@ -143,6 +154,9 @@ class ExperimentConfig:
             self.undistorted_final_epochs, f"must be in [0, num_epochs={self.num_epochs}]")
     require(1 <= self.augment_elastic_sigma <= 10, "augment_elastic_sigma",
             self.augment_elastic_sigma, "must be in [1, 10] (pixels)")
+
+  def _check_data(self):
+    """The model's input against the dataset, and the split of its training examples."""
     # Both datasets are 28x28 grey images of 10 classes.
     for key, value in (("num_classes", 10), ("image_size", 28), ("num_channels", 1)):
       require(getattr(self.model, key) == value, f"model.{key}", getattr(self.model, key),
@@ -152,6 +166,8 @@ class ExperimentConfig:
             f"must be at least batch_size={self.batch_size}")
     require(not self.reinit_head or self.init_from is not None, "reinit_head",
             self.reinit_head, "needs config.init_from (there is no head to keep otherwise)")
+    require(self.validation_examples >= 0, "validation_examples", self.validation_examples,
+            "must not be negative")
     left = 60000 - self.validation_examples
     require(left >= self.batch_size, "validation_examples", self.validation_examples,
             f"leaves fewer than batch_size={self.batch_size} of the 60000 training examples")
