@@ -49,7 +49,9 @@ SHAPES = [(2, 4, 50, 16),   # the seed's heads
           (17, 4, 50, 16),  # 68 heads: the last chunk a partial one
           (2, 16, 50, 4),   # 16 heads over a width of 64: rows narrower than a vector
           (2, 8, 50, 8),    # 8 heads over a width of 64
-          (1, 3, 9, 4)]     # heads of 4 over fewer tokens than a vector
+          (1, 3, 9, 4),     # heads of 4 over fewer tokens than a vector
+          (1, 2, 100, 16),  # Q K^T in several passes of vectors, the last with padded keys
+          (1, 2, 99, 4)]    # the same with heads of 4, and padded query rows
 
 
 @requires_kernel
@@ -92,6 +94,18 @@ def test_gradients_match_autodiff_of_attend(kernel, shape, reads):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   assert _uses_kernel(jax.grad(loss(kernel.attend)), q, k, v,
                       target="VitAttentionBackward") == (reads != "weights")
+
+
+@requires_kernel
+@pytest.mark.parametrize("head_dim", [16, 4])
+def test_a_nan_query_makes_its_own_output_row_nan_and_no_other(kernel, head_dim):
+  # As attention.attend does: no clamp inside the kernel may turn a NaN into a weight of 0,
+  # which would hide it from the training loop's NaN check.
+  q, k, v = (rand(1, 2, 50, head_dim, seed=s) for s in range(3))
+  q[0, 1, 7, 0] = np.nan
+  out = np.asarray(jax.jit(lambda q: kernel.attend(q, k, v)[0])(q))
+  np.testing.assert_array_equal(np.isnan(out), np.isnan(A.attend(q, k, v)[0]))
+  assert np.isnan(out[0, 1, 7]).all() and np.isnan(out).sum() == head_dim
 
 
 @requires_kernel

@@ -69,15 +69,16 @@ struct Row {
 };
 
 // Where a weight must be 0: the padded keys' scores, and minus a padded query row's lse in
-// the backward pass. Finite, so that exp_nonpositive needs no clamp for -inf (whose t -
-// floor(t) is not a number); exp of it is 0.
+// the backward pass. Finite, so that exp_nonpositive needs no clamp on AVX-512 (without
+// AVX-512 DQ, t - floor(t) of -inf would be NaN); its exp is 0 there, and about 1.6e-38
+// under AVX2's clamp, beside a row's exp(0) = 1.
 constexpr float kNoWeight = -1e30f;
 
 // exp(x) for finite x <= 0, as 2^t with t = x / ln 2.
 // AVX-512: t = n + f with n = floor(t), f in [0, 1); a degree-5 polynomial for 2^f (a
 // relative-minimax fit with 2^0 = 1 exactly, within 1.5e-7 in float32: about 1 ulp) and
 // vscalefps, which multiplies by 2^floor(t) itself, down to 0 (or a denormal) for any t
-// below -150 however large: 8 instructions, no clamp. Rounding t costs exp(x)
+// below -150 however large: 8 instructions, no clamp, and a NaN stays NaN. Rounding t costs exp(x)
 // a relative 2^-24 |t|, under 1e-6 where the weight is over 1e-7 (x > -16), and nothing that
 // shows beside the row's larger weights.
 // AVX2: Cody-Waite reduction to r in [-ln2/2, ln2/2] (ln 2 in two parts, so that r keeps its
@@ -99,7 +100,9 @@ inline vec exp_nonpositive(vec x) {
   p = p * f + 1.0f;
   return _mm512_scalef_ps(p, t);  // p 2^floor(t)
 #else
-  x = _mm256_max_ps(x, splat(-87.0f));  // exp(-87), about 1.6e-38, beside a row's exp(0) = 1
+  // exp(-87), about 1.6e-38, for anything lower; maxps returns its second operand where
+  // either is NaN, so a NaN stays NaN (as with AVX-512, and the einsum path).
+  x = _mm256_max_ps(splat(-87.0f), x);
   const vec round = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const vec n = (x * 1.44269504088896341f + round) - round;
   vec r = x - n * 0.693359375f;
