@@ -172,18 +172,12 @@ inline vec sum_each(const vec (&a)[16]) {
          __builtin_shufflevector(x[0], x[1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28,
                                  29, 30, 31);
 }
-
-// Lanes 0, 4, 8 and 12 (a fold_each_of_4's results) each copied over its quarter.
-inline vec each_of_4_to_its_quarter(vec x) {
-  return __builtin_shufflevector(x, x, 0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
-}
 #else
-inline vec sum_each(const vec (&a)[kLanes]);  // these two with AVX-512 only
-inline vec each_of_4_to_its_quarter(vec x);
+inline vec sum_each(const vec (&a)[kLanes]);  // used with AVX-512 only
 #endif
 
-// f folded over the lanes of each of four vectors, a[r]'s in lane r * kLanes / 4 (the
-// others hold partial folds): a block's four rows in one chain of shuffles, where each row's
+// f (commutative) folded over the lanes of each of four vectors, a[r]'s in every lane of the
+// result's quarter r: a block's four rows in one chain of shuffles, where each row's
 // own chain, then a broadcast of its result, held the softmax's hottest instructions.
 template <typename F>
 inline vec fold_each_of_4(const vec (&a)[4], F f) {
@@ -214,7 +208,7 @@ inline vec fold_each_of_4(const vec (&a)[4], F f) {
   return f(z, __builtin_shufflevector(z, z, 1, 0, 3, 2, 5, 4, 7, 6));
 #endif
 }
-constexpr int kFoldStride = kLanes / 4;  // fold_each_of_4's lanes: 0, kFoldStride, ...
+constexpr int kFoldStride = kLanes / 4;  // a lane of each of fold_each_of_4's quarters
 
 inline vec max_each_of_4(const vec (&a)[4]) {
   return fold_each_of_4(a, [](vec x, vec y) { return x > y ? x : y; });
@@ -324,7 +318,7 @@ class Head {
 
   // out (rows, D) = diag(scales) block (kRows, W) @ x (n, D): the first `rows` of a block's
   // products with a head's K or V (x, and transposed, its (D, W) copy), row r's scaled by
-  // scales[r * kFoldStride]; x's and out's rows at stride.
+  // each lane of scales' quarter r; x's and out's rows at stride.
   void rows_times(const float* block, const float* x, const float* transposed, float* out,
                   int rows, vec scales) {
     if constexpr (kDotProducts) {
@@ -338,8 +332,8 @@ class Head {
           for (int c = 0; c < D; ++c) acc[r * D + c] += a * load(transposed + c * W + b * kLanes);
         }
       float sums[kLanes];
-      // (r, c) in lane r D + c, its scale in lane r kFoldStride = r D (kLanes = kRows D)
-      store(sums, sum_each(acc) * each_of_4_to_its_quarter(scales));
+      // (r, c) in lane r D + c, in quarter r (kLanes = kRows D), as row r's scale is
+      store(sums, sum_each(acc) * scales);
       for (int r = 0; r < rows; ++r)
         std::memcpy(out + r * stride_, sums + r * D, D * sizeof(float));
     } else {
@@ -445,8 +439,8 @@ class Head {
   }
 
   // A block's kRows rows of Q K^T (kRows, W), from query i0 on -> their softmax weights
-  // times each row's sum, exp(score - maximum), in place; returns 1 / sum, row r's in lane
-  // r * kFoldStride: rows_times scales the block's output rows by it (D products a row
+  // times each row's sum, exp(score - maximum), in place; returns 1 / sum, row r's in
+  // quarter r: rows_times scales the block's output rows by it (D products a row
   // where the weights take W). Each row's maximum and sum, the log-sum-exp's two parts, go
   // to row_max_ and row_sum_.
   vec softmax(float* block, int i0) {
