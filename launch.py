@@ -28,8 +28,6 @@ def _env_int(name: str) -> int | None:
   value = os.environ.get(name)
   return int(value) if value else None
 
-config_flags.DEFINE_config_file("config", "experiments/mnist.py", "Experiment config file.",
-                                lock_config=True)
 flags.DEFINE_string("workdir", None, "Folder for checkpoints, config and metrics.",
                     required=True)
 flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "visualize", "export",
@@ -213,6 +211,10 @@ def run():
 
   run_log.PROCESS_ENDS_ON_FAILURE = True
   try:
+    # Defined here, not at import: without --config, defining it loads the default file and
+    # applies the `--config.x=...` flags at once, and a misspelled key must be one line too.
+    config_flags.DEFINE_config_file("config", "experiments/mnist.py", "Experiment config file.",
+                                    lock_config=True)
     app.run(main)
   except (AttributeError, KeyError) as e:
     # ml_collections raises these, with a traceback, for `--config.x=...` naming no field.

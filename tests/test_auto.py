@@ -149,6 +149,24 @@ def test_an_explicit_dtype_stands_and_emulated_bfloat16_says_so(platform):
   assert dtype == "bfloat16" and "no bfloat16 units: XLA emulates them" in why
 
 
+def test_an_explicit_kernel_that_cannot_run_is_one_line(monkeypatch):
+  model = dataclasses.replace(SEED_SHAPE, attention_kernel="fused_cpu")
+  monkeypatch.setattr(fused_attention, "load", lambda: "no C++ compiler 'g++' on PATH")
+  with pytest.raises(ValueError, match=r"^model.attention_kernel='fused_cpu' cannot run here: "
+                     r"no C\+\+ compiler 'g\+\+' on PATH \(use 'auto' or 'einsum'\)$"):
+    auto.choose_attention_kernel(model, 16)
+  monkeypatch.setattr(fused_attention, "load", lambda: None)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with pytest.raises(ValueError, match=r"^model.attention_kernel='fused_cpu' runs on CPUs "
+                     r"only, this is a gpu \(use 'auto' or 'einsum'\)$"):
+    auto.choose_attention_kernel(model, 16)
+  # A CPU run's recorded choice, evaluated on a GPU, is no error: there the model computes
+  # the same attention on the einsum path (`fused_attention.attend`).
+  config = ExperimentConfig(model=SEED_SHAPE)
+  resolved, _ = auto.resolve(config, recorded={"model": {"attention_kernel": "fused_cpu"}})
+  assert resolved.model.attention_kernel == "fused_cpu"
+
+
 def test_bfloat16_that_xla_cannot_run_is_one_line(monkeypatch):
   assert auto.bfloat16_failure() is None  # XLA's CPU backend computes it, if slowly
   monkeypatch.setattr(auto, "bfloat16_failure", lambda: "UNIMPLEMENTED: no bf16 dot")

@@ -134,8 +134,11 @@ def test_predict_bad_image_is_one_clear_line(trained, tmp_path):
      'did you mean "model" instead of "modle"?'),
     ("--workdir=/mnt/vit_jax-test-not-mounted/run", "error: workdir="),
 ])
-def test_bad_config_is_one_clear_line_before_any_work(flag, message, tmp_path):
-  result = launch("--config=experiments/tiny.py", f"--workdir={tmp_path / 'run'}", flag)
+@pytest.mark.parametrize("config", ["--config=experiments/tiny.py", None],
+                         ids=["named", "default"])
+def test_bad_config_is_one_clear_line_before_any_work(flag, message, config, tmp_path):
+  """With --config named or not: without it, the default file is read as the flag is defined."""
+  result = launch(*filter(None, [config]), f"--workdir={tmp_path / 'run'}", flag)
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1].startswith(message)
   assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1

@@ -194,7 +194,7 @@ def test_a_workdir_saved_before_newer_config_fields_still_resumes(tmp_path):
   write_or_check_config(tmp_path, config)  # their defaults are what that run had
   with pytest.raises(ValueError, match="model.drop_path_rate: 0.0 -> 0.1"):
     write_or_check_config(tmp_path, dataclasses.replace(
-        config, model=dataclasses.replace(config.model, drop_path_rate=0.1)))
+        config, model=dataclasses.replace(config.model, num_layers=2, drop_path_rate=0.1)))
 
 
 def test_a_log_that_cannot_be_flushed_at_the_end_is_no_second_error(tmp_path):

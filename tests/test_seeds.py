@@ -1,5 +1,6 @@
 """Seeds trained as one (`vit_jax.seeds`): the same as separate runs, up to float rounding."""
 
+import dataclasses
 import json
 
 import jax
@@ -77,3 +78,12 @@ def test_bad_seed_lists_are_one_line(tmp_path, data):
   with pytest.raises(ValueError, match=r"^seeds=\[1, 1\] must be distinct"):
     seeds.train_and_evaluate_seeds(CONFIG, [1, 1], tmp_path / "g", [tmp_path / "a",
                                                                     tmp_path / "b"], data)
+
+
+def test_a_fine_tuning_config_is_refused_not_trained_from_scratch(tmp_path, data):
+  config = dataclasses.replace(CONFIG, init_from=str(tmp_path / "source"))
+  with pytest.raises(ValueError, match=r"^config.init_from='.*source' is not available for "
+                                       "seeds trained as one step"):
+    seeds.train_and_evaluate_seeds(config, [0, 1], tmp_path / "g", [tmp_path / "a",
+                                                                    tmp_path / "b"], data)
+  assert not (tmp_path / "g").exists()

@@ -180,22 +180,32 @@ def test_non_finite_loss_stops_training_and_is_not_checkpointed(tmp_path, digits
   assert saved == [2, 4]
 
 
-def test_resuming_with_another_model_is_refused(tmp_path, digits):
+ANOTHER_RUN = [
+    ({"model": get_model_config("testing", num_heads=4)},
+     r"different model \(model.num_heads: 2 -> 4\)"),
+    ({"dataset": "fashion_mnist"},
+     r"holds a run on mnist, not config.dataset='fashion_mnist'; pass that run's config"),
+]
+
+
+@pytest.mark.parametrize("change,message", ANOTHER_RUN, ids=["model", "dataset"])
+def test_resuming_with_another_model_or_dataset_is_refused(tmp_path, digits, change, message):
   data = subset(digits, 256)
   config = small_config(num_epochs=0.25)
   train.train_and_evaluate(config, tmp_path / "run", data=data)
-  other = dataclasses.replace(config, model=get_model_config("testing", num_heads=4))
-  with pytest.raises(ValueError, match=r"different model \(model.num_heads: 2 -> 4\)"):
-    train.train_and_evaluate(other, tmp_path / "run", data=data)
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(dataclasses.replace(config, **change), tmp_path / "run", data=data)
 
 
-def test_eval_of_a_workdir_with_another_model_is_refused(tmp_path, digits):
+@pytest.mark.parametrize("change,message", ANOTHER_RUN, ids=["model", "dataset"])
+def test_eval_of_a_workdir_with_another_model_or_dataset_is_refused(tmp_path, digits, change,
+                                                                    message):
   data = subset(digits, 256)
   config = small_config(num_epochs=0.25)
   train.train_and_evaluate(config, tmp_path / "run", data=data)
-  other = dataclasses.replace(config, model=get_model_config("testing", num_heads=4))
-  with pytest.raises(ValueError, match=r"different model \(model.num_heads: 2 -> 4\)"):
-    inference.evaluate_checkpoint(other, tmp_path / "run", data=data)
+  with pytest.raises(ValueError, match=message):
+    inference.evaluate_checkpoint(dataclasses.replace(config, **change), tmp_path / "run",
+                                  data=data)
   assert (tmp_path / "run" / "checkpoints" / "1").is_dir()  # nothing moved aside
 
 

@@ -46,6 +46,8 @@ def choose_attention_kernel(model: ModelConfig, microbatch: int) -> tuple[str, s
   kernel would see. `model.compute_dtype` is already chosen (`resolve` chooses it first):
   the einsum path is timed in it.
   """
+  if model.attention_kernel == "fused_cpu":
+    _check_the_kernel_runs()
   if model.attention_kernel != "auto":
     return model.attention_kernel, "as configured"
   if jax.default_backend() != "cpu":
@@ -64,6 +66,18 @@ def choose_attention_kernel(model: ModelConfig, microbatch: int) -> tuple[str, s
     return "fused_cpu", f"its attention measured {speedup:.2f}x einsum's here"
   return "einsum", (f"the fused kernel measured {speedup:.2f}x einsum's attention here, "
                     f"under {MIN_KERNEL_SPEEDUP}x")
+
+
+def _check_the_kernel_runs() -> None:
+  """A one-line ValueError where an explicit 'fused_cpu' cannot run (the model would
+  otherwise take the einsum path without a word)."""
+  from vit_jax.kernels import fused_attention
+
+  backend = jax.default_backend()
+  why = (f"runs on CPUs only, this is a {backend}" if backend != "cpu"
+         else f"cannot run here: {fused_attention.load()}" if fused_attention.load() else None)
+  if why:
+    raise ValueError(f"model.attention_kernel='fused_cpu' {why} (use 'auto' or 'einsum')")
 
 
 def bfloat16_failure() -> str | None:

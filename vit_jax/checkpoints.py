@@ -63,16 +63,23 @@ _COMPUTATION_ONLY = ("attention_kernel",)
 
 
 def write_or_check_config(workdir: Path, config: Any, write: bool = True) -> None:
-  """Saves the resolved config in `workdir` (if `write`), or refuses one that changes the model.
+  """Saves the resolved config in `workdir` (if `write`), or refuses one that changes the model
+  or the dataset.
 
-  A workdir's checkpoints only fit the model they were trained with, so resuming
-  with a different `model` section is an error; other changes are allowed.
+  A workdir's checkpoints only fit the model they were trained with, so resuming or evaluating
+  with a different `model` section is an error; so is another dataset, whose test split and
+  normalisation would be taken without a word (`init_from` fine-tunes on another in a new
+  workdir). Other changes are allowed.
   """
   resolved = dataclasses.asdict(config)
   path = workdir / CONFIG_FILE
   if path.exists():
     # A field added since the run was saved has its default there.
     saved = _with_defaults(json.loads(path.read_text()), config)
+    if saved["dataset"] != resolved["dataset"]:
+      raise ValueError(f"workdir={str(workdir)!r} holds a run on {saved['dataset']}, not "
+                       f"config.dataset={resolved['dataset']!r}; pass that run's config, or "
+                       "fine-tune in a new workdir (config.init_from)")
     changed = sorted(k for k in set(saved["model"]) | set(resolved["model"])
                      if saved["model"].get(k) != resolved["model"].get(k))
     structural = [k for k in changed if k not in _COMPUTATION_ONLY]

@@ -8,6 +8,7 @@ and impossible values with a one-line ValueError naming the key and value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Literal
 
@@ -130,9 +131,12 @@ class ExperimentConfig:
     require(self.microbatch_size in (None, "auto") or (
         isinstance(self.microbatch_size, int) and self.microbatch_size > 0),
             "microbatch_size", self.microbatch_size, "must be positive, None or 'auto'")
-    require(self.num_epochs > 0, "num_epochs", self.num_epochs, "must be positive")
-    require(self.learning_rate > 0, "learning_rate", self.learning_rate, "must be positive")
-    require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must not be negative")
+    for key in ("num_epochs", "learning_rate"):
+      value = getattr(self, key)
+      require(0 < value < math.inf, key, value, "must be positive and finite")
+    require(0 <= self.weight_decay < math.inf, "weight_decay", self.weight_decay,
+            "must be finite and not negative")
+    require(self.seed >= 0, "seed", self.seed, "must not be negative")
     require(self.grad_clip_norm > 0, "grad_clip_norm", self.grad_clip_norm, "must be positive")
     require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing,
             "must be in [0, 1)")
@@ -140,8 +144,8 @@ class ExperimentConfig:
 
   def _check_augmentation(self):
     """The distortions of training images and the views evaluation averages over."""
-    require(self.augment_max_shift >= 0, "augment_max_shift", self.augment_max_shift,
-            "must not be negative")
+    require(0 <= self.augment_max_shift <= 14, "augment_max_shift", self.augment_max_shift,
+            "must be in [0, 14] (half the 28-pixel image)")
     for key, top in (("augment_max_rotation", 180), ("augment_max_shear", 45),
                      ("augment_max_scale", 0.5), ("random_erasing", 1), ("augment_flip", 1),
                      ("augment_elastic_alpha", 100), ("eval_max_shift", 4)):
@@ -164,6 +168,8 @@ class ExperimentConfig:
     require(self.train_examples is None or self.train_examples >= self.batch_size,
             "train_examples", self.train_examples,
             f"must be at least batch_size={self.batch_size}")
+    require(self.init_from is None or self.init_from.strip(), "init_from", self.init_from,
+            "must name a run's workdir (None: start from config.seed)")
     require(not self.reinit_head or self.init_from is not None, "reinit_head",
             self.reinit_head, "needs config.init_from (there is no head to keep otherwise)")
     require(self.validation_examples >= 0, "validation_examples", self.validation_examples,

@@ -95,10 +95,13 @@ class ModelConfig:
     else:
       require(self.qkv_rank is None, "qkv_rank", self.qkv_rank,
               f"applies to qkv='low_rank' only, not qkv={self.qkv!r}")
-    require(not self.qkv_bias or self.qkv not in ("low_rank", "frozen_random"), "qkv_bias",
-            self.qkv_bias, f"is not available with qkv={self.qkv!r}")
+    require(not self.qkv_bias or self.qkv not in ("identity", "low_rank", "frozen_random"),
+            "qkv_bias", self.qkv_bias, f"is not available with qkv={self.qkv!r}")
     for key in ("dropout_rate", "drop_path_rate"):
       require(0.0 <= getattr(self, key) < 1.0, key, getattr(self, key), "must be in [0, 1)")
+    # The rate rises from 0 at the first block, so one block would never drop.
+    require(self.drop_path_rate == 0 or self.num_layers > 1, "drop_path_rate",
+            self.drop_path_rate, "needs num_layers > 1 (the first block never drops)")
     require(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", self.compute_dtype,
             f"is not one of {', '.join(map(repr, COMPUTE_DTYPES))}")
     require(self.attention_kernel in ("auto", *kernels.KERNELS), "attention_kernel",

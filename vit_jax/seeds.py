@@ -75,6 +75,9 @@ def train_and_evaluate_seeds(config: Any, seeds: Sequence[int], workdir: str | P
   if len(set(seeds)) != len(seeds) or len(seeds) != len(seed_workdirs) or not seeds:
     raise ValueError(f"seeds={list(seeds)} must be distinct, at least one, and one per "
                      f"seed workdir ({len(seed_workdirs)} given)")
+  if config.init_from is not None:  # the stacked states start from `seed` only
+    raise ValueError(f"config.init_from={config.init_from!r} is not available for seeds "
+                     "trained as one step; train them as separate runs")
   runner = Runner(choose_mode(config.parallel))
   microbatches_per_step(config, runner)  # batches the devices cannot share fail here
   workdir = prepare_workdir(workdir)
