@@ -83,6 +83,22 @@ def test_elastic_displacements_are_smooth_and_as_large_as_blurred_noise_says():
   assert np.abs(np.diff(rough, axis=2)).mean() > 2 * np.abs(np.diff(dx, axis=2)).mean()
 
 
+@pytest.mark.parametrize("sigma", [1.0, 5.0, 10.0])  # 10: taps (61) longer than the image
+def test_elastic_blur_is_scipy_s_at_every_sigma_the_config_allows(sigma):
+  from scipy import ndimage
+
+  ramp = np.broadcast_to(np.arange(28.0)[None, :, None], (8, 28, 28, 1))
+  dx = np.asarray(augment.random_elastic(ramp, keys(8), 1.0, sigma) - ramp)[..., 0]
+  noise = jax.vmap(lambda key: jax.random.uniform(key, (2, 28, 28), minval=-1.0,
+                                                  maxval=1.0))(keys(8))[:, 1]
+  reference = [ndimage.gaussian_filter(np.asarray(n, np.float64), sigma, mode="constant",
+                                       truncate=3.0) for n in noise]
+  # The ramp's columns are its values, so bilinear sampling returns the displacement itself;
+  # zero-filled past the borders (and displaced by under a pixel), hence the inner ones only.
+  inner = (slice(None), slice(2, 26), slice(2, 26))
+  np.testing.assert_allclose(dx[inner], np.stack(reference)[inner], atol=1e-5)
+
+
 def test_erasing_zeroes_one_rectangle_of_the_given_share():
   images = np.full((200, 28, 28, 1), 255, np.uint8)
   erase = jax.jit(augment.random_erasing, static_argnums=2)

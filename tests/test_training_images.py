@@ -51,31 +51,64 @@ def test_the_line_is_said_where_the_undistorted_epochs_begin_or_a_resumed_run_st
   assert undistorted_line(config(), 360, 300, first_step=0) is None
 
 
+def moved_state(run):
+  """A fresh state with its parameters off their initial values (a zero head makes every
+  image's loss log 10, whatever the images)."""
+  state = steps.create_train_state(run, total_steps=16)
+  leaves, tree = jax.tree_util.tree_flatten(state.params)
+  noise = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+  moved = [leaf + 0.1 * jax.random.normal(key, leaf.shape)
+           for leaf, key in zip(leaves, noise, strict=True)]
+  return state.replace(params=jax.tree_util.tree_unflatten(tree, moved))
+
+
+def step_loss(run, state, step=0):
+  """The loss of `run`'s compiled step at `step` on 16 synthetic digits, before its update:
+  it sees the images the step makes."""
+  data = step_speed.synthetic_digits(run, 16)
+  index = np.arange(16, dtype=np.int32)
+  step_fn = steps.compile_train_step(run, Runner("jit"), total_steps=16)
+  fresh = jax.tree_util.tree_map(jnp.array, state.replace(step=jnp.asarray(step)))
+  return float(step_fn(fresh, data, index, index, jax.random.PRNGKey(0))[1]["loss"])
+
+
 def test_the_compiled_step_switches_at_the_state_s_own_step():
   common = dict(dataset="mnist", augment_flip=0.0, num_epochs=2, batch_size=16)
   runs = {"switching": config(**common, undistorted_final_epochs=1),  # steps 8-15 undistorted
           "distorted": config(**common),
           "without": config(**common, augment_max_rotation=0.0, augment_max_shear=0.0,
                             random_erasing=0.0)}
-  data = step_speed.synthetic_digits(runs["distorted"], 16)
-  index = np.arange(16, dtype=np.int32)
-  state = steps.create_train_state(runs["distorted"], total_steps=16)
-  # Parameters off their initial values (a zero head makes every image's loss log 10).
-  leaves, tree = jax.tree_util.tree_flatten(state.params)
-  noise = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  moved = [leaf + 0.1 * jax.random.normal(key, leaf.shape)
-           for leaf, key in zip(leaves, noise, strict=True)]
-  state = state.replace(params=jax.tree_util.tree_unflatten(tree, moved))
+  state = moved_state(runs["distorted"])
 
-  def loss(name, step):  # the batch's loss before the update: it sees the step's images
-    step_fn = steps.compile_train_step(runs[name], Runner("jit"), total_steps=16)
-    fresh = jax.tree_util.tree_map(jnp.array, state.replace(step=jnp.asarray(step)))
-    return float(step_fn(fresh, data, index, index, jax.random.PRNGKey(0))[1]["loss"])
+  def loss(name, step):
+    return step_loss(runs[name], state, step)
 
   assert loss("switching", 7) == pytest.approx(loss("distorted", 7), rel=1e-6)
   assert loss("switching", 8) == pytest.approx(loss("without", 8), rel=1e-6)
   assert loss("switching", 15) == pytest.approx(loss("without", 15), rel=1e-6)
   assert loss("switching", 7) != pytest.approx(loss("without", 7), rel=1e-3)
+
+
+@pytest.mark.parametrize("base,change", [
+    ({}, {"augment_max_shift": 2}),
+    ({}, {"augment_max_rotation": 30.0}),
+    ({}, {"augment_max_scale": 0.3}),
+    ({}, {"augment_max_shear": 20.0}),
+    ({}, {"augment_elastic_alpha": 34.0}),
+    ({"augment_elastic_alpha": 34.0}, {"augment_elastic_sigma": 8.0}),
+    ({}, {"random_erasing": 1.0}),
+    ({"dataset": "fashion_mnist"}, {"augment_flip": 1.0}),
+    ({}, {"label_smoothing": 0.2}),
+    ({}, {"dataset": "fashion_mnist"}),  # its own normalisation
+], ids=lambda fields: ",".join(fields) or "-")
+def test_every_field_the_step_reads_changes_its_loss(base, change):
+  """A field the compiled step ignored would leave the first loss as it was."""
+  plain = config(**{"dataset": "mnist", "augment_max_shift": 0, "augment_max_rotation": 0.0,
+                    "augment_max_shear": 0.0, "random_erasing": 0.0, "augment_flip": 0.0,
+                    "num_epochs": 2, "batch_size": 16, **base})
+  state = moved_state(plain)
+  changed = dataclasses.replace(plain, **change)
+  assert step_loss(changed, state) != pytest.approx(step_loss(plain, state), rel=1e-4)
 
 
 def test_the_last_epochs_keep_the_shifts_and_flips_and_drop_the_distortions():

@@ -79,10 +79,13 @@ def random_elastic(images: jax.Array, keys: jax.Array, alpha: float, sigma: floa
   _, height, width, _ = images.shape
   rows, cols = jnp.meshgrid(jnp.arange(height), jnp.arange(width), indexing="ij")
   taps = gaussian_taps(sigma)
+  radius = len(taps) // 2
+
+  def smooth(line):  # the full convolution's middle: `mode="same"` would keep the taps'
+    return jnp.convolve(line, taps, mode="full")[radius:radius + len(line)]  # length if longer
 
   def blur(field):  # (H, W): separable, rows then columns
-    field = jax.vmap(lambda r: jnp.convolve(r, taps, mode="same"))(field)
-    return jax.vmap(lambda c: jnp.convolve(c, taps, mode="same"), 1, 1)(field)
+    return jax.vmap(smooth, 1, 1)(jax.vmap(smooth)(field))
 
   def one(image, key):
     noise = jax.random.uniform(key, (2, height, width), minval=-1.0, maxval=1.0)
