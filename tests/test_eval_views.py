@@ -118,15 +118,15 @@ def test_evaluation_and_prediction_average_each_image_with_its_mirror(mode, digi
   state = untrained_state()
   images, labels = digits["test"]["image"][:40], digits["test"]["label"][:40]
   runner = Runner(mode)
-  held = runner.replicate({"image": images, "label": labels})
-  result = steps.Evaluator(runner, held, 40, 16, "fashion_mnist", flip=True)(
+  config = ExperimentConfig(model=get_model_config("testing"), dataset="fashion_mnist",
+                            eval_flip=True, eval_batch_size=16)
+  # The evaluator as every evaluation builds it, from the config's fields.
+  result = inference.split_evaluator(config, runner, {"image": images, "label": labels})(
       runner.replicate(state))
   probs = mirrored_reference(state, images)
   assert result["eval_loss"] == pytest.approx(
       -np.mean(np.log(probs[np.arange(40), labels])), rel=1e-4)
   assert result["eval_accuracy"] == pytest.approx(np.mean(probs.argmax(-1) == labels))
-  config = ExperimentConfig(model=get_model_config("testing"), dataset="fashion_mnist",
-                            eval_flip=True)
   predicted = inference.probabilities(config, state.apply_fn, state.params, images[:12])
   np.testing.assert_allclose(predicted, probs[:12], rtol=1e-4, atol=1e-6)
 

@@ -97,3 +97,24 @@ def test_label_smoothing_changes_the_loss():
   assert plain == pytest.approx(-np.log(p[0]), rel=1e-5)
   target = np.array([0.9 + 0.1 / 3, 0.1 / 3, 0.1 / 3])
   assert smoothed == pytest.approx(-(target * np.log(p)).sum(), rel=1e-5)
+
+
+def test_the_optimizer_decays_the_weights_and_clips_the_gradient_as_configured():
+  config = small_config(warmup_steps=0, learning_rate=1e-2, weight_decay=0.5,
+                        grad_clip_norm=1e-3)
+  state = steps.create_train_state(config, total_steps=10)
+  assert float(steps.learning_rate_schedule(config, 10)(0)) == pytest.approx(1e-2)
+  # No gradient: Adam's part of the update is 0, and the decay alone moves the weights.
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+  decayed = state.apply_gradients(grads=zeros).params
+  jax.tree_util.tree_map(lambda new, old: np.testing.assert_allclose(
+      new, old * (1 - 1e-2 * 0.5), rtol=1e-6), decayed, state.params)
+  # A gradient of global norm 1,000: Adam's first moment holds (1 - b1) times the clipped one.
+  ones = jax.tree_util.tree_map(jnp.ones_like, state.params)
+  norm = float(optax.global_norm(ones))
+  large = jax.tree_util.tree_map(lambda g: g * 1000 / norm, ones)
+  adam, = [s for s in jax.tree_util.tree_leaves(
+      state.apply_gradients(grads=large).opt_state,
+      is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
+      if isinstance(s, optax.ScaleByAdamState)]
+  assert float(optax.global_norm(adam.mu)) == pytest.approx(0.1 * 1e-3, rel=1e-4)
