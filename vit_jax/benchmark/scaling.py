@@ -128,9 +128,12 @@ def main(argv):
   del argv
   logging.getLogger("absl").setLevel(logging.WARNING)
   config = flags.FLAGS.config
-  print(host_cpu.configure(flags.FLAGS.cpu_devices, (config.batch_size,
-                                                     config.eval_batch_size)))
+  why_devices = host_cpu.configure(flags.FLAGS.cpu_devices, (config.batch_size,
+                                                             config.eval_batch_size))
+  print(why_devices)
   result = run(config, flags.FLAGS.steps_per_window, flags.FLAGS.windows)
+  if jax.default_backend() == "cpu":  # as `python -m vit_jax.benchmark` records it
+    result["devices_chosen"] = why_devices
   print(table(result))
   if "heads_16_over_4" in result:
     print(f"16 heads over 4 heads, training images/s: {result['heads_16_over_4']:.2f}x")
