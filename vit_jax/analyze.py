@@ -145,6 +145,10 @@ def analyze_checkpoint(config: Any, workdir: str | Path, num_images: int = 1000,
                        ablations: tuple[str, ...] = ("zero",)) -> list[Path]:
   """Every instrument on the first `num_images` test images; -> the files written.
 
+  Each image is seen once, as it is: the test-time views (`eval_max_shift`, `eval_flip`) are
+  not averaged over, so the accuracy a removed head is measured against is the one-view
+  accuracy, not the run's `eval_accuracy` where it evaluated with views.
+
   ablations: how a removed head is removed, each one set of importance files: 'zero' (its
   output zeroed) or 'mean' (its output replaced by its mean over those images,
   `instruments.head_means`; files named *_mean). The other instruments are measured once.

@@ -54,8 +54,9 @@ class ExperimentConfig:
   microbatch_size: int | Literal["auto"] | None = None
   # Passes over the training set (fractions allowed); the steps are rounded up.
   num_epochs: float = 5.0
-  # AdamW's peak learning rate, reached by a linear warm-up over warmup_steps and then
-  # decayed to 0 along a cosine by the last step. weight_decay is AdamW's decoupled decay.
+  # AdamW's peak learning rate, reached by a linear warm-up over warmup_steps (at most the
+  # run's steps less one) and then decayed to 0 along a cosine by the last step.
+  # weight_decay is AdamW's decoupled decay.
   learning_rate: float = 1e-3
   warmup_steps: int = 200
   weight_decay: float = 0.05
@@ -87,7 +88,8 @@ class ExperimentConfig:
   augment_flip: float = 0.0
   # The last this many epochs train without the distortions (the affine maps, elastic
   # distortion and random erasing; the shifts and flips stay), on images like the evaluated
-  # ones (`training_images`). 0: the distortions throughout.
+  # ones (`training_images`). 0: the distortions throughout. Nothing changes where no
+  # distortion is on, or where the epochs round to no step.
   undistorted_final_epochs: float = 0.0
   # Test-time augmentation: evaluation (validation, test, `--mode=eval`) and prediction
   # average each image's class probabilities over its shifts by up to this many pixels in
