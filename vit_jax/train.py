@@ -86,8 +86,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, data: Data | None = Non
     config: an ExperimentConfig, or a ConfigDict / mapping validated into one.
     workdir: checkpoints, config.json, metrics.jsonl and TensorBoard events go here.
     data: arrays as `load_data` returns them (loaded from `config` if None); given, they are
-      taken as they are: `config`'s dataset, train_examples and validation_examples are not
-      applied to them.
+      taken as they are: `config`'s dataset, train_examples and validation_examples do not
+      load or cut them (the dataset still chooses the normalisation).
 
   Returns:
     The final metrics: eval_loss, eval_accuracy, step, and training throughput.

@@ -106,14 +106,13 @@ def _seeds_as_one(config, runner, peak, steps_per_window: int, windows: int,
 
 
 def _attention_that_ran(kernel: str) -> dict[str, Any]:
-  """'fused_cpu' falls back to 'einsum' off CPUs and where the kernel cannot be built."""
-  if kernel == "fused_cpu":
-    from vit_jax.kernels import fused_attention
+  """The resolved attention path, and the kernel's vector width where it ran (16: its
+  AVX-512 build, 8: its AVX2 build); `auto.resolve` refuses a 'fused_cpu' that cannot run."""
+  if kernel != "fused_cpu":
+    return {"attention_kernel": kernel, "attention_kernel_lanes": None}
+  from vit_jax.kernels import fused_attention
 
-    if fused_attention.available():
-      # 16: the kernel's AVX-512 build, 8: its AVX2 build.
-      return {"attention_kernel": kernel, "attention_kernel_lanes": fused_attention.lanes()}
-  return {"attention_kernel": "einsum", "attention_kernel_lanes": None}
+  return {"attention_kernel": kernel, "attention_kernel_lanes": fused_attention.lanes()}
 
 
 def table(result: dict[str, Any]) -> str:
