@@ -74,10 +74,13 @@ def _check_the_kernel_runs() -> None:
   from vit_jax.kernels import fused_attention
 
   backend = jax.default_backend()
-  why = (f"runs on CPUs only, this is a {backend}" if backend != "cpu"
-         else f"cannot run here: {fused_attention.load()}" if fused_attention.load() else None)
-  if why:
-    raise ValueError(f"model.attention_kernel='fused_cpu' {why} (use 'auto' or 'einsum')")
+  if backend != "cpu":
+    why = f"runs on CPUs only, this is a {backend}"
+  elif (failure := fused_attention.load()) is not None:
+    why = f"cannot run here: {failure}"
+  else:
+    return
+  raise ValueError(f"model.attention_kernel='fused_cpu' {why} (use 'auto' or 'einsum')")
 
 
 def bfloat16_failure() -> str | None:
