@@ -1,4 +1,4 @@
-"""Fashion-MNIST: the `best` ViT with overlapping patches, 60 epochs, flips and erasing.
+"""Fashion-MNIST: the `best` ViT with overlapping patches, 90 epochs, flips and erasing.
 
     sudo apt-get install -y dataset-fashion-mnist   # offline source of the IDX files
     python launch.py --config=experiments/fashion_mnist.py --workdir=runs/fashion
@@ -8,8 +8,9 @@
 shifts by up to 2 pixels, mirror images (clothes stay clothes), random erasing and label
 smoothing, no affine maps; evaluation averages each image over its 9 one-pixel shifts. Each
 lever was kept on the 5,000 held-out training images (docs/performance.md, "Fashion-MNIST
-with the long recipe"). About 55 minutes a run on this project's 2-core AMD EPYC machines
-when nothing else runs; the README's results table has what it reached.
+with the long recipe"), the 90 epochs too (validation 94.16 % against 93.88 % at 60, seed 0).
+About 2 hours a run at 720 training images/s, what this project's 2-core AMD EPYC machines
+reach when nothing else runs; the README's results table has what it reached.
 """
 
 from vit_jax.experiment_config import ExperimentConfig, as_config_dict
@@ -25,7 +26,7 @@ def get_config():
       batch_size=128,
       microbatch_size="auto",  # cache-sized on a CPU, the whole share on a GPU
       eval_batch_size=128,
-      num_epochs=60,
+      num_epochs=90,
       learning_rate=1.5e-3,
       warmup_steps=430,  # one epoch of the 55,000
       weight_decay=0.05,
