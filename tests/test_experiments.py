@@ -170,6 +170,34 @@ def test_run_all_skips_finished_and_resumes_unfinished(tmp_path, monkeypatch):
   other = sweep.plan(dataclasses.replace(base_config(), num_epochs=0.5), heads=[1], seeds=[0])
   with pytest.raises(ValueError, match="finished with a different num_epochs"):
     sweep.run_all(other, tmp_path, data={}, say=said.append)
+  # Where the data lies, how evaluation is batched and how often it logs change no result.
+  elsewhere = dataclasses.replace(base_config(), tfds_data_dir="/elsewhere", eval_batch_size=7,
+                                  keep_checkpoints=1, log_every_steps=3)
+  assert len(sweep.run_all(sweep.plan(elsewhere, heads=[1], seeds=[0]), tmp_path, data={},
+                           say=said.append)) == 1
+
+
+def test_a_run_started_with_another_config_is_not_resumed_under_this_one(tmp_path, monkeypatch):
+  from vit_jax import checkpoints
+
+  runs = sweep.plan(base_config(), heads=[1], seeds=[0])
+  [(run, config)] = runs
+  workdir = tmp_path / run.name
+  (workdir / "checkpoints").mkdir(parents=True)
+  # What a run leaves: its config with the 'auto' choices made on its machine.
+  resolved = dataclasses.replace(config, microbatch_size=8, model=dataclasses.replace(
+      config.model, attention_kernel="einsum", compute_dtype="float32"))
+  checkpoints.write_or_check_config(workdir, dataclasses.replace(resolved, learning_rate=0.5))
+  trained = []
+  monkeypatch.setattr(sweep, "run_one", lambda r, c, w, d: trained.append(r) or
+                      fake_record(r, 0.8, c))
+  with pytest.raises(ValueError, match=f"{run.name} was started with a different "
+                                       "learning_rate; use another --root"):
+    sweep.run_all(runs, tmp_path, data={}, say=lambda _: None)
+  assert not trained
+  checkpoints.write_or_check_config(workdir, resolved)  # the same run, resolved elsewhere
+  assert len(sweep.run_all(runs, tmp_path, data={}, say=lambda _: None)) == 1
+  assert trained == [run]
 
 
 def test_a_run_another_process_holds_is_skipped_and_reports_wait(tmp_path, monkeypatch):
@@ -231,18 +259,20 @@ def test_vmapped_seeds_leave_each_run_as_a_separate_run_would(tmp_path, digits):
   data = {"train": {k: v[:256] for k, v in digits["train"].items()},
           "test": {k: v[:200] for k, v in digits["test"].items()}}
   runs = sweep.plan(base_config(), heads=[2], seeds=[0, 1, 2])
-  alone = sweep.run_all(runs[:1], tmp_path / "alone", data, say=lambda _: None)
+  alone = sweep.run_all(runs[1:2], tmp_path / "alone", data, say=lambda _: None)
   said = []
   records = sweep.run_all(runs[1:], tmp_path, data, say=said.append, vmap_seeds=True)
   assert "training 2 seeds as one" in said[0] and (tmp_path / "fused_h2_w16_s1-2").is_dir()
   assert [r["seed"] for r in records] == [1, 2]
   assert all((tmp_path / r["name"] / "result.json").is_file() for r in records)
+  # Seed 1 trained with seed 2 ends where seed 1 trained alone does.
+  assert records[0]["eval_loss"] == pytest.approx(alone[0]["eval_loss"], rel=1e-4)
+  assert records[0]["eval_loss"] != pytest.approx(records[1]["eval_loss"], rel=1e-4)
   # Seed 0 joins them: the finished seeds are skipped, the one left trains on its own.
   said.clear()
   records = sweep.run_all(runs, tmp_path, data, say=said.append, vmap_seeds=True)
   assert "2 of 3 finished before" in said[0] and said[1].endswith("training")
   assert [r["seed"] for r in records] == [0, 1, 2]
-  assert records[0]["eval_loss"] == pytest.approx(alone[0]["eval_loss"], rel=1e-5)
 
 
 # --- Pictures from a real (tiny) checkpoint --------------------------------------------

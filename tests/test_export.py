@@ -87,3 +87,21 @@ def test_evaluating_predicting_drawing_and_exporting_write_nothing_into_the_work
   assert drawn and all(p.parent == tmp_path / "pics" for p in drawn)
   export.export_saved_model(config, workdir, tmp_path / "exported")
   assert snapshot(workdir) == before
+
+
+@pytest.mark.slow
+def test_export_replaces_only_a_saved_model_or_an_empty_folder(run, tmp_path):
+  config, workdir = run
+  kept = tmp_path / "notes"
+  kept.mkdir()
+  (kept / "results.txt").write_text("mine")
+  for taken in (kept, workdir, kept / "results.txt"):
+    with pytest.raises(ValueError, match=rf"^output_dir='{taken}' exists and is not a "
+                                         "SavedModel, which export would replace; name a new"):
+      export.export_saved_model(config, workdir, taken)
+  assert (kept / "results.txt").read_text() == "mine" and (workdir / "checkpoints").is_dir()
+  (tmp_path / "empty").mkdir()
+  first = export.export_saved_model(config, workdir, tmp_path / "empty")
+  created = (first / "saved_model.pb").stat().st_mtime_ns
+  assert export.export_saved_model(config, workdir, first) == first  # an export: replaced
+  assert (first / "saved_model.pb").stat().st_mtime_ns != created

@@ -72,6 +72,15 @@ def test_an_interrupted_group_resumes_where_it_stopped(tmp_path, data, monkeypat
                                          [tmp_path / "w0", tmp_path / "w1"], data=data)
   for got, want in zip(resumed, whole, strict=True):
     np.testing.assert_allclose(got["eval_loss"], want["eval_loss"], rtol=1e-5)
+  # Resumed at step 4, not trained again from the start: each step logged once.
+  assert [r["step"] for r in read_metrics(dirs[0]) if "train_loss" in r] == [2, 4, 6, 8]
+  # A shorter schedule than the group has trained is refused, not labelled as its end.
+  shorter = dataclasses.replace(CONFIG, num_epochs=1)
+  with pytest.raises(ValueError, match=r"^config.num_epochs=1.0 makes 4 steps, but "
+                                       r"workdir='.*group' is already at step 8$"):
+    seeds.train_and_evaluate_seeds(shorter, [0, 1], tmp_path / "group", dirs, data=data)
+  for folder in (tmp_path / "group", *dirs):  # their config.json still describe them
+    assert json.loads((folder / "config.json").read_text())["num_epochs"] == 2
 
 
 def test_bad_seed_lists_are_one_line(tmp_path, data):

@@ -185,10 +185,13 @@ ANOTHER_RUN = [
      r"different model \(model.num_heads: 2 -> 4\)"),
     ({"dataset": "fashion_mnist"},
      r"holds a run on mnist, not config.dataset='fashion_mnist'; pass that run's config"),
+    ({"ema_decay": 0.9},  # its checkpoints lack the averaged parameters
+     r"holds a run with config.ema_decay=0.0, not 0.9; use a new workdir$"),
 ]
+IDS = ["model", "dataset", "ema_decay"]
 
 
-@pytest.mark.parametrize("change,message", ANOTHER_RUN, ids=["model", "dataset"])
+@pytest.mark.parametrize("change,message", ANOTHER_RUN, ids=IDS)
 def test_resuming_with_another_model_or_dataset_is_refused(tmp_path, digits, change, message):
   data = subset(digits, 256)
   config = small_config(num_epochs=0.25)
@@ -197,7 +200,7 @@ def test_resuming_with_another_model_or_dataset_is_refused(tmp_path, digits, cha
     train.train_and_evaluate(dataclasses.replace(config, **change), tmp_path / "run", data=data)
 
 
-@pytest.mark.parametrize("change,message", ANOTHER_RUN, ids=["model", "dataset"])
+@pytest.mark.parametrize("change,message", ANOTHER_RUN, ids=IDS)
 def test_eval_of_a_workdir_with_another_model_or_dataset_is_refused(tmp_path, digits, change,
                                                                     message):
   data = subset(digits, 256)
@@ -216,6 +219,8 @@ def test_resuming_past_the_configured_end_is_refused(tmp_path, digits):
   with pytest.raises(ValueError, match="num_epochs=0.5 makes 2 steps, but .* at step 4"):
     train.train_and_evaluate(dataclasses.replace(config, num_epochs=0.5), tmp_path / "run",
                              data=data)
+  # The workdir's config.json still describes its checkpoints.
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["num_epochs"] == 1
 
 
 def test_batch_not_divisible_by_devices_is_refused_before_writing(tmp_path, digits):

@@ -75,11 +75,14 @@ def write_or_check_config(workdir: Path, config: Any, write: bool = True) -> Non
   path = workdir / CONFIG_FILE
   if path.exists():
     # A field added since the run was saved has its default there.
-    saved = _with_defaults(json.loads(path.read_text()), config)
+    saved = with_defaults(json.loads(path.read_text()), config)
     if saved["dataset"] != resolved["dataset"]:
       raise ValueError(f"workdir={str(workdir)!r} holds a run on {saved['dataset']}, not "
                        f"config.dataset={resolved['dataset']!r}; pass that run's config, or "
                        "fine-tune in a new workdir (config.init_from)")
+    if (saved["ema_decay"] > 0) != (resolved["ema_decay"] > 0):  # the state has its average or not
+      raise ValueError(f"workdir={str(workdir)!r} holds a run with config.ema_decay="
+                       f"{saved['ema_decay']}, not {resolved['ema_decay']}; use a new workdir")
     changed = sorted(k for k in set(saved["model"]) | set(resolved["model"])
                      if saved["model"].get(k) != resolved["model"].get(k))
     structural = [k for k in changed if k not in _COMPUTATION_ONLY]
@@ -96,7 +99,7 @@ def write_or_check_config(workdir: Path, config: Any, write: bool = True) -> Non
     write_text_atomically(path, json.dumps(resolved, indent=2, sort_keys=True) + "\n")
 
 
-def _with_defaults(saved: dict, like: Any) -> dict:
+def with_defaults(saved: dict, like: Any) -> dict:
   """`saved` (a config.json's dict) with the fields it lacks taken from `like`'s dataclass
   defaults, at the top and in its `model` section."""
   def defaults(obj) -> dict:

@@ -48,6 +48,10 @@ def export_saved_model(config: Any, workdir: str | Path, out: str | Path | None 
                        ) -> Path:
   """Writes the latest checkpoint of `workdir` as a SavedModel in `out` (default
   WORKDIR/saved_model), replacing what was there only once the new one is complete."""
+  out = Path(out) if out is not None else Path(workdir) / "saved_model"
+  if out.exists() and not (out.is_dir() and (_is_saved_model(out) or not any(out.iterdir()))):
+    raise ValueError(f"output_dir={str(out)!r} exists and is not a SavedModel, which export "
+                     "would replace; name a new folder")
   import tensorflow as tf
   from jax.experimental import jax2tf
 
@@ -67,7 +71,6 @@ def export_saved_model(config: Any, workdir: str | Path, out: str | Path | None 
 
   module = tf.Module()
   module.serving_default = serving_default
-  out = Path(out) if out is not None else Path(workdir) / "saved_model"
   out.parent.mkdir(parents=True, exist_ok=True)
   staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
   try:
@@ -78,3 +81,7 @@ def export_saved_model(config: Any, workdir: str | Path, out: str | Path | None 
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return out
+
+
+def _is_saved_model(folder: Path) -> bool:
+  return (folder / "saved_model.pb").is_file()

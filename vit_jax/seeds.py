@@ -39,7 +39,7 @@ from vit_jax.steps import (
   learning_rate_schedule,
   microbatches_per_step,
 )
-from vit_jax.train import Data, evaluators, load_data, total_train_steps
+from vit_jax.train import Data, evaluators, load_data, restore_or_start, total_train_steps
 from vit_jax.training_images import undistorted_line
 
 
@@ -84,10 +84,9 @@ def train_and_evaluate_seeds(config: Any, seeds: Sequence[int], workdir: str | P
   with WorkdirLock(workdir), logging_to(workdir):
     config, choices = auto.resolve(config, runner.num_devices, saved_config(workdir))
     configs = [dataclasses.replace(config, seed=s) for s in seeds]
-    write_or_check_config(workdir, configs[0])
     dirs = [prepare_workdir(d) for d in seed_workdirs]
-    for seed_dir, seed_config in zip(dirs, configs, strict=True):
-      write_or_check_config(seed_dir, seed_config)
+    for folder, folder_config in zip([workdir, *dirs], [configs[0], *configs], strict=True):
+      write_or_check_config(folder, folder_config, write=False)  # written once restored
     group = _Group(configs, workdir, dirs, runner, data if data is not None else load_data(config))
     with contextlib.closing(group):
       return group.train(f"running {len(seeds)} seeds as one on {choices}")
@@ -99,6 +98,7 @@ class _Group:
   def __init__(self, configs: list[ExperimentConfig], workdir: Path, dirs: list[Path],
                runner: Runner, data: Data):
     self.configs, self.dirs, self.runner, self.config = configs, dirs, runner, configs[0]
+    self.workdir = workdir
     num_train = len(data["train"]["label"])
     self.total_steps = total_train_steps(self.config, num_train)
     self.orders = [input_pipeline.EpochOrder(num_train, c.batch_size, c.seed) for c in configs]
@@ -121,8 +121,7 @@ class _Group:
 
   def _restore(self) -> Any:
     fresh = stack([create_train_state(c, self.total_steps) for c in self.configs])
-    restored = self.checkpoints.restore_latest(fresh)
-    return fresh if restored is None else restored
+    return restore_or_start(self.checkpoints, fresh, self.config, self.total_steps)
 
   def _seed_states(self, device_states: Any) -> list[Any]:
     """Each seed's state on the host, from one copy of the stack."""
@@ -156,6 +155,9 @@ class _Group:
 
   def train(self, first_line: str) -> list[dict[str, float]]:
     states = self._restore()
+    for folder, config in zip([self.workdir, *self.dirs], [self.config, *self.configs],
+                              strict=True):
+      write_or_check_config(folder, config)
     start = int(np.asarray(states.step).reshape(-1)[0])
     progress = Progress(self.total_steps, start)
     try:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from vit_jax import analysis, inference, seeds, train
+from vit_jax.checkpoints import saved_config, with_defaults
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.files import write_text_atomically
 from vit_jax.locks import WorkdirBusyError, WorkdirLock
@@ -123,6 +124,26 @@ def _as_json(config: ExperimentConfig) -> dict[str, Any]:
   return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
+# How a run is carried out, not what it computes: a finished or half-trained run may be taken up
+# with other values (another host's data folder, another GPU's evaluation batch, 'auto' choices
+# resolved on another machine), since the runs' results do not depend on them.
+_HOW_NOT_WHAT = ("tfds_data_dir", "idx_dir", "microbatch_size", "eval_batch_size", "parallel",
+                 "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
+                 "keep_checkpoints")
+_MODEL_HOW_NOT_WHAT = ("attention_kernel", "compute_dtype")
+
+
+def changed_fields(saved: dict[str, Any], config: ExperimentConfig) -> list[str]:
+  """The fields that change a run's result and differ between `saved` (a config as JSON, e.g.
+  a workdir's config.json) and `config`, e.g. ['learning_rate', 'model.num_heads']."""
+  planned = _as_json(config)
+  saved = with_defaults(saved, config)  # a field added since has its default there
+  top = [k for k in planned if k != "model" and k not in _HOW_NOT_WHAT and saved[k] != planned[k]]
+  model = [f"model.{k}" for k in planned["model"]
+           if k not in _MODEL_HOW_NOT_WHAT and saved["model"][k] != planned["model"][k]]
+  return sorted(top + model)
+
+
 def finished_record(workdir: Path, config: ExperimentConfig) -> dict[str, Any] | None:
   """The record of a run finished in `workdir`, None if it is not; a finished run of another
   config is refused."""
@@ -130,13 +151,16 @@ def finished_record(workdir: Path, config: ExperimentConfig) -> dict[str, Any] |
   if not result.is_file():
     return None
   record = json.loads(result.read_text())
-  # Through validate: a field added since the run finished has its default there.
-  finished = _as_json(from_mapping(ExperimentConfig, record["config"]))
-  changed = sorted(k for k, v in _as_json(config).items() if finished.get(k) != v)
-  if changed:
-    raise ValueError(f"{workdir} finished with a different {', '.join(changed)}; "
-                     "use another --root for another config")
+  _refuse_changed(workdir, record["config"], config, "finished")
   return record
+
+
+def _refuse_changed(workdir: Path, saved: dict[str, Any] | None, config: ExperimentConfig,
+                    state: str) -> None:
+  changed = changed_fields(saved, config) if saved is not None else []
+  if changed:
+    raise ValueError(f"{workdir} {state} with a different {', '.join(changed)}; "
+                     "use another --root for another config")
 
 
 AfterRun = Callable[[ExperimentConfig, Path], Any]
@@ -209,6 +233,9 @@ def _claim_and_run(group: list[tuple[Run, ExperimentConfig]], root: Path, data: 
         say(f"{len(group) - len(left)} finished by another process")
       if left:
         held = root / (group_name([r for r, _ in left]) if len(left) > 1 else left[0][0].name)
+        # Resuming would train on under the new values and record only them.
+        for workdir, config in [(held, left[0][1]), *((root / r.name, c) for r, c in left)]:
+          _refuse_changed(workdir, saved_config(workdir), config, "was started")
         say(("resuming" if (held / "checkpoints").is_dir() else "training")
             + (f" {len(left)} seeds as one" if len(left) > 1 else ""))
         new = (run_seeds(left, root, data) if len(left) > 1

@@ -102,9 +102,23 @@ def train_and_evaluate(config: Any, workdir: str | Path, data: Data | None = Non
   with WorkdirLock(workdir) if main else contextlib.nullcontext(), \
       logging_to(workdir, enabled=main):
     config, choices = auto.resolve(config, runner.num_devices, saved_config(workdir))
-    write_or_check_config(workdir, config, write=main)
+    write_or_check_config(workdir, config, write=False)  # written once the state is restored
     with _Run(config, workdir, runner, data if data is not None else load_data(config)) as run:
       return run.train(f"running on {choices}")
+
+
+def restore_or_start(checkpoints: Checkpoints, fresh: Any, config: ExperimentConfig,
+                     total_steps: int) -> Any:
+  """The latest checkpoint, or `fresh`; refuses a workdir past the last step, where training
+  would not run and the final state would be labelled as another schedule's."""
+  restored = checkpoints.restore_latest(fresh)
+  if restored is None:
+    return fresh
+  step = int(np.max(restored.step))  # seeds trained as one share their step
+  if step > total_steps:
+    raise ValueError(f"config.num_epochs={config.num_epochs} makes {total_steps} steps, but "
+                     f"workdir={str(checkpoints.directory.parent)!r} is already at step {step}")
+  return restored
 
 
 class _Run:
@@ -131,16 +145,8 @@ class _Run:
     self.cleanup.close()
 
   def _restore(self) -> TrainState:
-    """The latest checkpoint, or a fresh state; refuses a workdir past the last step."""
-    state = create_train_state(self.config, self.total_steps)
-    restored = self.checkpoints.restore_latest(state)
-    if restored is None:
-      return state
-    if int(restored.step) > self.total_steps:
-      raise ValueError(f"config.num_epochs={self.config.num_epochs} makes {self.total_steps} "
-                       f"steps, but workdir={str(self.workdir)!r} is already at step "
-                       f"{int(restored.step)}")
-    return restored
+    return restore_or_start(self.checkpoints, create_train_state(self.config, self.total_steps),
+                            self.config, self.total_steps)
 
   def _open_logs(self, start_step: int) -> None:
     main = self.runner.is_main_process
@@ -202,6 +208,7 @@ class _Run:
     SIGTERM or Ctrl-C.
     """
     state = self._restore()
+    write_or_check_config(self.workdir, self.config, write=self.runner.is_main_process)
     start_step = self.step = int(state.step)
     taken = None
     if not start_step and self.config.init_from:
