@@ -114,7 +114,7 @@ def _evaluate(config) -> None:
 def _visualize(config) -> None:
   from vit_jax import visualize
 
-  for path in visualize.visualize_checkpoint(config, FLAGS.workdir, FLAGS.num_images or 4,
+  for path in visualize.visualize_checkpoint(config, FLAGS.workdir, _num_images(4),
                                              out_dir=_output_dir("visualize")):
     print(f"wrote {path}")
 
@@ -137,6 +137,10 @@ def _predict(config) -> None:
 SHIPPED_MARKER = "SHIPPED"  # in a shipped run's folder (pretrained/...): write nothing there
 
 
+def _num_images(default: int) -> int:
+  return default if FLAGS.num_images is None else FLAGS.num_images  # 0 is refused, not 4
+
+
 def _output_dir(kind: str) -> str | None:
   """--output_dir, or for a shipped run runs/<its name>/<kind>; None: inside the workdir."""
   if FLAGS.output_dir:
@@ -156,7 +160,7 @@ def _export(config) -> None:
 def _analyze(config) -> None:
   from vit_jax import analyze
 
-  for path in analyze.analyze_checkpoint(config, FLAGS.workdir, FLAGS.num_images or 1000,
+  for path in analyze.analyze_checkpoint(config, FLAGS.workdir, _num_images(1000),
                                          _output_dir("analysis"), ablations=(FLAGS.ablation,)):
     print(f"wrote {path}")
 

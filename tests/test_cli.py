@@ -171,6 +171,9 @@ def test_visualize_writes_pngs(trained):
   assert written == ["attention_0.png", "attention_1.png", "position_similarity.png",
                      "rollout.png", "training_statistics.png"]
   assert f"wrote {workdir / 'visualize' / 'rollout.png'}" in result.stdout
+  result = launch(*common, "--mode=visualize", "--num_images=0")  # not the default 4
+  assert result.returncode == 2
+  assert result.stderr.strip() == "error: num_images=0 must be at least 1"
 
 
 @pytest.mark.slow

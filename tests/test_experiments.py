@@ -292,3 +292,21 @@ def test_visualize_draws_each_digit_s_attention(tmp_path, mnist):
               for i in range(3)]
   assert not np.array_equal(pictures[0], pictures[1])
   assert not np.array_equal(pictures[1], pictures[2])
+
+
+def test_attention_panels_count_layers_and_heads_from_0_and_rollout_keeps_to_one_row(
+    tmp_path, monkeypatch):
+  """As the metrics, the analyses and the README count them: 'layer 0 head 0' is the first."""
+  figures = []
+  monkeypatch.setattr(visualize.plt, "close", figures.append)
+  config = get_model_config("testing")  # 2 layers, 2 heads, 4x4 grid
+  image = np.zeros((28, 28, 1), np.uint8)
+  per_head = np.full((2, 2, config.num_patches), 1 / config.num_patches)
+  visualize.plot_attention(image, per_head, config, 3, 3, tmp_path / "a.png")
+  titles = [ax.get_title() for ax in figures[0].axes]
+  assert titles == ["layer 0 head 0", "layer 0 head 1", "layer 1 head 0", "layer 1 head 1"]
+  many = visualize.ROLLOUT_IMAGES + 5
+  rollout = np.full((many, config.num_patches + 1, config.num_patches + 1), 0.1)
+  visualize.plot_rollout(np.zeros((many, 28, 28, 1), np.uint8), rollout, config,
+                         tmp_path / "r.png")
+  assert len(figures[1].axes) == visualize.ROLLOUT_IMAGES

@@ -1,6 +1,7 @@
 """Progress output: a tqdm bar on a terminal, plain lines elsewhere."""
 
 import io
+import os
 
 import pytest
 
@@ -84,3 +85,26 @@ def test_metrics_window_stops_on_a_non_finite_loss_and_names_its_step():
   with pytest.raises(FloatingPointError, match="training loss is nan at step 4"):
     window.flush(4)
   assert recorder.written == []  # nothing of a non-finite window is logged
+
+
+def test_a_killed_run_s_half_line_is_skipped_and_the_next_run_starts_a_new_line(tmp_path):
+  writer = metrics.MetricWriter(tmp_path)
+  writer.write(1, {"train_loss": 0.5})
+  writer.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:  # killed in the middle of a record
+    f.write('{"step": 2, "train_lo')
+  resumed = metrics.MetricWriter(tmp_path)
+  resumed.write(2, {"train_loss": 0.25})
+  resumed.close()
+  assert [(r["step"], r["train_loss"]) for r in metrics.read_metrics(tmp_path)] == [
+      (1, 0.5), (2, 0.25)]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_closing_after_a_failed_write_keeps_that_write_s_error(tmp_path):
+  writer = metrics.MetricWriter(tmp_path)
+  writer.jsonl.close()
+  writer.jsonl = open("/dev/full", "a")  # noqa: SIM115 - a disk that is full
+  with pytest.raises(OSError, match="No space left on device"):
+    writer.write(1, {"train_loss": 0.5})
+  writer.close()  # the record still in its buffer fails again, and is not raised over it

@@ -154,8 +154,6 @@ def analyze_checkpoint(config: Any, workdir: str | Path, num_images: int = 1000,
   `instruments.head_means`; files named *_mean). The other instruments are measured once.
   """
   check_ablations(ablations)
-  if num_images < 1:
-    raise ValueError(f"num_images={num_images} must be at least 1")
   config, state, images, labels = inference.restore_with_test_images(config, workdir,
                                                                       num_images, test_data)
   out = Path(output_dir or Path(workdir) / "analysis")

@@ -94,6 +94,8 @@ def restore_with_test_images(config: Any, workdir: str | Path, num_images: int,
                              ) -> tuple[ExperimentConfig, TrainState, np.ndarray, np.ndarray]:
   """(resolved config, restored state, the first `num_images` test images and labels), from
   `test_data` or the dataset: what the pictures and the instruments start from."""
+  if num_images < 1:
+    raise ValueError(f"num_images={num_images} must be at least 1")
   config = resolved_config(config, workdir)
   state = restore_state(config, workdir)
   if test_data is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -27,7 +28,10 @@ class MetricWriter:
     self.enabled = enabled
     if not enabled:  # another process writes
       return
-    self.jsonl = open(Path(workdir) / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+    path = Path(workdir) / "metrics.jsonl"
+    self.jsonl = open(path, "a")  # noqa: SIM115 - closed in close()
+    if not _ends_a_line(path):  # a killed run's half line: this run's records start anew
+      self.jsonl.write("\n")
     self.tensorboard = _open_event_file(Path(workdir) / "tensorboard")
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
@@ -48,8 +52,21 @@ class MetricWriter:
   def close(self) -> None:
     if not self.enabled:
       return
-    self.jsonl.close()
-    self.tensorboard.close()
+    # Every record was flushed as it was written; what a close would still write is one that
+    # failed (a full disk), whose error is already on its way and must not be replaced.
+    with contextlib.suppress(OSError):
+      self.jsonl.close()
+    with contextlib.suppress(OSError):
+      self.tensorboard.close()
+
+
+def _ends_a_line(path: Path) -> bool:
+  """Whether `path` is empty or its last byte ends a line."""
+  with open(path, "rb") as f:
+    if f.seek(0, os.SEEK_END) == 0:
+      return True
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
 
 
 def _open_event_file(folder: Path) -> RecordWriter:
@@ -63,8 +80,12 @@ def _open_event_file(folder: Path) -> RecordWriter:
 
 
 def read_metrics(workdir: str | Path) -> list[dict[str, float]]:
-  path = Path(workdir) / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  """The records of `workdir`/metrics.jsonl, less a line a killed run left half written."""
+  records = []
+  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    with contextlib.suppress(json.JSONDecodeError):
+      records.append(json.loads(line))
+  return records
 
 
 class Progress:

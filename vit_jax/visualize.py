@@ -8,7 +8,6 @@ beside its logits (no second forward pass written by hand).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -18,6 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vit_jax import analysis  # noqa: E402
+from vit_jax.metrics import read_metrics  # noqa: E402
 from vit_jax.model_configs import ModelConfig  # noqa: E402
 
 DPI = 100
@@ -48,7 +48,7 @@ def plot_attention(image: np.ndarray, per_head: np.ndarray, config: ModelConfig,
   for layer in range(layers):
     for head in range(heads):
       _overlay(axes[layer, head], image, per_head[layer, head], grid,
-               f"layer {layer + 1} head {head + 1}")
+               f"layer {layer} head {head}")  # from 0, as the metrics and analyses count
   source = "class token" if config.classifier == "token" else "mean query"
   fig.suptitle(f"attention from the {source}: label {label}, predicted {predicted}", fontsize=9)
   fig.tight_layout()
@@ -57,15 +57,18 @@ def plot_attention(image: np.ndarray, per_head: np.ndarray, config: ModelConfig,
   return path
 
 
+ROLLOUT_IMAGES = 16  # one row, readable; hundreds would pass matplotlib's largest figure
+
+
 def plot_rollout(images: np.ndarray, rollout: np.ndarray, config: ModelConfig,
                  path: Path) -> Path:
-  """A row of digits with their attention rollout.
+  """A row of digits with their attention rollout: the first `ROLLOUT_IMAGES` of them.
 
   images: uint8 (B, H, W, C); rollout: (B, N, N) from `analysis.attention_rollout`.
   """
   grid = config.image_size // config.patch_size
   weights = analysis.query_attention(rollout, config.classifier)  # (B, patches)
-  n = len(images)
+  n = min(len(images), ROLLOUT_IMAGES)
   fig, axes = plt.subplots(1, n, figsize=(1.6 * n, 2.0), squeeze=False)
   for i in range(n):
     _overlay(axes[0, i], images[i], weights[i], grid)
@@ -115,7 +118,7 @@ def plot_training_statistics(metrics_file: Path, path: Path) -> Path | None:
   """From a run's metrics.jsonl: each layer's mean attention distance and entropy (over its
   heads) at every evaluation, and the mean effective rank of each projection at every
   checkpoint, against the step. None where the run logged none (runs before 2026-12-02)."""
-  records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+  records = read_metrics(metrics_file.parent)
   panels = (("attention_distance", "mean attention distance (pixels)"),
             ("attention_entropy", "mean attention entropy (nats)"),
             ("effective_rank", "mean effective rank"))
