@@ -74,6 +74,22 @@ def test_what_cannot_be_mapped_is_one_line_naming_the_field(field, value):
     init_from.check_mappable(get_model_config("testing"), target, "runs/a")
 
 
+def test_low_rank_projections_need_the_same_rank_and_heads_and_others_only_the_width():
+  source = get_model_config("testing", qkv="low_rank", qkv_rank=2)
+  for field, value in (("qkv_rank", 4), ("num_heads", 4)):
+    target = dataclasses.replace(source, **{field: value})
+    with pytest.raises(ValueError, match=rf"^config.init_from='runs/a': its model.{field}=.*"
+                                         r"\(not for qkv='low_rank'\) the head count"):
+      init_from.check_mappable(source, target, "runs/a")
+  fused = get_model_config("testing")
+  init_from.check_mappable(fused, dataclasses.replace(fused, num_heads=4), "runs/a")
+  # And a pair it let through by mistake is one line, not Flax's shape error at the first step.
+  four = dataclasses.replace(source, num_heads=4)
+  with pytest.raises(ValueError, match=r"^config.init_from: its parameter .*/attention/to_._a is "
+                                       r"\(16, 4\), this model's \(16, 8\)$"):
+    init_from.transfer(params_of(source), params_of(four), source, four, False)
+
+
 def test_reinit_head_needs_init_from():
   with pytest.raises(ValueError, match="reinit_head=True .*needs config.init_from"):
     config(reinit_head=True)

@@ -49,13 +49,18 @@ def check_source(config: ExperimentConfig) -> None:
   check_mappable(source.model, config.model, config.init_from)
 
 
+# qkv='low_rank' factors its projections per head, at its rank: (D, H r) and (H, r, D/H).
+LOW_RANK_MUST_MATCH = ("qkv_rank", "num_heads")
+
+
 def check_mappable(source: ModelConfig, target: ModelConfig, workdir: str) -> None:
-  for key in MUST_MATCH:
+  low_rank = target.qkv == "low_rank"
+  for key in MUST_MATCH + (LOW_RANK_MUST_MATCH if low_rank else ()):
     if getattr(source, key) != getattr(target, key):
       raise ValueError(
           f"config.init_from={workdir!r}: its model.{key}={getattr(source, key)!r} differs "
           f"from model.{key}={getattr(target, key)!r}; only the patch size, the classes and "
-          "the head count may differ")
+          + ("(not for qkv='low_rank') " if low_rank else "") + "the head count may differ")
 
 
 def transfer(source_params: Any, target_params: Any, source: ModelConfig, target: ModelConfig,
@@ -84,6 +89,9 @@ def transfer(source_params: Any, target_params: Any, source: ModelConfig, target
       old, new = source.patch_window, target.patch_window
       value = resample.resize_patch_kernel(value, old, new, target.num_channels)
       notes.append(f"patch projection resized from {old}x{old} to {new}x{new}")
+    if value.shape != fresh.shape:  # a pair `check_mappable` let through by mistake
+      raise ValueError(f"config.init_from: its parameter {path} is {value.shape}, this "
+                       f"model's {fresh.shape}")
     out[path] = jnp.asarray(value, fresh.dtype)
   return traverse_util.unflatten_dict(out, sep="/"), notes
 
