@@ -60,7 +60,8 @@ def test_tiny_experiment_learns_mnist(tmp_path, mnist, tfds_dir):
   again = inference.evaluate_checkpoint(config, tmp_path / "run", data=data)
   assert again["eval_accuracy"] == pytest.approx(result["eval_accuracy"], abs=1e-6)
   records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-  assert {"train_loss", "train_accuracy", "learning_rate", "images_per_sec"} <= set(records[0])
+  assert {"train_loss", "train_accuracy", "train_grad_norm", "learning_rate",
+          "images_per_sec"} <= set(records[0])
   assert any("eval_accuracy" in r for r in records)
   # TensorFlow's own reader finds the same numbers in the TensorBoard events.
   import tensorflow as tf
@@ -164,16 +165,22 @@ def test_pmap_and_sharded_jit_over_8_devices_match_one_device(tmp_path, mnist):
         params_of(config, tmp_path / "jit"), params_of(config, tmp_path / name))
 
 
-def test_non_finite_loss_stops_training_and_is_not_checkpointed(tmp_path, digits, monkeypatch):
+@pytest.mark.parametrize("finite_loss", [False, True], ids=["loss", "gradient only"])
+def test_non_finite_loss_stops_training_and_is_not_checkpointed(tmp_path, digits, monkeypatch,
+                                                                finite_loss):
   original_step = steps.train_step
 
   def poisoned_step(state, batch, rng, **kwargs):
     image = jnp.where(state.step >= 5, jnp.nan, batch["image"])  # from the 6th step on
-    return original_step(state, {**batch, "image": image}, rng, **kwargs)
+    state, metrics = original_step(state, {**batch, "image": image}, rng, **kwargs)
+    if finite_loss:  # a batch whose loss is finite but whose gradient is not
+      metrics = {**metrics, "loss": jnp.nan_to_num(metrics["loss"])}
+    return state, metrics
 
   monkeypatch.setattr(steps, "train_step", poisoned_step)
   config = small_config(log_every_steps=4, checkpoint_every_steps=2)
-  with pytest.raises(FloatingPointError, match="training loss is nan at step 6"):
+  what = "gradient norm" if finite_loss else "loss"
+  with pytest.raises(FloatingPointError, match=f"training {what} is nan at step 6"):
     train.train_and_evaluate(config, tmp_path / "run", data=subset(digits, 1024))
   saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()
                  if p.name.isdigit())

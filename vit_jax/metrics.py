@@ -144,8 +144,8 @@ class MetricsWindow:
 
   Each step's metrics stay on the device until `flush` (fetching them every step would make
   the host wait for each step before dispatching the next); `flush` fetches them, stops on a
-  non-finite loss, and writes their means with the learning rate and the images/s since the
-  window opened.
+  non-finite loss or gradient, and writes their means with the learning rate and the images/s
+  since the window opened.
   """
 
   def __init__(self, fetch: Callable[[Any], dict[str, Any]], writer: MetricWriter,
@@ -165,15 +165,17 @@ class MetricsWindow:
     self.pending.append((step, metrics))
 
   def flush(self, step: int) -> None:
-    """Fetches the pending metrics, raises FloatingPointError on a non-finite loss, writes
+    """Fetches the pending metrics, raises FloatingPointError on a non-finite loss or
+    gradient norm, writes
     their means at `step`; nothing if none is pending."""
     if not self.pending:
       return
     fetched = [(s, self.fetch(m)) for s, m in self.pending]
     for s, m in fetched:
-      if not np.isfinite(m["loss"]):
-        raise FloatingPointError(f"training loss is {m['loss']} at step {s}; no checkpoint of "
-                                 "a non-finite state was saved")
+      for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
+        if key in m and not np.isfinite(m[key]):
+          raise FloatingPointError(f"training {name} is {m[key]} at step {s}; no checkpoint "
+                                   "of a non-finite state was saved")
     elapsed = max(time.monotonic() - self.started, 1e-9)
     means = {f"train_{k}": float(np.mean([np.mean(m[k]) for _, m in fetched]))
              for k in fetched[0][1]}

@@ -130,7 +130,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   so each device must hold the same number of examples.
 
   Returns:
-    (new state, {'loss', 'accuracy'} of this batch, before the update).
+    (new state, {'loss', 'accuracy'} of this batch before the update, and 'grad_norm', the
+    global norm of the batch's gradient before clipping).
   """
   def sums(params, micro, rng):
     logits = state.apply_fn({"params": params}, micro["image"], train=True,
@@ -155,6 +156,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   metrics = {"loss": loss / num_examples, "accuracy": correct / num_examples}
   if axis_name is not None:
     grads, metrics = mean_over_devices((grads, metrics), axis_name)
+  # A finite loss can still have a non-finite gradient, which would make the state NaN.
+  metrics["grad_norm"] = optax.global_norm(grads)
   return _update_average(state.apply_gradients(grads=grads)), metrics
 
 
