@@ -136,9 +136,12 @@ def test_wrong_kind_of_file_is_named(tmp_path):
     mnist_source.read_idx_split("mnist", folder, "test")
 
 
-def test_wrong_folder_is_named(tmp_path):
+def test_wrong_folder_is_named(tmp_path, tfds_dir):
   with pytest.raises(DataError, match="idx_dir=.*nowhere.* is not a folder"):
     mnist_source.read_idx_split("mnist", tmp_path / "nowhere", "train")
+  # Also where the dataset is built already and the folder would not be read.
+  with pytest.raises(DataError, match="idx_dir=.*nowhere.* is not a folder"):
+    mnist_source.load_split("mnist", "test", tfds_dir, str(tmp_path / "nowhere"))
 
 
 def test_unknown_dataset_is_named():

@@ -194,8 +194,10 @@ ANOTHER_RUN = [
      r"holds a run on mnist, not config.dataset='fashion_mnist'; pass that run's config"),
     ({"ema_decay": 0.9},  # its checkpoints lack the averaged parameters
      r"holds a run with config.ema_decay=0.0, not 0.9; use a new workdir$"),
+    ({"validation_examples": 64},  # images it trained on would be held out
+     r"holds a run with config.validation_examples=0, not 64: it trained on other images"),
 ]
-IDS = ["model", "dataset", "ema_decay"]
+IDS = ["model", "dataset", "ema_decay", "validation_examples"]
 
 
 @pytest.mark.parametrize("change,message", ANOTHER_RUN, ids=IDS)
@@ -228,6 +230,12 @@ def test_resuming_past_the_configured_end_is_refused(tmp_path, digits):
                              data=data)
   # The workdir's config.json still describes its checkpoints.
   assert json.loads((tmp_path / "run" / "config.json").read_text())["num_epochs"] == 1
+
+
+def test_a_fraction_of_an_epoch_takes_the_steps_it_names_despite_float_rounding():
+  # 1.1 * 100 is 110.00000000000001 and 0.55 * 100 is 55.00000000000001 in floats.
+  assert [train.total_train_steps(small_config(num_epochs=e, batch_size=10), 1000)
+          for e in (1.1, 0.55, 0.555, 2.0)] == [110, 55, 56, 200]
 
 
 def test_batch_not_divisible_by_devices_is_refused_before_writing(tmp_path, digits):

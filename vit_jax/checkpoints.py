@@ -83,6 +83,10 @@ def write_or_check_config(workdir: Path, config: Any, write: bool = True) -> Non
     if (saved["ema_decay"] > 0) != (resolved["ema_decay"] > 0):  # the state has its average or not
       raise ValueError(f"workdir={str(workdir)!r} holds a run with config.ema_decay="
                        f"{saved['ema_decay']}, not {resolved['ema_decay']}; use a new workdir")
+    if saved["validation_examples"] != resolved["validation_examples"]:
+      raise ValueError(f"workdir={str(workdir)!r} holds a run with config.validation_examples="
+                       f"{saved['validation_examples']}, not {resolved['validation_examples']}: "
+                       "it trained on other images than it would validate on; use a new workdir")
     changed = sorted(k for k in set(saved["model"]) | set(resolved["model"])
                      if saved["model"].get(k) != resolved["model"].get(k))
     structural = [k for k in changed if k not in _COMPUTATION_ONLY]

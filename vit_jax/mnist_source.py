@@ -207,6 +207,9 @@ def builder(name: str, data_dir: str | None = None, idx_dir: str | None = "auto"
   import tensorflow_datasets as tfds
 
   spec = dataset_spec(name)
+  if idx_dir not in (None, "auto") and not Path(idx_dir).is_dir():
+    # Refused even where the dataset is built already: a misspelt folder reads as one.
+    raise DataError(f"idx_dir={str(idx_dir)!r} is not a folder")
   prepared = tfds.builder(spec.tfds_name, data_dir=data_dir)
   if prepared.is_prepared():
     return prepared

@@ -75,7 +75,8 @@ def evaluators(config: ExperimentConfig, runner: Runner, data: Data) -> dict[str
 
 def total_train_steps(config: ExperimentConfig, num_train_examples: int) -> int:
   steps_per_epoch = num_train_examples // config.batch_size
-  return max(1, math.ceil(config.num_epochs * steps_per_epoch))
+  # Rounded first: 1.1 epochs of 100 steps is 110.00000000000001 in floats, not 111 steps.
+  return max(1, math.ceil(round(config.num_epochs * steps_per_epoch, 6)))
 
 
 def train_and_evaluate(config: Any, workdir: str | Path, data: Data | None = None
