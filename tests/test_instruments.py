@@ -138,6 +138,16 @@ def test_redundancy_is_zero_for_equal_heads_and_log2_for_disjoint_ones():
   assert divergence[0, 2] == pytest.approx(math.log(2)) == divergence[2, 1]
 
 
+def test_redundancy_a_few_images_at_a_time_equals_all_at_once():
+  rng = np.random.default_rng(0)
+  maps = rng.dirichlet(np.ones(6), size=(2, 11, 3, 6))  # (L, B, H, N, N), rows summing to 1
+  p, q = maps[:, :, :, None], maps[:, :, None]
+  m = (p + q) / 2
+  whole = (0.5 * (p * np.log(p / m)).sum(-1) + 0.5 * (q * np.log(q / m)).sum(-1)).mean((1, 4))
+  for at_once in (1, 4, 11, 64):
+    np.testing.assert_allclose(instruments.head_redundancy(maps, at_once), whole, rtol=1e-12)
+
+
 @pytest.mark.slow
 def test_training_logs_attention_statistics_and_effective_ranks_and_draws_them(tmp_path,
                                                                                digits):
