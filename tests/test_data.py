@@ -235,6 +235,25 @@ def test_load_image_errors(tmp_path, name, content, message):
     image_files.load_image(tmp_path / name)
 
 
+def test_a_16_bit_grey_png_is_scaled_to_8_bits_not_clipped(tmp_path):
+  from PIL import Image
+
+  levels = np.arange(28 * 28, dtype=np.float64).reshape(28, 28) / (28 * 28 - 1)
+  Image.fromarray(np.round(levels * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
+  assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
+  loaded = image_files.load_image(tmp_path / "deep.png")[..., 0]
+  np.testing.assert_allclose(loaded, levels * 255, atol=1)
+  Image.fromarray(levels.astype(np.float32)).save(tmp_path / "float.tiff")  # mode F
+  with pytest.raises(image_files.ImageFileError, match=r"float.tiff: mode F \(32-bit grey\)"):
+    image_files.load_image(tmp_path / "float.tiff")
+
+
+def test_an_npy_of_nan_is_refused_not_read_as_black(tmp_path):
+  np.save(tmp_path / "nan.npy", np.full((28, 28), np.nan, np.float32))
+  with pytest.raises(image_files.ImageFileError, match=r"nan.npy: values not finite$"):
+    image_files.load_image(tmp_path / "nan.npy")
+
+
 def test_load_image_wrong_shape(tmp_path):
   np.save(tmp_path / "big.npy", np.zeros((32, 32), np.uint8))
   with pytest.raises(image_files.ImageFileError, match=r"shape \(32, 32\) is not 28x28"):

@@ -34,6 +34,8 @@ def load_image(path: str | os.PathLike, size: int = 28) -> np.ndarray:
       array = array[..., 0]
     if not np.issubdtype(array.dtype, np.number):
       raise ImageFileError(f"{path}: dtype {array.dtype} is not numeric")
+    if not np.all(np.isfinite(array)):
+      raise ImageFileError(f"{path}: values not finite")
     if np.issubdtype(array.dtype, np.floating) and array.size and array.max() <= 1.0:
       array = array * 255.0
     if array.size and (array.min() < 0 or array.max() > 255):
@@ -44,9 +46,20 @@ def load_image(path: str | os.PathLike, size: int = 28) -> np.ndarray:
 
     try:
       with Image.open(path) as image:
-        array = np.asarray(image.convert("L"))
+        array = _grey_levels(image, path)
     except (UnidentifiedImageError, OSError) as e:
       raise ImageFileError(f"{path}: not an image Pillow can read ({e})") from None
   if array.shape != (size, size):
     raise ImageFileError(f"{path}: shape {array.shape} is not {size}x{size} grey")
   return array[..., None]
+
+
+def _grey_levels(image, path: Path) -> np.ndarray:
+  """A Pillow image as (H, W) uint8 grey levels; 16-bit grey scaled down, not clipped (as
+  Pillow's own conversion does: most of a 16-bit image would turn white)."""
+  if image.mode.startswith("I;16"):
+    return np.round(np.asarray(image, np.float64) / 257.0).astype(np.uint8)
+  if image.mode in ("I", "F"):
+    raise ImageFileError(f"{path}: mode {image.mode} (32-bit grey) is not read; save it as "
+                         "8- or 16-bit grey")
+  return np.asarray(image.convert("L"))
