@@ -86,8 +86,8 @@ def _analyzer(data):
   from vit_jax import analyze
 
   def after_run(config, workdir):
-    left = tuple(a for a in FLAGS.analyze
-                 if not analyze.done_marker(workdir / "analysis", a).is_file())
+    left = tuple(a for a in FLAGS.analyze  # redone where it measured another image count
+                 if not analyze.is_done(workdir / "analysis", a, FLAGS.analysis_images))
     if left:
       analyze.analyze_checkpoint(config, workdir, FLAGS.analysis_images,
                                  test_data=data["test"], ablations=left)

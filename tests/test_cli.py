@@ -187,6 +187,8 @@ def test_analyze_writes_every_instrument_as_csv_and_png(trained, tmp_path):
       ["head_importance.csv", "head_importance.png", "pruning_curve.csv", "pruning_curve.png",
        "projection_spectra.csv", "projection_spectra.png", "attention_statistics.csv",
        "head_redundancy.csv", "head_redundancy.png", "attention_distance.png", "done_zero"])
+  from vit_jax import analyze
+  assert analyze.is_done(tmp_path / "analysis", "zero", 100)  # what a sweep would skip
   layers, heads = 2, 4  # experiments/tiny.py
   rows = (tmp_path / "analysis" / "head_importance.csv").read_text().splitlines()
   assert len(rows) == 1 + layers * heads

@@ -127,6 +127,8 @@ def test_plan_fixed_width_and_fixed_head_dim():
   assert [(r.heads, r.hidden_size) for r, _ in runs] == [(1, 8), (4, 32)]
   with pytest.raises(ValueError, match="num_heads=3 does not divide hidden_size=16"):
     sweep.plan(base, heads=[3], seeds=[0])
+  with pytest.raises(ValueError, match=r"^heads=\[4, 4\] repeats a value$"):
+    sweep.plan(base, heads=[4, 4], seeds=[0])
   # The finer ablations, a low rank written with its rank; a rank above a head's size fails.
   runs = sweep.plan(base, heads=[2], seeds=[0], qkv_modes=["tied_qk", "low_rank:2"])
   assert [(c.model.qkv, c.model.qkv_rank, r.name) for r, c in runs] == [

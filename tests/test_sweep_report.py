@@ -50,9 +50,12 @@ def test_paired_differences_and_their_95_percent_interval_by_hand():
   assert row["ci95_high"] == pytest.approx(0.02 + half, rel=1e-5)
 
 
-def write_analysis(folder, run):
-  """Instrument CSVs as analyze writes them: a drop of 0.01 * heads * (seed + 1) per head."""
+def write_analysis(folder, run, done=("zero", "mean")):
+  """Instrument CSVs as analyze writes them: a drop of 0.01 * heads * (seed + 1) per head;
+  `done`: the ablations whose analysis finished (their markers written)."""
   folder.mkdir(parents=True)
+  for ablation in done:
+    (folder / f"done_{ablation}").write_text("100 test images\n")
   drop = 0.01 * run.heads * (run.seed + 1)
   (folder / "head_importance.csv").write_text(
       "layer,head,loss,accuracy,accuracy_drop\n"
@@ -111,6 +114,20 @@ def test_reports_gather_each_runs_analysis_and_average_it_by_head_count(tmp_path
   assert all(p.stat().st_size > 0 for p in paths[-3:])
 
 
+def test_an_unfinished_analysis_is_left_out_of_the_gathered_tables(tmp_path):
+  runs = sweep.plan(base_config(), heads=[1], seeds=[0, 1, 2])
+  records = [fake_record(r, 0.9, c) for r, c in runs]
+  for (run, _), done in zip(runs, [("zero", "mean"), ("zero",), ()], strict=True):
+    write_analysis(tmp_path / run.name / "analysis", run, done)
+  sweep_report.collect_analyses(records, tmp_path)
+  def runs_in(name):
+    lines = (tmp_path / f"analysis_{name}").read_text().splitlines()[1:]
+    return sorted({line.split(",")[0] for line in lines})
+  names = [run.name for run, _ in runs]
+  assert runs_in("head_importance.csv") == runs_in("attention_statistics.csv") == names[:2]
+  assert runs_in("head_importance_mean.csv") == names[:1]  # seed 1's mean ablation never ran
+
+
 def test_a_one_layer_model_s_only_layer_is_its_first_and_its_last(tmp_path):
   (tmp_path / "analysis_attention_statistics.csv").write_text(
       "run,qkv,heads,hidden_size,seed,layer,head,entropy,mean_distance_pixels\n"
@@ -118,3 +135,13 @@ def test_a_one_layer_model_s_only_layer_is_its_first_and_its_last(tmp_path):
       "r0,fused,2,16,0,0,1,1.0,8.0\n")
   means = sweep_report.analysis_by_heads(tmp_path)["fused"][2]
   assert means["distance_first_layer"] == means["distance_last_layer"] == pytest.approx(7.0)
+
+
+def test_an_analysis_counts_as_done_only_on_the_image_count_asked_for(tmp_path):
+  from vit_jax import analyze
+
+  assert not analyze.is_done(tmp_path, "zero", 100)
+  analyze.done_marker(tmp_path, "zero").write_text("100 test images\n")  # as analyze writes it
+  assert analyze.is_done(tmp_path, "zero", 100)
+  assert not analyze.is_done(tmp_path, "zero", 1000)  # --analysis_images changed: redone
+  assert not analyze.is_done(tmp_path, "mean", 100)

@@ -18,6 +18,7 @@ Layer 5 of vit_jax.
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vit_jax import analysis, inference, instruments  # noqa: E402
+from vit_jax.files import write_text_atomically  # noqa: E402
 
 
 def _write_csv(path: Path, header: list[str], rows) -> Path:
-  with path.open("w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(header)
-    writer.writerows(rows)
+  text = io.StringIO(newline="")
+  writer = csv.writer(text)
+  writer.writerow(header)
+  writer.writerows(rows)
+  write_text_atomically(path, text.getvalue())  # a killed analysis leaves no half table
   return path
 
 
@@ -140,6 +143,16 @@ def done_marker(out_dir: str | Path, ablation: str) -> Path:
   return Path(out_dir) / f"done_{ablation}"
 
 
+def is_done(out_dir: str | Path, ablation: str, num_images: int) -> bool:
+  """Whether `out_dir` holds that ablation's whole analysis on `num_images` test images."""
+  marker = done_marker(out_dir, ablation)
+  return marker.is_file() and marker.read_text() == _done_text(num_images)
+
+
+def _done_text(num_images: int) -> str:
+  return f"{num_images} test images\n"
+
+
 def analyze_checkpoint(config: Any, workdir: str | Path, num_images: int = 1000,
                        output_dir: str | Path | None = None, test_data=None,
                        ablations: tuple[str, ...] = ("zero",)) -> list[Path]:
@@ -170,5 +183,5 @@ def analyze_checkpoint(config: Any, workdir: str | Path, num_images: int = 1000,
                                             head_means=means)
     written += _importance(out, evaluate, config, images, labels,
                            "_mean" if ablation == "mean" else "")
-    done_marker(out, ablation).write_text(f"{num_images} test images\n")
+    done_marker(out, ablation).write_text(_done_text(num_images))
   return written

@@ -58,6 +58,9 @@ def plan(base: ExperimentConfig, heads: Sequence[int], seeds: Sequence[int],
   """
   if fixed not in ("width", "head_dim"):
     raise ValueError(f"fixed={fixed!r} is not one of 'width', 'head_dim'")
+  for name, values in (("heads", list(heads)), ("seeds", list(seeds)), ("qkv", list(qkv_modes))):
+    if len(set(values)) < len(values):  # each run would count twice in the tables
+      raise ValueError(f"{name}={values} repeats a value")
   runs = []
   for qkv in qkv_modes:
     for h in heads:

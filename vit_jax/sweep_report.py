@@ -9,13 +9,15 @@ Layer 5 of vit_jax, beside `visualize.py`: it reads the records `vit_jax.sweep` 
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import stats
 
-from vit_jax import sweep_plots
+from vit_jax import analyze, sweep_plots
+from vit_jax.files import write_text_atomically
 
 ANALYSIS_FILES = ("head_importance.csv", "head_importance_mean.csv", "pruning_curve.csv",
                   "pruning_curve_mean.csv", "attention_statistics.csv",
@@ -90,17 +92,31 @@ def collect_analyses(records: list[dict[str, Any]], out_dir: Path) -> list[Path]
     header, rows = None, []
     for r in records:
       path = out_dir / r["name"] / "analysis" / name
-      if path.is_file():
+      if path.is_file() and _analysis_finished(path.parent, name):
         with path.open(newline="") as f:
           header, *body = list(csv.reader(f))
         rows += [[r["name"], r["qkv"], r["heads"], r["hidden_size"], r["seed"], *row]
                  for row in body]
     if header is not None:
       paths.append(out_dir / f"analysis_{name}")
-      with paths[-1].open("w", newline="") as f:
-        csv.writer(f).writerows([["run", "qkv", "heads", "hidden_size", "seed", *header],
-                                 *rows])
+      text = io.StringIO(newline="")
+      csv.writer(text).writerows([["run", "qkv", "heads", "hidden_size", "seed", *header],
+                                  *rows])
+      write_text_atomically(paths[-1], text.getvalue())
   return paths
+
+
+def _analysis_finished(folder: Path, name: str) -> bool:
+  """Whether the analysis that writes `name` finished (an interrupted one, or one another
+  process is still writing, is left out): the ablation's own marker, or either's for the
+  files every analysis writes first."""
+  if name in ("head_importance.csv", "pruning_curve.csv"):
+    ablations = ("zero",)
+  elif name.endswith("_mean.csv"):
+    ablations = ("mean",)
+  else:
+    ablations = ("zero", "mean")
+  return any(analyze.done_marker(folder, a).is_file() for a in ablations)
 
 
 def write_reports(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
@@ -114,7 +130,7 @@ def write_reports(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
              [k for k in records[0] if k != "config"])
   _write_csv(paths[1], rows, SUMMARY_COLUMNS)
   differences = paired_differences(records)
-  paths[2].write_text(markdown_table(rows) + differences_table(differences))
+  write_text_atomically(paths[2], markdown_table(rows) + differences_table(differences))
   sweep_plots.plot(rows, paths[3])
   _write_csv(paths[4], differences, ["qkv", "baseline", "heads", "hidden_size", "seeds",
                                      "difference_mean", "ci95_low", "ci95_high"])
@@ -148,10 +164,11 @@ def differences_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=columns)
+  writer.writeheader()
+  writer.writerows(rows)
+  write_text_atomically(path, text.getvalue())  # two processes may report at once
 
 
 
