@@ -179,6 +179,22 @@ def test_run_all_skips_finished_and_resumes_unfinished(tmp_path, monkeypatch):
                            say=said.append)) == 1
 
 
+def test_a_seed_with_checkpoints_of_its_own_resumes_alone_not_in_a_new_group(tmp_path,
+                                                                            monkeypatch):
+  runs = sweep.plan(base_config(), heads=[1], seeds=[0, 1, 2])
+  # Seed 1 holds its group's final state; its record was never written (killed just before).
+  (tmp_path / runs[1][0].name / "checkpoints").mkdir(parents=True)
+  calls = []
+  monkeypatch.setattr(sweep, "run_one", lambda r, c, w, d: calls.append([r.seed]) or
+                      fake_record(r, 0.8, c))
+  monkeypatch.setattr(sweep, "run_seeds", lambda group, root, d: calls.append(
+      [r.seed for r, _ in group]) or [fake_record(r, 0.8, c) for r, c in group])
+  said = []
+  records = sweep.run_all(runs, tmp_path, data={}, say=said.append, vmap_seeds=True)
+  assert calls == [[1], [0, 2]] and [r["seed"] for r in records] == [0, 1, 2]
+  assert said[0].endswith("resuming") and said[2].endswith("training 2 seeds as one")
+
+
 def test_a_run_started_with_another_config_is_not_resumed_under_this_one(tmp_path, monkeypatch):
   from vit_jax import checkpoints
 

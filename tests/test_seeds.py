@@ -43,6 +43,10 @@ def test_seeds_as_one_equal_separate_runs(tmp_path, data, parallel):
     assert json.loads((tmp_path / f"s{seed}" / "config.json").read_text())["seed"] == seed
     logged = [r for r in read_metrics(tmp_path / f"s{seed}") if "validation_accuracy" in r]
     assert [r["step"] for r in logged] == [4, 8]
+    # It logs what a run logs: attention statistics at evaluations, ranks at checkpoints.
+    def logged_keys(folder):
+      return {(r["step"], key) for r in read_metrics(folder) for key in r if key != "time"}
+    assert logged_keys(tmp_path / f"s{seed}") == logged_keys(tmp_path / f"alone{seed}")
     params = inference.restore_state(config, tmp_path / f"s{seed}").params
     alone_params = inference.restore_state(config, tmp_path / f"alone{seed}").params
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),

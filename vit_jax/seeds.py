@@ -28,6 +28,7 @@ import numpy as np
 from vit_jax import auto, input_pipeline
 from vit_jax.checkpoints import Checkpoints, prepare_workdir, saved_config, write_or_check_config
 from vit_jax.experiment_config import ExperimentConfig, validate
+from vit_jax.instruments import effective_ranks
 from vit_jax.interrupt import StopSignal, TrainingInterruptedError
 from vit_jax.locks import WorkdirLock
 from vit_jax.metrics import MetricsWindow, MetricWriter, Progress
@@ -36,10 +37,18 @@ from vit_jax.run_log import logging_to
 from vit_jax.steps import (
   compile_train_step,
   create_train_state,
+  evaluation_params,
   learning_rate_schedule,
   microbatches_per_step,
 )
-from vit_jax.train import Data, evaluators, load_data, restore_or_start, total_train_steps
+from vit_jax.train import (
+  Data,
+  attention_probe,
+  evaluators,
+  load_data,
+  restore_or_start,
+  total_train_steps,
+)
 from vit_jax.training_images import undistorted_line
 
 
@@ -106,6 +115,7 @@ class _Group:
                                    self.config.keep_checkpoints)
     self.train_data = runner.replicate(data["train"])
     self.evaluators = evaluators(self.config, runner, data)
+    self.attention_probe = attention_probe(self.config, data)
     self.watched = "validation" if "validation" in self.evaluators else "eval"
     self.writers = [MetricWriter(d) for d in dirs]
     self.quiet = Progress(self.total_steps, 0, enabled=False)
@@ -140,7 +150,7 @@ class _Group:
       for prefix in prefixes:
         metrics = self.evaluators[prefix](state)
         result.update({k.replace("eval_", f"{prefix}_"): v for k, v in metrics.items()})
-      writer.write(step, result)
+      writer.write(step, {**result, **self.attention_probe(seed_state)})  # as a run logs
       results.append(result)
     for window in self.windows:
       window.restart_clock()
@@ -151,7 +161,10 @@ class _Group:
     if due and self.checkpoints.latest_step() != step:
       for window in self.windows:
         window.flush(step)  # raises on a non-finite loss before anything is written
-      self.checkpoints.save(step, self.runner.unreplicate(device_states), force=force)
+      if self.checkpoints.save(step, self.runner.unreplicate(device_states), force=force):
+        for writer, seed_state in zip(self.writers, self._seed_states(device_states),
+                                      strict=True):  # as a run logs at its checkpoints
+          writer.write(step, effective_ranks(evaluation_params(seed_state), self.config.model))
 
   def train(self, first_line: str) -> list[dict[str, float]]:
     states = self._restore()

@@ -234,18 +234,28 @@ def _claim_and_run(group: list[tuple[Run, ExperimentConfig]], root: Path, data: 
       left = [(run, config) for run, config in group if records[run] is None]
       if len(left) < len(group):
         say(f"{len(group) - len(left)} finished by another process")
-      if left:
-        held = root / (group_name([r for r, _ in left]) if len(left) > 1 else left[0][0].name)
-        # Resuming would train on under the new values and record only them.
-        for workdir, config in [(held, left[0][1]), *((root / r.name, c) for r, c in left)]:
-          _refuse_changed(workdir, saved_config(workdir), config, "was started")
-        say(("resuming" if (held / "checkpoints").is_dir() else "training")
-            + (f" {len(left)} seeds as one" if len(left) > 1 else ""))
-        new = (run_seeds(left, root, data) if len(left) > 1
-               else [run_one(left[0][0], left[0][1], root / left[0][0].name, data)])
-        records.update({run: record for (run, _), record in zip(left, new, strict=True)})
-        say("test accuracy " + ", ".join(f"{r['eval_accuracy']:.4f}" for r in new))
+      # A run with checkpoints of its own (trained alone before, or its group's final state
+      # saved before its record could be written) resumes alone; the others train as one.
+      alone = [entry for entry in left if (root / entry[0].name / "checkpoints").is_dir()]
+      together = [entry for entry in left if entry not in alone]
+      for batch in [[entry] for entry in alone] + ([together] if together else []):
+        records.update(_train(batch, root, data, say))
       return records
   except WorkdirBusyError:
     say("taken by another process, skipped")
     return {}
+
+
+def _train(runs: list[tuple[Run, ExperimentConfig]], root: Path, data: dict,
+           say: Callable[[str], None]) -> dict[Run, dict[str, Any]]:
+  """Trains (or resumes) `runs`, one or several seeds as one; their records."""
+  held = root / (group_name([r for r, _ in runs]) if len(runs) > 1 else runs[0][0].name)
+  # Resuming would train on under the new values and record only them.
+  for workdir, config in [(held, runs[0][1]), *((root / r.name, c) for r, c in runs)]:
+    _refuse_changed(workdir, saved_config(workdir), config, "was started")
+  say(("resuming" if (held / "checkpoints").is_dir() else "training")
+      + (f" {len(runs)} seeds as one" if len(runs) > 1 else ""))
+  new = (run_seeds(runs, root, data) if len(runs) > 1
+         else [run_one(runs[0][0], runs[0][1], root / runs[0][0].name, data)])
+  say("test accuracy " + ", ".join(f"{r['eval_accuracy']:.4f}" for r in new))
+  return {run: record for (run, _), record in zip(runs, new, strict=True)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,15 @@ def train_and_evaluate(config: Any, workdir: str | Path, data: Data | None = Non
       return run.train(f"running on {choices}")
 
 
+def attention_probe(config: ExperimentConfig, data: Data) -> Callable[[Any], dict[str, float]]:
+  """-> f(state): the attention statistics every evaluation logs (`instruments`), measured on
+  the first PROBE_IMAGES held-out images: validation's where held out, else the test split's."""
+  images = data["validation" if "validation" in data else "test"]["image"][:PROBE_IMAGES]
+  maps = instruments.attention_maps_function(ViT(config.model).apply, config.dataset)
+  return lambda state: instruments.attention_statistics(
+      maps(evaluation_params(state), images), config.model)
+
+
 def restore_or_start(checkpoints: Checkpoints, fresh: Any, config: ExperimentConfig,
                      total_steps: int) -> Any:
   """The latest checkpoint, or `fresh`; refuses a workdir past the last step, where training
@@ -180,11 +190,7 @@ class _Run:
     self.evaluators = evaluators(self.config, self.runner, self.data)
     # What training watches: the validation split where there is one, never both.
     self.watched = "validation" if "validation" in self.evaluators else "eval"
-    # The attention statistics at each evaluation are measured on these images.
-    held = self.data["validation" if self.watched == "validation" else "test"]
-    self.probe_images = held["image"][:PROBE_IMAGES]
-    self.probe_maps = instruments.attention_maps_function(ViT(self.config.model).apply,
-                                                          self.config.dataset)
+    self.attention_probe = attention_probe(self.config, self.data)
 
   def evaluate_and_log(self, step: int, device_state: Any, prefixes: tuple[str, ...]
                        ) -> dict[str, float]:
@@ -196,9 +202,7 @@ class _Run:
       metrics = self.evaluators[prefix](device_state)
       result.update({k.replace("eval_", f"{prefix}_"): v for k, v in metrics.items()})
     state = self.runner.unreplicate(device_state)
-    maps = self.probe_maps(evaluation_params(state), self.probe_images)
-    self.window.writer.write(step, {**result, **instruments.attention_statistics(
-        maps, self.config.model)})
+    self.window.writer.write(step, {**result, **self.attention_probe(state)})
     self.window.restart_clock()
     return result
 
