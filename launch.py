@@ -169,9 +169,17 @@ MODES = {"train": _train, "eval": _evaluate, "predict": _predict, "visualize": _
          "export": _export, "analyze": _analyze}
 
 
+# The modes each mode-specific flag serves: given to another mode, it would do nothing.
+FLAG_MODES = {"images": ("predict",), "num_images": ("visualize", "analyze"),
+              "output_dir": ("visualize", "export", "analyze"), "ablation": ("analyze",)}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  for name, modes in FLAG_MODES.items():
+    if FLAGS[name].present and FLAGS.mode not in modes:
+      raise ValueError(f"--{name} is for --mode={' or '.join(modes)}, not --mode={FLAGS.mode}")
   # Orbax, TFDS and JAX log every step of their work at INFO; keep the console for ours.
   for name in ("absl", "jax"):
     logging.getLogger(name).setLevel(logging.WARNING)

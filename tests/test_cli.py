@@ -133,6 +133,7 @@ def test_predict_bad_image_is_one_clear_line(trained, tmp_path):
     ("--config.modle.num_heads=2", "error: config.modle is not a known key of the config; "
      'did you mean "model" instead of "modle"?'),
     ("--workdir=/mnt/vit_jax-test-not-mounted/run", "error: workdir="),
+    ("--images=digit.png", "error: --images is for --mode=predict, not --mode=train"),
 ])
 @pytest.mark.parametrize("config", ["--config=experiments/tiny.py", None],
                          ids=["named", "default"])
