@@ -236,17 +236,24 @@ def run():
     print(f"error: {line}", file=sys.stderr)
     sys.exit(2)
   except (ValueError, FloatingPointError, OSError) as e:  # bad config, data or files; NaN
+    _to_console(f"error: {e}")
     if isinstance(e, WriteError):
       # A failed write's threads may still report into a closed event loop, into the run's
       # log, where stderr stays diverted; nothing is left to save, so nothing waits for them.
-      sys.stdout.flush()
-      os.write(run_log.console_fd(), f"error: {e}\n".encode())
       os._exit(2)
-    print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   except TrainingInterruptedError as e:  # SIGTERM / Ctrl-C, after saving a checkpoint
-    print(f"interrupted: {e}", file=sys.stderr)
+    _to_console(f"interrupted: {e}")
     sys.exit(128 + e.signum)
+
+
+def _to_console(line: str) -> None:
+  """`line` on the console's stderr, also where a failure left stderr in the run's log."""
+  from vit_jax import run_log
+
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.write(run_log.console_fd(), f"{line}\n".encode())
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 from conftest import MNIST_IDX_DIR
 
-from vit_jax import image_files, input_pipeline, mnist_source
+from vit_jax import input_pipeline, mnist_source
 from vit_jax.mnist_source import DataError
 
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -208,56 +208,6 @@ def test_normalize_maps_the_datasets_mean_to_zero_and_one_std_above_it_to_one(da
                              (levels / 255.0 - mean) / std, rtol=1e-6, atol=1e-6)
   at = np.array([mean, mean + std]) * 255  # the mean, and one std above it
   np.testing.assert_allclose(input_pipeline.normalize(at, dataset), [0.0, 1.0], atol=1e-6)
-
-
-# --- User image files ------------------------------------------------------------------
-
-def test_load_image_png_and_npy(tmp_path):
-  from PIL import Image
-
-  digit = np.random.default_rng(0).integers(0, 255, (28, 28)).astype(np.uint8)
-  Image.fromarray(digit).convert("RGB").save(tmp_path / "d.png")
-  np.save(tmp_path / "d.npy", digit)
-  np.save(tmp_path / "f.npy", digit[..., None] / 255.0)
-  for name in ("d.png", "d.npy", "f.npy"):
-    np.testing.assert_array_equal(image_files.load_image(tmp_path / name)[..., 0], digit)
-
-
-@pytest.mark.parametrize("name,content,message", [
-    ("text.png", b"not an image", "not an image Pillow can read"),
-    ("bad.npy", b"junk", "not a readable .npy array"),
-    ("missing.png", None, "no such file"),
-])
-def test_load_image_errors(tmp_path, name, content, message):
-  if content is not None:
-    (tmp_path / name).write_bytes(content)
-  with pytest.raises(image_files.ImageFileError, match=message):
-    image_files.load_image(tmp_path / name)
-
-
-def test_a_16_bit_grey_png_is_scaled_to_8_bits_not_clipped(tmp_path):
-  from PIL import Image
-
-  levels = np.arange(28 * 28, dtype=np.float64).reshape(28, 28) / (28 * 28 - 1)
-  Image.fromarray(np.round(levels * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
-  assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
-  loaded = image_files.load_image(tmp_path / "deep.png")[..., 0]
-  np.testing.assert_allclose(loaded, levels * 255, atol=1)
-  Image.fromarray(levels.astype(np.float32)).save(tmp_path / "float.tiff")  # mode F
-  with pytest.raises(image_files.ImageFileError, match=r"float.tiff: mode F \(32-bit grey\)"):
-    image_files.load_image(tmp_path / "float.tiff")
-
-
-def test_an_npy_of_nan_is_refused_not_read_as_black(tmp_path):
-  np.save(tmp_path / "nan.npy", np.full((28, 28), np.nan, np.float32))
-  with pytest.raises(image_files.ImageFileError, match=r"nan.npy: values not finite$"):
-    image_files.load_image(tmp_path / "nan.npy")
-
-
-def test_load_image_wrong_shape(tmp_path):
-  np.save(tmp_path / "big.npy", np.zeros((32, 32), np.uint8))
-  with pytest.raises(image_files.ImageFileError, match=r"shape \(32, 32\) is not 28x28"):
-    image_files.load_image(tmp_path / "big.npy")
 
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"

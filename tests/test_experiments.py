@@ -1,4 +1,4 @@
-"""Sweeps' bookkeeping, the identity-projection ablation, and the pictures."""
+"""Sweeps' bookkeeping and the identity-projection ablation."""
 
 import dataclasses
 import json
@@ -6,9 +6,8 @@ import json
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
-from vit_jax import analysis, models, steps, sweep, train, visualize
+from vit_jax import analysis, models, steps, sweep
 from vit_jax import attention as A
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.model_configs import get_model_config
@@ -291,40 +290,3 @@ def test_vmapped_seeds_leave_each_run_as_a_separate_run_would(tmp_path, digits):
   records = sweep.run_all(runs, tmp_path, data, say=said.append, vmap_seeds=True)
   assert "2 of 3 finished before" in said[0] and said[1].endswith("training")
   assert [r["seed"] for r in records] == [0, 1, 2]
-
-
-# --- Pictures from a real (tiny) checkpoint --------------------------------------------
-
-@pytest.mark.slow
-def test_visualize_draws_each_digit_s_attention(tmp_path, mnist):
-  config = base_config()
-  data = {"train": {k: v[:256] for k, v in mnist["train"].items()},
-          "test": {k: v[:200] for k, v in mnist["test"].items()}}
-  train.train_and_evaluate(config, tmp_path, data=data)
-  paths = visualize.visualize_checkpoint(config, tmp_path, num_images=3, test_data=data["test"])
-  names = sorted(p.name for p in paths)
-  assert names == ["attention_0.png", "attention_1.png", "attention_2.png",
-                   "position_similarity.png", "rollout.png", "training_statistics.png"]
-  # Each digit's picture shows its own attention.
-  pictures = [np.asarray(Image.open(tmp_path / "visualize" / f"attention_{i}.png"))
-              for i in range(3)]
-  assert not np.array_equal(pictures[0], pictures[1])
-  assert not np.array_equal(pictures[1], pictures[2])
-
-
-def test_attention_panels_count_layers_and_heads_from_0_and_rollout_keeps_to_one_row(
-    tmp_path, monkeypatch):
-  """As the metrics, the analyses and the README count them: 'layer 0 head 0' is the first."""
-  figures = []
-  monkeypatch.setattr(visualize.plt, "close", figures.append)
-  config = get_model_config("testing")  # 2 layers, 2 heads, 4x4 grid
-  image = np.zeros((28, 28, 1), np.uint8)
-  per_head = np.full((2, 2, config.num_patches), 1 / config.num_patches)
-  visualize.plot_attention(image, per_head, config, 3, 3, tmp_path / "a.png")
-  titles = [ax.get_title() for ax in figures[0].axes]
-  assert titles == ["layer 0 head 0", "layer 0 head 1", "layer 1 head 0", "layer 1 head 1"]
-  many = visualize.ROLLOUT_IMAGES + 5
-  rollout = np.full((many, config.num_patches + 1, config.num_patches + 1), 0.1)
-  visualize.plot_rollout(np.zeros((many, 28, 28, 1), np.uint8), rollout, config,
-                         tmp_path / "r.png")
-  assert len(figures[1].axes) == visualize.ROLLOUT_IMAGES

@@ -1,0 +1,88 @@
+"""What training refuses, in one line and before harm: another run's workdir, a schedule it
+has passed, batches the devices cannot share, a workdir that cannot be one."""
+
+import dataclasses
+import json
+
+import pytest
+from test_train import small_config, subset
+
+from vit_jax import inference, train
+from vit_jax.model_configs import get_model_config
+
+ANOTHER_RUN = [
+    ({"model": get_model_config("testing", num_heads=4)},
+     r"different model \(model.num_heads: 2 -> 4\)"),
+    ({"dataset": "fashion_mnist"},
+     r"holds a run on mnist, not config.dataset='fashion_mnist'; pass that run's config"),
+    ({"ema_decay": 0.9},  # its checkpoints lack the averaged parameters
+     r"holds a run with config.ema_decay=0.0, not 0.9; use a new workdir$"),
+    ({"validation_examples": 64},  # images it trained on would be held out
+     r"holds a run with config.validation_examples=0, not 64: it trained on other images"),
+]
+IDS = ["model", "dataset", "ema_decay", "validation_examples"]
+
+
+@pytest.mark.parametrize("change,message", ANOTHER_RUN, ids=IDS)
+def test_resuming_with_another_model_or_dataset_is_refused(tmp_path, digits, change, message):
+  data = subset(digits, 256)
+  config = small_config(num_epochs=0.25)
+  train.train_and_evaluate(config, tmp_path / "run", data=data)
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(dataclasses.replace(config, **change), tmp_path / "run", data=data)
+
+
+@pytest.mark.parametrize("change,message", ANOTHER_RUN, ids=IDS)
+def test_eval_of_a_workdir_with_another_model_or_dataset_is_refused(tmp_path, digits, change,
+                                                                    message):
+  data = subset(digits, 256)
+  config = small_config(num_epochs=0.25)
+  train.train_and_evaluate(config, tmp_path / "run", data=data)
+  with pytest.raises(ValueError, match=message):
+    inference.evaluate_checkpoint(dataclasses.replace(config, **change), tmp_path / "run",
+                                  data=data)
+  assert (tmp_path / "run" / "checkpoints" / "1").is_dir()  # nothing moved aside
+
+
+def test_resuming_past_the_configured_end_is_refused(tmp_path, digits):
+  data = subset(digits, 256)
+  config = small_config(num_epochs=1)  # 4 steps
+  train.train_and_evaluate(config, tmp_path / "run", data=data)
+  with pytest.raises(ValueError, match="num_epochs=0.5 makes 2 steps, but .* at step 4"):
+    train.train_and_evaluate(dataclasses.replace(config, num_epochs=0.5), tmp_path / "run",
+                             data=data)
+  # The workdir's config.json still describes its checkpoints.
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["num_epochs"] == 1
+
+
+def test_a_fraction_of_an_epoch_takes_the_steps_it_names_despite_float_rounding():
+  # 1.1 * 100 is 110.00000000000001 and 0.55 * 100 is 55.00000000000001 in floats.
+  assert [train.total_train_steps(small_config(num_epochs=e, batch_size=10), 1000)
+          for e in (1.1, 0.55, 0.555, 2.0)] == [110, 55, 56, 200]
+
+
+def test_batch_not_divisible_by_devices_is_refused_before_writing(tmp_path, digits):
+  config = small_config(batch_size=60, parallel="pmap")
+  with pytest.raises(ValueError, match="config.batch_size=60 is not divisible by the 8 devices"):
+    train.train_and_evaluate(config, tmp_path / "run", data=subset(digits, 256))
+  assert not (tmp_path / "run").exists()
+
+
+def test_microbatch_size_that_does_not_divide_a_devices_share_is_refused(tmp_path, digits):
+  config = small_config(microbatch_size=3, parallel="pmap")  # 64 over 8 devices: 8 each
+  with pytest.raises(ValueError, match="config.microbatch_size=3 does not divide the 8 examples "
+                                       "per device of config.batch_size=64 over 8 devices"):
+    train.train_and_evaluate(config, tmp_path / "run", data=subset(digits, 256))
+  assert not (tmp_path / "run").exists()
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path, digits):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match="workdir=.*file.* is a file, not a folder"):
+    train.train_and_evaluate(small_config(), tmp_path / "file", data=subset(digits, 256))
+
+
+def test_workdir_that_cannot_be_created_is_refused(tmp_path, digits):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match="workdir=.*file/run.* cannot be created: Not a directory"):
+    train.train_and_evaluate(small_config(), tmp_path / "file" / "run", data=subset(digits, 256))
