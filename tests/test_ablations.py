@@ -50,10 +50,16 @@ def test_tied_queries_and_keys_share_one_matrix():
   weights = models.layer_projections(params, config, 1)
   assert weights["to_q"] is weights["to_k"] and "to_qk" in params["encoder"]["block1"][
       "attention"]
-  # Scores of a token with itself under W_Q = W_K: |x W|^2 >= 0 for every head.
+  # The module attends with scores x W (x W)^T / sqrt(d): symmetric, from its one matrix.
+  module = models.MultiHeadSelfAttention(4, "tied_qk")
   x = jax.random.normal(jax.random.PRNGKey(1), (1, 50, 64))
-  q = A.split_heads(A.project(x, **weights["to_q"]), 4)
-  assert (jnp.einsum("bhnd,bhnd->bhn", q, q) >= 0).all()
+  variables = module.init(jax.random.PRNGKey(2), x)
+  _, state = module.apply(variables, x, mutable=["intermediates"])
+  maps = state["intermediates"]["attention_weights"][0]
+  q = A.split_heads(A.project(x, variables["params"]["to_qk"]["kernel"]), 4)
+  scores = jnp.einsum("bhnd,bhmd->bhnm", q, q) / 4.0  # heads of 16
+  np.testing.assert_allclose(scores, jnp.swapaxes(scores, -1, -2), rtol=1e-6)
+  np.testing.assert_allclose(maps, jax.nn.softmax(scores, axis=-1), rtol=1e-5, atol=1e-6)
 
 
 def test_low_rank_projections_have_the_rank_asked_for_per_head():
@@ -61,6 +67,18 @@ def test_low_rank_projections_have_the_rank_asked_for_per_head():
   kernel = np.asarray(models.layer_projections(params, config, 0)["to_k"]["kernel"])
   for head in range(4):
     assert np.linalg.matrix_rank(kernel[:, 16 * head:16 * (head + 1)], tol=1e-5) == 3
+
+
+@pytest.mark.parametrize("rank", [4, 16])
+def test_low_rank_heads_start_at_the_scale_of_a_learned_matrix(rank):
+  """Each head's A B starts with the weights' spread of `separate`'s D x D matrices
+  (variance 1/D), whatever the rank, so a rank study does not also change the start."""
+  config, params = init("low_rank", qkv_rank=rank)
+  separate_config, separate = init("separate")
+  low = models.layer_projections(params, config, 0)["to_q"]["kernel"]
+  full = models.layer_projections(separate, separate_config, 0)["to_q"]["kernel"]
+  assert float(np.std(low)) == pytest.approx(float(np.std(full)), rel=0.15)
+  assert float(np.std(full)) == pytest.approx(64 ** -0.5, rel=0.05)
 
 
 def test_frozen_random_projections_are_fixed_numbers_out_of_reach_of_training():

@@ -277,8 +277,19 @@ def test_a_mixed_precision_model_keeps_the_kernels_attention_in_float32(kernel):
                                   compute_dtype="bfloat16", attention_kernel="fused_cpu")
   images = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
   params = models.ViT(config).init(jax.random.PRNGKey(0), images)
-  logits = models.ViT(config).apply(params, images)
-  fused_logits = models.ViT(fused_config).apply(params, images)
-  # Heads of 4; the einsum path rounds Q, K, weights and V to bfloat16, the kernel does not.
-  np.testing.assert_allclose(fused_logits, logits, atol=3e-2)
+  # A random head: the zero-initialised one would give zero logits to both paths.
+  params["params"]["head"]["kernel"] = jnp.asarray(rand(32, 10, seed=7))
+
+  def logits_and_maps(model_config):
+    logits, state = models.ViT(model_config).apply(params, images, mutable=["intermediates"])
+    return np.asarray(logits), np.asarray(models.attention_maps(state["intermediates"]))
+
+  logits, maps = logits_and_maps(config)
+  fused_logits, fused_maps = logits_and_maps(fused_config)
+  assert np.abs(logits).max() > 0.1
+  # Heads of 4; the einsum path rounds Q, K, weights and V to bfloat16, the kernel does not:
+  # close, and not the same numbers.
+  np.testing.assert_allclose(fused_logits, logits, rtol=2e-2, atol=3e-2)
+  np.testing.assert_allclose(fused_maps, maps, atol=2e-2)
+  assert not np.array_equal(fused_maps, maps)
   assert _uses_kernel(lambda p: models.ViT(fused_config).apply(p, images), params)

@@ -114,12 +114,15 @@ class MultiHeadSelfAttention(nn.Module):
     for name, features in learned_projections(self.qkv, width).items():
       owned[name] = LinearWeights(features, self.qkv_bias, name=name)(width)
     if self.qkv == "low_rank":
-      init = nn.initializers.lecun_normal()
+      # Variance 1/D for A and 1/r for B (the head axis is a batch of matrices, not fan-in):
+      # each head's A B then starts at 1/D, as a learned D x D matrix does.
+      per_head = nn.initializers.lecun_normal(batch_axis=(0,))
       for t in "qkv":
         rank, head_dim = self.qkv_rank, width // self.num_heads
-        owned[f"to_{t}"] = {"a": self.param(f"to_{t}_a", init, (width, self.num_heads * rank)),
-                            "b": self.param(f"to_{t}_b", init, (self.num_heads, rank,
-                                                               head_dim))}
+        owned[f"to_{t}"] = {
+            "a": self.param(f"to_{t}_a", nn.initializers.lecun_normal(),
+                            (width, self.num_heads * rank)),
+            "b": self.param(f"to_{t}_b", per_head, (self.num_heads, rank, head_dim))}
     weights = projection_weights(owned, self.qkv, width, "/".join(self.scope.path))
     weights["to_out"] = LinearWeights(width, name="to_out")(width)
     out, attention_weights = A.self_attention(
