@@ -31,9 +31,10 @@ def test_the_average_follows_the_parameters_by_its_decay_and_is_what_evaluation_
   for i in range(5):  # enough for the average to lag visibly behind the parameters
     state, _ = step(state, batch_of(digits), jax.random.PRNGKey(i))
     history.append(state.params)
-  expected = history[0]
-  for params in history[1:]:
-    expected = jax.tree_util.tree_map(lambda e, p: 0.9 * e + 0.1 * p, expected, params)
+  # Step t's parameters weighted 0.9^(5 - t), normalised; the random start not at all.
+  weights = [0.1 * 0.9 ** (5 - t) / (1 - 0.9 ** 5) for t in range(1, 6)]
+  expected = jax.tree_util.tree_map(
+      lambda *params: sum(w * p for w, p in zip(weights, params, strict=True)), *history[1:])
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                          state.ema_params, expected)
   # Evaluation reads the average, not the parameters.
