@@ -71,7 +71,7 @@ def test_matmul_only_step_does_the_models_matmul_work(qkv, compute_dtype, overla
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel,microbatch_size", [("jit", None), ("pmap", None),
-                                                     ("pmap", 16)])
+                                                     ("shard", None), ("pmap", 16)])
 def test_benchmark_runs_and_counts_flops_like_xla(parallel, microbatch_size):
   # 32 examples per device: XLA counts the per-device work that is not the model's (the
   # optimizer; the flat buffer that `steps.mean_over_devices` concatenates and slices, which

@@ -122,4 +122,9 @@ def test_a_source_that_cannot_be_used_fails_before_the_run_writes_anything(tmp_p
   wider = config(model=get_model_config("testing", hidden_size=32), init_from=str(source))
   with pytest.raises(ValueError, match="its model.hidden_size=16 differs from model.hidden"):
     train.train_and_evaluate(wider, tmp_path / "b", data=digits)
-  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+  # Validation images the source trained on.
+  leaky = config(init_from=str(source), validation_examples=64)
+  with pytest.raises(ValueError, match=r"held out 0 images and trained on the rest, some of "
+                                       r"config.validation_examples=64; hold out at most"):
+    train.train_and_evaluate(leaky, tmp_path / "c", data=digits)
+  assert not any((tmp_path / name).exists() for name in "abc")

@@ -1,5 +1,6 @@
-"""What training refuses, in one line and before harm: another run's workdir, a schedule it
-has passed, batches the devices cannot share, a workdir that cannot be one."""
+"""What training refuses, in one line and before harm (another run's workdir, a schedule it
+has passed, batches the devices cannot share, a workdir that cannot be one), and a warm-up it
+cannot give."""
 
 import dataclasses
 import json
@@ -86,3 +87,13 @@ def test_workdir_that_cannot_be_created_is_refused(tmp_path, digits):
   (tmp_path / "file").write_text("")
   with pytest.raises(ValueError, match="workdir=.*file/run.* cannot be created: Not a directory"):
     train.train_and_evaluate(small_config(), tmp_path / "file" / "run", data=subset(digits, 256))
+
+
+def test_a_warm_up_as_long_as_the_run_is_said_in_one_line(tmp_path, digits, capsys):
+  config = small_config(num_epochs=0.25)  # 4 steps of 64, warm-up 4
+  train.train_and_evaluate(config, tmp_path / "run", data=subset(digits, 1024))
+  assert ("config.warmup_steps=4 is not below the run's 4 steps: warm-up cut to 3, the "
+          "learning rate never decays") in capsys.readouterr().err
+  train.train_and_evaluate(small_config(num_epochs=0.5), tmp_path / "longer",
+                           data=subset(digits, 1024))
+  assert "warmup_steps" not in capsys.readouterr().err

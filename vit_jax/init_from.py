@@ -47,6 +47,14 @@ def check_source(config: ExperimentConfig) -> None:
   except ValueError as e:
     raise ValueError(f"config.init_from={config.init_from!r}: {e}") from None
   check_mappable(source.model, config.model, config.init_from)
+  # A run holds out the first N images of one fixed order: a source that held out fewer
+  # trained on some of this run's held-out images.
+  if source.dataset == config.dataset and \
+      source.validation_examples < config.validation_examples:
+    raise ValueError(f"config.init_from={config.init_from!r} held out "
+                     f"{source.validation_examples} images and trained on the rest, some of "
+                     f"config.validation_examples={config.validation_examples}; hold out at "
+                     "most as many as the source did")
 
 
 # qkv='low_rank' factors its projections per head, at its rank: (D, H r) and (H, r, D/H).

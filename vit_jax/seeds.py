@@ -47,6 +47,7 @@ from vit_jax.train import (
   evaluators,
   load_data,
   restore_or_start,
+  short_warmup_line,
   total_train_steps,
 )
 from vit_jax.training_images import undistorted_line
@@ -174,7 +175,9 @@ class _Group:
     start = int(np.asarray(states.step).reshape(-1)[0])
     progress = Progress(self.total_steps, start)
     try:
-      progress.message(first_line)
+      for line in (first_line, short_warmup_line(self.config, self.total_steps)):
+        if line:
+          progress.message(line)
       device_states = self._steps(self.runner.replicate(states), start, progress)
       results = self.evaluate(self.total_steps, device_states, tuple(self.evaluators))
     finally:

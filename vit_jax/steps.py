@@ -61,7 +61,7 @@ def _update_average(state: TrainState) -> TrainState:
 # --- State and optimizer ---------------------------------------------------------------
 
 def learning_rate_schedule(config: ExperimentConfig, total_steps: int) -> optax.Schedule:
-  """Linear warm-up from 0, then cosine decay to 0 at `total_steps`."""
+  """Linear warm-up from 0, then cosine decay to 0 at `total_steps` (`train.short_warmup_line`)."""
   warmup = min(config.warmup_steps, max(total_steps - 1, 0))
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,

@@ -80,6 +80,14 @@ def total_train_steps(config: ExperimentConfig, num_train_examples: int) -> int:
   return max(1, math.ceil(round(config.num_epochs * steps_per_epoch, 6)))
 
 
+def short_warmup_line(config: ExperimentConfig, total_steps: int) -> str | None:
+  """What a run says where its warm-up is not shorter than the run: cut, with no decay."""
+  if config.warmup_steps < total_steps:
+    return None
+  return (f"config.warmup_steps={config.warmup_steps} is not below the run's {total_steps} "
+          f"steps: warm-up cut to {max(total_steps - 1, 0)}, the learning rate never decays")
+
+
 def train_and_evaluate(config: Any, workdir: str | Path, data: Data | None = None
                        ) -> dict[str, float]:
   """Trains (resuming from `workdir` if it holds checkpoints), evaluates, returns metrics.
@@ -220,7 +228,7 @@ class _Run:
       state, taken = init_from.initialised_from(state, self.config)
     self._put_data_on_devices()
     self._open_logs(start_step)
-    for line in (first_line, taken):
+    for line in (first_line, taken, short_warmup_line(self.config, self.total_steps)):
       if line:
         self.progress.message(line)
     if start_step:

@@ -107,12 +107,12 @@ def _compiled_costs(config: ExperimentConfig, runner: Runner, compiled, evaluate
       runner.split_batch(np.arange(config.eval_batch_size, dtype=np.int32)),
       runner.split_batch(np.ones(config.eval_batch_size, bool))).compile()
   xla_train, xla_eval = flops.xla_flops(compiled), flops.xla_flops(eval_compiled)
-  per_program = runner.num_devices if runner.mode == "pmap" else 1
+  per_program = 1 if runner.mode == "jit" else runner.num_devices  # pmap and sharded jit
   memory = compiled.memory_analysis()
   return {
       # Parameters, optimizer state, the device's copy of the data, activations, gradients.
       "train_step_peak_megabytes": memory and memory.peak_memory_in_bytes / 2**20,
-      # XLA counts a pmap-ed program once, for one device's share of the batch, and a
+      # XLA counts a pmap-ed or sharded program once, for one device's share of the batch, and a
       # loop's body once, for one of the step's micro-batches (so the work outside the
       # loop, gather and optimizer, is counted once per micro-batch here). A custom call is
       # opaque to XLA: with attention_kernel 'fused_cpu' the count lacks the attention's
