@@ -113,6 +113,10 @@ def test_a_run_records_its_choice_and_may_resume_with_another(tmp_path, digits, 
   other = dataclasses.replace(config, model=dataclasses.replace(model,
                                                                 attention_kernel="fused_cpu"))
   write_or_check_config(tmp_path, other)
+  # Nor does the products' precision (the parameters are float32 either way): a bfloat16 run
+  # may go on in float32 where bfloat16 cannot run.
+  write_or_check_config(tmp_path, dataclasses.replace(other, model=dataclasses.replace(
+      other.model, compute_dtype="bfloat16")))
   with pytest.raises(ValueError, match="different model"):
     write_or_check_config(tmp_path, dataclasses.replace(other, model=dataclasses.replace(
         model, num_heads=1)))
@@ -160,11 +164,13 @@ def test_an_explicit_kernel_that_cannot_run_is_one_line(monkeypatch):
   with pytest.raises(ValueError, match=r"^model.attention_kernel='fused_cpu' runs on CPUs "
                      r"only, this is a gpu \(use 'auto' or 'einsum'\)$"):
     auto.choose_attention_kernel(model, 16)
-  # A CPU run's recorded choice, evaluated on a GPU, is no error: there the model computes
-  # the same attention on the einsum path (`fused_attention.attend`).
+  # A CPU run's recorded choice, evaluated on a GPU, is no error: there the einsum path
+  # computes the same attention, and the line says so.
   config = ExperimentConfig(model=SEED_SHAPE)
-  resolved, _ = auto.resolve(config, recorded={"model": {"attention_kernel": "fused_cpu"}})
-  assert resolved.model.attention_kernel == "fused_cpu"
+  resolved, line = auto.resolve(config, recorded={"model": {"attention_kernel": "fused_cpu"}})
+  assert resolved.model.attention_kernel == "einsum"
+  assert line.endswith("attention einsum (this workdir's run chose fused_cpu, which runs on "
+                       "CPUs only, this is a gpu; the same maths)")
 
 
 def test_bfloat16_that_xla_cannot_run_is_one_line(monkeypatch):
@@ -173,6 +179,12 @@ def test_bfloat16_that_xla_cannot_run_is_one_line(monkeypatch):
   with pytest.raises(ValueError, match=r"^model.compute_dtype='bfloat16' cannot run on this "
                      r"cpu: UNIMPLEMENTED: no bf16 dot \(use 'float32' or 'auto'\)$"):
     auto.choose_compute_dtype(dataclasses.replace(SEED_SHAPE, compute_dtype="bfloat16"))
+  # A run that recorded bfloat16, continued where it cannot run: one line, not XLA's.
+  config = ExperimentConfig(model=dataclasses.replace(SEED_SHAPE, compute_dtype="auto"))
+  with pytest.raises(ValueError, match=r"^this workdir's run computed in bfloat16, which "
+                     r"cannot run on this cpu: UNIMPLEMENTED: no bf16 dot \(pass "
+                     r"--config.model.compute_dtype=float32"):
+    auto.resolve(config, recorded={"model": {"compute_dtype": "bfloat16"}})
 
 
 @pytest.mark.parametrize("model,per_device,size", [

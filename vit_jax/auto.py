@@ -71,16 +71,36 @@ def choose_attention_kernel(model: ModelConfig, microbatch: int) -> tuple[str, s
 def _check_the_kernel_runs() -> None:
   """A one-line ValueError where an explicit 'fused_cpu' cannot run (the model would
   otherwise take the einsum path without a word)."""
+  if (why := _kernel_failure()) is not None:
+    raise ValueError(f"model.attention_kernel='fused_cpu' {why} (use 'auto' or 'einsum')")
+
+
+def _kernel_failure() -> str | None:
+  """Why the fused kernel cannot run here, or None where it can."""
   from vit_jax.kernels import fused_attention
 
   backend = jax.default_backend()
   if backend != "cpu":
-    why = f"runs on CPUs only, this is a {backend}"
-  elif (failure := fused_attention.load()) is not None:
-    why = f"cannot run here: {failure}"
-  else:
-    return
-  raise ValueError(f"model.attention_kernel='fused_cpu' {why} (use 'auto' or 'einsum')")
+    return f"runs on CPUs only, this is a {backend}"
+  if (failure := fused_attention.load()) is not None:
+    return f"cannot run here: {failure}"
+  return None
+
+
+def _recorded_kernel_here(kernel: str, why: str) -> tuple[str, str]:
+  """A recorded 'fused_cpu' where it cannot run: einsum, which computes the same, said so."""
+  if kernel == "fused_cpu" and (failure := _kernel_failure()) is not None:
+    return "einsum", f"this workdir's run chose fused_cpu, which {failure}; the same maths"
+  return kernel, why
+
+
+def _recorded_dtype_here(dtype: str, why: str) -> tuple[str, str]:
+  """A recorded bfloat16 where XLA cannot compute it: one line, not XLA's traceback later."""
+  if dtype == "bfloat16" and (failure := bfloat16_failure()) is not None:
+    raise ValueError(f"this workdir's run computed in bfloat16, which cannot run on this "
+                     f"{jax.default_backend()}: {failure} (pass "
+                     "--config.model.compute_dtype=float32 to go on in float32)")
+  return dtype, why
 
 
 def bfloat16_failure() -> str | None:
@@ -146,12 +166,13 @@ def _same_in_every_process(choice: str, options: tuple[str, ...]) -> str:
 
 
 def _as_recorded(model: ModelConfig, field: str, before: dict, options: tuple[str, ...],
-                 choose) -> tuple[str, str]:
+                 choose, here) -> tuple[str, str]:
   """(model.`field` where 'auto' is resolved, why): what the workdir's run recorded in
-  `before` (its config.json's model) if it is one of `options`, else `choose()`; process 0's
+  `before` (its config.json's model) if it is one of `options`, passed through `here`
+  (choice, why) -> (choice, why) for what this machine can run, else `choose()`; process 0's
   choice in every process."""
   if getattr(model, field) == "auto" and before.get(field) in options:
-    choice, why = before[field], "as this workdir's run chose"
+    choice, why = here(before[field], "as this workdir's run chose")
   else:
     choice, why = choose()
   return _same_in_every_process(choice, options), why
@@ -168,13 +189,15 @@ def resolve(config: ExperimentConfig, num_devices: int = 1, recorded: dict | Non
   per_device = config.batch_size // num_devices
   before = (recorded or {}).get("model", {})
   dtype, dtype_why = _as_recorded(config.model, "compute_dtype", before, ("float32", "bfloat16"),
-                                  lambda: choose_compute_dtype(config.model))
+                                  lambda: choose_compute_dtype(config.model),
+                                  _recorded_dtype_here)
   size, size_why = choose_microbatch_size(config, per_device)
   config = dataclasses.replace(config, microbatch_size=size,
                                model=dataclasses.replace(config.model, compute_dtype=dtype))
   microbatch = min(per_device, size or per_device)
   kernel, why = _as_recorded(config.model, "attention_kernel", before, kernels.KERNELS,
-                             lambda: choose_attention_kernel(config.model, microbatch))
+                             lambda: choose_attention_kernel(config.model, microbatch),
+                             _recorded_kernel_here)
   config = dataclasses.replace(config, model=dataclasses.replace(config.model,
                                                                  attention_kernel=kernel))
   summary = (f"{num_devices} {jax.default_backend()} device{'s' * (num_devices > 1)}, "

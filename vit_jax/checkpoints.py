@@ -57,9 +57,10 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
   return path
 
 
-# Model fields that change how the maths is computed, not the parameters: a run may resume
-# with another value (e.g. on a machine where 'auto' chose another kernel).
-_COMPUTATION_ONLY = ("attention_kernel",)
+# Model fields that change how the maths is computed, not the parameters (float32 whatever
+# the products' precision): a run may resume with another value (e.g. on a machine where
+# 'auto' chose another kernel, or one that cannot compute in bfloat16).
+_COMPUTATION_ONLY = ("attention_kernel", "compute_dtype")
 
 
 def write_or_check_config(workdir: Path, config: Any, write: bool = True) -> None:
