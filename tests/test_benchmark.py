@@ -142,6 +142,9 @@ def test_the_scaling_benchmark_varies_one_thing_a_row():
       ("num_heads", 4, 8, 17, 32), ("num_heads", 16, 2, 17, 32),
       ("patch_size", 2, 16, 17, 32), ("patch_size", 2, 16, 5, 32), ("batch_size", 2, 16, 17, 16)]
   assert all(r["train_images_per_sec"] > 0 and 0 < r["train_mfu"] < 1.5 for r in rows)
+  for r in rows:  # every row against the one peak the result records
+    assert r["train_mfu"] == pytest.approx(
+        r["train_images_per_sec"] * r["train_flops_per_image"] / result["matmul_peak_flops"])
   assert 0.05 < result["heads_16_over_4"] < 20  # interleaved, apart from the rows
   # The same step against itself, interleaved: even on a shared machine, about 1.
   from vit_jax.parallel import Runner

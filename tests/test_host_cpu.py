@@ -43,6 +43,10 @@ def test_a_device_count_in_xla_flags_wins(four_cores, monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   assert host_cpu.configure("2", (128,)) == "XLA_FLAGS forces 8"
   assert host_cpu.forced_by_environment() == 8
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=eight")
+  with pytest.raises(ValueError, match=r"^XLA_FLAGS sets --xla_force_host_platform_device_count"
+                                       r"='eight', not a whole number of devices$"):
+    host_cpu.forced_by_environment()
 
 
 def test_one_device_leaves_xla_flags_alone(four_cores):

@@ -85,7 +85,10 @@ def forced_by_environment() -> int | None:
   """The device count XLA_FLAGS already forces, if any: an explicit setting wins."""
   for flag in os.environ.get("XLA_FLAGS", "").split():
     if flag.startswith(_FLAG + "="):
-      return int(flag.split("=", 1)[1])
+      value = flag.split("=", 1)[1]
+      if not value.isdigit():
+        raise ValueError(f"XLA_FLAGS sets {_FLAG}={value!r}, not a whole number of devices")
+      return int(value)
   return None
 
 

@@ -50,10 +50,9 @@ def variant(config: ExperimentConfig, axis: str, value: int) -> ExperimentConfig
 
 def measure(config: ExperimentConfig, runner: Runner, peak: timing.MatmulPeak,
             steps_per_window: int, windows: int) -> dict[str, Any]:
-  """One row: the variant's choices, images/s and MFU."""
+  """One row: the variant's choices, images/s and FLOPs per image (`with_mfu` adds MFU)."""
   config, choices = auto.resolve(config, runner.num_devices)
   speed = step_speed.measure_steps(config, runner, peak, steps_per_window, windows)
-  peak_flops = statistics.median(peak.measured)
   c = config.model
   return {
       "heads": c.num_heads, "head_dim": c.head_dim, "tokens": c.num_tokens,
@@ -61,9 +60,15 @@ def measure(config: ExperimentConfig, runner: Runner, peak: timing.MatmulPeak,
       "attention": c.attention_kernel, "choices": choices,
       "train_images_per_sec": speed["train_images_per_sec"],
       "eval_images_per_sec": speed["eval_images_per_sec"],
-      "train_mfu": speed["train_images_per_sec"] * flops.train_flops(c) / peak_flops,
-      "eval_mfu": speed["eval_images_per_sec"] * flops.forward_flops(c) / peak_flops,
+      "train_flops_per_image": flops.train_flops(c),
+      "eval_flops_per_image": flops.forward_flops(c),
   }
+
+
+def with_mfu(row: dict[str, Any], peak_flops: float) -> dict[str, Any]:
+  """`row` with its training and evaluation MFU against `peak_flops`."""
+  return {**row, **{f"{key}_mfu": row[f"{key}_images_per_sec"] * row[f"{key}_flops_per_image"]
+                    / peak_flops for key in ("train", "eval")}}
 
 
 def run(config: ExperimentConfig, steps_per_window: int = 5, windows: int = 3,
@@ -82,10 +87,11 @@ def run(config: ExperimentConfig, steps_per_window: int = 5, windows: int = 3,
       print(f"{axis}={value}: {row['train_images_per_sec']:.0f} training images/s, "
             f"{row['attention']} ({time.perf_counter() - start:.0f} s)", flush=True)
       rows.append(row)
+  peak_flops = statistics.median(peak.measured)  # every row against the one peak
   result = {"date": time.strftime("%Y-%m-%d"), "num_devices": runner.num_devices,
             **(host_cpu.describe() if jax.default_backend() == "cpu" else {}),
-            "matmul_peak_flops": statistics.median(peak.measured),
-            "rows": rows}
+            "matmul_peak_flops": peak_flops,
+            "rows": [with_mfu(row, peak_flops) for row in rows]}
   heads = axes.get("num_heads", ())
   if 4 in heads and 16 in heads:
     result["heads_16_over_4"] = interleaved_speedup(
