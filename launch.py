@@ -14,6 +14,7 @@ Runs on whatever JAX finds: CPU, GPU or TPU.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -251,8 +252,9 @@ def _to_console(line: str) -> None:
   """`line` on the console's stderr, also where a failure left stderr in the run's log."""
   from vit_jax import run_log
 
-  sys.stdout.flush()
-  sys.stderr.flush()
+  for stream in (sys.stdout, sys.stderr):
+    with contextlib.suppress(OSError):  # stderr may still go to the run's log, on a full disk
+      stream.flush()
   os.write(run_log.console_fd(), f"{line}\n".encode())
 
 

@@ -1,7 +1,7 @@
 """Fashion-MNIST: the `best` ViT with overlapping patches, 90 epochs, flips and erasing.
 
     sudo apt-get install -y dataset-fashion-mnist   # offline source of the IDX files
-    python launch.py --config=experiments/fashion_mnist.py --workdir=runs/fashion
+    python launch.py --config=experiments/fashion_mnist.py --workdir=runs/fashion90
 
 `experiments/mnist_best.py`'s model (808,970 parameters: the 4x4 grid, each patch reaching
 2 pixels into its neighbours) and moving average, with Fashion-MNIST's own augmentation:
@@ -10,7 +10,9 @@ smoothing, no affine maps; evaluation averages each image over its 9 one-pixel s
 lever was kept on the 5,000 held-out training images (docs/performance.md, "Fashion-MNIST
 with the long recipe"), the 90 epochs too (validation 94.16 % against 93.88 % at 60, seed 0).
 About 2 hours a run at 720 training images/s, what this project's 2-core AMD EPYC machines
-reach when nothing else runs; the README's results table has what it reached.
+reach when nothing else runs; the README's results table has what it reached. A finished
+60-epoch run (the recipe until 2026-12-05) is not lengthened by resuming it with this file:
+its learning rate would climb again from its end; train in a new workdir.
 """
 
 from vit_jax.experiment_config import ExperimentConfig, as_config_dict

@@ -212,7 +212,12 @@ def test_a_run_started_with_another_config_is_not_resumed_under_this_one(tmp_pat
                                        "learning_rate; use another --root"):
     sweep.run_all(runs, tmp_path, data={}, say=lambda _: None)
   assert not trained
+  # An explicit precision is part of what the sweep asked for.
+  bfloat16 = sweep.plan(dataclasses.replace(base_config(), model=dataclasses.replace(
+      config.model, compute_dtype="bfloat16")), heads=[1], seeds=[0])
   checkpoints.write_or_check_config(workdir, resolved)  # the same run, resolved elsewhere
+  with pytest.raises(ValueError, match="was started with a different model.compute_dtype"):
+    sweep.run_all(bfloat16, tmp_path, data={}, say=lambda _: None)
   assert len(sweep.run_all(runs, tmp_path, data={}, say=lambda _: None)) == 1
   assert trained == [run]
 

@@ -63,14 +63,17 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
 _COMPUTATION_ONLY = ("attention_kernel", "compute_dtype")
 
 
-def write_or_check_config(workdir: Path, config: Any, write: bool = True) -> None:
+def write_or_check_config(workdir: Path, config: Any, write: bool = True,
+                          training: bool = True) -> None:
   """Saves the resolved config in `workdir` (if `write`), or refuses one that changes the model
   or the dataset.
 
   A workdir's checkpoints only fit the model they were trained with, so resuming or evaluating
-  with a different `model` section is an error; so is another dataset, whose test split and
+  with a different `model` section is an error (its products' precision and attention path
+  aside), or with `ema_decay` switched on or off; so is another dataset, whose test split and
   normalisation would be taken without a word (`init_from` fine-tunes on another in a new
-  workdir). Other changes are allowed.
+  workdir). `training`: resuming also refuses more held-out images than the run held out.
+  Other changes are allowed, with a warning.
   """
   resolved = dataclasses.asdict(config)
   path = workdir / CONFIG_FILE
@@ -84,10 +87,12 @@ def write_or_check_config(workdir: Path, config: Any, write: bool = True) -> Non
     if (saved["ema_decay"] > 0) != (resolved["ema_decay"] > 0):  # the state has its average or not
       raise ValueError(f"workdir={str(workdir)!r} holds a run with config.ema_decay="
                        f"{saved['ema_decay']}, not {resolved['ema_decay']}; use a new workdir")
-    if saved["validation_examples"] != resolved["validation_examples"]:
-      raise ValueError(f"workdir={str(workdir)!r} holds a run with config.validation_examples="
-                       f"{saved['validation_examples']}, not {resolved['validation_examples']}: "
-                       "it trained on other images than it would validate on; use a new workdir")
+    # The held-out images are the first N of one fixed order: more would take trained ones.
+    if training and resolved["validation_examples"] > saved["validation_examples"]:
+      raise ValueError(f"workdir={str(workdir)!r} holds a run that held out "
+                       f"{saved['validation_examples']} images and trained on the rest, some "
+                       f"of config.validation_examples={resolved['validation_examples']}; use "
+                       "a new workdir")
     changed = sorted(k for k in set(saved["model"]) | set(resolved["model"])
                      if saved["model"].get(k) != resolved["model"].get(k))
     structural = [k for k in changed if k not in _COMPUTATION_ONLY]

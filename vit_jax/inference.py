@@ -37,7 +37,7 @@ def restore_state(config: Any, workdir: str | Path) -> TrainState:
   workdir may be read-only (a shipped model)."""
   config = resolved_config(config, workdir)
   workdir = Path(workdir)
-  write_or_check_config(workdir, config, write=False)  # refuse a different model
+  write_or_check_config(workdir, config, write=False, training=False)  # another model: refused
   template = create_train_state(config, total_steps=1)
   checkpoints = Checkpoints(workdir, read_only=True)  # nothing is written there
   try:

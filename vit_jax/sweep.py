@@ -133,7 +133,7 @@ def _as_json(config: ExperimentConfig) -> dict[str, Any]:
 _HOW_NOT_WHAT = ("tfds_data_dir", "idx_dir", "microbatch_size", "eval_batch_size", "parallel",
                  "log_every_steps", "eval_every_steps", "checkpoint_every_steps",
                  "keep_checkpoints")
-_MODEL_HOW_NOT_WHAT = ("attention_kernel", "compute_dtype")
+_MODEL_HOW_NOT_WHAT = ("attention_kernel",)  # and compute_dtype where the plan says 'auto'
 
 
 def changed_fields(saved: dict[str, Any], config: ExperimentConfig) -> list[str]:
@@ -142,8 +142,9 @@ def changed_fields(saved: dict[str, Any], config: ExperimentConfig) -> list[str]
   planned = _as_json(config)
   saved = with_defaults(saved, config)  # a field added since has its default there
   top = [k for k in planned if k != "model" and k not in _HOW_NOT_WHAT and saved[k] != planned[k]]
-  model = [f"model.{k}" for k in planned["model"]
-           if k not in _MODEL_HOW_NOT_WHAT and saved["model"][k] != planned["model"][k]]
+  model = [f"model.{k}" for k, v in planned["model"].items()
+           if k not in _MODEL_HOW_NOT_WHAT and saved["model"][k] != v
+           and not (k == "compute_dtype" and v == "auto")]
   return sorted(top + model)
 
 
