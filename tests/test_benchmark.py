@@ -69,8 +69,8 @@ def test_the_peak_probe_times_its_own_product():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("qkv,compute_dtype,overlap", [
-    ("fused", "float32", 0), ("identity", "float32", 0), ("fused", "bfloat16", 0),
-    ("fused", "float32", 2)])
+    ("fused", "float32", 0), ("identity", "float32", 0), ("identity_v", "float32", 0),
+    ("tied_qk", "float32", 0), ("fused", "bfloat16", 0), ("fused", "float32", 2)])
 def test_matmul_only_step_does_the_models_matmul_work(qkv, compute_dtype, overlap):
   # The ceiling is only a ceiling if it multiplies the same matrices as the model.
   c = get_model_config("seed", num_layers=2, qkv=qkv, compute_dtype=compute_dtype,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import attention as A
+from vit_jax import models
 from vit_jax.benchmark import timing
 from vit_jax.model_configs import ModelConfig
 from vit_jax.parallel import Runner
@@ -34,7 +35,11 @@ def _matmuls_only(params: dict[str, Any], patches: jax.Array, c: ModelConfig) ->
   if c.classifier == "token":
     x = jnp.concatenate([x[:, :1], x], axis=1)
   for layer in params["layers"]:
-    x = x + A.self_attention(x, layer["attention"], c.num_heads, attend_fn=_products_only,
+    weights = layer["attention"]
+    if c.qkv == "tied_qk":  # expanded inside the trace, as the model does: one x W_QK for XLA
+      weights = {**models.projection_weights(weights, c.qkv, c.hidden_size, path=""),
+                 "to_out": weights["to_out"]}
+    x = x + A.self_attention(x, weights, c.num_heads, attend_fn=_products_only,
                              compute_dtype=dtype)[0]
     x = x + A.project(A.project(x, layer["fc1"], compute_dtype=dtype), layer["fc2"],
                       compute_dtype=dtype)
@@ -55,9 +60,12 @@ def matmul_only_problem(c: ModelConfig, batch_size: int):
     return jax.random.normal(next(keys), shape, jnp.float32) / np.sqrt(shape[0])
 
   def layer():
-    attention = {"to_out": {"kernel": weight(d, d), "bias": jnp.zeros(d)}}
-    if c.qkv != "identity":
-      attention["to_qkv"] = {"kernel": weight(d, 3 * d)}
+    # The matrices the model learns (`models.learned_projections`); low_rank and
+    # frozen_random multiply full D x D ones (`models.projection_weights`), here one D -> 3D.
+    full = models.learned_projections(c.qkv, d) or (
+        {} if c.qkv == "identity" else {"to_qkv": 3 * d})
+    attention = {name: {"kernel": weight(d, width)} for name, width in full.items()}
+    attention["to_out"] = {"kernel": weight(d, d), "bias": jnp.zeros(d)}
     return {"attention": attention, "fc1": weight(d, m), "fc2": weight(m, d)}
 
   params = {"embed": weight(c.patch_window**2 * c.num_channels, d),
