@@ -145,3 +145,22 @@ def test_an_analysis_counts_as_done_only_on_the_image_count_asked_for(tmp_path):
   assert analyze.is_done(tmp_path, "zero", 100)
   assert not analyze.is_done(tmp_path, "zero", 1000)  # --analysis_images changed: redone
   assert not analyze.is_done(tmp_path, "mean", 100)
+
+
+def test_a_redone_analysis_is_not_done_while_it_runs(tmp_path, monkeypatch):
+  # An analysis interrupted while redone (say, on more images) must not leave the old
+  # marker beside its half-rewritten tables: a sweep report would take them as finished.
+  from vit_jax import analyze
+
+  analyze.done_marker(tmp_path, "zero").write_text("100 test images\n")
+  config = base_config()
+  monkeypatch.setattr(analyze.inference, "restore_with_test_images",
+                      lambda *args: (config, None, None, None))
+
+  def interrupted(*args):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(analyze.analysis, "collect_attention", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    analyze.analyze_checkpoint(config, tmp_path, num_images=100, output_dir=tmp_path)
+  assert not analyze.is_done(tmp_path, "zero", 100)
