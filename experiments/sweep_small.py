@@ -1,4 +1,4 @@
-"""The base of the head-count sweep: small enough for 30 runs on 2 cores (README: the time).
+"""The base of the head-count sweep: small enough for 30 runs (heads x seeds) on 2 cores.
 
 Width 64 and 7x7 patches (16 tokens), 4 layers, 2 epochs of full MNIST.
 """
