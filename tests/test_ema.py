@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_train import train_until_crash_after_saving
 
-from vit_jax import inference, steps, train
+from vit_jax import inference, steps, train, train_state
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.model_configs import get_model_config
 
@@ -24,8 +24,8 @@ def batch_of(digits, n=64):
 
 
 def test_the_average_follows_the_parameters_by_its_decay_and_is_what_evaluation_uses(digits):
-  state = steps.create_train_state(config(learning_rate=3e-2, warmup_steps=0), total_steps=10)
-  assert isinstance(state, steps.EmaTrainState)
+  state = train_state.create_train_state(config(learning_rate=3e-2, warmup_steps=0), total_steps=10)
+  assert isinstance(state, train_state.EmaTrainState)
   step = jax.jit(steps.train_step)
   history = [state.params]
   for i in range(5):  # enough for the average to lag visibly behind the parameters
@@ -40,11 +40,12 @@ def test_the_average_follows_the_parameters_by_its_decay_and_is_what_evaluation_
   # Evaluation reads the average, not the parameters.
   batch = {**batch_of(digits), "mask": jnp.ones(64, bool)}
   loss = jax.jit(lambda state: steps.eval_step(state, batch)["loss"])
-  plain = steps.TrainState.create(apply_fn=state.apply_fn, params=state.ema_params, tx=state.tx)
+  plain = train_state.TrainState.create(apply_fn=state.apply_fn, params=state.ema_params,
+                                        tx=state.tx)
   assert loss(state) == loss(plain)
   assert loss(state) != loss(plain.replace(params=state.params))
   # Without an average the state is the plain one, as its checkpoints were before.
-  assert type(steps.create_train_state(config(ema_decay=0.0), 10)) is steps.TrainState
+  assert type(train_state.create_train_state(config(ema_decay=0.0), 10)) is train_state.TrainState
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import inference, input_pipeline, steps, train
+from vit_jax import inference, input_pipeline, steps, train, train_state
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.model_configs import get_model_config
 from vit_jax.parallel import Runner
@@ -78,7 +78,7 @@ def test_averaging_is_the_log_of_the_mean_probability_and_one_view_is_plain_soft
 def untrained_state():
   """A `testing` ViT whose parameters are all perturbed: its zero-initialised head would
   give every class the same probability, whatever the views."""
-  state = steps.create_train_state(
+  state = train_state.create_train_state(
       ExperimentConfig(model=get_model_config("testing"), parallel="jit"), total_steps=1)
   leaves, tree = jax.tree_util.tree_flatten(state.params)
   keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from vit_jax import analysis, models, steps, sweep
+from vit_jax import analysis, models, sweep, train_state
 from vit_jax import attention as A
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.model_configs import get_model_config
@@ -96,7 +96,7 @@ def test_position_similarity_is_the_cosine_of_the_patches_embeddings():
 
 
 def test_collect_attention_in_batches_equals_one_forward_pass():
-  state = steps.create_train_state(ExperimentConfig(model=get_model_config("testing")), 10)
+  state = train_state.create_train_state(ExperimentConfig(model=get_model_config("testing")), 10)
   rng = np.random.default_rng(0)
   head = {"kernel": rng.normal(size=(16, 10)).astype(np.float32),  # not the zeros of init
           "bias": rng.normal(size=10).astype(np.float32)}

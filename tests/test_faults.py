@@ -22,7 +22,7 @@ from vit_jax import train
 from vit_jax.checkpoints import CheckpointError, Checkpoints, WriteError, prepare_workdir
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.model_configs import get_model_config
-from vit_jax.steps import create_train_state
+from vit_jax.train_state import create_train_state
 
 FLIPS_PER_KIND = 20
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))

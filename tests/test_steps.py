@@ -7,7 +7,7 @@ import optax
 import pytest
 from test_train import small_config
 
-from vit_jax import steps
+from vit_jax import steps, train_state
 from vit_jax.parallel import Runner
 
 
@@ -33,12 +33,12 @@ def test_microbatches_are_strided_so_that_each_spans_the_batch():
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_microbatched_step_gives_the_gradient_of_the_whole_batch(digits, label_smoothing):
-  initial = steps.create_train_state(small_config(), total_steps=10)
+  initial = train_state.create_train_state(small_config(), total_steps=10)
   # The head starts at zero, which would leave the rest with zero gradient: give it weights.
   head = jax.random.normal(jax.random.PRNGKey(1), initial.params["head"]["kernel"].shape)
   params = {**initial.params, "head": {**initial.params["head"], "kernel": head}}
   # Plain SGD with learning rate 1: the update is minus the gradient, unclipped, unscaled.
-  state = steps.TrainState.create(apply_fn=initial.apply_fn, params=params, tx=optax.sgd(1.0))
+  state = train_state.TrainState.create(apply_fn=initial.apply_fn, params=params, tx=optax.sgd(1.0))
   batch = {"image": jnp.asarray(digits["train"]["image"][:32], jnp.float32) / 255,
            "label": jnp.asarray(digits["train"]["label"][:32])}
 
@@ -81,7 +81,8 @@ def test_mean_over_devices_is_each_leafs_pmean_in_one_all_reduce():
 
 
 def test_learning_rate_schedule_warms_up_then_decays():
-  schedule = steps.learning_rate_schedule(small_config(learning_rate=1e-3, warmup_steps=10), 100)
+  config = small_config(learning_rate=1e-3, warmup_steps=10)
+  schedule = train_state.learning_rate_schedule(config, 100)
   assert float(schedule(0)) == 0.0
   assert float(schedule(10)) == pytest.approx(1e-3)
   assert float(schedule(5)) == pytest.approx(5e-4)
@@ -102,8 +103,8 @@ def test_label_smoothing_changes_the_loss():
 def test_the_optimizer_decays_the_weights_and_clips_the_gradient_as_configured():
   config = small_config(warmup_steps=0, learning_rate=1e-2, weight_decay=0.5,
                         grad_clip_norm=1e-3)
-  state = steps.create_train_state(config, total_steps=10)
-  assert float(steps.learning_rate_schedule(config, 10)(0)) == pytest.approx(1e-2)
+  state = train_state.create_train_state(config, total_steps=10)
+  assert float(train_state.learning_rate_schedule(config, 10)(0)) == pytest.approx(1e-2)
   # No gradient: Adam's part of the update is 0, and the decay alone moves the weights.
   zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
   decayed = state.apply_gradients(grads=zeros).params

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import inference, steps, train
+from vit_jax import inference, steps, train, train_state
 from vit_jax.checkpoints import Checkpoints
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.model_configs import get_model_config
@@ -112,7 +112,7 @@ def test_resume_gives_identical_parameters(tmp_path, digits, monkeypatch):
 
 EVALUATE_MANY_TIMES = """
 import numpy as np
-from vit_jax import steps
+from vit_jax import steps, train_state
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.model_configs import get_model_config
 from vit_jax.parallel import Runner
@@ -122,7 +122,7 @@ rng = np.random.default_rng(0)
 data = runner.replicate({"image": rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
                          "label": rng.integers(0, 10, n).astype(np.int32)})
 config = ExperimentConfig(model=get_model_config("testing"), parallel="pmap")
-state = runner.replicate(steps.create_train_state(config, total_steps=10))
+state = runner.replicate(train_state.create_train_state(config, total_steps=10))
 evaluate = steps.Evaluator(runner, data, n, 16, "mnist")
 for _ in range(30):
   result = evaluate(state)
@@ -201,7 +201,7 @@ def reference_predictions(state, images, labels):
 def test_evaluation_counts_a_padded_last_batch_s_real_examples_only(digits):
   # 10 examples in batches of 4: the last batch is 2 examples and 2 paddings of example 0.
   images, labels = digits["test"]["image"][:10], digits["test"]["label"][:10].copy()
-  state = steps.create_train_state(small_config(), total_steps=10)
+  state = train_state.create_train_state(small_config(), total_steps=10)
   # Example 0 counted right, so that padding counted as examples would change the accuracy.
   _, _, probabilities = reference_predictions(state, images, labels)
   labels[0] = probabilities[0].argmax()

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import augment, inference, input_pipeline, steps, train
+from vit_jax import augment, inference, input_pipeline, steps, train, train_state
 from vit_jax.benchmark import step_speed
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.model_configs import get_model_config
@@ -58,7 +58,7 @@ def test_the_line_is_said_where_the_undistorted_epochs_begin_or_a_resumed_run_st
 def moved_state(run):
   """A fresh state with its parameters off their initial values (a zero head makes every
   image's loss log 10, whatever the images)."""
-  state = steps.create_train_state(run, total_steps=16)
+  state = train_state.create_train_state(run, total_steps=16)
   leaves, tree = jax.tree_util.tree_flatten(state.params)
   noise = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   moved = [leaf + 0.1 * jax.random.normal(key, leaf.shape)

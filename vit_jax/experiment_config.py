@@ -66,7 +66,7 @@ class ExperimentConfig:
   label_smoothing: float = 0.0
   # An exponential moving average of the parameters, decaying by this factor a step, is kept
   # beside them, saved in the checkpoints and used for every evaluation and prediction
-  # (`steps.EmaTrainState`). 0: none.
+  # (`train_state.EmaTrainState`). 0: none.
   ema_decay: float = 0.0
   # Random translation of up to this many pixels in each direction (0: none).
   augment_max_shift: int = 2

@@ -17,13 +17,8 @@ from vit_jax import auto, input_pipeline, mnist_source
 from vit_jax.checkpoints import Checkpoints, saved_config, write_or_check_config
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.parallel import Runner, choose_mode
-from vit_jax.steps import (
-  Evaluator,
-  TrainState,
-  create_train_state,
-  evaluation_params,
-  view_averaged_log_probabilities,
-)
+from vit_jax.steps import Evaluator, view_averaged_log_probabilities
+from vit_jax.train_state import TrainState, create_train_state, evaluation_params
 
 
 def resolved_config(config: Any, workdir: str | Path) -> ExperimentConfig:

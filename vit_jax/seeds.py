@@ -34,13 +34,7 @@ from vit_jax.locks import WorkdirLock
 from vit_jax.metrics import MetricsWindow, MetricWriter, Progress
 from vit_jax.parallel import Runner, choose_mode
 from vit_jax.run_log import logging_to
-from vit_jax.steps import (
-  compile_train_step,
-  create_train_state,
-  evaluation_params,
-  learning_rate_schedule,
-  microbatches_per_step,
-)
+from vit_jax.steps import compile_train_step, microbatches_per_step
 from vit_jax.train import (
   Data,
   attention_probe,
@@ -50,6 +44,7 @@ from vit_jax.train import (
   short_warmup_line,
   total_train_steps,
 )
+from vit_jax.train_state import create_train_state, evaluation_params, learning_rate_schedule
 from vit_jax.training_images import undistorted_line
 
 

@@ -1,4 +1,4 @@
-"""The training state, the optimizer and the steps: pure functions of (state, batch, rng).
+"""The steps: pure functions of (state, batch, rng), the state as `train_state` makes it.
 
 `train_step` and `eval_step` take a batch of arrays; `compile_train_step` and `Evaluator`
 wrap them for data held on the device(s), gathering, augmenting and normalising each batch
@@ -11,80 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
-from flax.training import train_state
 from jax.flatten_util import ravel_pytree
 
 from vit_jax import input_pipeline
 from vit_jax.experiment_config import ExperimentConfig
-from vit_jax.models import ViT
 from vit_jax.parallel import Runner
+from vit_jax.train_state import TrainState, evaluation_params, update_average
 from vit_jax.training_images import distortion_end_step, training_images
 
-TrainState = train_state.TrainState
-
-
-class EmaTrainState(TrainState):
-  """A TrainState that also keeps an exponential moving average of the parameters, updated
-  after every step (`ema_decay` per step) and used for evaluation (`evaluation_params`).
-
-  Only runs with `config.ema_decay > 0` have one, so that a run without it saves and
-  restores the same checkpoints as before the average existed.
-  """
-  ema_params: Any = None
-  ema_decay: float = struct.field(pytree_node=False, default=0.0)
-
-
-def evaluation_params(state: TrainState) -> Any:
-  """The parameters a state is evaluated with: its moving average where it keeps one."""
-  return state.ema_params if isinstance(state, EmaTrainState) else state.params
-
-
-def _update_average(state: TrainState) -> TrainState:
-  """Each step t's parameters weighted decay^(step - t), normalised: the random start has
-  none (a plain `decay * average + ...` keeps decay^step of it: 0.27 after 2,580 at 0.9995)."""
-  if not isinstance(state, EmaTrainState):
-    return state
-  decay = state.ema_decay  # below: 1 - decay^step as -expm1, exact in float32 near step 1
-  newest = (1 - decay) / -jnp.expm1(state.step.astype(jnp.float32) * math.log(decay))
-  return state.replace(ema_params=jax.tree_util.tree_map(
-      lambda average, new: (1 - newest) * average + newest * new,
-      state.ema_params, state.params))
-
-
-# --- State and optimizer ---------------------------------------------------------------
-
-def learning_rate_schedule(config: ExperimentConfig, total_steps: int) -> optax.Schedule:
-  """Linear warm-up from 0, then cosine decay to 0 at `total_steps` (`train.short_warmup_line`)."""
-  warmup = min(config.warmup_steps, max(total_steps - 1, 0))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1), end_value=0.0)
-
-
-def create_train_state(config: ExperimentConfig, total_steps: int) -> TrainState:
-  """Fresh parameters from `config.seed` and an AdamW optimizer with clipping."""
-  model = ViT(config.model)
-  c = config.model
-  dummy = jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32)
-  params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), dummy)["params"]
-  tx = optax.chain(
-      optax.clip_by_global_norm(config.grad_clip_norm),
-      optax.adamw(learning_rate_schedule(config, total_steps),
-                  weight_decay=config.weight_decay))
-  if config.ema_decay:
-    return EmaTrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                ema_params=params, ema_decay=config.ema_decay)
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
-
-
-# --- The steps -------------------------------------------------------------------------
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
   """Per-example cross-entropy, (B, K) logits and (B,) int labels -> (B,)."""
@@ -163,7 +102,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
     grads, metrics = mean_over_devices((grads, metrics), axis_name)
   # A finite loss can still have a non-finite gradient, which would make the state NaN.
   metrics["grad_norm"] = optax.global_norm(grads)
-  return _update_average(state.apply_gradients(grads=grads)), metrics
+  return update_average(state.apply_gradients(grads=grads)), metrics
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str | None = None):

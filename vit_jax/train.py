@@ -35,14 +35,12 @@ from vit_jax.metrics import MetricsWindow, MetricWriter, Progress
 from vit_jax.models import ViT
 from vit_jax.parallel import Runner, choose_mode
 from vit_jax.run_log import logging_to, stderr_into_log
-from vit_jax.steps import (
-  Evaluator,
+from vit_jax.steps import Evaluator, compile_train_step, microbatches_per_step
+from vit_jax.train_state import (
   TrainState,
-  compile_train_step,
   create_train_state,
   evaluation_params,
   learning_rate_schedule,
-  microbatches_per_step,
 )
 from vit_jax.training_images import undistorted_line
 

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vit_jax import input_pipeline, steps
+from vit_jax import input_pipeline, steps, train_state
 from vit_jax.benchmark import flops, timing
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.parallel import Runner
@@ -70,7 +70,7 @@ def training_window(config: ExperimentConfig, runner: Runner, device_data: Any, 
   """-> (a window of training steps, the holder of its state, the compiled step, its compile
   seconds); with `num_seeds`, that many seeds' states stacked, a data order each."""
   seeds = range(num_seeds or 1)
-  states = [steps.create_train_state(dataclasses.replace(config, seed=s), total_steps=10_000)
+  states = [train_state.create_train_state(dataclasses.replace(config, seed=s), total_steps=10_000)
             for s in seeds]
   holder = {"state": runner.replicate(stack(states) if num_seeds else states[0])}
   orders = [input_pipeline.EpochOrder(num_examples, config.batch_size, s) for s in seeds]
@@ -159,7 +159,7 @@ def _one_device_json(config: ExperimentConfig, microbatches: int) -> dict:
 
 def time_one_compile(config: ExperimentConfig) -> dict[str, float]:
   """Lower and compile the single-device training step once; for `compile_times`."""
-  state = steps.create_train_state(config, total_steps=10_000)
+  state = train_state.create_train_state(config, total_steps=10_000)
   data = synthetic_digits(config, config.batch_size)
   step = steps.compile_train_step(config, Runner("jit"))
   idx = np.arange(config.batch_size, dtype=np.int32)
