@@ -87,6 +87,14 @@ def test_mask_blocks_what_it_should():
   np.testing.assert_allclose(A.attend(q, k, v2, mask)[0][:, :, 0], out[:, :, 0], atol=ATOL)
 
 
+def test_a_mask_that_is_not_boolean_is_refused():
+  # An additive mask (0 keep, -inf block) read as truth values would keep what it blocks.
+  q, k = rand(1, 2, 5, 4), rand(1, 2, 5, 4, seed=1)
+  additive = np.where(np.tril(np.ones((5, 5), bool)), 0.0, -np.inf)
+  with pytest.raises(ValueError, match="mask has dtype float32: it must be boolean"):
+    A.attention_weights(q, k, additive)
+
+
 def test_a_mask_broadcasts_over_examples_and_heads():
   q, k = rand(3, 2, 5, 4), rand(3, 2, 5, 4, seed=1)
   causal = np.tril(np.ones((5, 5), bool))

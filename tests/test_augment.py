@@ -64,6 +64,12 @@ def test_strength_zero_is_the_identity():
   assert augmented(images, keys(4), config) is images
 
 
+def test_an_elastic_warp_of_no_width_is_refused():  # it would divide by zero: NaN images
+  images = np.zeros((4, 28, 28, 1), np.uint8)
+  with pytest.raises(ValueError, match="sigma=0.0 must be positive"):
+    augment.random_elastic(images, keys(4), 1.0, 0.0)
+
+
 def test_elastic_displacements_are_smooth_and_as_large_as_blurred_noise_says():
   from scipy import ndimage
 

@@ -31,20 +31,28 @@ def base():
   return as_config_dict(ExperimentConfig(model=get_model_config("testing")))
 
 
-def test_a_flag_over_an_auto_micro_batch_sets_a_number():
-  config = as_config_dict(ExperimentConfig(model=get_model_config("testing"),
-                                           microbatch_size="auto"))
-  config.microbatch_size = "8"  # what `--config.microbatch_size=8` writes over a str field
-  assert validate(config).microbatch_size == 8
+@pytest.mark.parametrize("in_file", [None, "auto", 16])
+def test_a_flag_sets_the_micro_batch_to_a_number_or_auto_whatever_the_file_said(in_file):
+  def flagged(value):
+    config = as_config_dict(ExperimentConfig(model=get_model_config("testing"),
+                                             microbatch_size=in_file))
+    config.microbatch_size = value  # as `--config.microbatch_size=VALUE` writes it
+    return validate(config).microbatch_size
+
+  assert flagged("8") == 8
+  assert flagged("auto") == "auto"
 
 
 def test_config_dict_round_trips_and_optional_fields_stay_settable():
   config = base()
   assert validate(config) == ExperimentConfig(model=get_model_config("testing"))
+  config = as_config_dict(ExperimentConfig(model=get_model_config("testing"), num_epochs=2))
   config.tfds_data_dir = "/data"      # a None default became a typed placeholder
   config.train_examples = 1000
   config.num_epochs = 2.5             # float fields accept floats even if the file said 2
-  assert validate(config).tfds_data_dir == "/data"
+  flagged = validate(config)
+  assert (flagged.tfds_data_dir, flagged.train_examples, flagged.num_epochs) == ("/data", 1000,
+                                                                                2.5)
   with pytest.raises(AttributeError, match="not_a_field"):
     config.not_a_field = 1            # locked
 

@@ -144,9 +144,14 @@ def test_wrong_folder_is_named(tmp_path, tfds_dir):
     mnist_source.load_split("mnist", "test", tfds_dir, str(tmp_path / "nowhere"))
 
 
-def test_unknown_dataset_is_named():
+def test_unknown_dataset_or_split_is_named(monkeypatch):
   with pytest.raises(DataError, match="dataset='cifar10' is not supported"):
     mnist_source.dataset_spec("cifar10")
+  with pytest.raises(DataError, match="split='validation' is not one of 'train', 'test'"):
+    mnist_source.read_idx_split("mnist", MNIST_IDX_DIR, "validation")
+  monkeypatch.setattr(mnist_source, "builder", None)  # named before anything is built
+  with pytest.raises(DataError, match="split='validation' is not one of 'train', 'test'"):
+    mnist_source.load_split("mnist", "validation")
 
 
 # --- Batch order -----------------------------------------------------------------------
@@ -164,6 +169,9 @@ def test_epoch_order_covers_each_example_at_most_once_per_epoch_and_reshuffles()
       input_pipeline.EpochOrder(1000, 64, 3).indices(17), order.indices(17))
   assert not np.array_equal(input_pipeline.EpochOrder(1000, 64, 4).indices(17),
                             order.indices(17))
+  with pytest.raises(ValueError, match="batch_size=20 must be between 1 and the number of "
+                                       "examples, 10"):
+    input_pipeline.EpochOrder(10, 20, 0)
 
 
 @pytest.mark.parametrize("n,batch", [(10000, 1000), (10000, 768), (7, 3)])
@@ -188,6 +196,10 @@ def test_random_translate_shifts_within_bounds_and_never_flips():
     assert found, "output is not a translate of the input by at most 3 pixels"
     shifts.add(found[0])
   assert len(shifts) > 10  # images get different shifts
+  for shift_images in (lambda: input_pipeline.random_translate(images, keys, -1),
+                       lambda: input_pipeline.shifted_views(images, -1)):
+    with pytest.raises(ValueError, match="max_shift=-1 must not be negative"):
+      shift_images()
 
 
 def test_random_translate_is_per_example_not_per_batch_split():

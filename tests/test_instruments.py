@@ -51,6 +51,8 @@ def test_remove_heads_keeps_kept_heads_and_puts_zeros_or_the_means_in_removed_on
     np.testing.assert_array_equal(out[:, [0, 2]], x[:, [0, 2]])
   np.testing.assert_array_equal(zeroed[:, 1], 0.0)
   np.testing.assert_array_equal(replaced[:, 1], jnp.broadcast_to(means[1], (2, 5, 4)))
+  with pytest.raises(AssertionError):  # merged heads (B, N, D) with N = H would broadcast
+    attention.remove_heads(jnp.ones((3, 3, 8)), mask)
   with pytest.raises(ValueError, match="head_means applies to the heads a head_mask removes"):
     attention.self_attention(x[:, 0], {"to_out": {"kernel": jnp.eye(4), "bias": jnp.zeros(4)}},
                              2, head_means=means[:2])

@@ -160,6 +160,9 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None,
   logits = products("bhqd,bhkd->bhqk", q, k, compute_dtype) / jnp.sqrt(head_dim)
   chex.assert_shape(logits, (batch, heads, tokens, tokens))
   if mask is not None:
+    if jnp.asarray(mask).dtype != jnp.bool_:  # an additive 0 / -inf mask would mean the opposite
+      raise ValueError(f"mask has dtype {jnp.asarray(mask).dtype}: it must be boolean, True "
+                       "where a query may attend to a key")
     mask = jnp.broadcast_to(mask, logits.shape)  # e.g. one (N, N) mask for every example
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1)
@@ -220,6 +223,7 @@ def remove_heads(x: jax.Array, head_mask: jax.Array, head_means: jax.Array | Non
   Returns:
     (B, H, N, D/H).
   """
+  chex.assert_rank(x, 4)
   chex.assert_shape(head_mask, (x.shape[1],))
   keep = head_mask.astype(x.dtype)[None, :, None, None]
   if head_means is None:

@@ -59,6 +59,8 @@ def random_affine(images: jax.Array, keys: jax.Array, max_rotation: float, max_s
 
 def gaussian_taps(sigma: float) -> jax.Array:
   """A normalised 1-D Gaussian of `sigma` pixels, out to 3 sigma: (2 * ceil(3 sigma) + 1,)."""
+  if not sigma > 0:
+    raise ValueError(f"sigma={sigma} must be positive")
   radius = int(np.ceil(3 * sigma))
   taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma ** 2))
   return jnp.asarray(taps / taps.sum(), jnp.float32)

@@ -205,6 +205,8 @@ def as_config_dict(config: ExperimentConfig):
       value = getattr(obj, field.name)
       if dataclasses.is_dataclass(value):
         value = convert(value)
+      elif _words_or_numbers(hints[field.name]):  # text, which `validate` parses: a flag
+        value = placeholder(str) if value is None else str(value)  # may give 8 or 'auto'
       elif value is None:
         value = placeholder(_non_none_type(hints[field.name]))
       elif hints[field.name] is float:
@@ -215,6 +217,12 @@ def as_config_dict(config: ExperimentConfig):
   config_dict = convert(config)
   config_dict.lock()
   return config_dict
+
+
+def _words_or_numbers(annotation: Any) -> bool:
+  """Whether a field takes an int or a word (`int | Literal['auto'] | None`)."""
+  options = typing.get_args(annotation)
+  return int in options and any(typing.get_origin(o) is Literal for o in options)
 
 
 def _non_none_type(annotation: Any) -> type:

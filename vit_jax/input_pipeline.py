@@ -27,6 +27,9 @@ class EpochOrder:
   """
 
   def __init__(self, num_examples: int, batch_size: int, seed: int):
+    if not 1 <= batch_size <= num_examples:
+      raise ValueError(f"batch_size={batch_size} must be between 1 and the number of "
+                       f"examples, {num_examples}")
     self.num_examples, self.batch_size, self.seed = num_examples, batch_size, seed
     self.steps_per_epoch = num_examples // batch_size
     self._cached: tuple[int, np.ndarray] | None = None
@@ -112,8 +115,6 @@ def shifted_views(images: jax.Array, max_shift: int) -> jax.Array:
   Batch first, so that a batch split over devices keeps each image's views on its device.
   """
   chex.assert_rank(images, 4)
-  if max_shift < 0:
-    raise ValueError(f"max_shift={max_shift} must not be negative")
   _, height, width, _ = images.shape
   padded = _zero_padded(images, max_shift)
   offsets = range(2 * max_shift + 1)
@@ -136,6 +137,8 @@ def evaluation_views(images: jax.Array, max_shift: int, flip: bool) -> jax.Array
 
 def _zero_padded(images: jax.Array, width: int) -> jax.Array:
   """(B, H, W, C) -> (B, H + 2 width, W + 2 width, C), zeros around each image."""
+  if width < 0:
+    raise ValueError(f"max_shift={width} must not be negative")
   return jnp.pad(images, ((0, 0), (width, width), (width, width), (0, 0)))
 
 

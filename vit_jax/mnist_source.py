@@ -83,6 +83,11 @@ class DataError(ValueError):
   """A data folder or file that cannot be used; the message names it."""
 
 
+def check_split(split: str) -> None:
+  if split not in IDX_FILES:
+    raise DataError(f"split={split!r} is not one of {', '.join(map(repr, IDX_FILES))}")
+
+
 def dataset_spec(name: str) -> DatasetSpec:
   if name not in DATASETS:
     raise DataError(f"dataset={name!r} is not supported (known: {', '.join(DATASETS)})")
@@ -144,6 +149,7 @@ def read_idx_split(name: str, idx_dir: str | os.PathLike,
                    split: str) -> tuple[np.ndarray, np.ndarray]:
   """-> images uint8 (N, 28, 28, 1), labels uint8 (N,) of one split, from IDX files."""
   spec = dataset_spec(name)
+  check_split(split)
   idx_dir = Path(idx_dir)
   if not idx_dir.is_dir():
     raise DataError(f"idx_dir={str(idx_dir)!r} is not a folder")
@@ -229,6 +235,7 @@ def load_split(name: str, split: str, data_dir: str | None = None,
   """One split, whole, as arrays: images uint8 (N, 28, 28, 1), labels int32 (N,)."""
   import tensorflow_datasets as tfds
 
+  check_split(split)  # before the dataset is prepared, which may take minutes
   prepared = builder(name, data_dir, idx_dir)
   num_examples = dataset_spec(name).num_examples[split]
   cache = Path(os.fspath(prepared.data_dir)) / f"{split}.arrays.npz"

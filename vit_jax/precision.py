@@ -21,7 +21,9 @@ def products(subscripts: str, a: jax.Array, b: jax.Array, compute_dtype=None) ->
     subscripts: 'lhs,rhs->out'; every index of one operand appears in the other or
       in the output (so the gradients are einsums of the same kind).
     a, b: the operands, any float dtype.
-    compute_dtype: None or float32: a plain `jnp.einsum` with a float32 result. A
+    compute_dtype: None or float32: a plain `jnp.einsum` with a float32 result, at JAX's
+      default matmul precision: float32 on CPUs, but TF32 on recent NVIDIA GPUs and
+      bfloat16 passes on TPUs (`jax_default_matmul_precision='highest'` for float32). A
       lower precision (bfloat16): `a` and `b` are rounded to it, the products
       accumulate in float32 and the result is float32; the gradients' products also
       take operands in `compute_dtype` (autodiff alone would multiply the float32
