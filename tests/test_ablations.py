@@ -80,21 +80,27 @@ def test_low_rank_heads_start_at_the_scale_of_a_learned_matrix(rank):
   assert float(np.std(full)) == pytest.approx(64 ** -0.5, rel=0.05)
 
 
-def test_frozen_random_projections_are_fixed_numbers_out_of_reach_of_training():
+def test_frozen_random_projections_are_fixed_numbers_out_of_reach_of_training(monkeypatch):
   config, params = init("frozen_random")
   assert "to_qkv" not in params["encoder"]["block0"]["attention"]
   first = models.layer_projections(params, config, 0)["to_qkv"]["kernel"]
-  again = models.layer_projections(params, config, 0)["to_qkv"]["kernel"]
-  np.testing.assert_array_equal(first, again)
   other = models.layer_projections(params, config, 1)["to_qkv"]["kernel"]
   assert not np.allclose(first, other)  # each layer its own
-  # The model computes with exactly those numbers.
-  x = jax.random.normal(jax.random.PRNGKey(1), (1, 50, 64))
-  module = models.MultiHeadSelfAttention(4, "frozen_random")
-  variables = module.init(jax.random.PRNGKey(3), x)
-  weights = models.projection_weights({}, "frozen_random", 64, "")  # a top-level module
-  expected, _ = A.self_attention(x, {**weights, "to_out": variables["params"]["to_out"]}, 4)
-  np.testing.assert_allclose(module.apply(variables, x), expected, rtol=1e-5, atol=1e-6)
+  reseeded = models.ViT(config).init(jax.random.PRNGKey(5), IMAGES)["params"]
+  np.testing.assert_array_equal(  # not drawn from the model's seed: fixed
+      models.layer_projections(reseeded, config, 0)["to_qkv"]["kernel"], first)
+  # The model computes with exactly the numbers the instruments read.
+  used, self_attention = [], A.self_attention
+
+  def recording(x, weights, *args):
+    used.append(weights["to_qkv"]["kernel"])
+    return self_attention(x, weights, *args)
+
+  monkeypatch.setattr(models.A, "self_attention", recording)
+  models.ViT(config).apply({"params": params}, IMAGES)
+  assert len(used) == 2
+  for layer_used, read in zip(used, (first, other), strict=True):
+    np.testing.assert_array_equal(layer_used, read)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -20,8 +20,11 @@ def config(**overrides):
 
 
 def params_of(model, seed=0):
+  """Fresh parameters, the head's made non-zero (it starts at zero: every head would be
+  equal, a kept one and a fresh one alike)."""
   images = jax.numpy.zeros((1, 28, 28, 1))
-  return jax.jit(models.ViT(model).init)(jax.random.PRNGKey(seed), images)["params"]
+  params = jax.jit(models.ViT(model).init)(jax.random.PRNGKey(seed), images)["params"]
+  return {**params, "head": jax.tree_util.tree_map(lambda x: x + seed + 1.0, params["head"])}
 
 
 def leaves_equal(a, b):

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_eval_views import untrained_state
 
-from vit_jax import inference, steps, train, train_state
+from vit_jax import inference, steps, train
 from vit_jax.checkpoints import Checkpoints
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.model_configs import get_model_config
@@ -201,11 +202,12 @@ def reference_predictions(state, images, labels):
 def test_evaluation_counts_a_padded_last_batch_s_real_examples_only(digits):
   # 10 examples in batches of 4: the last batch is 2 examples and 2 paddings of example 0.
   images, labels = digits["test"]["image"][:10], digits["test"]["label"][:10].copy()
-  state = train_state.create_train_state(small_config(), total_steps=10)
+  state = untrained_state()  # not a fresh one: its zero head gives every example log(10)
   # Example 0 counted right, so that padding counted as examples would change the accuracy.
   _, _, probabilities = reference_predictions(state, images, labels)
   labels[0] = probabilities[0].argmax()
   loss, correct, _ = reference_predictions(state, images, labels)
+  assert abs((loss.sum() + 2 * loss[0]) / 12 - loss.mean()) > 1e-3  # the padding would show
   runner = Runner("jit")
   evaluate = steps.Evaluator(runner, runner.replicate({"image": images, "label": labels}),
                              10, 4, "mnist")
