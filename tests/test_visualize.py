@@ -5,25 +5,36 @@ import pytest
 from PIL import Image
 from test_experiments import base_config
 
-from vit_jax import train, visualize
+from vit_jax import analysis, inference, train, visualize
 from vit_jax.model_configs import get_model_config
 
 
 @pytest.mark.slow
-def test_visualize_draws_each_digit_s_attention(tmp_path, mnist):
+def test_visualize_draws_each_digit_s_attention(tmp_path, mnist, monkeypatch):
   config = base_config()
   data = {"train": {k: v[:256] for k, v in mnist["train"].items()},
           "test": {k: v[:200] for k, v in mnist["test"].items()}}
   train.train_and_evaluate(config, tmp_path, data=data)
+  drawn, plot_attention = [], visualize.plot_attention
+
+  def recording(image, per_head, *args):
+    drawn.append((image, per_head))
+    return plot_attention(image, per_head, *args)
+
+  monkeypatch.setattr(visualize, "plot_attention", recording)
   paths = visualize.visualize_checkpoint(config, tmp_path, num_images=3, test_data=data["test"])
   names = sorted(p.name for p in paths)
   assert names == ["attention_0.png", "attention_1.png", "attention_2.png",
                    "position_similarity.png", "rollout.png", "training_statistics.png"]
-  # Each digit's picture shows its own attention.
-  pictures = [np.asarray(Image.open(tmp_path / "visualize" / f"attention_{i}.png"))
-              for i in range(3)]
-  assert not np.array_equal(pictures[0], pictures[1])
-  assert not np.array_equal(pictures[1], pictures[2])
+  assert Image.open(tmp_path / "visualize" / "attention_0.png").size[0] > 100
+  # Each digit's picture shows its own attention: the model's on that image alone.
+  state = inference.restore_state(config, tmp_path)
+  for image, per_head in drawn:
+    _, maps = analysis.collect_attention(state, image[None], config.dataset)
+    np.testing.assert_allclose(
+        per_head, analysis.query_attention(maps, config.model.classifier)[:, 0],
+        rtol=1e-5, atol=1e-6)
+  assert len(drawn) == 3 and not np.allclose(drawn[0][1], drawn[1][1])
 
 
 def test_attention_panels_count_layers_and_heads_from_0_and_rollout_keeps_to_one_row(
