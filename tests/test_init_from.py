@@ -115,6 +115,24 @@ def test_a_run_starts_from_the_source_and_only_then(tmp_path, digits, capsys):
   assert abs(result["eval_accuracy"] - learned["eval_accuracy"]) <= 1 / 512
 
 
+@pytest.mark.slow
+def test_a_resumed_fine_tune_goes_on_from_its_own_checkpoint(tmp_path, digits, capsys,
+                                                             monkeypatch):
+  from test_train import train_until_crash_after_saving
+
+  train.train_and_evaluate(config(seed=1, num_epochs=1), tmp_path / "source", data=digits)
+  tune = config(init_from=str(tmp_path / "source"), checkpoint_every_steps=4)  # 8 steps
+  train.train_and_evaluate(tune, tmp_path / "straight", data=digits)
+  train_until_crash_after_saving(tune, tmp_path / "resumed", digits, 4, monkeypatch)
+  capsys.readouterr()
+  train.train_and_evaluate(tune, tmp_path / "resumed", data=digits)
+  shown = capsys.readouterr()
+  assert "parameters from" not in shown.out + shown.err  # the source is read only at the start
+  straight, resumed = (inference.restore_state(tune, tmp_path / name).params
+                       for name in ("straight", "resumed"))
+  assert leaves_equal(jax.device_get(straight), jax.device_get(resumed))
+
+
 def test_a_source_that_cannot_be_used_fails_before_the_run_writes_anything(tmp_path, digits):
   with pytest.raises(ValueError, match=r"^config.init_from='.*nothing': workdir=.* holds no"):
     train.train_and_evaluate(config(init_from=str(tmp_path / "nothing")), tmp_path / "a",
