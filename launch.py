@@ -146,10 +146,13 @@ def _output_dir(kind: str) -> str | None:
   """--output_dir, or for a shipped run runs/<its name>/<kind>; None: inside the workdir."""
   if FLAGS.output_dir:
     return FLAGS.output_dir
-  workdir = os.path.abspath(FLAGS.workdir)
-  if os.path.exists(os.path.join(workdir, SHIPPED_MARKER)):
-    return os.path.join("runs", os.path.basename(workdir), kind)
+  if _is_shipped():
+    return os.path.join("runs", os.path.basename(os.path.abspath(FLAGS.workdir)), kind)
   return None
+
+
+def _is_shipped() -> bool:
+  return os.path.exists(os.path.join(FLAGS.workdir, SHIPPED_MARKER))
 
 
 def _export(config) -> None:
@@ -175,12 +178,24 @@ FLAG_MODES = {"images": ("predict",), "num_images": ("visualize", "analyze"),
               "output_dir": ("visualize", "export", "analyze"), "ablation": ("analyze",)}
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def _refuse_flags_that_would_do_nothing() -> None:
   for name, modes in FLAG_MODES.items():
     if FLAGS[name].present and FLAGS.mode not in modes:
       raise ValueError(f"--{name} is for --mode={' or '.join(modes)}, not --mode={FLAGS.mode}")
+  for name in ("num_processes", "process_id"):
+    if FLAGS[name].present and not (FLAGS.distributed or FLAGS.coordinator_address):
+      raise ValueError(f"--{name} is for a run of several processes: add "
+                       "--coordinator_address or --distributed")
+  if FLAGS.mode == "train" and _is_shipped():
+    raise ValueError(f"workdir={FLAGS.workdir!r} is a shipped run (its {SHIPPED_MARKER} file "
+                     "says so) and is not trained further: train in another workdir, e.g. "
+                     f"with --config.init_from={FLAGS.workdir}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  _refuse_flags_that_would_do_nothing()
   # Orbax, TFDS and JAX log every step of their work at INFO; keep the console for ours.
   for name in ("absl", "jax"):
     logging.getLogger(name).setLevel(logging.WARNING)

@@ -56,4 +56,11 @@ def test_pictures_of_the_shipped_model_go_under_runs_not_into_it(tmp_path, mnist
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert (tmp_path / "runs" / "mnist_seed" / "visualize" / "attention_0.png").is_file()
+  # Training it further (--mode forgotten) is refused before anything is written there.
+  result = subprocess.run([sys.executable, str(REPO / "launch.py"), f"--workdir={shipped}",
+                           f"--config={REPO / 'experiments' / 'mnist.py'}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f"error: workdir='{shipped}' is a shipped run (its SHIPPED file says so)")
   assert {p: p.stat().st_mtime_ns for p in shipped.rglob("*")} == before
