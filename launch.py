@@ -14,7 +14,6 @@ Runs on whatever JAX finds: CPU, GPU or TPU.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
@@ -233,44 +232,24 @@ def _unknown_config_key(error: Exception) -> str | None:
 
 
 def run():
-  from vit_jax import run_log
-  from vit_jax.checkpoints import WriteError
-  from vit_jax.interrupt import TrainingInterruptedError
+  from vit_jax.command_line import ending_in_one_line
 
-  run_log.PROCESS_ENDS_ON_FAILURE = True
-  try:
-    # Defined here, not at import: without --config, defining it loads the default file and
-    # applies the `--config.x=...` flags at once, and a misspelled key must be one line too.
-    config_flags.DEFINE_config_file("config", "experiments/mnist.py", "Experiment config file.",
-                                    lock_config=True)
-    app.run(main)
-  except (AttributeError, KeyError) as e:
-    # ml_collections raises these, with a traceback, for `--config.x=...` naming no field.
-    line = _unknown_config_key(e)
-    if line is None:
-      raise
-    print(f"error: {line}", file=sys.stderr)
-    sys.exit(2)
-  except (ValueError, FloatingPointError, OSError) as e:  # bad config, data or files; NaN
-    _to_console(f"error: {e}")
-    if isinstance(e, WriteError):
-      # A failed write's threads may still report into a closed event loop, into the run's
-      # log, where stderr stays diverted; nothing is left to save, so nothing waits for them.
-      os._exit(2)
-    sys.exit(2)
-  except TrainingInterruptedError as e:  # SIGTERM / Ctrl-C, after saving a checkpoint
-    _to_console(f"interrupted: {e}")
-    sys.exit(128 + e.signum)
+  def parse_and_run():
+    try:
+      # Defined here, not at import: without --config, defining it loads the default file and
+      # applies the `--config.x=...` flags at once, and a misspelled key must be one line too.
+      config_flags.DEFINE_config_file("config", "experiments/mnist.py",
+                                      "Experiment config file.", lock_config=True)
+      app.run(main)
+    except (AttributeError, KeyError) as e:
+      # ml_collections raises these, with a traceback, for `--config.x=...` naming no field.
+      line = _unknown_config_key(e)
+      if line is None:
+        raise
+      print(f"error: {line}", file=sys.stderr)
+      sys.exit(2)
 
-
-def _to_console(line: str) -> None:
-  """`line` on the console's stderr, also where a failure left stderr in the run's log."""
-  from vit_jax import run_log
-
-  for stream in (sys.stdout, sys.stderr):
-    with contextlib.suppress(OSError):  # stderr may still go to the run's log, on a full disk
-      stream.flush()
-  os.write(run_log.console_fd(), f"{line}\n".encode())
+  ending_in_one_line(parse_and_run)
 
 
 if __name__ == "__main__":

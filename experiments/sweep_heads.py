@@ -33,7 +33,7 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("root", None, "Folder holding one workdir per run, and the reports.",
                     required=True)
 flags.DEFINE_list("heads", ["1", "2", "4", "8", "16"], "Head counts.")
-flags.DEFINE_integer("seeds", 3, "Seeds per setting: 0 .. seeds-1.")
+flags.DEFINE_integer("seeds", 3, "Seeds per setting: 0 .. seeds-1.", lower_bound=1)
 flags.DEFINE_list("qkv", ["fused"], "Projection modes (model.qkv): fused, separate, identity, "
                   "identity_q, identity_k, identity_v, tied_qk, frozen_random, low_rank:R.")
 flags.DEFINE_string("cpu_devices", "auto", "Split the CPU into this many JAX devices, as "
@@ -65,8 +65,7 @@ def main(argv):
 
   check_ablations(FLAGS.analyze, "--analyze")  # before the data loads: a typo costs nothing
   base = validate(FLAGS.config)
-  runs = sweep.plan(base, [int(h) for h in FLAGS.heads], range(FLAGS.seeds), FLAGS.qkv,
-                    FLAGS.fixed)
+  runs = sweep.plan(base, _head_counts(), range(FLAGS.seeds), FLAGS.qkv, FLAGS.fixed)
   data = None if FLAGS.report_only else train.load_data(base)
   records = sweep.run_all(runs, Path(FLAGS.root), data, vmap_seeds=FLAGS.vmap_seeds,
                           after_run=_analyzer(data) if FLAGS.analyze else None)
@@ -79,6 +78,14 @@ def main(argv):
   for path in sweep_report.write_reports(records, Path(FLAGS.root)):
     print(f"wrote {path}")
   print((Path(FLAGS.root) / "summary.md").read_text())
+
+
+def _head_counts() -> list[int]:
+  try:
+    return [int(h) for h in FLAGS.heads]
+  except ValueError:
+    raise ValueError(f"--heads={','.join(FLAGS.heads)} must be whole numbers, e.g. "
+                     "--heads=1,2,4") from None
 
 
 def _analyzer(data):
@@ -96,8 +103,6 @@ def _analyzer(data):
 
 
 if __name__ == "__main__":
-  try:
-    app.run(main)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  from vit_jax.command_line import ending_in_one_line
+
+  ending_in_one_line(lambda: app.run(main))

@@ -1,6 +1,7 @@
 """Two sweep processes on one root finish every run exactly once, and one of them reports."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -34,3 +35,40 @@ def test_two_sweep_processes_share_the_runs_of_one_root(tmp_path, tfds_dir):
   assert len(gathered) == 1 + 2 * layers * (1 + 2 + 4)  # every head of every run, a row each
   assert gathered[0].startswith("run,qkv,heads,hidden_size,seed,layer,head,")
   assert any("wrote" in out for out in outputs)
+
+
+def sweep(*flags, tfds_dir, **popen):
+  command = [sys.executable, str(REPO / "experiments" / "sweep_heads.py"), "--cpu_devices=1",
+             f"--config.tfds_data_dir={tfds_dir}", *flags]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--heads=four", "error: --heads=four must be whole numbers, e.g. --heads=1,2,4"),
+    ("--qkv=", "error: qkv=[]: a sweep needs at least one"),
+    ("--seeds=0", "flag --seeds=0: 0 is not a positive integer"),
+])
+def test_a_sweep_with_bad_or_no_runs_is_one_line(tmp_path, tfds_dir, flag, message):
+  process = sweep(f"--root={tmp_path}", flag, tfds_dir=tfds_dir)
+  output = process.communicate(timeout=300)[0]
+  assert process.returncode in (1, 2) and message in output, output
+  assert "Traceback" not in output
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_says_so_in_one_line_and_exits_as_the_signal_asks(tmp_path,
+                                                                                tfds_dir):
+  process = sweep(f"--root={tmp_path}", "--heads=1", "--seeds=1", "--analyze=",
+                  "--config.num_epochs=50", tfds_dir=tfds_dir)
+  lines = []
+  for line in process.stdout:  # training has begun (and its signal handler is set)
+    lines.append(line)
+    if line.startswith("step "):
+      break
+  process.send_signal(signal.SIGTERM)
+  lines += process.communicate(timeout=300)[0].splitlines()
+  assert process.returncode == 128 + signal.SIGTERM, lines
+  assert lines[-1].startswith("interrupted:") and not any("Traceback" in x for x in lines)
+  assert (tmp_path / "fused_h1_w64_s0" / "checkpoints").is_dir()  # resumable

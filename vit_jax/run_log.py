@@ -70,8 +70,9 @@ def logging_to(workdir: Path, enabled: bool = True) -> Iterator[Path]:
 
 
 _STILL_DIVERTED: list[int] = []  # saved descriptors of a stderr left in the log after a failure
-# Set by launch.py, whose process ends when a run fails: a stderr diverted after a failed write
-# then stays in the log to the end, and the error line goes out through `console_fd`.
+# Set by `command_line.ending_in_one_line`, whose process ends when a run fails: a stderr
+# diverted after a failed write then stays in the log to the end, and the error line goes out
+# through `console_fd`.
 PROCESS_ENDS_ON_FAILURE = False
 
 

@@ -61,6 +61,8 @@ def plan(base: ExperimentConfig, heads: Sequence[int], seeds: Sequence[int],
   for name, values in (("heads", list(heads)), ("seeds", list(seeds)), ("qkv", list(qkv_modes))):
     if len(set(values)) < len(values):  # each run would count twice in the tables
       raise ValueError(f"{name}={values} repeats a value")
+    if not values:
+      raise ValueError(f"{name}=[]: a sweep needs at least one")
   runs = []
   for qkv in qkv_modes:
     for h in heads:
