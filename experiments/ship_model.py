@@ -8,11 +8,15 @@ copy is used as a read-only workdir: `launch.py --workdir=pretrained/mnist_seed
 --mode=predict` (or eval, visualize, export with --output_dir) writes nothing there.
 """
 
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from absl import app, flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "The finished run.", required=True)
@@ -22,25 +26,39 @@ flags.DEFINE_string("to", None, "The folder to create (it must not exist).", req
 def main(argv):
   del argv
   source, target = Path(FLAGS.workdir), Path(FLAGS.to)
-  steps = sorted(int(p.name) for p in (source / "checkpoints").iterdir() if p.name.isdigit())
+  checkpoints = source / "checkpoints"
+  steps = sorted(int(p.name) for p in checkpoints.iterdir()
+                 if p.name.isdigit()) if checkpoints.is_dir() else []
   if not steps:
     raise ValueError(f"--workdir={str(source)!r} holds no checkpoint")
   if target.exists():
     raise ValueError(f"--to={str(target)!r} exists; ship into a new folder")
   latest = str(steps[-1])
-  (target / "checkpoint_digests").mkdir(parents=True)
-  shutil.copytree(source / "checkpoints" / latest, target / "checkpoints" / latest)
-  shutil.copy2(source / "checkpoint_digests" / f"{latest}.json", target / "checkpoint_digests")
-  for name in ("config.json", "metrics.jsonl"):
-    shutil.copy2(source / name, target / name)
-  # launch.py then writes pictures and exports under runs/, never into the shipped folder.
-  (target / "SHIPPED").write_text("A shipped run: launch.py writes nothing here.\n")
+  files = [f"checkpoint_digests/{latest}.json", "config.json", "metrics.jsonl"]
+  for name in files:
+    if not (source / name).is_file():
+      raise ValueError(f"--workdir={str(source)!r} has no {name}: not a finished run's folder")
+  # Copied beside the target, then renamed: an interrupted copy leaves no half-shipped run.
+  target.parent.mkdir(parents=True, exist_ok=True)
+  staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+  try:
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's folder is private; a shipped one is not
+    shutil.copytree(checkpoints / latest, staging / "checkpoints" / latest)
+    (staging / "checkpoint_digests").mkdir()
+    for name in files:
+      shutil.copy2(source / name, staging / name)
+    # launch.py then writes pictures and exports under runs/, never into the shipped folder.
+    (staging / "SHIPPED").write_text("A shipped run: launch.py writes nothing here.\n")
+    staging.rename(target)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
   print(f"shipped step {latest} of {source} into {target}")
 
 
 if __name__ == "__main__":
-  try:
-    app.run(main)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  from vit_jax.command_line import ending_in_one_line
+
+  ending_in_one_line(lambda: app.run(main))
