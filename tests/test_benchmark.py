@@ -136,7 +136,10 @@ def test_the_scaling_benchmark_varies_one_thing_a_row():
   overlapping = dataclasses.replace(config, model=get_model_config("testing", patch_overlap=4))
   assert scaling.variant(overlapping, "patch_size", 2).model.patch_overlap == 2
   axes = {"num_heads": (4, 16), "patch_size": (7, 14), "batch_size": (16,)}
-  result = scaling.run(config, steps_per_window=1, windows=1, axes=axes)
+  so_far = []
+  result = scaling.run(config, steps_per_window=1, windows=1, axes=axes,
+                       after_row=lambda partial: so_far.append(len(partial["rows"])))
+  assert so_far == [1, 2, 3, 4, 5]  # what an interrupted table has kept
   rows = result["rows"]
   assert [(r["varied"], r["heads"], r["head_dim"], r["tokens"], r["batch"]) for r in rows] == [
       ("num_heads", 4, 8, 17, 32), ("num_heads", 16, 2, 17, 32),
@@ -207,6 +210,9 @@ def test_time_to_accuracy_reads_a_real_run(tmp_path, tfds_dir):
   assert 0 < result["seconds_to_0.05"] < 300
   assert result["seconds_to_0.999"] is None and result["step_at_0.999"] is None
   assert 0 < result["final_accuracy"] <= 1
+  with pytest.raises(ValueError, match=r"the timed launch.py run ended with status [12] \(its"):
+    benchmark.time_to_accuracy("experiments/no_such_config.py", overrides, [0.5],
+                               tmp_path / "failed", eval_every_steps=4)
 
 
 def _script(args, **env_vars):

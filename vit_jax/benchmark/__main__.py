@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -14,29 +15,46 @@ from ml_collections import config_flags
 
 from vit_jax import host_cpu
 from vit_jax.benchmark.report import REPO, run, table, time_to_accuracy
+from vit_jax.command_line import ending_in_one_line
+from vit_jax.files import write_text_atomically
 
 
 def main(argv):
   del argv
   logging.getLogger("absl").setLevel(logging.WARNING)
   config = flags.FLAGS.config
+  targets = _accuracy_targets()  # a typo costs no measuring
   why_devices = host_cpu.configure(flags.FLAGS.cpu_devices,
                                    (config.batch_size, config.eval_batch_size))
   result = run(flags.FLAGS.config, flags.FLAGS.windows, flags.FLAGS.steps_per_window,
                flags.FLAGS.compile_times, flags.FLAGS.peak_matmul_size or None)
   if jax.default_backend() == "cpu":  # the split is the host CPU's: a GPU run used none of it
     result["devices_chosen"] = why_devices
-  targets = [float(t) for t in flags.FLAGS.time_to_accuracy]
   if targets:
+    _write(result)  # the minutes measured so far are kept, whatever the timed run does
     with tempfile.TemporaryDirectory() as workdir:
-      result.update(time_to_accuracy(flags.FLAGS["config"].config_filename,
+      result.update(time_to_accuracy(os.path.abspath(flags.FLAGS["config"].config_filename),
                                      [a for a in sys.argv[1:] if a.startswith("--config.")],
                                      targets, Path(workdir) / "run",
                                      flags.FLAGS.eval_every_steps, flags.FLAGS.launch_flags))
   print(table(result))
-  if flags.FLAGS.out:
-    Path(flags.FLAGS.out).write_text(json.dumps(result, indent=2) + "\n")
+  if _write(result):
     print(f"wrote {flags.FLAGS.out}")
+
+
+def _accuracy_targets() -> list[float]:
+  try:
+    return [float(t) for t in flags.FLAGS.time_to_accuracy]
+  except ValueError:
+    raise ValueError(f"--time_to_accuracy={','.join(flags.FLAGS.time_to_accuracy)} must be "
+                     "test accuracies, e.g. 0.98,0.99") from None
+
+
+def _write(result: dict) -> bool:
+  """`result` as JSON at --out, if given, whole or not at all."""
+  if flags.FLAGS.out:
+    write_text_atomically(flags.FLAGS.out, json.dumps(result, indent=2) + "\n")
+  return bool(flags.FLAGS.out)
 
 
 def _define_flags():
@@ -44,8 +62,10 @@ def _define_flags():
                                   "Experiment config to measure.", lock_config=True)
   flags.DEFINE_string("cpu_devices", "auto", "Split the CPU into this many JAX devices, as "
                       "launch.py does ('auto': one per core); an XLA_FLAGS device count wins.")
-  flags.DEFINE_integer("windows", 5, "Timed windows (after one warm-up window).")
-  flags.DEFINE_integer("steps_per_window", 10, "Training steps per timed window.")
+  flags.DEFINE_integer("windows", 5, "Timed windows (after one warm-up window).",
+                       lower_bound=1)
+  flags.DEFINE_integer("steps_per_window", 10, "Training steps per timed window.",
+                       lower_bound=1)
   flags.DEFINE_bool("compile_times", True, "Measure cold and cached compile times.")
   flags.DEFINE_list("time_to_accuracy", [], "Test accuracies to time a real run to, e.g. "
                     "0.98,0.99 (empty: skip).")
@@ -59,4 +79,4 @@ def _define_flags():
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  ending_in_one_line(lambda: app.run(main))

@@ -32,10 +32,12 @@ def time_to_accuracy(config_path: str, overrides: list[str], targets: list[float
   validation examples (tested only at the end) gives only the final one.
   """
   start = time.time()
-  subprocess.run([sys.executable, str(REPO / "launch.py"), f"--config={config_path}",
-                  f"--workdir={workdir}", f"--config.eval_every_steps={eval_every_steps}",
-                  "--compilation_cache_dir=",
-                  *launch_flags, *overrides], check=True, cwd=REPO)
+  ended = subprocess.run([sys.executable, str(REPO / "launch.py"), f"--config={config_path}",
+                          f"--workdir={workdir}", f"--config.eval_every_steps={eval_every_steps}",
+                          "--compilation_cache_dir=", *launch_flags, *overrides], cwd=REPO)
+  if ended.returncode:
+    raise ValueError(f"the timed launch.py run ended with status {ended.returncode} (its "
+                     "output is above)")
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   evals = [r for r in records if "eval_accuracy" in r]
   out = {}

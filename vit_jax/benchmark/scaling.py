@@ -17,7 +17,7 @@ import json
 import logging
 import statistics
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,7 +27,9 @@ from ml_collections import config_flags
 from vit_jax import auto, host_cpu
 from vit_jax.benchmark import flops, step_speed, timing
 from vit_jax.benchmark.report import REPO
+from vit_jax.command_line import ending_in_one_line
 from vit_jax.experiment_config import ExperimentConfig, validate
+from vit_jax.files import write_text_atomically
 from vit_jax.kernels import timing as kernel_timing
 from vit_jax.parallel import Runner, choose_mode
 
@@ -72,8 +74,12 @@ def with_mfu(row: dict[str, Any], peak_flops: float) -> dict[str, Any]:
 
 
 def run(config: ExperimentConfig, steps_per_window: int = 5, windows: int = 3,
-        axes: dict[str, tuple[int, ...]] = AXES) -> dict[str, Any]:
-  """Every row of `axes`, with the machine's description and the 16-over-4-heads ratio."""
+        axes: dict[str, tuple[int, ...]] = AXES,
+        after_row: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
+  """Every row of `axes`, with the machine's description and the 16-over-4-heads ratio.
+
+  `after_row` is called with the result so far after each row (e.g. to keep it on disk).
+  """
   config = validate(config)
   runner = Runner(choose_mode(config.parallel))
   # Every row computes in the precision the base config resolves to, the peak's too.
@@ -87,17 +93,23 @@ def run(config: ExperimentConfig, steps_per_window: int = 5, windows: int = 3,
       print(f"{axis}={value}: {row['train_images_per_sec']:.0f} training images/s, "
             f"{row['attention']} ({time.perf_counter() - start:.0f} s)", flush=True)
       rows.append(row)
-  peak_flops = statistics.median(peak.measured)  # every row against the one peak
-  result = {"date": time.strftime("%Y-%m-%d"), "num_devices": runner.num_devices,
-            **(host_cpu.describe() if jax.default_backend() == "cpu" else {}),
-            "matmul_peak_flops": peak_flops,
-            "rows": [with_mfu(row, peak_flops) for row in rows]}
+      after_row(_so_far(rows, peak, runner))
+  result = _so_far(rows, peak, runner)
   heads = axes.get("num_heads", ())
   if 4 in heads and 16 in heads:
     result["heads_16_over_4"] = interleaved_speedup(
         variant(config, "num_heads", 4), variant(config, "num_heads", 16), runner,
         steps_per_window)
   return result
+
+
+def _so_far(rows: list[dict[str, Any]], peak: timing.MatmulPeak, runner: Runner
+            ) -> dict[str, Any]:
+  peak_flops = statistics.median(peak.measured)  # every row against the one peak
+  return {"date": time.strftime("%Y-%m-%d"), "num_devices": runner.num_devices,
+          **(host_cpu.describe() if jax.default_backend() == "cpu" else {}),
+          "matmul_peak_flops": peak_flops,
+          "rows": [with_mfu(row, peak_flops) for row in rows]}
 
 
 def interleaved_speedup(first: ExperimentConfig, second: ExperimentConfig, runner: Runner,
@@ -137,21 +149,24 @@ def main(argv):
   why_devices = host_cpu.configure(flags.FLAGS.cpu_devices, (config.batch_size,
                                                              config.eval_batch_size))
   print(why_devices)
-  result = run(config, flags.FLAGS.steps_per_window, flags.FLAGS.windows)
-  if jax.default_backend() == "cpu":  # as `python -m vit_jax.benchmark` records it
-    result["devices_chosen"] = why_devices
+  def write(result):  # after every row: an interrupted table keeps the rows it measured
+    if jax.default_backend() == "cpu":  # as `python -m vit_jax.benchmark` records it
+      result["devices_chosen"] = why_devices
+    if flags.FLAGS.out:
+      write_text_atomically(flags.FLAGS.out, json.dumps(result, indent=2) + "\n")
+
+  result = run(config, flags.FLAGS.steps_per_window, flags.FLAGS.windows, after_row=write)
+  write(result)
   print(table(result))
   if "heads_16_over_4" in result:
     print(f"16 heads over 4 heads, training images/s: {result['heads_16_over_4']:.2f}x")
-  if flags.FLAGS.out:
-    Path(flags.FLAGS.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", str(REPO / "experiments" / "mnist.py"),
                                   "The base config.", lock_config=True)
   flags.DEFINE_string("cpu_devices", "auto", "As launch.py's.")
-  flags.DEFINE_integer("windows", 3, "Timed windows per row.")
-  flags.DEFINE_integer("steps_per_window", 5, "Training steps per window.")
-  flags.DEFINE_string("out", None, "Write the rows as JSON here.")
-  app.run(main)
+  flags.DEFINE_integer("windows", 3, "Timed windows per row.", lower_bound=1)
+  flags.DEFINE_integer("steps_per_window", 5, "Training steps per window.", lower_bound=1)
+  flags.DEFINE_string("out", None, "Write the rows as JSON here (after every row).")
+  ending_in_one_line(lambda: app.run(main))
