@@ -31,6 +31,12 @@ def test_summary_table_and_plot_from_fake_records(tmp_path):
   sweep_plots.plot(sweep_report.summarize(other), tmp_path / "other.png")
   assert paths[3].name == "sweep.png"
   assert paths[3].read_bytes() != (tmp_path / "other.png").read_bytes()
+  # One seed has no spread to report, not a spread of 0.
+  one_seed = [r for r in records if r["seed"] == 0]
+  assert math.isnan(sweep_report.summarize(one_seed)[0]["accuracy_std"])
+  assert "| fused | 1 | 16 | 16 | 100 | 1 | 90.00 % |" in sweep_report.markdown_table(
+      sweep_report.summarize(one_seed))
+  sweep_plots.plot(sweep_report.summarize(one_seed), tmp_path / "one_seed.png")  # no bars
   # identity is 0.1 below fused on every seed: the paired difference, with no spread.
   assert "| identity | fused | 2 | 16 | 3 | -10.00 | [-10.00, -10.00] |" in table
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ def summarize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "qkv": qkv, "heads": heads, "hidden_size": width, "head_dim": width // heads,
         "params": group[0]["params"], "seeds": len(group),
         "accuracy_mean": float(acc.mean()),
-        "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+        "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else float("nan"),  # unknown
         "entropy_mean": float(np.mean([r["attention_entropy"] for r in group])),
         "images_per_sec": float(np.mean([r["images_per_sec"] for r in group])),
         "wall_seconds": float(np.mean([r["wall_seconds"] for r in group])),
@@ -53,11 +54,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             "(mean ± std) | attention entropy (nats) | images/s | wall time (s) |")
   lines = [header, "|" + " --- |" * 10]
   for r in rows:
+    spread = "" if math.isnan(r["accuracy_std"]) else f" ± {100 * r['accuracy_std']:.2f}"
     lines.append(
         f"| {r['qkv']} | {r['heads']} | {r['hidden_size']} | {r['head_dim']} | "
-        f"{r['params']:,} | {r['seeds']} | {100 * r['accuracy_mean']:.2f} ± "
-        f"{100 * r['accuracy_std']:.2f} % | {r['entropy_mean']:.3f} | "
-        f"{r['images_per_sec']:.0f} | {r['wall_seconds']:.0f} |")
+        f"{r['params']:,} | {r['seeds']} | {100 * r['accuracy_mean']:.2f}{spread} % | "
+        f"{r['entropy_mean']:.3f} | {r['images_per_sec']:.0f} | {r['wall_seconds']:.0f} |")
   return "\n".join(lines) + "\n"
 
 

@@ -158,6 +158,9 @@ def visualize_checkpoint(config, workdir, num_images: int = 4, test_data=None,
   config, state, images, labels = inference.restore_with_test_images(config, workdir,
                                                                       num_images, test_data)
   out_dir = Path(out_dir or Path(workdir) / "visualize")
+  # An earlier call's pictures of other digits or of no statistics would sit beside these.
+  for stale in [*out_dir.glob("attention_*.png"), out_dir / "training_statistics.png"]:
+    stale.unlink(missing_ok=True)
   paths = write_all(state, config.model, images, labels, config.dataset, out_dir)
   metrics_file = Path(workdir) / "metrics.jsonl"
   if metrics_file.is_file():
