@@ -170,3 +170,13 @@ def test_a_redone_analysis_is_not_done_while_it_runs(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     analyze.analyze_checkpoint(config, tmp_path, num_images=100, output_dir=tmp_path)
   assert not analyze.is_done(tmp_path, "zero", 100)
+
+
+def test_the_analyses_plot_draws_each_ablation_there_is_in_points(monkeypatch):
+  monkeypatch.setattr(sweep_plots, "_save", lambda fig, path, **kwargs: fig)
+  means = {"fused": {1: {"accuracy_drop_mean_ablation": 0.02, "js_divergence": 0.5},
+                     2: {"accuracy_drop_mean_ablation": 0.01, "js_divergence": 0.4}}}
+  drops = sweep_plots.plot_analyses(means, None).axes[0]  # a sweep run with --analyze=mean
+  assert [line.get_label() for line in drops.get_lines()] == ["fused, mean-ablated"]
+  np.testing.assert_allclose(drops.get_lines()[0].get_ydata(), [2.0, 1.0])
+  assert "(points)" in drops.get_ylabel()

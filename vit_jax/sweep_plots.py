@@ -64,14 +64,19 @@ def plot_analyses(means: dict[str, dict[int, dict[str, float]]], path: Path) -> 
   """`sweep_report.analysis_by_heads`: the accuracy lost with one head removed, the W_QK
   rank share and the JS divergence between heads against heads, a line per mode."""
   _, plt = _pyplot()
-  panels = (("accuracy_drop", "accuracy lost, one head removed"),
-            ("qk_rank_share", "W_QK effective rank / head dim"),
-            ("js_divergence", "JS divergence between heads"))
+  # (key, its ablation in the legend, scale): the drops in points, as `plot_models` shows them.
+  panels = (([("accuracy_drop", "", 100), ("accuracy_drop_mean_ablation", ", mean-ablated", 100)],
+             "accuracy lost, one head removed (points)"),
+            ([("qk_rank_share", "", 1)], "W_QK effective rank / head dim"),
+            ([("js_divergence", "", 1)], "JS divergence between heads"))
   fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.6), layout="constrained")
-  for ax, (key, ylabel) in zip(axes, panels, strict=True):
-    for qkv, by_heads in sorted(means.items()):
-      heads = sorted(h for h in by_heads if key in by_heads[h])
-      ax.plot(heads, [by_heads[h][key] for h in heads], marker="o", label=qkv)
+  for ax, (lines, ylabel) in zip(axes, panels, strict=True):
+    for colour, (qkv, by_heads) in enumerate(sorted(means.items())):  # a mode's, every panel
+      for (key, ablation, scale), style in zip(lines, ("-", "--"), strict=False):
+        heads = sorted(h for h in by_heads if key in by_heads[h])
+        if heads:
+          ax.plot(heads, [scale * by_heads[h][key] for h in heads], style, marker="o",
+                  color=f"C{colour}", label=qkv + ablation)
     _heads_axis(ax, {h for by_heads in means.values() for h in by_heads}, ylabel)
   axes[0].legend(fontsize=8)
   return _save(fig, path)
@@ -86,7 +91,7 @@ def plot_models(models: dict[int, dict[str, Any]], qkv: str, path: Path) -> Path
                            layout="constrained")
   for column, heads in enumerate(sorted(models)):
     model, (above, below) = models[heads], axes[:, column]
-    image = above.imshow(100 * model["drops"], cmap="magma", vmin=0, aspect="auto")
+    image = above.imshow(100 * model["drops"], cmap="magma", aspect="auto")  # < 0: it helped
     fig.colorbar(image, ax=above, label="points lost" if column == len(models) - 1 else None)
     above.set(title=f"{qkv}, {heads} head{'s' * (heads > 1)}", xlabel="head")
     above.set_xticks(range(0, heads, max(1, heads // 8)))
