@@ -217,12 +217,15 @@ def test_analyze_writes_every_instrument_as_csv_and_png(trained, tmp_path):
     ("vit_jax.benchmark", "--time_to_accuracy=0.98,high",
      "error: --time_to_accuracy=0.98,high must be test accuracies, e.g. 0.98,0.99"),
     ("vit_jax.benchmark", "--windows=0", "flag --windows=0: 0 is not a positive integer"),
+    ("vit_jax.benchmark", "--time_to_accuracy=0.9 --eval_every_steps=50 "
+     "--config.eval_every_steps=10", "error: --eval_every_steps and --config.eval_every_steps "
+     "both set the timed run's evaluation interval: give one"),
     ("vit_jax.benchmark.scaling", "--steps_per_window=0",
      "flag --steps_per_window=0: 0 is not a positive integer"),
 ])
 def test_the_benchmarks_refuse_bad_flags_in_one_line_before_measuring(module, flag, message):
-  result = subprocess.run([sys.executable, "-m", module, flag], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+  result = subprocess.run([sys.executable, "-m", module, *flag.split()], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
   assert result.returncode in (1, 2) and "Traceback" not in result.stderr
   assert message in result.stderr, result.stderr
 

@@ -44,10 +44,15 @@ def main(argv):
 
 def _accuracy_targets() -> list[float]:
   try:
-    return [float(t) for t in flags.FLAGS.time_to_accuracy]
+    targets = [float(t) for t in flags.FLAGS.time_to_accuracy]
   except ValueError:
     raise ValueError(f"--time_to_accuracy={','.join(flags.FLAGS.time_to_accuracy)} must be "
                      "test accuracies, e.g. 0.98,0.99") from None
+  if targets and flags.FLAGS["eval_every_steps"].present and any(
+      a.startswith("--config.eval_every_steps=") for a in sys.argv[1:]):  # the latter won
+    raise ValueError("--eval_every_steps and --config.eval_every_steps both set the timed "
+                     "run's evaluation interval: give one")
+  return targets
 
 
 def _write(result: dict) -> bool:
