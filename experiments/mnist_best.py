@@ -12,8 +12,8 @@ average of the parameters for evaluation, which averages each image's class prob
 over its 9 shifts by up to a pixel (test-time augmentation). Each of those was
 kept on validation accuracy (docs/performance.md, "The long recipe"). The test split is read
 once, at the end; the 5,000 held-out training images are evaluated every sixth epoch. About
-30-40 minutes a run on this project's 2-core AMD EPYC machines; the README's results table
-has what it reached.
+30 minutes a run at 1,185 training images/s on the faster of this project's 2-core AMD EPYC
+machines, about 50 at 720 on the slower; the README's results table has what it reached.
 """
 
 from vit_jax.experiment_config import ExperimentConfig, as_config_dict

@@ -1,4 +1,5 @@
-"""The base of the head-count sweep: small enough for 30 runs (heads x seeds) on 2 cores.
+"""The base of the head-count sweep: small enough for 30 runs on 2 cores (5 head counts x
+3 seeds x 2 projection modes).
 
 Width 64 and 7x7 patches (16 tokens), 4 layers, 2 epochs of full MNIST.
 """
