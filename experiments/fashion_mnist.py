@@ -10,9 +10,9 @@ smoothing, no affine maps; evaluation averages each image over its 9 one-pixel s
 lever was kept on the 5,000 held-out training images (docs/performance.md, "Fashion-MNIST
 with the long recipe"), the 90 epochs too (validation 94.16 % against 93.88 % at 60, seed 0).
 About 2 hours a run at 720 training images/s (the slower of this project's 2-core AMD EPYC
-machines, idle), about 1 h 25 min at 1,040; the README's results table has what it reached. A finished
-60-epoch run (the recipe until 2026-12-05) is not lengthened by resuming it with this file:
-its learning rate would climb again from its end; train in a new workdir.
+machines, idle), about 1 h 25 min at 1,040; the README's results table has what it reached.
+A finished 60-epoch run (the recipe until 2026-12-05) is not lengthened by resuming it with
+this file: its learning rate would climb again from its end; train in a new workdir.
 """
 
 from vit_jax.experiment_config import ExperimentConfig, as_config_dict
