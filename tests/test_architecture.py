@@ -41,14 +41,29 @@ def module_of(path: Path) -> str:
 
 def imported_modules(path: Path) -> set[str]:
   """Every module `path` imports, at the top or inside a function, as dotted names."""
+  return imports_in(path.read_text(), package=path.relative_to(REPO).parts[:-1])
+
+
+def imports_in(source: str, package: tuple[str, ...]) -> set[str]:
+  """Absolute dotted names of what `source`, a module of `package`, imports; a relative import
+  (`from . import models`, `from .train import x`) resolved against `package`."""
   names = set()
-  for node in ast.walk(ast.parse(path.read_text())):
+  for node in ast.walk(ast.parse(source)):
     if isinstance(node, ast.Import):
       names.update(alias.name for alias in node.names)
-    elif isinstance(node, ast.ImportFrom) and node.module:
-      names.add(node.module)
-      names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    elif isinstance(node, ast.ImportFrom):
+      base = list(package[:len(package) - node.level + 1]) if node.level else []
+      module = ".".join(base + ([node.module] if node.module else []))
+      names.add(module)
+      names.update(f"{module}.{alias.name}" for alias in node.names)
   return names
+
+
+def test_relative_imports_are_resolved_so_the_layer_checks_see_them():
+  source = "from . import models\nfrom .train import run\nfrom ..kernels import build\n"
+  assert imports_in(source, ("vit_jax",)) >= {"vit_jax.models", "vit_jax.train.run"}
+  assert "vit_jax.kernels.build" in imports_in(source, ("vit_jax", "benchmark"))
+  assert "vit_jax.benchmark.models" in imports_in(source, ("vit_jax", "benchmark"))
 
 
 def test_every_module_has_a_layer():

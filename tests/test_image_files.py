@@ -52,3 +52,38 @@ def test_load_image_wrong_shape(tmp_path):
   np.save(tmp_path / "big.npy", np.zeros((32, 32), np.uint8))
   with pytest.raises(image_files.ImageFileError, match=r"shape \(32, 32\) is not 28x28"):
     image_files.load_image(tmp_path / "big.npy")
+
+
+@pytest.mark.parametrize("array,message", [
+    (np.full((28, 28), 1.0000001), r"values 1.0000001..1.0000001 outside \[0, 1\]"),
+    (np.full((28, 28), 200.0), r"outside \[0, 1\] \(floats are grey levels"),
+    (np.full((28, 28), 300, np.int32), "values 300..300 outside 0-255"),
+    (np.zeros((28, 28), np.complex64), "dtype complex64 is not real integers or floats"),
+])
+def test_npy_levels_out_of_range_or_complex_are_refused_not_rescaled(tmp_path, array, message):
+  np.save(tmp_path / "a.npy", array)
+  with pytest.raises(image_files.ImageFileError, match=message):
+    image_files.load_image(tmp_path / "a.npy")
+
+
+def test_an_npz_archive_named_npy_is_refused(tmp_path):
+  with open(tmp_path / "a.npy", "wb") as f:
+    np.savez(f, image=np.zeros((28, 28), np.uint8))
+  with pytest.raises(image_files.ImageFileError, match=r"a.npy: an .npz archive"):
+    image_files.load_image(tmp_path / "a.npy")
+
+
+def test_transparency_is_refused_and_an_opaque_alpha_channel_is_read(tmp_path):
+  from PIL import Image
+
+  strokes = np.zeros((28, 28, 4), np.uint8)  # black strokes on a transparent background
+  strokes[10:18, 12:16, 3] = 255
+  Image.fromarray(strokes, "RGBA").save(tmp_path / "drawn.png")
+  with pytest.raises(image_files.ImageFileError, match=r"drawn.png: transparent .*\(752 pix"):
+    image_files.load_image(tmp_path / "drawn.png")
+  opaque = np.zeros((28, 28, 4), np.uint8)
+  opaque[..., 3] = 255
+  opaque[10:18, 12:16, :3] = 255  # a white bar on black, alpha 255 everywhere
+  Image.fromarray(opaque, "RGBA").save(tmp_path / "opaque.png")
+  np.testing.assert_array_equal(image_files.load_image(tmp_path / "opaque.png")[..., 0],
+                                opaque[..., 0])

@@ -52,6 +52,13 @@ _OFFICIAL_SHA256 = {
 }
 
 
+_IDX_FILE_NAMES = [name for pair in IDX_FILES.values() for name in pair]
+# Which release's file a digest is: to say so when idx_dir is the other dataset's folder.
+_KNOWN_DIGESTS = {digest: f"{dataset}'s {file_name}"
+                  for dataset, digests in _OFFICIAL_SHA256.items()
+                  for digest, file_name in zip(digests, _IDX_FILE_NAMES, strict=True)}
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
   """What we know about a supported dataset before reading it."""
@@ -67,8 +74,7 @@ class DatasetSpec:
   @property
   def sha256(self) -> dict[str, str]:
     """The official SHA-256 of each uncompressed IDX file, by file name."""
-    names = [name for pair in IDX_FILES.values() for name in pair]
-    return dict(zip(names, _OFFICIAL_SHA256[self.tfds_name], strict=True))
+    return dict(zip(_IDX_FILE_NAMES, _OFFICIAL_SHA256[self.tfds_name], strict=True))
 
 
 DATASETS = {
@@ -136,7 +142,11 @@ def read_idx(path: str | os.PathLike, kind: str, num_examples: int,
   if len(raw) != expected_len:
     raise DataError(f"{path}: {len(raw)} bytes uncompressed, expected {expected_len}; "
                     "the file is truncated or has trailing data")
-  if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+  digest = hashlib.sha256(raw).hexdigest()
+  if sha256 is not None and digest != sha256:
+    if digest in _KNOWN_DIGESTS:
+      raise DataError(f"{path}: holds {_KNOWN_DIGESTS[digest]}, not the file expected here; "
+                      "idx_dir is another dataset's folder")
     raise DataError(f"{path}: SHA-256 of the uncompressed data does not match the official "
                     "release; the file is corrupt")
   data = np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape)
@@ -150,14 +160,25 @@ def read_idx_split(name: str, idx_dir: str | os.PathLike,
   """-> images uint8 (N, 28, 28, 1), labels uint8 (N,) of one split, from IDX files."""
   spec = dataset_spec(name)
   check_split(split)
-  idx_dir = Path(idx_dir)
-  if not idx_dir.is_dir():
-    raise DataError(f"idx_dir={str(idx_dir)!r} is not a folder")
+  check_idx_dir(idx_dir)
   images_file, labels_file = IDX_FILES[split]
   n = spec.num_examples[split]
-  images = read_idx(idx_dir / images_file, "images", n, spec.sha256[images_file])
-  labels = read_idx(idx_dir / labels_file, "labels", n, spec.sha256[labels_file])
+  images = read_idx(_idx_file(idx_dir, images_file), "images", n, spec.sha256[images_file])
+  labels = read_idx(_idx_file(idx_dir, labels_file), "labels", n, spec.sha256[labels_file])
   return images[..., None], labels
+
+
+def check_idx_dir(idx_dir: str | os.PathLike) -> None:
+  """Refuses an idx_dir that is not an existing folder ('' would read as the current one)."""
+  if not str(idx_dir).strip() or not Path(idx_dir).is_dir():
+    raise DataError(f"idx_dir={str(idx_dir)!r} is not a folder")
+
+
+def _idx_file(idx_dir: str | os.PathLike, gz_name: str) -> Path:
+  """The file as released (gzipped), or else unzipped under the name without `.gz`."""
+  gzipped = Path(idx_dir) / gz_name
+  unzipped = gzipped.with_suffix("")
+  return unzipped if not gzipped.exists() and unzipped.is_file() else gzipped
 
 
 def _offline_builder_class(name: str):
@@ -213,9 +234,8 @@ def builder(name: str, data_dir: str | None = None, idx_dir: str | None = "auto"
   import tensorflow_datasets as tfds
 
   spec = dataset_spec(name)
-  if idx_dir not in (None, "auto") and not Path(idx_dir).is_dir():
-    # Refused even where the dataset is built already: a misspelt folder reads as one.
-    raise DataError(f"idx_dir={str(idx_dir)!r} is not a folder")
+  if idx_dir not in (None, "auto"):
+    check_idx_dir(idx_dir)  # even where the dataset is built already: a misspelt folder
   prepared = tfds.builder(spec.tfds_name, data_dir=data_dir)
   if prepared.is_prepared():
     return prepared
