@@ -31,9 +31,14 @@ def affine(image: jax.Array, rotation: jax.Array, scale: jax.Array, shear: jax.A
   ry, rx = cos * y - sin * x, sin * y + cos * x
   sy, sx = ry, rx - jnp.tan(shear) * ry
   src_y, src_x = sy / scale + (height - 1) / 2, sx / scale + (width - 1) / 2
-  channels = [map_coordinates(image[..., c].astype(jnp.float32), [src_y, src_x], order=1,
-                              mode="constant", cval=0.0) for c in range(image.shape[-1])]
-  return jnp.stack(channels, axis=-1)
+  return _bilinear(image, src_y, src_x)
+
+
+def _bilinear(image: jax.Array, y: jax.Array, x: jax.Array) -> jax.Array:
+  """(H, W, C) sampled at the (H, W) float coordinates (y, x), 0 outside -> float32 (H, W, C)."""
+  return jnp.stack([map_coordinates(image[..., c].astype(jnp.float32), [y, x], order=1,
+                                    mode="constant", cval=0.0)
+                    for c in range(image.shape[-1])], axis=-1)
 
 
 def random_affine(images: jax.Array, keys: jax.Array, max_rotation: float, max_scale: float,
@@ -92,9 +97,7 @@ def random_elastic(images: jax.Array, keys: jax.Array, alpha: float, sigma: floa
   def one(image, key):
     noise = jax.random.uniform(key, (2, height, width), minval=-1.0, maxval=1.0)
     dy, dx = alpha * blur(noise[0]), alpha * blur(noise[1])
-    return jnp.stack([map_coordinates(image[..., c].astype(jnp.float32), [rows + dy, cols + dx],
-                                      order=1, mode="constant", cval=0.0)
-                      for c in range(image.shape[-1])], axis=-1)
+    return _bilinear(image, rows + dy, cols + dx)
 
   return jax.vmap(one)(images, keys)
 
