@@ -85,6 +85,10 @@ def test_an_interrupted_group_resumes_where_it_stopped(tmp_path, data, monkeypat
     seeds.train_and_evaluate_seeds(shorter, [0, 1], tmp_path / "group", dirs, data=data)
   for folder in (tmp_path / "group", *dirs):  # their config.json still describe them
     assert json.loads((folder / "config.json").read_text())["num_epochs"] == 2
+  # Another seed list would continue seed 1's stacked state as seed 2's run.
+  with pytest.raises(ValueError, match=r"^seeds=\[0, 2\] are not the group's \[0, 1\]"):
+    seeds.train_and_evaluate_seeds(CONFIG, [0, 2], tmp_path / "group",
+                                   [dirs[0], tmp_path / "s2"], data=data)
 
 
 def test_bad_seed_lists_are_one_line(tmp_path, data):

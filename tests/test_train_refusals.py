@@ -26,8 +26,12 @@ MORE_HELD_OUT = ({"validation_examples": 64},  # images it trained on would be h
                  r"config.validation_examples=64; use a new workdir$")
 
 
-@pytest.mark.parametrize("change,message", [*ANOTHER_RUN, MORE_HELD_OUT],
-                         ids=[*IDS, "validation_examples"])
+ANOTHER_SEED = ({"seed": 3},  # another data order and other draws under the same name
+                r"holds a run with config.seed=0, not 3; a run keeps its seed: use a new workdir$")
+
+
+@pytest.mark.parametrize("change,message", [*ANOTHER_RUN, MORE_HELD_OUT, ANOTHER_SEED],
+                         ids=[*IDS, "validation_examples", "seed"])
 def test_resuming_with_another_model_or_dataset_is_refused(tmp_path, digits, change, message):
   data = subset(digits, 256)
   config = small_config(num_epochs=0.25)
@@ -59,6 +63,19 @@ def test_resuming_past_the_configured_end_is_refused(tmp_path, digits):
                              data=data)
   # The workdir's config.json still describes its checkpoints.
   assert json.loads((tmp_path / "run" / "config.json").read_text())["num_epochs"] == 1
+
+
+def test_a_resume_with_other_settings_keeps_the_replaced_config_in_the_history(tmp_path, digits):
+  data = subset(digits, 256)
+  config = small_config(num_epochs=0.5)
+  train.train_and_evaluate(config, tmp_path / "run", data=data)
+  train.train_and_evaluate(dataclasses.replace(config, num_epochs=1, learning_rate=5e-4),
+                           tmp_path / "run", data=data)
+  records = (tmp_path / "run" / "config_history.jsonl").read_text().splitlines()
+  assert [(json.loads(r)["num_epochs"], json.loads(r)["learning_rate"]) for r in records] == [
+      (0.5, config.learning_rate)]
+  now = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert (now["num_epochs"], now["learning_rate"]) == (1, 5e-4)
 
 
 def test_a_fraction_of_an_epoch_takes_the_steps_it_names_despite_float_rounding():

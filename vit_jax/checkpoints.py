@@ -32,6 +32,7 @@ from vit_jax.run_log import LOG_FILE, absl_quiet
 
 log = logging.getLogger("vit_jax")
 CONFIG_FILE = "config.json"
+HISTORY_FILE = "config_history.jsonl"  # each config.json a resume with other settings replaced
 
 
 # Folders that hold mount points: a missing folder directly inside one is most likely a
@@ -87,6 +88,9 @@ def write_or_check_config(workdir: Path, config: Any, write: bool = True,
     if (saved["ema_decay"] > 0) != (resolved["ema_decay"] > 0):  # the state has its average or not
       raise ValueError(f"workdir={str(workdir)!r} holds a run with config.ema_decay="
                        f"{saved['ema_decay']}, not {resolved['ema_decay']}; use a new workdir")
+    if training and saved["seed"] != resolved["seed"]:
+      raise ValueError(f"workdir={str(workdir)!r} holds a run with config.seed={saved['seed']}, "
+                       f"not {resolved['seed']}; a run keeps its seed: use a new workdir")
     # The held-out images are the first N of one fixed order: more would take trained ones.
     if training and resolved["validation_examples"] > saved["validation_examples"]:
       raise ValueError(f"workdir={str(workdir)!r} holds a run that held out "
@@ -104,7 +108,10 @@ def write_or_check_config(workdir: Path, config: Any, write: bool = True,
     others = [f"model.{k}" for k in changed] + sorted(
         k for k in resolved if k != "model" and saved.get(k) != resolved[k])
     if others and write:
-      log.warning("resuming %s with changed settings: %s", workdir, ", ".join(others))
+      log.warning("resuming %s with changed settings: %s (the old ones appended to %s)",
+                  workdir, ", ".join(others), HISTORY_FILE)
+      with open(workdir / HISTORY_FILE, "a") as history:
+        history.write(path.read_text().replace("\n", " ").strip() + "\n")
   if write:
     write_text_atomically(path, json.dumps(resolved, indent=2, sort_keys=True) + "\n")
 

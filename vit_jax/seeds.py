@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import numpy as np
 from vit_jax import auto, input_pipeline
 from vit_jax.checkpoints import Checkpoints, prepare_workdir, saved_config, write_or_check_config
 from vit_jax.experiment_config import ExperimentConfig, validate
+from vit_jax.files import write_text_atomically
 from vit_jax.instruments import effective_ranks
 from vit_jax.interrupt import StopSignal, TrainingInterruptedError
 from vit_jax.locks import WorkdirLock
@@ -87,6 +89,7 @@ def train_and_evaluate_seeds(config: Any, seeds: Sequence[int], workdir: str | P
   microbatches_per_step(config, runner)  # batches the devices cannot share fail here
   workdir = prepare_workdir(workdir)
   with WorkdirLock(workdir), logging_to(workdir):
+    _record_or_check_seeds(workdir, list(seeds))
     config, choices = auto.resolve(config, runner.num_devices, saved_config(workdir))
     configs = [dataclasses.replace(config, seed=s) for s in seeds]
     dirs = [prepare_workdir(d) for d in seed_workdirs]
@@ -95,6 +98,17 @@ def train_and_evaluate_seeds(config: Any, seeds: Sequence[int], workdir: str | P
     group = _Group(configs, workdir, dirs, runner, data if data is not None else load_data(config))
     with contextlib.closing(group):
       return group.train(f"running {len(seeds)} seeds as one on {choices}")
+
+
+def _record_or_check_seeds(workdir: Path, seeds: list[int]) -> None:
+  """Refuses another seed list than the group's: each slot of its stacked state is one seed's,
+  and would go on under another seed's name and data order."""
+  path = workdir / "seeds.json"
+  if not path.exists():
+    write_text_atomically(path, json.dumps(seeds) + "\n")
+  elif (recorded := json.loads(path.read_text())) != seeds:
+    raise ValueError(f"seeds={seeds} are not the group's {recorded} (workdir={str(workdir)!r}); "
+                     "resume it with those, or train these in a new group workdir")
 
 
 class _Group:
