@@ -192,6 +192,9 @@ def test_bfloat16_that_xla_cannot_run_is_one_line(monkeypatch):
     (get_model_config("fast"), 64, 16),                    # 17 x 128: measured best 16
     (get_model_config("sprint"), 64, 32),                  # 17 x 64: measured best 32
     (SEED_SHAPE, 50, 10),                                  # the largest divisor that fits
+    (SEED_SHAPE, 20, 10),                                  # 10 of the 16 that fit
+    (SEED_SHAPE, 127, None),                               # prime: not 127 passes of one
+    (SEED_SHAPE, 74, None),                                # 2 is under a quarter of 16
     (SEED_SHAPE, 8, None),                                 # the whole share fits
 ])
 def test_auto_micro_batches_are_cache_sized_on_cpus(platform, model, per_device, size):

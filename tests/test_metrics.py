@@ -2,6 +2,7 @@
 
 import io
 import os
+import struct
 
 import pytest
 
@@ -98,6 +99,38 @@ def test_a_killed_run_s_half_line_is_skipped_and_the_next_run_starts_a_new_line(
   resumed.close()
   assert [(r["step"], r["train_loss"]) for r in metrics.read_metrics(tmp_path)] == [
       (1, 0.5), (2, 0.25)]
+
+
+def test_a_resumed_run_forgets_the_steps_it_takes_again(tmp_path):
+  writer = metrics.MetricWriter(tmp_path)
+  for step in range(2, 12, 2):  # killed after logging step 10; its last checkpoint was step 6
+    writer.write(step, {"train_loss": 1 / step})
+  writer.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 12, "train_lo')
+  resumed = metrics.MetricWriter(tmp_path)
+  resumed.resume_at(6)
+  resumed.write(8, {"train_loss": 0.5})
+  resumed.close()
+  assert [(r["step"], r["train_loss"]) for r in metrics.read_metrics(tmp_path)] == [
+      (2, 0.5), (4, 0.25), (6, 1 / 6), (8, 0.5)]
+  # TensorBoard is told to drop the first file's steps 7 on (its SessionLog START, as tf's
+  # purge_step), before the resumed run's own step 8.
+  events = [(e.step, e.HasField("session_log"))
+            for path in sorted((tmp_path / "tensorboard").iterdir()) for e in read_events(path)
+            if not e.file_version]
+  assert events[-2:] == [(7, True), (8, False)]
+
+
+def read_events(path):
+  """The Event protos of a TensorBoard file (TFRecords: length, its CRC, data, the data's CRC)."""
+  from tensorboard.compat.proto import event_pb2
+
+  data, at = path.read_bytes(), 0
+  while at < len(data):
+    (length,) = struct.unpack("<Q", data[at:at + 8])
+    yield event_pb2.Event.FromString(data[at + 12:at + 12 + length])
+    at += 12 + length + 4
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

@@ -16,6 +16,7 @@ import pytest
 from vit_jax import inference, train
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.locks import WorkdirLock
+from vit_jax.metrics import read_metrics
 from vit_jax.model_configs import get_model_config
 
 DRIVER = Path(__file__).resolve().parent / "train_driver.py"
@@ -97,6 +98,9 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tfds_dir, reference, tmp_
   assert f"finished at step {TOTAL_STEPS}" in out
   assert "resuming" in err
   assert_bit_identical(final_params(tfds_dir, workdir), reference)
+  # Steps logged after a checkpoint and taken again on resume are logged once, in order.
+  logged = [r["step"] for r in read_metrics(workdir) if "train_loss" in r]
+  assert logged == list(range(2, TOTAL_STEPS + 1, 2))
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import typing
 from typing import Any, Literal
 
 from vit_jax.model_configs import ModelConfig
-from vit_jax.schema import from_mapping, require
+from vit_jax.schema import check_types, from_mapping, require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +114,10 @@ class ExperimentConfig:
   keep_checkpoints: int = 3
 
   def __post_init__(self):
+    if isinstance(self.microbatch_size, str) and self.microbatch_size.isdigit():
+      # A flag over the field 'auto' writes its number as a string.
+      object.__setattr__(self, "microbatch_size", int(self.microbatch_size))
+    check_types(self)
     self._check_schedule()
     self._check_augmentation()
     self._check_data()
@@ -127,9 +131,6 @@ class ExperimentConfig:
     for key in ("warmup_steps", "eval_every_steps"):
       value = getattr(self, key)
       require(value >= 0, key, value, "must not be negative")
-    if isinstance(self.microbatch_size, str) and self.microbatch_size.isdigit():
-      # A flag over the field 'auto' writes its number as a string.
-      object.__setattr__(self, "microbatch_size", int(self.microbatch_size))
     require(self.microbatch_size in (None, "auto") or (
         isinstance(self.microbatch_size, int) and self.microbatch_size > 0),
             "microbatch_size", self.microbatch_size, "must be positive, None or 'auto'")
@@ -138,7 +139,8 @@ class ExperimentConfig:
       require(0 < value < math.inf, key, value, "must be positive and finite")
     require(0 <= self.weight_decay < math.inf, "weight_decay", self.weight_decay,
             "must be finite and not negative")
-    require(self.seed >= 0, "seed", self.seed, "must not be negative")
+    # JAX's keys keep a seed's low 32 bits: 2**32 + 5 would start as seed 5.
+    require(0 <= self.seed < 2**32, "seed", self.seed, "must be in [0, 2**32)")
     require(self.grad_clip_norm > 0, "grad_clip_norm", self.grad_clip_norm, "must be positive")
     require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing,
             "must be in [0, 1)")

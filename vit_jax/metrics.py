@@ -20,6 +20,8 @@ import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from vit_jax.files import write_text_atomically
+
 
 class MetricWriter:
   """Appends {'step': s, 'time': t, **metrics} to workdir/metrics.jsonl and to TensorBoard."""
@@ -28,11 +30,29 @@ class MetricWriter:
     self.enabled = enabled
     if not enabled:  # another process writes
       return
-    path = Path(workdir) / "metrics.jsonl"
-    self.jsonl = open(path, "a")  # noqa: SIM115 - closed in close()
-    if not _ends_a_line(path):  # a killed run's half line: this run's records start anew
+    self.path = Path(workdir) / "metrics.jsonl"
+    self.jsonl = open(self.path, "a")  # noqa: SIM115 - closed in close()
+    if not _ends_a_line(self.path):  # a killed run's half line: this run's records start anew
       self.jsonl.write("\n")
     self.tensorboard = _open_event_file(Path(workdir) / "tensorboard")
+
+  def resume_at(self, step: int) -> None:
+    """Forgets the records after `step`, where this run goes on from: a run killed after its
+    last checkpoint logged steps that it now takes again, and each step is logged once."""
+    if not self.enabled:
+      return
+    lines = self.path.read_text().splitlines()
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+    if kept != lines:
+      self.jsonl.close()
+      write_text_atomically(self.path, "".join(line + "\n" for line in kept))
+      self.jsonl = open(self.path, "a")  # noqa: SIM115 - closed in close()
+    if step:  # TensorBoard drops the earlier files' events from step + 1 on, as tf's purge_step
+      self.tensorboard.write(event_pb2.Event(
+          wall_time=time.time(), step=step + 1,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+      ).SerializeToString())
+      self.tensorboard.flush()
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:
@@ -58,6 +78,14 @@ class MetricWriter:
       self.jsonl.close()
     with contextlib.suppress(OSError):
       self.tensorboard.close()
+
+
+def _step_of(line: str) -> int | None:
+  """A metrics.jsonl line's step; None for a half line a killed run left."""
+  try:
+    return int(json.loads(line)["step"])
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+    return None
 
 
 def _ends_a_line(path: Path) -> bool:

@@ -6,14 +6,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from vit_jax import kernels
-from vit_jax.schema import from_mapping, require
+from vit_jax.schema import check_types, from_mapping, require
 
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # 'auto': chosen when a run starts
-QKV_MODES = ("fused", "separate", "identity", "identity_q", "identity_k", "identity_v",
-             "tied_qk", "low_rank", "frozen_random")
+ComputeDtype = Literal["auto", "float32", "bfloat16"]  # 'auto': chosen when a run starts
+QkvMode = Literal["fused", "separate", "identity", "identity_q", "identity_k", "identity_v",
+                  "tied_qk", "low_rank", "frozen_random"]
+AttentionKernel = Literal["auto", "einsum", "fused_cpu"]  # 'auto', then `kernels.KERNELS`
+COMPUTE_DTYPES, QKV_MODES = get_args(ComputeDtype), get_args(QkvMode)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +61,7 @@ class ModelConfig:
   # Pixels each patch reaches past its patch_size cell on every side (`attention.patchify`):
   # neighbouring patches share borders; the token count stays (image_size / patch_size)^2.
   patch_overlap: int = 0
-  qkv: Literal["fused", "separate", "identity", "identity_q", "identity_k", "identity_v",
-               "tied_qk", "low_rank", "frozen_random"] = "fused"
+  qkv: QkvMode = "fused"
   qkv_bias: bool = False
   # qkv='low_rank': each head's W_Q, W_K and W_V are A B with A (D, r), B (r, D/H): r here.
   qkv_rank: int | None = None
@@ -68,10 +69,11 @@ class ModelConfig:
   # Stochastic depth: in training, each example skips a block's residual branches with this
   # chance at the last block, less at earlier ones (`models.drop_path_rates`); 0: off.
   drop_path_rate: float = 0.0
-  compute_dtype: Literal["auto", "float32", "bfloat16"] = "float32"
-  attention_kernel: Literal["auto", "einsum", "fused_cpu"] = "einsum"
+  compute_dtype: ComputeDtype = "float32"
+  attention_kernel: AttentionKernel = "einsum"
 
   def __post_init__(self):
+    check_types(self)  # then what the types cannot say
     for key in ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim",
                 "num_classes", "image_size", "num_channels"):
       value = getattr(self, key)
@@ -84,10 +86,6 @@ class ModelConfig:
             f"does not divide hidden_size={self.hidden_size}")
     require(self.image_size % self.patch_size == 0, "patch_size", self.patch_size,
             f"does not divide image_size={self.image_size}")
-    require(self.classifier in ("token", "gap"), "classifier", self.classifier,
-            "is not one of 'token', 'gap'")
-    require(self.qkv in QKV_MODES, "qkv", self.qkv,
-            f"is not one of {', '.join(map(repr, QKV_MODES))}")
     if self.qkv == "low_rank":
       require(isinstance(self.qkv_rank, int) and 1 <= self.qkv_rank <= self.head_dim,
               "qkv_rank", self.qkv_rank,
@@ -102,10 +100,6 @@ class ModelConfig:
     # The rate rises from 0 at the first block, so one block would never drop.
     require(self.drop_path_rate == 0 or self.num_layers > 1, "drop_path_rate",
             self.drop_path_rate, "needs num_layers > 1 (the first block never drops)")
-    require(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", self.compute_dtype,
-            f"is not one of {', '.join(map(repr, COMPUTE_DTYPES))}")
-    require(self.attention_kernel in ("auto", *kernels.KERNELS), "attention_kernel",
-            self.attention_kernel, "is not one of 'auto', 'einsum', 'fused_cpu'")
     if self.attention_kernel == "fused_cpu":
       require(kernels.supports(self.num_tokens, self.head_dim), "attention_kernel",
               self.attention_kernel,

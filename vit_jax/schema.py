@@ -83,6 +83,22 @@ def from_mapping(cls: type[T], mapping: Mapping[str, Any] | T, path: str = "conf
     raise ValueError(f"{path}: {e}") from None
 
 
+def check_types(obj: Any) -> None:
+  """For a dataclass's `__post_init__`: each field as its annotation admits, as `from_mapping`
+  checks a mapping's (a config constructed directly gets the same one-line errors); an int
+  given for a float field becomes that float."""
+  hints = typing.get_type_hints(type(obj))
+  for field in dataclasses.fields(obj):
+    value, annotation = getattr(obj, field.name), hints[field.name]
+    if dataclasses.is_dataclass(annotation):
+      require(isinstance(value, annotation), field.name, value,
+              f"has type {type(value).__name__}, expected {annotation.__name__}")
+      continue
+    checked = _check_value(field.name, annotation, value)
+    if checked is not value:
+      object.__setattr__(obj, field.name, checked)
+
+
 def require(condition: bool, key: str, value: Any, why: str) -> None:
   """Raises `ValueError('key=value why')` unless `condition`; for `__post_init__`."""
   if not condition:

@@ -182,9 +182,12 @@ class _Group:
                               strict=True):
       write_or_check_config(folder, config)
     start = int(np.asarray(states.step).reshape(-1)[0])
+    for writer in self.writers:
+      writer.resume_at(start)
     progress = Progress(self.total_steps, start)
     try:
-      for line in (first_line, short_warmup_line(self.config, self.total_steps)):
+      resuming = f"resuming {self.workdir} at step {start}" if start else None
+      for line in (first_line, short_warmup_line(self.config, self.total_steps), resuming):
         if line:
           progress.message(line)
       device_states = self._steps(self.runner.replicate(states), start, progress)
