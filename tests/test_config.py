@@ -1,7 +1,9 @@
 """Experiment configs: every file in experiments/ validates; bad values fail in one line."""
 
+import dataclasses
 import importlib.util
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,29 @@ def test_bad_model_value_is_named_with_its_path():
   config["model"]["patch_size"] = 5
   with pytest.raises(ValueError, match="config.model.patch_size=5 does not divide image_size=28"):
     validate(config)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: get_model_config("testing").__class__(4, 64, 2, 2, 128, dropout_rate=None),
+     "dropout_rate=None has type NoneType, expected float"),
+    (lambda: dataclasses.replace(get_model_config("testing"), qkv_bias="no"),
+     "qkv_bias='no' has type str, expected bool"),
+    (lambda: dataclasses.replace(get_model_config("testing"), qkv="low_rank", qkv_rank=True),
+     "qkv_rank=True has type bool, expected int or None"),
+    (lambda: ExperimentConfig(model={"patch_size": 4}),
+     "model={'patch_size': 4} has type dict, expected ModelConfig"),
+    (lambda: ExperimentConfig(model=get_model_config("testing"), num_epochs="3"),
+     "num_epochs='3' has type str, expected float"),
+])
+def test_a_config_constructed_directly_gets_the_same_type_checks(make, message):
+  with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+    make()
+  config = ExperimentConfig(model=get_model_config("testing"), num_epochs=3)
+  assert config.num_epochs == 3.0 and isinstance(config.num_epochs, float)  # an int: a float
+
+
+def test_the_mode_lists_are_the_fields_literals():
+  from vit_jax import kernels
+  from vit_jax.model_configs import AttentionKernel
+
+  assert typing.get_args(AttentionKernel) == ("auto", *kernels.KERNELS)

@@ -13,7 +13,7 @@ meets them here:
     project_out    (B, N, D)         -> (B, N, D)          x @ W_out + b_out
 
     self_attention (B, N, D)         -> (B, N, D), weights  the six steps above, in order
-    attend_heads   (B, N, D)         -> (B, H, N, D/H)     its first four steps, heads apart
+    attend_heads   (B, N, D)         -> (B, H, N, D/H), weights  its first four steps
     remove_heads   (B, H, N, D/H)    -> (B, H, N, D/H)     head ablation, before merge_heads
 
 B is the batch, N the number of tokens, D the width, H the number of heads.
@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vit_jax.precision import products  # every matrix product below, in one precision
 
@@ -50,6 +51,7 @@ def patchify(images: jax.Array, patch_size: int, overlap: int = 0) -> jax.Array:
     order and each patch flattened as (row, column, channel).
   """
   chex.assert_rank(images, 4)
+  _require_positive_int("patch_size", patch_size)
   batch, height, width, channels = images.shape
   if height % patch_size or width % patch_size:
     raise ValueError(
@@ -74,16 +76,8 @@ def patchify(images: jax.Array, patch_size: int, overlap: int = 0) -> jax.Array:
 
 def project(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
             compute_dtype=None) -> jax.Array:
-  """The linear projection x @ W (+ b) applied to every token.
-
-  Args:
-    x: (B, N, D_in).
-    kernel: (D_in, D_out).
-    bias: (D_out,) or None.
-    compute_dtype: the precision of the product (see `products`).
-
-  Returns:
-    (B, N, D_out).
+  """The linear projection x @ W (+ b) of every token: x (B, N, D_in), kernel (D_in, D_out),
+  optional bias (D_out,) -> (B, N, D_out); `compute_dtype`: the product's precision (`products`).
   """
   chex.assert_rank(x, 3)
   chex.assert_rank(kernel, 2)
@@ -99,14 +93,8 @@ def project(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
 
 
 def chunk_qkv(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Chunks the output of the fused `to_qkv` projection into Q, K and V.
-
-  Args:
-    qkv: (B, N, 3*D), the concatenation [Q | K | V] along the last axis.
-
-  Returns:
-    q, k, v, each (B, N, D).
-  """
+  """Chunks the fused `to_qkv` projection's output (B, N, 3*D), the concatenation [Q | K | V]
+  along the last axis, into q, k, v, each (B, N, D)."""
   chex.assert_rank(qkv, 3)
   batch, tokens, three_d = qkv.shape
   if three_d % 3:
@@ -128,6 +116,7 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
     (B, H, N, D/H).
   """
   chex.assert_rank(x, 3)
+  _require_positive_int("num_heads", num_heads)
   batch, tokens, width = x.shape
   if width % num_heads:
     raise ValueError(f"num_heads={num_heads} does not divide the width {width}")
@@ -192,14 +181,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = No
 
 
 def merge_heads(x: jax.Array) -> jax.Array:
-  """Joins the heads back into the width: transpose (B, N, H, D/H), then reshape.
-
-  Args:
-    x: (B, H, N, D/H).
-
-  Returns:
-    (B, N, D) with D = H * D/H; the inverse of `split_heads`.
-  """
+  """Joins the heads back into the width: x (B, H, N, D/H), transposed (B, N, H, D/H), then
+  reshaped (B, N, D) with D = H * D/H; the inverse of `split_heads`."""
   chex.assert_rank(x, 4)
   batch, heads, tokens, head_dim = x.shape
   x = x.transpose(0, 2, 1, 3)
@@ -250,6 +233,7 @@ def attend_heads(x: jax.Array, weights: Mapping[str, Mapping[str, jax.Array]],
   weights (B, H, N, N). The arguments are `self_attention`'s.
   """
   chex.assert_rank(x, 3)
+  _check_projection_names(weights)
   if "to_qkv" in weights:
     q, k, v = chunk_qkv(project(x, **weights["to_qkv"], compute_dtype=compute_dtype))
   else:  # each of Q, K, V projected where its matrix is given, else the tokens themselves
@@ -257,6 +241,23 @@ def attend_heads(x: jax.Array, weights: Mapping[str, Mapping[str, jax.Array]],
                if f"to_{t}" in weights else x for t in "qkv")
   q, k, v = (split_heads(t, num_heads) for t in (q, k, v))
   return attend_fn(q, k, v, mask, compute_dtype)
+
+
+def _check_projection_names(weights: Mapping[str, object]) -> None:
+  """A misspelt name would make its projection the identity without a word."""
+  known = ("to_qkv", "to_q", "to_k", "to_v", "to_out")
+  unknown = sorted(set(weights) - set(known))
+  if unknown:
+    raise ValueError(f"weights[{unknown[0]!r}] is not one of {', '.join(map(repr, known))}")
+  separate = [name for name in ("to_q", "to_k", "to_v") if name in weights]
+  if "to_qkv" in weights and separate:
+    raise ValueError(f"weights has 'to_qkv' and {separate[0]!r}: the fused projection or "
+                     "the separate ones, not both")
+
+
+def _require_positive_int(name: str, value: object) -> None:
+  if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+    raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
 def self_attention(x: jax.Array, weights: Mapping[str, Mapping[str, jax.Array]],

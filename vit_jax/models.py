@@ -11,6 +11,7 @@ from __future__ import annotations
 import zlib
 from typing import Any
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -117,12 +118,11 @@ class MultiHeadSelfAttention(nn.Module):
       # Variance 1/D for A and 1/r for B (the head axis is a batch of matrices, not fan-in):
       # each head's A B then starts at 1/D, as a learned D x D matrix does.
       per_head = nn.initializers.lecun_normal(batch_axis=(0,))
+      rank, head_dim = self.qkv_rank, width // self.num_heads
       for t in "qkv":
-        rank, head_dim = self.qkv_rank, width // self.num_heads
-        owned[f"to_{t}"] = {
-            "a": self.param(f"to_{t}_a", nn.initializers.lecun_normal(),
-                            (width, self.num_heads * rank)),
-            "b": self.param(f"to_{t}_b", per_head, (self.num_heads, rank, head_dim))}
+        owned[f"to_{t}_a"] = self.param(f"to_{t}_a", nn.initializers.lecun_normal(),
+                                        (width, self.num_heads * rank))
+        owned[f"to_{t}_b"] = self.param(f"to_{t}_b", per_head, (self.num_heads, rank, head_dim))
     weights = projection_weights(owned, self.qkv, width, "/".join(self.scope.path))
     weights["to_out"] = LinearWeights(width, name="to_out")(width)
     out, attention_weights = A.self_attention(
@@ -133,29 +133,33 @@ class MultiHeadSelfAttention(nn.Module):
 
 
 def learned_projections(qkv: str, width: int) -> dict[str, int]:
-  """The full learned matrices of a `qkv` mode: {name: output width}, input width `width`."""
+  """The full learned matrices of a `qkv` mode: {name: output width}, input width `width`
+  (none for 'low_rank', whose factors are its own, and the unlearned modes)."""
   return {"fused": {"to_qkv": 3 * width}, "separate": {f"to_{t}": width for t in "qkv"},
           "identity_q": {"to_k": width, "to_v": width},
           "identity_k": {"to_q": width, "to_v": width},
           "identity_v": {"to_q": width, "to_k": width},
-          "tied_qk": {"to_qk": width, "to_v": width}}.get(qkv, {})
+          "tied_qk": {"to_qk": width, "to_v": width},
+          "identity": {}, "low_rank": {}, "frozen_random": {}}[qkv]
 
 
 def projection_weights(owned: dict[str, Any], qkv: str, width: int, path: str
                        ) -> dict[str, Any]:
   """The projections `attention.self_attention` takes, from a layer's own parameters.
 
-  `owned`: the attention module's parameters ('to_out' aside); `path`: the module's place
-  in the model ('encoder/block0/attention'), which seeds the frozen random projection.
+  `owned`: the attention module's parameters (`to_out` is not read); `path`: the module's
+  place in the model ('encoder/block0/attention'), which seeds the frozen random projection.
   """
   if qkv == "tied_qk":
     return {"to_q": owned["to_qk"], "to_k": owned["to_qk"], "to_v": owned["to_v"]}
   if qkv == "low_rank":  # per head h: W^h = A^h B^h, A^h (D, r), B^h (r, D/H)
     def kernel(a, b):
       heads, rank, head_dim = b.shape
-      return jnp.einsum("dhr,hre->dhe", a.reshape(width, heads, rank), b).reshape(
-          width, heads * head_dim)
-    return {f"to_{t}": {"kernel": kernel(owned[f"to_{t}"]["a"], owned[f"to_{t}"]["b"])}
+      chex.assert_shape(a, (width, heads * rank))  # a transposed A would reshape silently
+      w = jnp.einsum("dhr,hre->dhe", a.reshape(width, heads, rank), b)
+      chex.assert_shape(w, (width, heads, head_dim))
+      return w.reshape(width, heads * head_dim)
+    return {f"to_{t}": {"kernel": kernel(owned[f"to_{t}_a"], owned[f"to_{t}_b"])}
             for t in "qkv"}
   if qkv == "frozen_random":  # the same numbers at every call: a constant, never trained
     key = jax.random.PRNGKey(zlib.crc32(path.encode()))
@@ -167,12 +171,8 @@ def layer_projections(params: Any, config: ModelConfig, layer: int) -> dict[str,
   """Layer `layer`'s projections, 'to_out' included, as `self_attention` takes them, from a
   model's `params` (whatever its `qkv` mode): for the instruments that read the weights."""
   attention = params["encoder"][f"block{layer}"]["attention"]
-  width = config.hidden_size
-  owned = {name: attention[name] for name in learned_projections(config.qkv, width)}
-  if config.qkv == "low_rank":
-    owned.update({f"to_{t}": {"a": attention[f"to_{t}_a"], "b": attention[f"to_{t}_b"]}
-                  for t in "qkv"})
-  weights = projection_weights(owned, config.qkv, width, f"encoder/block{layer}/attention")
+  weights = projection_weights(attention, config.qkv, config.hidden_size,
+                               f"encoder/block{layer}/attention")
   return {**weights, "to_out": attention["to_out"]}
 
 
@@ -256,6 +256,7 @@ class ViT(nn.Module):
                head_mask: jax.Array | None = None,
                head_means: jax.Array | None = None) -> jax.Array:
     c = self.config
+    _check_inputs(c, images, head_mask, head_means)
     if c.compute_dtype == "auto":
       raise ValueError("model.compute_dtype='auto' is chosen when a run starts (vit_jax.auto); "
                        "a model takes 'float32' or 'bfloat16'")
@@ -275,6 +276,22 @@ class ViT(nn.Module):
     head = Linear(c.num_classes, kernel_init=nn.initializers.zeros, compute_dtype=c.compute_dtype,
                   name="head")
     return head(pooled[:, None, :])[:, 0]
+
+
+def _check_inputs(c: ModelConfig, images: jax.Array, head_mask: jax.Array | None,
+                  head_means: jax.Array | None) -> None:
+  """One line for images another config's, or a head mask of other layers or heads (indexing
+  would clamp: a short mask's last row would stand for the missing layers)."""
+  image = (c.image_size, c.image_size, c.num_channels)
+  if images.ndim != 4 or images.shape[1:] != image:
+    raise ValueError(f"images of shape {images.shape} are not (B, {', '.join(map(str, image))}) "
+                     f"as model.image_size and model.num_channels say")
+  for name, array, shape in (("head_mask", head_mask, (c.num_layers, c.num_heads)),
+                             ("head_means", head_means,
+                              (c.num_layers, c.num_heads, c.num_tokens, c.head_dim))):
+    if array is not None and array.shape != shape:
+      raise ValueError(f"{name} of shape {array.shape} is not {shape} (num_layers, num_heads"
+                       f"{', tokens, head_dim' if len(shape) > 2 else ''})")
 
 
 def attention_maps(intermediates: Any) -> jax.Array:
