@@ -104,3 +104,20 @@ def test_a_fine_tuning_config_is_refused_not_trained_from_scratch(tmp_path, data
     seeds.train_and_evaluate_seeds(config, [0, 1], tmp_path / "g", [tmp_path / "a",
                                                                     tmp_path / "b"], data)
   assert not (tmp_path / "g").exists()
+
+
+def test_a_non_finite_loss_names_its_seed(tmp_path, data, monkeypatch):
+  import jax.numpy as jnp
+
+  from vit_jax import steps
+
+  original = steps.train_step
+
+  def poisoned(state, batch, rng, **kwargs):  # NaN images from the second step on
+    image = jnp.where(state.step >= 1, jnp.nan, batch["image"])
+    return original(state, {**batch, "image": image}, rng, **kwargs)
+
+  monkeypatch.setattr(steps, "train_step", poisoned)
+  with pytest.raises(FloatingPointError, match=r"^training loss of seed 3 is nan at step 2; "):
+    seeds.train_and_evaluate_seeds(CONFIG, [3, 5], tmp_path / "g", [tmp_path / "a",
+                                                                    tmp_path / "b"], data)

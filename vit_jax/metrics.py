@@ -173,12 +173,13 @@ class MetricsWindow:
   Each step's metrics stay on the device until `flush` (fetching them every step would make
   the host wait for each step before dispatching the next); `flush` fetches them, stops on a
   non-finite loss or gradient, and writes their means with the learning rate and the images/s
-  since the window opened.
+  since the window opened. `label` names whose metrics they are in its error (' of seed 3').
   """
 
   def __init__(self, fetch: Callable[[Any], dict[str, Any]], writer: MetricWriter,
-               progress: Progress, batch_size: int, learning_rate: Callable[[int], Any]):
-    self.fetch, self.writer, self.progress = fetch, writer, progress
+               progress: Progress, batch_size: int, learning_rate: Callable[[int], Any],
+               label: str = ""):
+    self.fetch, self.writer, self.progress, self.label = fetch, writer, progress, label
     self.batch_size, self.learning_rate = batch_size, learning_rate
     self.pending: list[tuple[int, Any]] = []
     self.last: dict[str, float] = {}  # the means most recently written
@@ -202,8 +203,8 @@ class MetricsWindow:
     for s, m in fetched:
       for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
         if key in m and not np.isfinite(m[key]):
-          raise FloatingPointError(f"training {name} is {m[key]} at step {s}; no checkpoint "
-                                   "of a non-finite state was saved")
+          raise FloatingPointError(f"training {name}{self.label} is {m[key]} at step {s}; no "
+                                   "checkpoint of a non-finite state was saved")
     elapsed = max(time.monotonic() - self.started, 1e-9)
     means = {f"train_{k}": float(np.mean([np.mean(m[k]) for _, m in fetched]))
              for k in fetched[0][1]}

@@ -45,6 +45,7 @@ from vit_jax.train import (
   restore_or_start,
   short_warmup_line,
   total_train_steps,
+  writes_checked,
 )
 from vit_jax.train_state import create_train_state, evaluation_params, learning_rate_schedule
 from vit_jax.training_images import undistorted_line
@@ -131,8 +132,9 @@ class _Group:
     self.quiet = Progress(self.total_steps, 0, enabled=False)
     self.windows = [MetricsWindow(lambda m, i=i: unstack(runner.unreplicate(m), i), writer,
                                   self.quiet, self.config.batch_size,
-                                  learning_rate_schedule(self.config, self.total_steps))
-                    for i, writer in enumerate(self.writers)]
+                                  learning_rate_schedule(self.config, self.total_steps),
+                                  label=f" of seed {c.seed}")
+                    for i, (writer, c) in enumerate(zip(self.writers, configs, strict=True))]
 
   def close(self) -> None:
     for writer in self.writers:
@@ -181,7 +183,7 @@ class _Group:
     for folder, config in zip([self.workdir, *self.dirs], [self.config, *self.configs],
                               strict=True):
       write_or_check_config(folder, config)
-    start = int(np.asarray(states.step).reshape(-1)[0])
+    start = self.step = int(np.asarray(states.step).reshape(-1)[0])
     for writer in self.writers:
       writer.resume_at(start)
     progress = Progress(self.total_steps, start)
@@ -190,8 +192,9 @@ class _Group:
       for line in (first_line, short_warmup_line(self.config, self.total_steps), resuming):
         if line:
           progress.message(line)
-      device_states = self._steps(self.runner.replicate(states), start, progress)
-      results = self.evaluate(self.total_steps, device_states, tuple(self.evaluators))
+      with writes_checked(lambda: self.step, self.checkpoints):
+        device_states = self._steps(self.runner.replicate(states), start, progress)
+        results = self.evaluate(self.total_steps, device_states, tuple(self.evaluators))
     finally:
       progress.close()
     finals = []
@@ -214,6 +217,7 @@ class _Group:
     config = self.config
     with StopSignal() as stop:
       for done in range(start + 1, self.total_steps + 1):
+        self.step = done - 1  # the last step taken, for errors
         if line := undistorted_line(config, self.total_steps, done - 1, start):
           progress.message(line)
         indices = np.stack([order.indices(done - 1) for order in self.orders], axis=1)

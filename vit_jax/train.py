@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -232,25 +232,12 @@ class _Run:
         self.progress.message(line)
     if start_step:
       self.progress.message(f"resuming {self.workdir} at step {start_step}")
-    with self._writes_checked():
+    with writes_checked(lambda: self.step, self.checkpoints):
       device_state = self._steps(self.runner.replicate(state), start_step)
       result = self.evaluate_and_log(self.total_steps, device_state, tuple(self.evaluators))
     self.progress.message(f"final test accuracy {result['eval_accuracy']:.4f} "
                           f"(loss {result['eval_loss']:.4f}) at step {self.total_steps}")
     return {**self.window.last, **result, "step": self.total_steps}
-
-  @contextlib.contextmanager
-  def _writes_checked(self):
-    """A full disk or a read-only filesystem under the metrics or logs: one line, not a
-    traceback (the checkpoints say so themselves)."""
-    try:
-      yield
-    except OSError as e:
-      if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
-        raise
-      raise WriteError(f"{e.filename or 'a file of the run'} could not be written after step "
-                       f"{self.step} ({e.strerror.lower()}); "
-                       f"{self.checkpoints.latest_description()}") from e
 
   def _steps(self, device_state: Any, start_step: int) -> Any:
     """Runs the training steps from `start_step`, logging, evaluating and saving on the way."""
@@ -281,3 +268,17 @@ class _Run:
       self.window.flush(self.total_steps)
       self.save(self.total_steps, device_state, force=True)
     return device_state
+
+
+@contextlib.contextmanager
+def writes_checked(last_step: Callable[[], int], checkpoints: Checkpoints) -> Iterator[None]:
+  """A full disk or a read-only filesystem under the metrics or logs: one line, not a
+  traceback (the checkpoints say so themselves); `last_step()`: the last step taken."""
+  try:
+    yield
+  except OSError as e:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+      raise
+    raise WriteError(f"{e.filename or 'a file of the run'} could not be written after step "
+                     f"{last_step()} ({e.strerror.lower()}); "
+                     f"{checkpoints.latest_description()}") from e
