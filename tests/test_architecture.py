@@ -75,8 +75,10 @@ def test_every_module_has_a_layer():
                                   or p.parent != PACKAGE], ids=lambda p: p.stem)
 def test_no_module_imports_from_a_layer_above_it(path):
   own = LAYERS[module_of(path)]
+  faces = {"launch", "experiments", *(p.stem for p in (REPO / "tests").glob("*.py"))}
   for name in imported_modules(path):
     parts = name.split(".")
+    assert parts[0] not in faces, f"{path.name} imports {name}, which is above the package"
     if parts[0] == "vit_jax" and len(parts) > 1 and parts[1] in LAYERS:
       assert LAYERS[parts[1]] <= own, f"{path.name} (layer {own}) imports {name}"
 

@@ -69,6 +69,22 @@ exit 1
       B.build(compiler)
   assert calls.read_text() == "compile\n"
   assert not list((tmp_path / "cache").rglob("*.so"))  # nothing half-built left behind
+  (failure,) = (tmp_path / "cache").glob("*.failed")
+  with pytest.raises(RuntimeError, match=f"no AVX-512 here \\(cached: {failure}, tried again"):
+    B.build(compiler)
+  os.utime(failure, (time.time() - (B.FAILURE_HOURS + 1) * 3600,) * 2)  # a day later
+  with pytest.raises(RuntimeError, match="no AVX-512 here"):
+    B.build(compiler)
+  assert calls.read_text() == "compile\ncompile\n"
+
+
+def test_a_compiler_killed_by_a_signal_is_not_cached_as_a_failure(fake_compiler, tmp_path):
+  compiler = fake_compiler("""[ "$1" = --version ] && { echo fake 1.0; exit 0; }
+kill -9 $$
+""")
+  with pytest.raises(RuntimeError, match="was killed by signal 9 while building attention_cpu"):
+    B.build(compiler)
+  assert not list((tmp_path / "cache").glob("*.failed"))
 
 
 def test_a_new_build_deletes_cached_builds_unused_for_a_month(fake_compiler, tmp_path, capsys):

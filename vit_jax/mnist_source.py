@@ -142,17 +142,22 @@ def read_idx(path: str | os.PathLike, kind: str, num_examples: int,
   if len(raw) != expected_len:
     raise DataError(f"{path}: {len(raw)} bytes uncompressed, expected {expected_len}; "
                     "the file is truncated or has trailing data")
-  digest = hashlib.sha256(raw).hexdigest()
-  if sha256 is not None and digest != sha256:
-    if digest in _KNOWN_DIGESTS:
-      raise DataError(f"{path}: holds {_KNOWN_DIGESTS[digest]}, not the file expected here; "
-                      "idx_dir is another dataset's folder")
-    raise DataError(f"{path}: SHA-256 of the uncompressed data does not match the official "
-                    "release; the file is corrupt")
+  if sha256 is not None:
+    _check_digest(path, raw, sha256)
   data = np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(shape)
   if kind == "labels" and data.max() > 9:
     raise DataError(f"{path}: label {data.max()} is outside 0-9")
   return data
+
+
+def _check_digest(path: Path, raw: bytes, sha256: str) -> None:
+  digest = hashlib.sha256(raw).hexdigest()
+  if digest in _KNOWN_DIGESTS and digest != sha256:
+    raise DataError(f"{path}: holds {_KNOWN_DIGESTS[digest]}, not the file expected here; "
+                    "idx_dir is another dataset's folder")
+  if digest != sha256:
+    raise DataError(f"{path}: SHA-256 of the uncompressed data does not match the official "
+                    "release; the file is corrupt")
 
 
 def read_idx_split(name: str, idx_dir: str | os.PathLike,

@@ -101,19 +101,17 @@ class MultiHeadSelfAttention(nn.Module):
   qkv_bias: bool = False
   compute_dtype: Any = None
   attention_kernel: str = "einsum"
-
   qkv_rank: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None,
-               head_mask: jax.Array | None = None,
-               head_means: jax.Array | None = None) -> jax.Array:
+               head_mask: jax.Array | None = None, head_means: jax.Array | None = None
+               ) -> jax.Array:
     width = x.shape[-1]
     if self.qkv not in QKV_MODES:
       raise ValueError(f"qkv={self.qkv!r} is not one of {', '.join(map(repr, QKV_MODES))}")
-    owned = {}
-    for name, features in learned_projections(self.qkv, width).items():
-      owned[name] = LinearWeights(features, self.qkv_bias, name=name)(width)
+    owned = {name: LinearWeights(features, self.qkv_bias, name=name)(width)
+             for name, features in learned_projections(self.qkv, width).items()}
     if self.qkv == "low_rank":
       # Variance 1/D for A and 1/r for B (the head axis is a batch of matrices, not fan-in):
       # each head's A B then starts at 1/D, as a learned D x D matrix does.
@@ -201,8 +199,7 @@ class EncoderBlock(nn.Module):
   drop_path: float = 0.0
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool,
-               head_mask: jax.Array | None = None,
+  def __call__(self, x: jax.Array, deterministic: bool, head_mask: jax.Array | None = None,
                head_means: jax.Array | None = None) -> jax.Array:
     c = self.config
     # One draw per example, broadcast over its tokens and features: the whole branch goes.
@@ -231,8 +228,7 @@ class Encoder(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool,
-               head_mask: jax.Array | None = None,
+  def __call__(self, x: jax.Array, deterministic: bool, head_mask: jax.Array | None = None,
                head_means: jax.Array | None = None) -> jax.Array:
     for i, rate in enumerate(drop_path_rates(self.config)):
       x = EncoderBlock(self.config, rate, name=f"block{i}")(
@@ -253,8 +249,8 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False,
-               head_mask: jax.Array | None = None,
-               head_means: jax.Array | None = None) -> jax.Array:
+               head_mask: jax.Array | None = None, head_means: jax.Array | None = None
+               ) -> jax.Array:
     c = self.config
     _check_inputs(c, images, head_mask, head_means)
     if c.compute_dtype == "auto":
@@ -262,10 +258,9 @@ class ViT(nn.Module):
                        "a model takes 'float32' or 'bfloat16'")
     x = PatchEmbedding(c.patch_size, c.hidden_size, c.compute_dtype, c.patch_overlap,
                        name="patch_embedding")(images)
-    batch = x.shape[0]
     if c.classifier == "token":
       cls = self.param("cls_token", nn.initializers.zeros, (1, 1, c.hidden_size))
-      x = jnp.concatenate([jnp.tile(cls, (batch, 1, 1)), x], axis=1)
+      x = jnp.concatenate([jnp.tile(cls, (x.shape[0], 1, 1)), x], axis=1)
     pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
                      (1, x.shape[1], c.hidden_size))
     x = nn.Dropout(c.dropout_rate)(x + pos, deterministic=not train)
@@ -280,18 +275,18 @@ class ViT(nn.Module):
 
 def _check_inputs(c: ModelConfig, images: jax.Array, head_mask: jax.Array | None,
                   head_means: jax.Array | None) -> None:
-  """One line for images another config's, or a head mask of other layers or heads (indexing
-  would clamp: a short mask's last row would stand for the missing layers)."""
+  """Images of another size, or a head mask of other layers or heads (indexing would clamp: a
+  short mask's last row would stand for the missing layers), refused in one line."""
   image = (c.image_size, c.image_size, c.num_channels)
   if images.ndim != 4 or images.shape[1:] != image:
     raise ValueError(f"images of shape {images.shape} are not (B, {', '.join(map(str, image))}) "
                      f"as model.image_size and model.num_channels say")
-  for name, array, shape in (("head_mask", head_mask, (c.num_layers, c.num_heads)),
-                             ("head_means", head_means,
-                              (c.num_layers, c.num_heads, c.num_tokens, c.head_dim))):
+  heads = (c.num_layers, c.num_heads)
+  for name, array, shape, axes in (("head_mask", head_mask, heads, ""), ("head_means", head_means,
+                                   (*heads, c.num_tokens, c.head_dim), ", tokens, head_dim")):
     if array is not None and array.shape != shape:
       raise ValueError(f"{name} of shape {array.shape} is not {shape} (num_layers, num_heads"
-                       f"{', tokens, head_dim' if len(shape) > 2 else ''})")
+                       f"{axes})")
 
 
 def attention_maps(intermediates: Any) -> jax.Array:

@@ -2,10 +2,11 @@
 
 The kernel is compiled on first use (`g++ -O3 -march=native`, or $VIT_JAX_KERNEL_MARCH)
 and cached under ~/.cache/vit_jax (or $VIT_JAX_CACHE_DIR), keyed by its source, the
-compiler and its version, JAX, jaxlib and the CPU's flags. A failed build is cached too, so
-it is not retried by every process, and builds unused for 30 days are deleted when a new
-one is made. It is built for AVX-512 (16-float vectors) or, on CPUs without it, AVX2 with
-FMA (8-float vectors); the tests build `x86-64-v3` (AVX2) on AVX-512 machines too.
+compiler and its version, JAX, jaxlib and the CPU's flags. A failed build is cached for a
+day, so it is not retried by every process (a compiler killed by a signal, e.g. for memory,
+is not cached), and builds unused for 30 days are deleted when a new one is made. It is
+built for AVX-512 (16-float vectors) or, on CPUs without it, AVX2 with FMA (8-float
+vectors); the tests build `x86-64-v3` (AVX2) on AVX-512 machines too.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from vit_jax.host_cpu import cpu_flags
 SOURCE = Path(__file__).with_name("attention_cpu.cc")
 MARCH_VARIABLE = "VIT_JAX_KERNEL_MARCH"
 UNUSED_DAYS = 30  # a cached build unused this long is deleted by the next new build
+FAILURE_HOURS = 24  # a cached failure this old is tried again
 
 
 def cache_dir() -> Path:
@@ -69,9 +71,9 @@ def build(compiler: str | None = None) -> Path:
   if library.exists():
     _mark_used(library)
     return library
-  if failure.exists():
-    _mark_used(failure)
-    raise RuntimeError(failure.read_text())
+  if failure.exists() and time.time() - failure.stat().st_mtime < FAILURE_HOURS * 3600:
+    raise RuntimeError(f"{failure.read_text()} (cached: {failure}, tried again after "
+                       f"{FAILURE_HOURS} hours or once deleted)")
   library.parent.mkdir(parents=True, exist_ok=True)
   print(f"vit_jax: compiling the fused attention kernel (-march={march}), once per machine, "
         f"into {library.parent}", file=sys.stderr, flush=True)
@@ -96,6 +98,9 @@ def _compile(compiler: str, flags: list[str], library: Path, failure: Path) -> N
   with replaced_atomically(library) as partial:
     done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial)],
                           capture_output=True, text=True, check=False)
+    if done.returncode < 0:  # killed (e.g. for memory): nothing to say about the source
+      raise RuntimeError(f"{compiler} was killed by signal {-done.returncode} while building "
+                         f"{SOURCE.name}; the next process tries again")
     if done.returncode:
       errors = [line for line in done.stderr.splitlines() if "error" in line]
       why = (f"{compiler} could not build {SOURCE.name}: "
