@@ -52,10 +52,12 @@ SHAPES = [(2, 4, 50, 16),   # the seed's heads
           (1, 3, 9, 4),     # heads of 4 over fewer tokens than a vector
           (1, 2, 100, 16),  # Q K^T in several passes of vectors, the last with padded keys
           (1, 2, 99, 4)]    # the same with heads of 4, and padded query rows
+# The limits Python states (`kernels.HEAD_DIMS`, `MAX_TOKENS`), which the C++ must honour.
+LIMITS = [(1, 1, tokens, d) for d in kernels.HEAD_DIMS for tokens in (1, kernels.MAX_TOKENS)]
 
 
 @requires_kernel
-@pytest.mark.parametrize("shape,spread", [(s, 2.0) for s in SHAPES] + [(SHAPES[0], 6.0)])
+@pytest.mark.parametrize("shape,spread", [(s, 2.0) for s in SHAPES + LIMITS] + [(SHAPES[0], 6.0)])
 def test_values_match_numpy(kernel, shape, spread):
   # spread 2: logits over a few units; 6: over about +-100, so that most weights underflow
   # to 0 (and the float32 logits' own rounding, about 1e-5, sets the tolerance)
@@ -184,9 +186,11 @@ def test_model_with_the_kernel_equals_the_einsum_model(kernel):
   assert _uses_kernel(lambda p: loss(models.ViT(fused_config), p)[0], params)
 
 
-def test_unsupported_shapes_use_attend():
-  q, k, v = (rand(2, 2, 9, 12, seed=s) for s in range(3))  # head dim 12: not the kernel's
-  assert not kernels.supports(9, 12)
+@pytest.mark.parametrize("shape", [(2, 2, 9, 12),  # head dim 12: not the kernel's
+                                   (1, 1, kernels.MAX_TOKENS + 1, 16)])
+def test_unsupported_shapes_use_attend(shape):
+  q, k, v = (rand(*shape, seed=s) for s in range(3))
+  assert not kernels.supports(shape[2], shape[3])
   assert not _uses_kernel(F.attend, q, k, v)
   for got, want in zip(F.attend(q, k, v), A.attend(q, k, v), strict=True):
     np.testing.assert_allclose(got, want, rtol=0, atol=0)
@@ -220,7 +224,8 @@ def test_the_kernel_uses_the_widest_vectors_it_was_built_for(kernel):
 
 
 # The numerics, vmap/pmap and model tests above, in a process that builds the AVX2 kernel.
-AVX2_TESTS = "values_match or gradients_match or vmap_and_pmap or model_with or widest_vectors"
+AVX2_TESTS = ("values_match or gradients_match or vmap_and_pmap or model_with or widest_vectors"
+              " or nan_query")  # its exp handles NaN in code of its own
 
 
 @requires_kernel
@@ -235,7 +240,7 @@ def test_the_avx2_build_passes_the_same_tests(tmp_path):
       [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
        AVX2_TESTS], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stdout[-3000:]
-  expected = (len(SHAPES) + 1) + 3 * len(SHAPES) + 3  # values, gradients, the other three
+  expected = (len(SHAPES + LIMITS) + 1) + 3 * len(SHAPES) + 3 + 2  # values, gradients, 3, NaNs
   assert re.search(r"\b(\d+) passed", result.stdout).group(1) == str(expected), (
       result.stdout[-500:])
 
