@@ -75,16 +75,20 @@ def test_averaging_is_the_log_of_the_mean_probability_and_one_view_is_plain_soft
   np.testing.assert_allclose(one, jax.nn.log_softmax(logits[:, 0]), rtol=1e-6, atol=1e-6)
 
 
-def untrained_state():
-  """A `testing` ViT whose parameters are all perturbed: its zero-initialised head would
-  give every class the same probability, whatever the views."""
-  state = train_state.create_train_state(
-      ExperimentConfig(model=get_model_config("testing"), parallel="jit"), total_steps=1)
+def perturbed(state, scale: float, seed: int):
+  """`state` with noise of std `scale` on every parameter: a fresh model's zero-initialised
+  head gives every class the same probability, whatever its input."""
   leaves, tree = jax.tree_util.tree_flatten(state.params)
-  keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
-  noisy = [leaf + 0.2 * jax.random.normal(key, leaf.shape)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  noisy = [leaf + scale * jax.random.normal(key, leaf.shape)
            for leaf, key in zip(leaves, keys, strict=True)]
   return state.replace(params=jax.tree_util.tree_unflatten(tree, noisy))
+
+
+def untrained_state():
+  """A `testing` ViT whose parameters are all perturbed."""
+  return perturbed(train_state.create_train_state(
+      ExperimentConfig(model=get_model_config("testing"), parallel="jit"), total_steps=1), 0.2, 3)
 
 
 def test_one_view_evaluates_as_plain_cross_entropy(digits):
@@ -98,19 +102,21 @@ def test_one_view_evaluates_as_plain_cross_entropy(digits):
   assert sums["correct"] == jnp.sum(jnp.argmax(logits, -1) == labels)
 
 
-def nine_view_reference(state, images):
-  """The model on each shifted copy of `images` separately, probabilities averaged."""
+def averaged_reference(state, views, dataset):
+  """The model on each batch of `views` separately, its probabilities averaged."""
   apply = jax.jit(lambda x: jax.nn.softmax(state.apply_fn({"params": state.params}, x)))
-  return np.mean([apply(input_pipeline.normalize(np.stack(
-      [shifted(im, dy, dx) for im in images]), "mnist"))
-      for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=0)
+  return np.mean([apply(input_pipeline.normalize(x, dataset)) for x in views], axis=0)
+
+
+def nine_view_reference(state, images):
+  """The model on each copy of `images` shifted by up to a pixel, probabilities averaged."""
+  return averaged_reference(state, [np.stack([shifted(im, dy, dx) for im in images])
+                                    for dy in (-1, 0, 1) for dx in (-1, 0, 1)], "mnist")
 
 
 def mirrored_reference(state, images):
-  """The model on `images` and on their mirror images separately, probabilities averaged."""
-  apply = jax.jit(lambda x: jax.nn.softmax(state.apply_fn({"params": state.params}, x)))
-  return np.mean([apply(input_pipeline.normalize(x, "fashion_mnist"))
-                  for x in (images, images[:, :, ::-1])], axis=0)
+  """The model on `images` and on their mirror images, probabilities averaged."""
+  return averaged_reference(state, [images, images[:, :, ::-1]], "fashion_mnist")
 
 
 @pytest.mark.parametrize("mode", ["jit", "pmap"])

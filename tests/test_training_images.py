@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_augment import keys
+from test_eval_views import perturbed
 
 from vit_jax import augment, inference, input_pipeline, steps, train, train_state
 from vit_jax.benchmark import step_speed
@@ -19,10 +21,6 @@ from vit_jax.training_images import (
     training_images,
     undistorted_line,
 )
-
-
-def keys(n, seed=0):
-  return input_pipeline.example_keys(jax.random.PRNGKey(seed), np.arange(n))
 
 
 def config(**overrides):
@@ -58,12 +56,7 @@ def test_the_line_is_said_where_the_undistorted_epochs_begin_or_a_resumed_run_st
 def moved_state(run):
   """A fresh state with its parameters off their initial values (a zero head makes every
   image's loss log 10, whatever the images)."""
-  state = train_state.create_train_state(run, total_steps=16)
-  leaves, tree = jax.tree_util.tree_flatten(state.params)
-  noise = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  moved = [leaf + 0.1 * jax.random.normal(key, leaf.shape)
-           for leaf, key in zip(leaves, noise, strict=True)]
-  return state.replace(params=jax.tree_util.tree_unflatten(tree, moved))
+  return perturbed(train_state.create_train_state(run, total_steps=16), 0.1, 1)
 
 
 def step_loss(run, state, step=0):
