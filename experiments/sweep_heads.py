@@ -71,9 +71,12 @@ def main(argv):
                           after_run=_analyzer(data) if FLAGS.analyze else None)
   if len(records) < len(runs):  # what the other processes finished meanwhile
     records = sweep.run_all(runs, Path(FLAGS.root), None, say=lambda _: None)
+  if len(records) < len(runs) and FLAGS.report_only:  # asked for a report, and none is due
+    raise ValueError(f"--report_only: {len(runs) - len(records)} of {len(runs)} runs under "
+                     f"--root={FLAGS.root} are not finished; no reports written")
   if len(records) < len(runs):  # others still train: the last process to finish reports
     print(f"{len(runs) - len(records)} of {len(runs)} runs are not finished (in other "
-          "processes, or not started with --report_only); no reports written yet")
+          "processes); no reports written yet")
     return
   for path in sweep_report.write_reports(records, Path(FLAGS.root)):
     print(f"wrote {path}")

@@ -118,6 +118,23 @@ def test_reports_gather_each_runs_analysis_and_average_it_by_head_count(tmp_path
   assert [p.name for p in paths[-3:]] == ["analysis_by_heads.csv", "analysis_by_heads.png",
                                           "analysis_models_fused.png"]
   assert all(p.stat().st_size > 0 for p in paths[-3:])
+  # A later report of other runs (here: heads 2 only, its analyses gone) keeps nothing of it.
+  two = [r for r in records if r["heads"] == 2]
+  for record in two:
+    for marker in (tmp_path / record["name"] / "analysis").glob("done_*"):
+      marker.unlink()
+  sweep_report.write_reports(two, tmp_path)
+  assert not list(tmp_path.glob("analysis_*"))
+
+
+def test_a_root_of_records_with_and_without_a_newer_field_reports(tmp_path):
+  runs = sweep.plan(base_config(), heads=[1, 2], seeds=[0])
+  old, new = (fake_record(r, 0.9, c) for r, c in runs)
+  old.pop("resumed", None)  # written before the field was added
+  new["resumed"] = False
+  sweep_report.write_reports([old, new], tmp_path)
+  header, *rows = (tmp_path / "runs.csv").read_text().splitlines()
+  assert "resumed" in header.split(",") and len(rows) == 2
 
 
 def test_an_unfinished_analysis_is_left_out_of_the_gathered_tables(tmp_path):
@@ -170,6 +187,12 @@ def test_a_redone_analysis_is_not_done_while_it_runs(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     analyze.analyze_checkpoint(config, tmp_path, num_images=100, output_dir=tmp_path)
   assert not analyze.is_done(tmp_path, "zero", 100)
+  # Another ablation on other images rewrites the shared tables: zero's marker goes too.
+  analyze.done_marker(tmp_path, "zero").write_text("100 test images\n")
+  with pytest.raises(KeyboardInterrupt):
+    analyze.analyze_checkpoint(config, tmp_path, num_images=50, output_dir=tmp_path,
+                               ablations=("mean",))
+  assert not analyze.done_marker(tmp_path, "zero").exists()
 
 
 def test_the_analyses_plot_draws_each_ablation_there_is_in_points(monkeypatch):

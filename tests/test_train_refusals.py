@@ -54,6 +54,19 @@ def test_eval_of_a_workdir_with_another_model_or_dataset_is_refused(tmp_path, di
                                 tmp_path / "run", data=data)
 
 
+def test_evaluating_with_other_test_time_views_than_the_run_s_says_so(tmp_path, digits, capsys):
+  data = subset(digits, 256)
+  config = small_config(num_epochs=0.25)
+  train.train_and_evaluate(config, tmp_path / "run", data=data)
+  capsys.readouterr()
+  inference.evaluate_checkpoint(config, tmp_path / "run", data=data)
+  assert "note:" not in capsys.readouterr().err
+  inference.evaluate_checkpoint(dataclasses.replace(config, eval_max_shift=1), tmp_path / "run",
+                                data=data)
+  assert "note: evaluating with eval_max_shift=1, not the run's own test-time views" in (
+      capsys.readouterr().err)
+
+
 def test_resuming_past_the_configured_end_is_refused(tmp_path, digits):
   data = subset(digits, 256)
   config = small_config(num_epochs=1)  # 4 steps

@@ -24,8 +24,10 @@ def test_visualize_draws_each_digit_s_attention(tmp_path, mnist, monkeypatch):
   monkeypatch.setattr(visualize, "plot_attention", recording)
   (tmp_path / "visualize").mkdir()
   (tmp_path / "visualize" / "attention_7.png").write_bytes(b"an earlier call's 8th digit")
+  (tmp_path / "visualize" / "attention_distance.png").write_bytes(b"--mode=analyze's, kept")
   paths = visualize.visualize_checkpoint(config, tmp_path, num_images=3, test_data=data["test"])
   assert not (tmp_path / "visualize" / "attention_7.png").exists()
+  assert (tmp_path / "visualize" / "attention_distance.png").exists()
   names = sorted(p.name for p in paths)
   assert names == ["attention_0.png", "attention_1.png", "attention_2.png",
                    "position_similarity.png", "rollout.png", "training_statistics.png"]

@@ -171,8 +171,11 @@ def analyze_checkpoint(config: Any, workdir: str | Path, num_images: int = 1000,
                                                                       num_images, test_data)
   out = Path(output_dir or Path(workdir) / "analysis")
   out.mkdir(parents=True, exist_ok=True)
-  for ablation in ablations:  # redone: its tables are not whole again until it ends
-    done_marker(out, ablation).unlink(missing_ok=True)
+  for ablation in ABLATIONS:  # redone, or done on other images (the shared files change now):
+    marker = done_marker(out, ablation)  # its tables are not whole again until it ends
+    if ablation in ablations or (marker.is_file() and marker.read_text() != _done_text(
+        num_images)):
+      marker.unlink(missing_ok=True)
   _, maps = analysis.collect_attention(state, images, config.dataset)
   written = [*_spectra(out, state.params, config.model),
              *_attention_statistics(out, maps, config.model)]

@@ -65,7 +65,7 @@ _COMPUTATION_ONLY = ("attention_kernel", "compute_dtype")
 
 
 def write_or_check_config(workdir: Path, config: Any, write: bool = True,
-                          training: bool = True) -> None:
+                          training: bool = True) -> list[str]:
   """Saves the resolved config in `workdir` (if `write`), or refuses one that changes the model
   or the dataset.
 
@@ -73,9 +73,12 @@ def write_or_check_config(workdir: Path, config: Any, write: bool = True,
   with a different `model` section is an error (its products' precision and attention path
   aside), or with `ema_decay` switched on or off; so is another dataset, whose test split and
   normalisation would be taken without a word (`init_from` fine-tunes on another in a new
-  workdir). `training`: resuming also refuses more held-out images than the run held out.
-  Other changes are allowed, with a warning.
+  workdir). `training`: resuming also refuses another `seed` (the data order and every draw)
+  and more held-out images than the run held out. Other changes are allowed, with a warning,
+  and the config.json they replace is appended to config_history.jsonl: nothing of how the
+  checkpoints were trained is lost. Returns the fields that differ from the saved run's.
   """
+  others = []
   resolved = dataclasses.asdict(config)
   path = workdir / CONFIG_FILE
   if path.exists():
@@ -114,6 +117,7 @@ def write_or_check_config(workdir: Path, config: Any, write: bool = True,
         history.write(path.read_text().replace("\n", " ").strip() + "\n")
   if write:
     write_text_atomically(path, json.dumps(resolved, indent=2, sort_keys=True) + "\n")
+  return others
 
 
 def with_defaults(saved: dict, like: Any) -> dict:

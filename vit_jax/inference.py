@@ -6,6 +6,7 @@ Layer 4 of vit_jax.
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import auto, input_pipeline, mnist_source
-from vit_jax.checkpoints import Checkpoints, saved_config, write_or_check_config
+from vit_jax.checkpoints import CONFIG_FILE, Checkpoints, saved_config, write_or_check_config
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.parallel import Runner, choose_mode
 from vit_jax.steps import Evaluator, view_averaged_log_probabilities
@@ -32,7 +33,11 @@ def restore_state(config: Any, workdir: str | Path) -> TrainState:
   workdir may be read-only (a shipped model)."""
   config = resolved_config(config, workdir)
   workdir = Path(workdir)
-  write_or_check_config(workdir, config, write=False, training=False)  # another model: refused
+  changed = write_or_check_config(workdir, config, write=False, training=False)  # another
+  views = [f"{k}={getattr(config, k)!r}" for k in ("eval_max_shift", "eval_flip") if k in changed]
+  if views:  # model is refused; other views are allowed, and change the figures: say so
+    print(f"note: evaluating with {', '.join(views)}, not the run's own test-time views "
+          f"({CONFIG_FILE} in {workdir})", file=sys.stderr)
   template = create_train_state(config, total_steps=1)
   checkpoints = Checkpoints(workdir, read_only=True)  # nothing is written there
   try:

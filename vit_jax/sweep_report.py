@@ -127,14 +127,18 @@ def write_reports(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
   rows = summarize(records)
   paths = [out_dir / "runs.csv", out_dir / "summary.csv", out_dir / "summary.md",
            out_dir / "sweep.png", out_dir / "paired_differences.csv"]
+  columns = list(dict.fromkeys(k for r in records for k in r if k != "config"))  # old and new
   _write_csv(paths[0], [{k: v for k, v in r.items() if k != "config"} for r in records],
-             [k for k in records[0] if k != "config"])
+             columns)
   _write_csv(paths[1], rows, SUMMARY_COLUMNS)
   differences = paired_differences(records)
   write_text_atomically(paths[2], markdown_table(rows) + differences_table(differences))
   sweep_plots.plot(rows, paths[3])
   _write_csv(paths[4], differences, ["qkv", "baseline", "heads", "hidden_size", "seeds",
                                      "difference_mean", "ci95_low", "ci95_high"])
+  for stale in out_dir.glob("analysis_*"):  # an earlier report's, of runs not in this one
+    if stale.is_file():
+      stale.unlink()
   gathered = collect_analyses(records, out_dir)
   if gathered:
     means = analysis_by_heads(out_dir)

@@ -159,7 +159,7 @@ def visualize_checkpoint(config, workdir, num_images: int = 4, test_data=None,
                                                                       num_images, test_data)
   out_dir = Path(out_dir or Path(workdir) / "visualize")
   # An earlier call's pictures of other digits or of no statistics would sit beside these.
-  for stale in [*out_dir.glob("attention_*.png"), out_dir / "training_statistics.png"]:
+  for stale in [*out_dir.glob("attention_[0-9]*.png"), out_dir / "training_statistics.png"]:
     stale.unlink(missing_ok=True)
   paths = write_all(state, config.model, images, labels, config.dataset, out_dir)
   metrics_file = Path(workdir) / "metrics.jsonl"
