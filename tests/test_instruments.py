@@ -175,3 +175,31 @@ def test_training_logs_attention_statistics_and_effective_ranks_and_draws_them(t
   assert 1 <= ranks[-1]["effective_rank/W_VO/layer1/head1"] <= MODEL.head_dim
   drawn = visualize.plot_training_statistics(tmp_path / "metrics.jsonl", tmp_path / "t.png")
   assert drawn == tmp_path / "t.png" and drawn.stat().st_size > 0
+
+
+def test_analyze_writes_each_heads_own_statistics_in_its_row(tmp_path):
+  import csv
+
+  from scipy.spatial.distance import jensenshannon
+  from scipy.stats import entropy
+
+  from vit_jax import analyze
+
+  logits = np.random.default_rng(0).normal(size=(2, 3, 2, 17, 17)) * 3  # (L, B, H, N, N)
+  maps = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  analyze._attention_statistics(tmp_path, maps, MODEL)
+  with open(tmp_path / "attention_statistics.csv") as f:
+    rows = {(int(r["layer"]), int(r["head"])): r for r in csv.DictReader(f)}
+  with open(tmp_path / "head_redundancy.csv") as f:
+    js = {(int(r["layer"]), int(r["head_a"]), int(r["head_b"])): float(r["js_divergence"])
+          for r in csv.DictReader(f)}
+  distance = instruments.attention_distance(maps, 4, 7)
+  for layer, head in np.ndindex(2, 2):  # scipy's, row by row
+    want = np.mean([entropy(row) for row in maps[layer, :, head].reshape(-1, 17)])
+    assert float(rows[layer, head]["entropy"]) == pytest.approx(want, rel=1e-9)
+    assert float(rows[layer, head]["mean_distance_pixels"]) == pytest.approx(distance[layer, head])
+  for layer in range(2):
+    pairs = zip(maps[layer, :, 0].reshape(-1, 17), maps[layer, :, 1].reshape(-1, 17), strict=True)
+    want = np.mean([jensenshannon(p, q) ** 2 for p, q in pairs])
+    assert js[layer, 0, 1] == js[layer, 1, 0] == pytest.approx(want, rel=1e-6)
+    assert js[layer, 0, 0] == 0

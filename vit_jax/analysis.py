@@ -13,18 +13,24 @@ from vit_jax import input_pipeline
 from vit_jax.models import attention_maps
 
 
+def forward_with_attention(apply_fn, dataset: str):
+  """-> forward(params, uint8 images (B, H, W, C) of `dataset`) -> (logits (B, K), maps
+  (L, B, H, N, N)), compiled once: the model's intermediates beside its logits."""
+
+  @jax.jit
+  def forward(params, images):
+    logits, variables = apply_fn({"params": params}, input_pipeline.normalize(images, dataset),
+                                 mutable=["intermediates"])
+    return logits, attention_maps(variables["intermediates"])
+
+  return forward
+
+
 def collect_attention(state, images: np.ndarray, dataset: str,
                       batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
   """Runs the model on uint8 images (B, H, W, C) of `dataset` -> logits (B, K), maps
   (L, B, H, N, N)."""
-
-  @jax.jit
-  def forward(params, batch):
-    logits, state_vars = state.apply_fn({"params": params},
-                                        input_pipeline.normalize(batch, dataset),
-                                        mutable=["intermediates"])
-    return logits, attention_maps(state_vars["intermediates"])
-
+  forward = forward_with_attention(state.apply_fn, dataset)
   outputs = [forward(state.params, images[i:i + batch_size])
              for i in range(0, len(images), batch_size)]
   logits = np.concatenate([np.asarray(o[0]) for o in outputs])
@@ -32,13 +38,18 @@ def collect_attention(state, images: np.ndarray, dataset: str,
   return logits, maps
 
 
-def attention_entropy(maps: np.ndarray) -> float:
-  """Mean entropy (nats) of the attention distributions in (..., N, N) maps.
+def query_entropies(maps: np.ndarray) -> np.ndarray:
+  """The entropy (nats) of each query's attention distribution: (..., N, N) -> (..., N).
 
-  log(N) for uniform attention; 0 when every query attends to a single key.
+  log(N) for uniform attention; 0 when a query attends to a single key.
   """
   p = np.asarray(maps, np.float64)
-  return float(np.mean(-np.sum(p * np.log(np.clip(p, 1e-12, None)), axis=-1)))
+  return -np.sum(p * np.log(np.clip(p, 1e-12, None)), axis=-1)
+
+
+def attention_entropy(maps: np.ndarray) -> float:
+  """Mean entropy (nats) of the attention distributions in (..., N, N) maps."""
+  return float(np.mean(query_entropies(maps)))
 
 
 def attention_rollout(maps: np.ndarray) -> np.ndarray:

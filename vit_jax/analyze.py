@@ -17,8 +17,6 @@ Layer 5 of vit_jax.
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from vit_jax import analysis, inference, instruments  # noqa: E402
-from vit_jax.files import write_text_atomically  # noqa: E402
-
-
-def _write_csv(path: Path, header: list[str], rows) -> Path:
-  text = io.StringIO(newline="")
-  writer = csv.writer(text)
-  writer.writerow(header)
-  writer.writerows(rows)
-  write_text_atomically(path, text.getvalue())  # a killed analysis leaves no half table
-  return path
+from vit_jax.files import write_csv_atomically  # noqa: E402
 
 
 def _heatmap(path: Path, matrix: np.ndarray, title: str, xlabel: str, ylabel: str) -> Path:
@@ -71,12 +60,12 @@ def _importance(out: Path, evaluate, config, images, labels, suffix: str) -> lis
   fig.savefig(out / f"pruning_curve{suffix}.png", dpi=100)
   plt.close(fig)
   return [
-      _write_csv(out / f"head_importance{suffix}.csv", ["layer", "head", "loss", "accuracy",
-                                                        "accuracy_drop"], rows),
-      _write_csv(out / f"pruning_curve{suffix}.csv", ["heads_removed", "last_removed", "loss",
-                                                      "accuracy"],
-                 [(n, "" if h is None else f"{h[0]}.{h[1]}", loss, acc)
-                  for n, h, loss, acc in curve]),
+      write_csv_atomically(out / f"head_importance{suffix}.csv",
+                           ["layer", "head", "loss", "accuracy", "accuracy_drop"], rows),
+      write_csv_atomically(out / f"pruning_curve{suffix}.csv",
+                           ["heads_removed", "last_removed", "loss", "accuracy"],
+                           [(n, "" if h is None else f"{h[0]}.{h[1]}", loss, acc)
+                            for n, h, loss, acc in curve]),
       _heatmap(out / f"head_importance{suffix}.png", drop,
                f"accuracy lost with the head removed alone{how}", "head", "layer"),
       out / f"pruning_curve{suffix}.png"]
@@ -96,16 +85,15 @@ def _spectra(out: Path, params: Any, model) -> list[Path]:
   plt.close(fig)
   rows = [(r["layer"], r["head"], r["matrix"], r["effective_rank"],
            " ".join(f"{s:.6g}" for s in r["singular_values"])) for r in records]
-  return [_write_csv(out / "projection_spectra.csv", ["layer", "head", "matrix",
-                                                      "effective_rank", "singular_values"],
-                     rows), out / "projection_spectra.png"]
+  return [write_csv_atomically(out / "projection_spectra.csv", ["layer", "head", "matrix",
+                               "effective_rank", "singular_values"], rows),
+          out / "projection_spectra.png"]
 
 
 def _attention_statistics(out: Path, maps: np.ndarray, model) -> list[Path]:
   grid = model.image_size // model.patch_size
   distance = instruments.attention_distance(maps, grid, model.patch_size)
-  entropy = np.array([[analysis.attention_entropy(maps[layer, :, head])
-                       for head in range(model.num_heads)] for layer in range(model.num_layers)])
+  entropy = analysis.query_entropies(maps).mean(axis=(1, 3))  # (L, B, H, N) -> (L, H)
   redundancy = instruments.head_redundancy(maps)
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for head in range(model.num_heads):
@@ -116,11 +104,12 @@ def _attention_statistics(out: Path, maps: np.ndarray, model) -> list[Path]:
   fig.savefig(out / "attention_distance.png", dpi=100)
   plt.close(fig)
   return [
-      _write_csv(out / "attention_statistics.csv", ["layer", "head", "entropy",
-                                                    "mean_distance_pixels"],
-                 [(i, j, entropy[i, j], distance[i, j]) for i, j in np.ndindex(entropy.shape)]),
-      _write_csv(out / "head_redundancy.csv", ["layer", "head_a", "head_b", "js_divergence"],
-                 [(i, a, b, redundancy[i, a, b]) for i, a, b in np.ndindex(redundancy.shape)]),
+      write_csv_atomically(
+          out / "attention_statistics.csv", ["layer", "head", "entropy", "mean_distance_pixels"],
+          [(i, j, entropy[i, j], distance[i, j]) for i, j in np.ndindex(entropy.shape)]),
+      write_csv_atomically(
+          out / "head_redundancy.csv", ["layer", "head_a", "head_b", "js_divergence"],
+          [(i, a, b, redundancy[i, a, b]) for i, a, b in np.ndindex(redundancy.shape)]),
       _heatmap(out / "head_redundancy.png", redundancy.reshape(-1, model.num_heads),
                "JS divergence between heads (rows: layer x head)", "head", "layer x head"),
       out / "attention_distance.png"]

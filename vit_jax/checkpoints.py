@@ -82,24 +82,8 @@ def write_or_check_config(workdir: Path, config: Any, write: bool = True,
   resolved = dataclasses.asdict(config)
   path = workdir / CONFIG_FILE
   if path.exists():
-    # A field added since the run was saved has its default there.
-    saved = with_defaults(json.loads(path.read_text()), config)
-    if saved["dataset"] != resolved["dataset"]:
-      raise ValueError(f"workdir={str(workdir)!r} holds a run on {saved['dataset']}, not "
-                       f"config.dataset={resolved['dataset']!r}; pass that run's config, or "
-                       "fine-tune in a new workdir (config.init_from)")
-    if (saved["ema_decay"] > 0) != (resolved["ema_decay"] > 0):  # the state has its average or not
-      raise ValueError(f"workdir={str(workdir)!r} holds a run with config.ema_decay="
-                       f"{saved['ema_decay']}, not {resolved['ema_decay']}; use a new workdir")
-    if training and saved["seed"] != resolved["seed"]:
-      raise ValueError(f"workdir={str(workdir)!r} holds a run with config.seed={saved['seed']}, "
-                       f"not {resolved['seed']}; a run keeps its seed: use a new workdir")
-    # The held-out images are the first N of one fixed order: more would take trained ones.
-    if training and resolved["validation_examples"] > saved["validation_examples"]:
-      raise ValueError(f"workdir={str(workdir)!r} holds a run that held out "
-                       f"{saved['validation_examples']} images and trained on the rest, some "
-                       f"of config.validation_examples={resolved['validation_examples']}; use "
-                       "a new workdir")
+    saved = with_defaults(json.loads(path.read_text()), config)  # newer fields: defaults
+    _refuse_another_run(workdir, saved, resolved, training)
     changed = sorted(k for k in set(saved["model"]) | set(resolved["model"])
                      if saved["model"].get(k) != resolved["model"].get(k))
     structural = [k for k in changed if k not in _COMPUTATION_ONLY]
@@ -118,6 +102,26 @@ def write_or_check_config(workdir: Path, config: Any, write: bool = True,
   if write:
     write_text_atomically(path, json.dumps(resolved, indent=2, sort_keys=True) + "\n")
   return others
+
+
+def _refuse_another_run(workdir: Path, saved: dict, resolved: dict, training: bool) -> None:
+  """`write_or_check_config`'s refusals of a run the checkpoints are not (the model's below)."""
+  if saved["dataset"] != resolved["dataset"]:
+    raise ValueError(f"workdir={str(workdir)!r} holds a run on {saved['dataset']}, not "
+                     f"config.dataset={resolved['dataset']!r}; pass that run's config, or "
+                     "fine-tune in a new workdir (config.init_from)")
+  if (saved["ema_decay"] > 0) != (resolved["ema_decay"] > 0):  # the state has its average or not
+    raise ValueError(f"workdir={str(workdir)!r} holds a run with config.ema_decay="
+                     f"{saved['ema_decay']}, not {resolved['ema_decay']}; use a new workdir")
+  if training and saved["seed"] != resolved["seed"]:
+    raise ValueError(f"workdir={str(workdir)!r} holds a run with config.seed={saved['seed']}, "
+                     f"not {resolved['seed']}; a run keeps its seed: use a new workdir")
+  # The held-out images are the first N of one fixed order: more would take trained ones.
+  if training and resolved["validation_examples"] > saved["validation_examples"]:
+    raise ValueError(f"workdir={str(workdir)!r} holds a run that held out "
+                     f"{saved['validation_examples']} images and trained on the rest, some "
+                     f"of config.validation_examples={resolved['validation_examples']}; use "
+                     "a new workdir")
 
 
 def with_defaults(saved: dict, like: Any) -> dict:

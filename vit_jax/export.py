@@ -73,13 +73,20 @@ def export_saved_model(config: Any, workdir: str | Path, out: str | Path | None 
   module.serving_default = serving_default
   out.parent.mkdir(parents=True, exist_ok=True)
   staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+  replaced = staging.with_name(staging.name + ".replaced")
   try:
     tf.saved_model.save(module, str(staging), signatures={"serving_default": serving_default})
-    if out.exists():
-      shutil.rmtree(out)
-    staging.rename(out)
+    if out.exists():  # moved aside, not deleted, until the new one is in place
+      out.rename(replaced)
+    try:
+      staging.rename(out)
+    except OSError:
+      if replaced.exists():
+        replaced.rename(out)  # the old export back where it was
+      raise
   finally:
     shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(replaced, ignore_errors=True)
   return out
 
 

@@ -7,6 +7,8 @@ array cache, config.json and a sweep's result.json all write this way.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import uuid
 from collections.abc import Iterator
@@ -29,6 +31,16 @@ def replaced_atomically(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(partial, path)
   finally:
     partial.unlink(missing_ok=True)
+
+
+def write_csv_atomically(path: str | os.PathLike, header: list[str], rows) -> Path:
+  """A CSV table, `header` then `rows` (sequences), whole or not at all; -> its path."""
+  text = io.StringIO(newline="")
+  writer = csv.writer(text)
+  writer.writerow(header)
+  writer.writerows(rows)
+  write_text_atomically(path, text.getvalue())
+  return Path(path)
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:

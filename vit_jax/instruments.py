@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import attention, input_pipeline
+from vit_jax import analysis, attention, input_pipeline
 from vit_jax.model_configs import ModelConfig
-from vit_jax.models import attention_maps, layer_projections
+from vit_jax.models import layer_projections
 from vit_jax.steps import cross_entropy
 
 
@@ -199,25 +199,13 @@ def head_redundancy(maps: np.ndarray, images_at_once: int = 16) -> np.ndarray:
   return total / (images * queries)
 
 
-def attention_maps_function(apply_fn, dataset: str):
-  """-> maps(params, uint8 images) -> (L, B, H, N, N), compiled once for a run's probes."""
-
-  @jax.jit
-  def maps(params, images):
-    _, variables = apply_fn({"params": params}, input_pipeline.normalize(images, dataset),
-                            mutable=["intermediates"])
-    return attention_maps(variables["intermediates"])
-
-  return maps
-
-
 def attention_statistics(maps: np.ndarray, model: ModelConfig) -> dict[str, float]:
   """Per layer and head, the mean entropy (nats) and mean distance (pixels) of `maps`, as
   metrics: {'attention_entropy/layer0/head0': ..., 'attention_distance/layer0/head0': ...}."""
   maps = np.asarray(maps, np.float64)
   grid = model.image_size // model.patch_size
   distance = attention_distance(maps, grid, model.patch_size)
-  entropy = -(maps * np.log(np.clip(maps, 1e-12, None))).sum(-1).mean(axis=(1, 3))
+  entropy = analysis.query_entropies(maps).mean(axis=(1, 3))  # (L, B, H, N) -> (L, H)
   out = {}
   for layer, head in np.ndindex(distance.shape):
     out[f"attention_entropy/layer{layer}/head{head}"] = float(entropy[layer, head])

@@ -9,7 +9,6 @@ Layer 5 of vit_jax, beside `visualize.py`: it reads the records `vit_jax.sweep` 
 from __future__ import annotations
 
 import csv
-import io
 import math
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 from scipy import stats
 
 from vit_jax import analyze, sweep_plots
-from vit_jax.files import write_text_atomically
+from vit_jax.files import write_csv_atomically, write_text_atomically
 
 ANALYSIS_FILES = ("head_importance.csv", "head_importance_mean.csv", "pruning_curve.csv",
                   "pruning_curve_mean.csv", "attention_statistics.csv",
@@ -99,11 +98,9 @@ def collect_analyses(records: list[dict[str, Any]], out_dir: Path) -> list[Path]
         rows += [[r["name"], r["qkv"], r["heads"], r["hidden_size"], r["seed"], *row]
                  for row in body]
     if header is not None:
-      paths.append(out_dir / f"analysis_{name}")
-      text = io.StringIO(newline="")
-      csv.writer(text).writerows([["run", "qkv", "heads", "hidden_size", "seed", *header],
-                                  *rows])
-      write_text_atomically(paths[-1], text.getvalue())
+      paths.append(write_csv_atomically(out_dir / f"analysis_{name}",
+                                        ["run", "qkv", "heads", "hidden_size", "seed", *header],
+                                        rows))
   return paths
 
 
@@ -169,11 +166,9 @@ def differences_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-  text = io.StringIO(newline="")
-  writer = csv.DictWriter(text, fieldnames=columns)
-  writer.writeheader()
-  writer.writerows(rows)
-  write_text_atomically(path, text.getvalue())  # two processes may report at once
+  """`rows` as a table of `columns` ('' where a row lacks one); two processes may report at
+  once, so whole or not at all."""
+  write_csv_atomically(path, columns, [[r.get(c, "") for c in columns] for r in rows])
 
 
 

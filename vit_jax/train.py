@@ -20,7 +20,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from vit_jax import auto, inference, init_from, input_pipeline, instruments, mnist_source
+from vit_jax import (
+    analysis,
+    auto,
+    inference,
+    init_from,
+    input_pipeline,
+    instruments,
+    mnist_source,
+)
 from vit_jax.checkpoints import (
   Checkpoints,
   WriteError,
@@ -119,9 +127,9 @@ def attention_probe(config: ExperimentConfig, data: Data) -> Callable[[Any], dic
   """-> f(state): the attention statistics every evaluation logs (`instruments`), measured on
   the first PROBE_IMAGES held-out images: validation's where held out, else the test split's."""
   images = data["validation" if "validation" in data else "test"]["image"][:PROBE_IMAGES]
-  maps = instruments.attention_maps_function(ViT(config.model).apply, config.dataset)
+  forward = analysis.forward_with_attention(ViT(config.model).apply, config.dataset)
   return lambda state: instruments.attention_statistics(
-      maps(evaluation_params(state), images), config.model)
+      forward(evaluation_params(state), images)[1], config.model)
 
 
 def restore_or_start(checkpoints: Checkpoints, fresh: Any, config: ExperimentConfig,
