@@ -195,6 +195,7 @@ def test_bfloat16_that_xla_cannot_run_is_one_line(monkeypatch):
     (SEED_SHAPE, 20, 10),                                  # 10 of the 16 that fit
     (SEED_SHAPE, 127, None),                               # prime: not 127 passes of one
     (SEED_SHAPE, 74, None),                                # 2 is under a quarter of 16
+    (SEED_SHAPE, 1018, 2),                                 # but the whole is 64x what fits
     (SEED_SHAPE, 8, None),                                 # the whole share fits
 ])
 def test_auto_micro_batches_are_cache_sized_on_cpus(platform, model, per_device, size):

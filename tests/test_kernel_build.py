@@ -78,11 +78,16 @@ exit 1
   assert calls.read_text() == "compile\ncompile\n"
 
 
-def test_a_compiler_killed_by_a_signal_is_not_cached_as_a_failure(fake_compiler, tmp_path):
-  compiler = fake_compiler("""[ "$1" = --version ] && { echo fake 1.0; exit 0; }
-kill -9 $$
+@pytest.mark.parametrize("dies", [
+    "kill -9 $$",  # the driver itself
+    "echo 'g++: fatal error: Killed signal terminated program cc1plus' >&2; exit 1",  # the OOM
+])  # killer's usual victim is the compiler proper, and the driver exits 1 saying so
+def test_a_compiler_killed_by_a_signal_is_not_cached_as_a_failure(fake_compiler, tmp_path,
+                                                                  dies):
+  compiler = fake_compiler(f"""[ "$1" = --version ] && {{ echo fake 1.0; exit 0; }}
+{dies}
 """)
-  with pytest.raises(RuntimeError, match="was killed by signal 9 while building attention_cpu"):
+  with pytest.raises(RuntimeError, match="was killed while building attention_cpu.cc; the next"):
     B.build(compiler)
   assert not list((tmp_path / "cache").glob("*.failed"))
 

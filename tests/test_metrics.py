@@ -109,7 +109,7 @@ def test_a_resumed_run_forgets_the_steps_it_takes_again(tmp_path):
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 12, "train_lo')
   resumed = metrics.MetricWriter(tmp_path)
-  resumed.resume_at(6)
+  resumed.resume_at(6, last_step=20)
   resumed.write(8, {"train_loss": 0.5})
   resumed.close()
   assert [(r["step"], r["train_loss"]) for r in metrics.read_metrics(tmp_path)] == [
@@ -131,6 +131,19 @@ def read_events(path):
     (length,) = struct.unpack("<Q", data[at:at + 8])
     yield event_pb2.Event.FromString(data[at + 12:at + 12 + length])
     at += 12 + length + 4
+
+
+def test_a_finished_run_started_again_logs_its_final_evaluation_once(tmp_path):
+  writer = metrics.MetricWriter(tmp_path)
+  writer.write(8, {"train_loss": 0.5})
+  writer.write(8, {"eval_loss": 0.25, "eval_accuracy": 0.9})  # the final evaluation
+  writer.close()
+  again = metrics.MetricWriter(tmp_path)
+  again.resume_at(8, last_step=8)  # at its last step: it evaluates again
+  again.write(8, {"eval_loss": 0.25, "eval_accuracy": 0.9})
+  again.close()
+  assert [sorted(r) for r in metrics.read_metrics(tmp_path)] == [
+      ["step", "time", "train_loss"], ["eval_accuracy", "eval_loss", "step", "time"]]
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

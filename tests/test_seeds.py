@@ -89,6 +89,12 @@ def test_an_interrupted_group_resumes_where_it_stopped(tmp_path, data, monkeypat
   with pytest.raises(ValueError, match=r"^seeds=\[0, 2\] are not the group's \[0, 1\]"):
     seeds.train_and_evaluate_seeds(CONFIG, [0, 2], tmp_path / "group",
                                    [dirs[0], tmp_path / "s2"], data=data)
+  # A group of an older version (no seeds.json): a refused call records no seeds of its own.
+  (tmp_path / "group" / "seeds.json").unlink()
+  with pytest.raises(ValueError, match="config.seed=0, not 3"):
+    seeds.train_and_evaluate_seeds(CONFIG, [3, 4], tmp_path / "group",
+                                   [tmp_path / "s3", tmp_path / "s4"], data=data)
+  assert not (tmp_path / "group" / "seeds.json").exists()
 
 
 def test_bad_seed_lists_are_one_line(tmp_path, data):

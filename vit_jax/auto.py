@@ -142,8 +142,9 @@ def choose_microbatch_size(config: ExperimentConfig, per_device: int
 
   `per_device`: a device's share of the batch. On a CPU: the largest divisor of the share
   that holds at most `CPU_MICROBATCH_FLOATS` of a layer's activations, or the whole share if
-  that divisor is under a quarter of what fits (a share of 127 would take 127 passes of one
-  example; passes of a quarter measured 0.90x, the whole share about 0.7x).
+  that divisor is under a quarter of what fits and the share at most 8 times it (a share of
+  127 would take 127 passes of one example; passes of a quarter measured 0.90x, a whole share
+  of 4 times what fits about 0.7x).
   """
   if config.microbatch_size != "auto":
     return config.microbatch_size, "as configured"
@@ -154,7 +155,7 @@ def choose_microbatch_size(config: ExperimentConfig, per_device: int
   if fits >= per_device:
     return None, "the whole share fits the CPU's caches"
   size = max(d for d in range(1, fits + 1) if per_device % d == 0)
-  if size < fits // 4:
+  if size < fits // 4 and per_device <= 8 * fits:  # measured up to 8x what fits: 0.69x
     return None, (f"the whole share: {per_device} examples have no divisor from {fits // 4} "
                   f"to {fits}, what fits the CPU's caches")
   return size, f"{size} of {c.num_tokens} tokens x {c.hidden_size} fit the CPU's caches"

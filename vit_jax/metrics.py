@@ -36,23 +36,25 @@ class MetricWriter:
       self.jsonl.write("\n")
     self.tensorboard = _open_event_file(Path(workdir) / "tensorboard")
 
-  def resume_at(self, step: int) -> None:
+  def resume_at(self, step: int, last_step: int) -> None:
     """Forgets the records after `step`, where this run goes on from: a run killed after its
-    last checkpoint logged steps that it now takes again, and each step is logged once."""
+    last checkpoint logged steps that it now takes again, and each step is logged once. At
+    `last_step` the final evaluation is done again, so its record goes too."""
     if not self.enabled:
       return
     lines = self.path.read_text().splitlines()
-    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+    kept = [line for line in lines if _step_of(line) is not None and (
+        _step_of(line) < step or _step_of(line) == step and not (
+            step == last_step and '"eval_loss"' in line))]
     if kept != lines:
       self.jsonl.close()
       write_text_atomically(self.path, "".join(line + "\n" for line in kept))
       self.jsonl = open(self.path, "a")  # noqa: SIM115 - closed in close()
-    if step:  # TensorBoard drops the earlier files' events from step + 1 on, as tf's purge_step
-      self.tensorboard.write(event_pb2.Event(
-          wall_time=time.time(), step=step + 1,
-          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-      ).SerializeToString())
-      self.tensorboard.flush()
+    # TensorBoard drops the earlier files' events from step + 1 on, as tf's purge_step does.
+    self.tensorboard.write(event_pb2.Event(
+        wall_time=time.time(), step=step + 1,
+        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)).SerializeToString())
+    self.tensorboard.flush()
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self.enabled:

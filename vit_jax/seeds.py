@@ -90,7 +90,7 @@ def train_and_evaluate_seeds(config: Any, seeds: Sequence[int], workdir: str | P
   microbatches_per_step(config, runner)  # batches the devices cannot share fail here
   workdir = prepare_workdir(workdir)
   with WorkdirLock(workdir), logging_to(workdir):
-    _record_or_check_seeds(workdir, list(seeds))
+    _check_seeds(workdir, list(seeds))
     config, choices = auto.resolve(config, runner.num_devices, saved_config(workdir))
     configs = [dataclasses.replace(config, seed=s) for s in seeds]
     dirs = [prepare_workdir(d) for d in seed_workdirs]
@@ -101,13 +101,14 @@ def train_and_evaluate_seeds(config: Any, seeds: Sequence[int], workdir: str | P
       return group.train(f"running {len(seeds)} seeds as one on {choices}")
 
 
-def _record_or_check_seeds(workdir: Path, seeds: list[int]) -> None:
+SEEDS_FILE = "seeds.json"  # a group's seeds, in the order of its stacked state
+
+
+def _check_seeds(workdir: Path, seeds: list[int]) -> None:
   """Refuses another seed list than the group's: each slot of its stacked state is one seed's,
   and would go on under another seed's name and data order."""
-  path = workdir / "seeds.json"
-  if not path.exists():
-    write_text_atomically(path, json.dumps(seeds) + "\n")
-  elif (recorded := json.loads(path.read_text())) != seeds:
+  path = workdir / SEEDS_FILE
+  if path.exists() and (recorded := json.loads(path.read_text())) != seeds:
     raise ValueError(f"seeds={seeds} are not the group's {recorded} (workdir={str(workdir)!r}); "
                      "resume it with those, or train these in a new group workdir")
 
@@ -183,9 +184,12 @@ class _Group:
     for folder, config in zip([self.workdir, *self.dirs], [self.config, *self.configs],
                               strict=True):
       write_or_check_config(folder, config)
+    # Recorded once every check passed: a refused call must not name the group's seeds.
+    write_text_atomically(self.workdir / SEEDS_FILE,
+                          json.dumps([c.seed for c in self.configs]) + "\n")
     start = self.step = int(np.asarray(states.step).reshape(-1)[0])
     for writer in self.writers:
-      writer.resume_at(start)
+      writer.resume_at(start, self.total_steps)
     progress = Progress(self.total_steps, start)
     try:
       resuming = f"resuming {self.workdir} at step {start}" if start else None

@@ -133,9 +133,6 @@ def write_reports(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
   sweep_plots.plot(rows, paths[3])
   _write_csv(paths[4], differences, ["qkv", "baseline", "heads", "hidden_size", "seeds",
                                      "difference_mean", "ci95_low", "ci95_high"])
-  for stale in out_dir.glob("analysis_*"):  # an earlier report's, of runs not in this one
-    if stale.is_file():
-      stale.unlink()
   gathered = collect_analyses(records, out_dir)
   if gathered:
     means = analysis_by_heads(out_dir)
@@ -148,6 +145,9 @@ def write_reports(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
       if models := models_by_heads(out_dir, qkv):
         gathered.append(sweep_plots.plot_models(models, qkv,
                                                 out_dir / f"analysis_models_{qkv}.png"))
+  for stale in set(out_dir.glob("analysis_*")) - set(gathered):  # an earlier report's; after,
+    if stale.is_file():  # not before: a second process reporting at once writes the same
+      stale.unlink()
   return paths + gathered
 
 

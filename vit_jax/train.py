@@ -177,7 +177,7 @@ class _Run:
     main = self.runner.is_main_process
     writer = MetricWriter(self.workdir, enabled=main)
     self.cleanup.callback(writer.close)
-    writer.resume_at(start_step)
+    writer.resume_at(start_step, self.total_steps)
     self.progress = Progress(self.total_steps, start_step, enabled=main)
     self.cleanup.callback(self.progress.close)
     self.window = MetricsWindow(self.runner.unreplicate, writer, self.progress,

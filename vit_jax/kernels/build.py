@@ -31,6 +31,7 @@ SOURCE = Path(__file__).with_name("attention_cpu.cc")
 MARCH_VARIABLE = "VIT_JAX_KERNEL_MARCH"
 UNUSED_DAYS = 30  # a cached build unused this long is deleted by the next new build
 FAILURE_HOURS = 24  # a cached failure this old is tried again
+_KILLED = "Killed signal terminated program"  # g++ and clang, when their compiler proper dies
 
 
 def cache_dir() -> Path:
@@ -98,9 +99,9 @@ def _compile(compiler: str, flags: list[str], library: Path, failure: Path) -> N
   with replaced_atomically(library) as partial:
     done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial)],
                           capture_output=True, text=True, check=False)
-    if done.returncode < 0:  # killed (e.g. for memory): nothing to say about the source
-      raise RuntimeError(f"{compiler} was killed by signal {-done.returncode} while building "
-                         f"{SOURCE.name}; the next process tries again")
+    if done.returncode < 0 or _KILLED in done.stderr:  # e.g. for memory: not the source's fault
+      raise RuntimeError(f"{compiler} was killed while building {SOURCE.name}; the next "
+                         "process tries again")
     if done.returncode:
       errors = [line for line in done.stderr.splitlines() if "error" in line]
       why = (f"{compiler} could not build {SOURCE.name}: "
