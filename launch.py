@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -210,44 +209,15 @@ def main(argv):
   MODES[FLAGS.mode](config)
 
 
-def _unknown_config_key(error: Exception) -> str | None:
-  """The one line for a `--config.a.b=...` flag naming a key the config lacks, or None.
-
-  ml_collections raises KeyError or AttributeError with the key on the first line of its
-  message and a did-you-mean on the next.
-  """
-  message = error
-  while isinstance(message, BaseException):  # AttributeError(KeyError(text)) -> text
-    message = message.args[0] if message.args else ""
-  name, *hint = str(message).splitlines() or [""]
-  name = name.strip("\"'")
-  for arg in sys.argv[1:]:
-    path = arg.split("=")[0].removeprefix("--").split(".")
-    if path[0] == "config" and name in path[1:]:
-      key = ".".join(path[:path.index(name, 1) + 1])
-      suggestion = " ".join(hint).strip()
-      return f"{key} is not a known key of the config" + (
-          f"; {suggestion[:1].lower()}{suggestion[1:]}" if suggestion else "")
-  return None
-
-
 def run():
   from vit_jax.command_line import ending_in_one_line
 
   def parse_and_run():
-    try:
-      # Defined here, not at import: without --config, defining it loads the default file and
-      # applies the `--config.x=...` flags at once, and a misspelled key must be one line too.
-      config_flags.DEFINE_config_file("config", "experiments/mnist.py",
-                                      "Experiment config file.", lock_config=True)
-      app.run(main)
-    except (AttributeError, KeyError) as e:
-      # ml_collections raises these, with a traceback, for `--config.x=...` naming no field.
-      line = _unknown_config_key(e)
-      if line is None:
-        raise
-      print(f"error: {line}", file=sys.stderr)
-      sys.exit(2)
+    # Defined here, not at import: without --config, defining it loads the default file and
+    # applies the `--config.x=...` flags at once, and a misspelled key must be one line too.
+    config_flags.DEFINE_config_file("config", "experiments/mnist.py",
+                                    "Experiment config file.", lock_config=True)
+    app.run(main)
 
   ending_in_one_line(parse_and_run)
 

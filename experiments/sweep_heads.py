@@ -27,9 +27,6 @@ from ml_collections import config_flags
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", str(Path(__file__).resolve().parent / "sweep_small.py"),
-    "Base experiment config; heads, width, qkv and seed are set per run.", lock_config=True)
 flags.DEFINE_string("root", None, "Folder holding one workdir per run, and the reports.",
                     required=True)
 flags.DEFINE_list("heads", ["1", "2", "4", "8", "16"], "Head counts.")
@@ -108,4 +105,10 @@ def _analyzer(data):
 if __name__ == "__main__":
   from vit_jax.command_line import ending_in_one_line
 
-  ending_in_one_line(lambda: app.run(main))
+  def define_config_and_run():  # a misspelt --config.x then ends in one line (launch.run)
+    config_flags.DEFINE_config_file(
+        "config", str(Path(__file__).resolve().parent / "sweep_small.py"),
+        "Base experiment config; heads, width, qkv and seed are set per run.", lock_config=True)
+    app.run(main)
+
+  ending_in_one_line(define_config_and_run)

@@ -148,6 +148,21 @@ def test_bad_config_is_one_clear_line_before_any_work(flag, message, config, tmp
   assert result.returncode == 2, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1].startswith(message)
   assert "Traceback" not in result.stderr and result.stderr.count("error:") == 1
+
+
+@pytest.mark.parametrize("command", [["experiments/sweep_heads.py", "--root=ROOT"],
+                                     ["-m", "vit_jax.benchmark"],
+                                     ["-m", "vit_jax.benchmark.scaling"]],
+                         ids=["sweep_heads", "benchmark", "scaling"])
+def test_every_command_says_a_misspelt_config_key_in_one_line(command, tmp_path):
+  args = [a.replace("ROOT", str(tmp_path)) for a in command]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run([sys.executable, *args, "--config.model.nmu_heads=4"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      "error: config.model.nmu_heads is not a known key of the config")
+  assert "Traceback" not in result.stderr
   assert not (tmp_path / "run").exists() and not Path("/mnt/vit_jax-test-not-mounted").exists()
 
 

@@ -1,6 +1,7 @@
 """How a command ends on a failure its user can fix: one line on the console, not a traceback.
 
-Layer 5 of vit_jax: shared by launch.py and experiments/sweep_heads.py.
+Layer 5 of vit_jax: shared by launch.py, experiments/sweep_heads.py, ship_model.py and the
+benchmarks. Each defines its config flag inside the command it passes (see `launch.run`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ def ending_in_one_line(command: Callable[[], None]) -> None:
   run_log.PROCESS_ENDS_ON_FAILURE = True
   try:
     command()
+  except (AttributeError, KeyError) as e:
+    # ml_collections raises these, with a traceback, for `--config.x=...` naming no field
+    # (when the config flag is defined, or when the flags are parsed: both inside `command`).
+    if (line := unknown_config_key(e)) is None:
+      raise
+    to_console(f"error: {line}")
+    sys.exit(2)
   except (ValueError, FloatingPointError, OSError) as e:
     to_console(f"error: {e}")
     if isinstance(e, WriteError):
@@ -32,6 +40,27 @@ def ending_in_one_line(command: Callable[[], None]) -> None:
   except TrainingInterruptedError as e:
     to_console(f"interrupted: {e}")
     sys.exit(128 + e.signum)
+
+
+def unknown_config_key(error: Exception) -> str | None:
+  """The one line for a `--config.a.b=...` flag naming a key the config lacks, or None.
+
+  ml_collections raises KeyError or AttributeError with the key on the first line of its
+  message and a did-you-mean on the next.
+  """
+  message = error
+  while isinstance(message, BaseException):  # AttributeError(KeyError(text)) -> text
+    message = message.args[0] if message.args else ""
+  name, *hint = str(message).splitlines() or [""]
+  name = name.strip("\"'")
+  for arg in sys.argv[1:]:
+    path = arg.split("=")[0].removeprefix("--").split(".")
+    if path[0] == "config" and name in path[1:]:
+      key = ".".join(path[:path.index(name, 1) + 1])
+      suggestion = " ".join(hint).strip()
+      return f"{key} is not a known key of the config" + (
+          f"; {suggestion[:1].lower()}{suggestion[1:]}" if suggestion else "")
+  return None
 
 
 def to_console(line: str) -> None:

@@ -83,5 +83,4 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  _define_flags()
-  ending_in_one_line(lambda: app.run(main))
+  ending_in_one_line(lambda: (_define_flags(), app.run(main)))  # a misspelt --config.x: a line

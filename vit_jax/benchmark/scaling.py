@@ -162,11 +162,14 @@ def main(argv):
     print(f"16 heads over 4 heads, training images/s: {result['heads_16_over_4']:.2f}x")
 
 
-if __name__ == "__main__":
+def _define_flags():
   config_flags.DEFINE_config_file("config", str(REPO / "experiments" / "mnist.py"),
                                   "The base config.", lock_config=True)
   flags.DEFINE_string("cpu_devices", "auto", "As launch.py's.")
   flags.DEFINE_integer("windows", 3, "Timed windows per row.", lower_bound=1)
   flags.DEFINE_integer("steps_per_window", 5, "Training steps per window.", lower_bound=1)
   flags.DEFINE_string("out", None, "Write the rows as JSON here (after every row).")
-  ending_in_one_line(lambda: app.run(main))
+
+
+if __name__ == "__main__":
+  ending_in_one_line(lambda: (_define_flags(), app.run(main)))  # a misspelt --config.x: a line
