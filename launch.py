@@ -124,7 +124,7 @@ def _predict(config) -> None:
   from vit_jax import image_files, inference
 
   if not FLAGS.images:
-    raise app.UsageError("--mode=predict needs --images=FILE[,FILE...]")
+    raise ValueError("--mode=predict needs --images=FILE[,FILE...]")
   size = config.model.image_size
   images = np.stack([image_files.load_image(p, size) for p in FLAGS.images])
   probabilities = inference.predict(config, FLAGS.workdir, images)

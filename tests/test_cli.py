@@ -137,6 +137,7 @@ def test_predict_bad_image_is_one_clear_line(trained, tmp_path):
      "mounted/run': /mnt/vit_jax-test-not-mounted does not exist (a filesystem that is not "
      "mounted?)"),
     ("--images=digit.png", "error: --images is for --mode=predict, not --mode=train"),
+    ("--mode=predict", "error: --mode=predict needs --images=FILE[,FILE...]"),
     ("--num_processes=2", "error: --num_processes is for a run of several processes: add "
      "--coordinator_address or --distributed"),
 ])

@@ -46,9 +46,10 @@ def test_eval_of_a_workdir_with_another_model_or_dataset_is_refused(tmp_path, di
   data = subset(digits, 256)
   config = small_config(num_epochs=0.25)
   train.train_and_evaluate(config, tmp_path / "run", data=data)
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(ValueError, match=message) as error:
     inference.evaluate_checkpoint(dataclasses.replace(config, **change), tmp_path / "run",
                                   data=data)
+  assert "use a new workdir" not in str(error.value) or "ema_decay" in str(error.value)
   assert (tmp_path / "run" / "checkpoints" / "1").is_dir()  # nothing moved aside
   inference.evaluate_checkpoint(dataclasses.replace(config, validation_examples=64),
                                 tmp_path / "run", data=data)
@@ -89,6 +90,11 @@ def test_a_resume_with_other_settings_keeps_the_replaced_config_in_the_history(t
       (0.5, config.learning_rate)]
   now = json.loads((tmp_path / "run" / "config.json").read_text())
   assert (now["num_epochs"], now["learning_rate"]) == (1, 5e-4)
+  # Started again when finished, it trains nothing: config.json stays the one it ran with.
+  train.train_and_evaluate(dataclasses.replace(config, num_epochs=1, learning_rate=1e-4),
+                           tmp_path / "run", data=data)
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["learning_rate"] == 5e-4
+  assert len((tmp_path / "run" / "config_history.jsonl").read_text().splitlines()) == 1
 
 
 def test_a_fraction_of_an_epoch_takes_the_steps_it_names_despite_float_rounding():

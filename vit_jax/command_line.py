@@ -40,6 +40,9 @@ def ending_in_one_line(command: Callable[[], None]) -> None:
   except TrainingInterruptedError as e:
     to_console(f"interrupted: {e}")
     sys.exit(128 + e.signum)
+  except KeyboardInterrupt:  # Ctrl-C before training set its handler: nothing to save yet
+    to_console("interrupted by Ctrl-C before anything was saved; rerun the same command")
+    sys.exit(130)
 
 
 def unknown_config_key(error: Exception) -> str | None:

@@ -181,13 +181,13 @@ class _Group:
 
   def train(self, first_line: str) -> list[dict[str, float]]:
     states = self._restore()
+    start = self.step = int(np.asarray(states.step).reshape(-1)[0])
     for folder, config in zip([self.workdir, *self.dirs], [self.config, *self.configs],
                               strict=True):
-      write_or_check_config(folder, config)
+      write_or_check_config(folder, config, write=start < self.total_steps)  # as a run
     # Recorded once every check passed: a refused call must not name the group's seeds.
     write_text_atomically(self.workdir / SEEDS_FILE,
                           json.dumps([c.seed for c in self.configs]) + "\n")
-    start = self.step = int(np.asarray(states.step).reshape(-1)[0])
     for writer in self.writers:
       writer.resume_at(start, self.total_steps)
     progress = Progress(self.total_steps, start)

@@ -228,8 +228,10 @@ class _Run:
     SIGTERM or Ctrl-C.
     """
     state = self._restore()
-    write_or_check_config(self.workdir, self.config, write=self.runner.is_main_process)
     start_step = self.step = int(state.step)
+    # A finished run started again trains nothing: its config.json stays the one it ran with.
+    write_or_check_config(self.workdir, self.config, write=self.runner.is_main_process
+                          and start_step < self.total_steps)
     taken = None
     if not start_step and self.config.init_from:
       state, taken = init_from.initialised_from(state, self.config)
