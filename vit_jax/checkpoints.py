@@ -91,8 +91,7 @@ def write_or_check_config(workdir: Path, config: Any, write: bool = True,
       diffs = ", ".join(f"model.{k}: {saved['model'].get(k)!r} -> {resolved['model'].get(k)!r}"
                         for k in structural)
       raise ValueError(f"workdir={str(workdir)!r} holds a run of a different model ({diffs}); "
-                       + ("use a new workdir" if training else "pass the config it was trained "
-                          "with (--config; its config.json is in the workdir)"))
+                       f"{'use a new workdir' if training else 'pass the config it ran with'}")
     others = [f"model.{k}" for k in changed] + sorted(
         k for k in resolved if k != "model" and saved.get(k) != resolved[k])
     if others and write:
