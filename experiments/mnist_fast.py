@@ -16,7 +16,7 @@ def get_config():
       model=get_model_config("fast"),
       batch_size=128,
       microbatch_size="auto",  # cache-sized on a CPU (16 here), the whole share on a GPU
-      eval_batch_size=128,
+      eval_batch_size=1000,  # in cache-sized passes on a CPU, as experiments/mnist.py
       num_epochs=12,
       learning_rate=2e-3,
       warmup_steps=200,

@@ -213,6 +213,19 @@ def test_auto_micro_batches_take_the_whole_share_on_accelerators_and_explicit_st
                                      64) == (8, "as configured")
 
 
+@pytest.mark.parametrize("backend,model,images", [
+    ("cpu", SEED_SHAPE, 32),                     # twice a training micro-batch: measured best
+    ("cpu", get_model_config("best"), 16),       # 50 tokens x 128
+    ("cpu", get_model_config("sprint"), 94),     # 17 tokens x 64
+    ("gpu", SEED_SHAPE, 0),                      # the whole share
+    ("tpu", SEED_SHAPE, 0),
+])
+def test_evaluation_passes_are_cache_sized_on_cpus_and_whole_elsewhere(platform, backend, model,
+                                                                       images):
+  platform(backend)
+  assert auto.eval_images_per_pass(model) == images
+
+
 def test_resolve_records_every_choice_and_a_resumed_run_keeps_its_precision(platform,
                                                                              kernel_speedup):
   platform("cpu", "avx2 fma avx512f avx512_bf16")

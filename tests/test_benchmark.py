@@ -110,6 +110,8 @@ def test_benchmark_runs_and_counts_flops_like_xla(parallel, microbatch_size):
   for key in ("train_mfu", "eval_mfu", "matmul_only_train_mfu", "matmul_only_eval_mfu"):
     assert 0 < result[key] < 1.5, (key, result[key])
   assert result["matmul_peak_size"] == 2048  # the CPU's probe
+  # Evaluation passes of twice a micro-batch of 16 (`auto`), or a device's whole share.
+  assert result["eval_images_per_pass"] == min(32, config.eval_batch_size // result["devices"])
   # The step holds at least its parameters and AdamW's two moments, float32.
   params = 3 * 4 * (2 * 64 * 64 * 3 + 2 * 64 * 64 + 4 * 64 * 128) / 2**20
   assert params < result["train_step_peak_megabytes"] < result["peak_rss_megabytes"]

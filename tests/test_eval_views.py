@@ -75,6 +75,31 @@ def test_averaging_is_the_log_of_the_mean_probability_and_one_view_is_plain_soft
   np.testing.assert_allclose(one, jax.nn.log_softmax(logits[:, 0]), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("num_images,num_views,images_per_pass,pass_size", [
+    (4, 3, 4, 4),     # 12 images in passes of 4
+    (4, 3, 5, 4),     # 5 does not divide 12: its largest divisor up to 5
+    (4, 3, 7, 6),
+    (13, 1, 8, 13),   # prime: passes of one are under a quarter of 8, so one pass
+    (4, 3, 12, 12),   # one pass
+    (4, 3, 0, 12),
+])
+def test_passes_of_a_few_images_give_the_one_pass_result(num_images, num_views, images_per_pass,
+                                                         pass_size):
+  rng = np.random.default_rng(3)
+  weights = rng.normal(size=(12, 5)).astype(np.float32)
+  views = jnp.asarray(rng.normal(size=(num_images, num_views, 2, 2, 3)).astype(np.float32))
+  whole = steps.view_averaged_log_probabilities(linear_model, weights, views)
+  seen = []
+
+  def counting_model(variables, images, train=False):
+    seen.append(images.shape[0])
+    return linear_model(variables, images, train)
+
+  got = steps.view_averaged_log_probabilities(counting_model, weights, views, images_per_pass)
+  np.testing.assert_allclose(got, whole, rtol=1e-6, atol=1e-6)
+  assert seen == [pass_size]  # traced once: lax.map's body, or the one pass
+
+
 def perturbed(state, scale: float, seed: int):
   """`state` with noise of std `scale` on every parameter: a fresh model's zero-initialised
   head gives every class the same probability, whatever its input."""

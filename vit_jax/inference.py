@@ -54,7 +54,8 @@ def split_evaluator(config: ExperimentConfig, runner: Runner,
   """An Evaluator of one held-out split, with the config's batch size and test-time views
   (the one place they are read: training and `--mode=eval` evaluate alike)."""
   return Evaluator(runner, runner.replicate(split), len(split["label"]), config.eval_batch_size,
-                   config.dataset, config.eval_max_shift, config.eval_flip)
+                   config.dataset, config.eval_max_shift, config.eval_flip,
+                   auto.eval_images_per_pass(config.model))
 
 
 def evaluate_checkpoint(config: Any, workdir: str | Path,

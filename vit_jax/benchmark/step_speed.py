@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vit_jax import input_pipeline, steps, train_state
+from vit_jax import auto, input_pipeline, steps, train_state
 from vit_jax.benchmark import flops, timing
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.parallel import Runner
@@ -38,8 +38,10 @@ def measure_steps(config: ExperimentConfig, runner: Runner, peak: timing.MatmulP
   device_data = runner.replicate(synthetic_digits(config, num_examples))
   train_window, holder, compiled, compile_seconds = training_window(
       config, runner, device_data, num_examples, steps_per_window)
+  # One view of each image (the FLOP count's), in the passes evaluation takes.
   evaluate = steps.Evaluator(runner, device_data, num_examples, config.eval_batch_size,
-                             config.dataset)
+                             config.dataset,
+                             images_per_pass=auto.eval_images_per_pass(config.model))
   return {
       "parallel": runner.mode,
       "devices": runner.num_devices,
@@ -108,19 +110,21 @@ def _compiled_costs(config: ExperimentConfig, runner: Runner, compiled, evaluate
       runner.split_batch(np.ones(config.eval_batch_size, bool))).compile()
   xla_train, xla_eval = flops.xla_flops(compiled), flops.xla_flops(eval_compiled)
   per_program = 1 if runner.mode == "jit" else runner.num_devices  # pmap and sharded jit
+  share = config.eval_batch_size // runner.num_devices
+  eval_passes = share // steps.pass_size(share, evaluate.images_per_pass)
   memory = compiled.memory_analysis()
   return {
       # Parameters, optimizer state, the device's copy of the data, activations, gradients.
       "train_step_peak_megabytes": memory and memory.peak_memory_in_bytes / 2**20,
       # XLA counts a pmap-ed or sharded program once, for one device's share of the batch, and a
-      # loop's body once, for one of the step's micro-batches (so the work outside the
-      # loop, gather and optimizer, is counted once per micro-batch here). A custom call is
+      # loop's body once, for one of the step's micro-batches or evaluation passes (so the
+      # work outside the loop, gather and optimizer, is counted once a pass). A custom call is
       # opaque to XLA: with attention_kernel 'fused_cpu' the count lacks the attention's
       # products (QK^T and AV).
       "xla_train_flops_per_image": xla_train and xla_train
       * steps.microbatches_per_step(config, runner) / (config.batch_size / per_program),
-      "xla_eval_flops_per_image": xla_eval and xla_eval / (config.eval_batch_size
-                                                           / per_program),
+      "xla_eval_flops_per_image": xla_eval and xla_eval * eval_passes
+      / (config.eval_batch_size / per_program),
   }
 
 
