@@ -163,8 +163,8 @@ def choose_microbatch_size(config: ExperimentConfig, per_device: int
 
 def eval_images_per_pass(model: ModelConfig) -> int:
   """Images per forward pass of evaluation: on a CPU, twice what a training micro-batch
-  holds (a pass keeps no activations for a backward pass; 32 images of `seed` measured
-  1.17x one pass over a device's share of 512 and 1.07x passes of 16, docs/performance.md,
+  holds (a pass keeps no activations for a backward pass; 25-32 images of `seed` measured
+  1.3x one pass over a device's share of 500-512 and 1.07x passes of 16, docs/performance.md,
   "Evaluation in cache-sized passes"); on a GPU or TPU 0, the whole share at once."""
   if jax.default_backend() != "cpu":
     return 0

@@ -132,9 +132,9 @@ def view_averaged_log_probabilities(apply_fn, params, images: jax.Array,
   (B, V, H, W, C) -> (B, num_classes).
 
   One forward pass over all B * V images, or, where `images_per_pass` is smaller, passes of
-  the largest divisor of B * V up to it (`lax.map`), unless that is under a quarter of it:
-  on a CPU, passes that fit its caches measured faster than one large pass, as training's
-  micro-batches do (`auto.eval_images_per_pass`).
+  the largest divisor of B * V up to it (`lax.map`), unless that is under a quarter of it
+  (`pass_size`): on a CPU, passes that fit its caches measured faster than one large pass, as
+  training's micro-batches do (`auto.eval_images_per_pass`).
   """
   views = images if images.ndim == 5 else images[:, None]
   batch, num_views = views.shape[:2]
@@ -143,10 +143,10 @@ def view_averaged_log_probabilities(apply_fn, params, images: jax.Array,
   def forward(images):
     return apply_fn({"params": params}, images, train=False)
 
-  size = pass_size(len(flat), images_per_pass)
-  if size < len(flat):
-    passes = flat.reshape(len(flat) // size, size, *flat.shape[1:])
-    logits = jax.lax.map(forward, passes).reshape(len(flat), -1)
+  num_passes = len(flat) // pass_size(len(flat), images_per_pass)
+  if num_passes > 1:  # strided, as training's micro-batches: (k, B*V/k, ...) and back
+    logits = jax.lax.map(forward, split_microbatches(flat, num_passes))
+    logits = logits.swapaxes(0, 1).reshape(len(flat), -1)
   else:
     logits = forward(flat)
   log_probs = jax.nn.log_softmax(logits.reshape(batch, num_views, -1).astype(jnp.float32))
