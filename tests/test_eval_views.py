@@ -75,16 +75,8 @@ def test_averaging_is_the_log_of_the_mean_probability_and_one_view_is_plain_soft
   np.testing.assert_allclose(one, jax.nn.log_softmax(logits[:, 0]), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("num_images,num_views,images_per_pass,pass_size", [
-    (4, 3, 4, 4),     # 12 images in passes of 4
-    (4, 3, 5, 4),     # 5 does not divide 12: its largest divisor up to 5
-    (4, 3, 7, 6),
-    (13, 1, 8, 13),   # prime: passes of one are under a quarter of 8, so one pass
-    (4, 3, 12, 12),   # one pass
-    (4, 3, 0, 12),
-])
-def test_passes_of_a_few_images_give_the_one_pass_result(num_images, num_views, images_per_pass,
-                                                         pass_size):
+@pytest.mark.parametrize("num_images,num_views,num_passes", [(4, 3, 3), (4, 3, 2), (4, 3, 1)])
+def test_passes_of_a_few_images_give_the_one_pass_result(num_images, num_views, num_passes):
   rng = np.random.default_rng(3)
   weights = rng.normal(size=(12, 5)).astype(np.float32)
   views = jnp.asarray(rng.normal(size=(num_images, num_views, 2, 2, 3)).astype(np.float32))
@@ -95,9 +87,18 @@ def test_passes_of_a_few_images_give_the_one_pass_result(num_images, num_views, 
     seen.append(images.shape[0])
     return linear_model(variables, images, train)
 
-  got = steps.view_averaged_log_probabilities(counting_model, weights, views, images_per_pass)
-  np.testing.assert_allclose(got, whole, rtol=1e-6, atol=1e-6)
-  assert seen == [pass_size]  # traced once: lax.map's body, or the one pass
+  got = steps.view_averaged_log_probabilities(counting_model, weights, views, num_passes)
+  np.testing.assert_allclose(got, whole, rtol=1e-6, atol=1e-6)  # every image back in place
+  assert seen == [num_images * num_views // num_passes]  # traced once: lax.map's body
+
+
+@pytest.mark.parametrize("total,fits,part", [
+    (12, 4, 4), (12, 5, 4), (12, 7, 6), (12, 12, 12), (12, 20, 12),
+    (13, 8, 13),     # prime: passes of one are under a quarter of 8, and 13 <= 8 x 8
+    (101, 8, 1),     # but a share over 8 times what fits takes them
+])
+def test_a_cache_sized_part_is_the_largest_divisor_that_fits_unless_too_small(total, fits, part):
+  assert steps.cache_sized_part(total, fits) == part
 
 
 def perturbed(state, scale: float, seed: int):
@@ -160,6 +161,25 @@ def test_evaluation_and_prediction_average_each_image_with_its_mirror(mode, digi
   assert result["eval_accuracy"] == pytest.approx(np.mean(probs.argmax(-1) == labels))
   predicted = inference.probabilities(config, state.apply_fn, state.params, images[:12])
   np.testing.assert_allclose(predicted, probs[:12], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["jit", "pmap", "shard"])
+def test_evaluation_passes_take_a_device_s_share_and_leave_the_result(mode, digits):
+  # Each device's 2 examples x 9 views = 18 images, in passes of up to 4: 3 divides 18.
+  state = untrained_state()
+  runner = Runner(mode)
+  examples = 2 * runner.num_devices
+  images, labels = digits["test"]["image"][:examples], digits["test"]["label"][:examples]
+  held = runner.replicate({"image": images, "label": labels})
+  whole = steps.Evaluator(runner, held, examples, examples, "mnist", max_shift=1)
+  passes = steps.Evaluator(runner, held, examples, examples, "mnist", max_shift=1,
+                           images_per_pass=4)
+  assert (whole.num_passes, whole.device_images_per_pass) == (1, 18)  # 2 examples x 9 views
+  assert (passes.num_passes, passes.device_images_per_pass) == (6, 3)  # 3 divides 18
+  replicated = runner.replicate(state)
+  got, expected = passes(replicated), whole(replicated)
+  assert got["eval_accuracy"] == expected["eval_accuracy"]
+  assert got["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)
 
 
 def test_test_time_flips_are_refused_for_digits():

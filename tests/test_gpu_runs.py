@@ -30,6 +30,13 @@ def test_runs_share_the_device_and_come_back_as_one_archive(tmp_path, tfds_dir):
   runs_file = tmp_path / "runs.txt"
   runs_file.write_text(f"# two seeds\n\nfirst {tiny}\n  second {tiny} --config.seed=1\n")
   out = tmp_path / "out"
+  # Stopped at the time limit (here before they train): not a failure; the same command
+  # then finishes them.
+  result = _gpu_runs(runs_file, out, ALLOW_CPU="1", RUNS_DIR=str(tmp_path / "runs"),
+                     LIMIT_S="2")
+  log = (out / "gpu_runs.log").read_text()
+  assert result.returncode == 0, log[-3000:]
+  assert log.count("stopped at the limit (2 s); the same command resumes it") == 2
   result = _gpu_runs(runs_file, out, ALLOW_CPU="1", RUNS_DIR=str(tmp_path / "runs"))
   log = (out / "gpu_runs.log").read_text()
   assert result.returncode == 0, log[-3000:]
@@ -53,6 +60,13 @@ def test_it_refuses_a_cpu_unless_told_and_a_file_without_runs(tmp_path):
   runs_file.write_text("# nothing but comments\n\n")
   result = _gpu_runs(runs_file, tmp_path / "out", ALLOW_CPU="1")
   assert result.returncode == 1 and "names no run" in result.stdout
+  for lines in ("--config=experiments/tiny.py\n", "a/b --config=experiments/tiny.py\n",
+                "twice --config=x\ntwice --config=y\n"):
+    runs_file.write_text(lines)
+    result = _gpu_runs(runs_file, tmp_path / "out", ALLOW_CPU="1",
+                       RUNS_DIR=str(tmp_path / "runs"))
+    assert result.returncode == 1 and "not letters, digits" in result.stdout, lines
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
   result = subprocess.run(["bash", "experiments/gpu_runs.sh"], cwd=REPO, capture_output=True,
                           text=True)
   assert result.returncode == 2 and "usage:" in result.stderr

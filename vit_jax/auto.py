@@ -25,6 +25,7 @@ import numpy as np
 from vit_jax import host_cpu, kernels
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.model_configs import ModelConfig
+from vit_jax.steps import cache_sized_part
 
 # On a CPU, a micro-batch holds about this many floats of one layer's activations (examples
 # x tokens x width), 200 KB: the size that measured fastest for the three shapes timed
@@ -140,11 +141,8 @@ def choose_microbatch_size(config: ExperimentConfig, per_device: int
                            ) -> tuple[int | None, str]:
   """-> (examples per micro-batch, or None for the whole share, why), for 'auto'.
 
-  `per_device`: a device's share of the batch. On a CPU: the largest divisor of the share
-  that holds at most `CPU_MICROBATCH_FLOATS` of a layer's activations, or the whole share if
-  that divisor is under a quarter of what fits and the share at most 8 times it (a share of
-  127 would take 127 passes of one example; passes of a quarter measured 0.90x, a whole share
-  of 4 times what fits about 0.7x).
+  `per_device`: a device's share of the batch. On a CPU: `steps.cache_sized_part` of the
+  share, with what holds `CPU_MICROBATCH_FLOATS` of a layer's activations as what fits.
   """
   if config.microbatch_size != "auto":
     return config.microbatch_size, "as configured"
@@ -154,8 +152,8 @@ def choose_microbatch_size(config: ExperimentConfig, per_device: int
   fits = max(1, CPU_MICROBATCH_FLOATS // (c.num_tokens * c.hidden_size))
   if fits >= per_device:
     return None, "the whole share fits the CPU's caches"
-  size = max(d for d in range(1, fits + 1) if per_device % d == 0)
-  if size < fits // 4 and per_device <= 8 * fits:  # measured up to 8x what fits: 0.69x
+  size = cache_sized_part(per_device, fits)
+  if size == per_device:
     return None, (f"the whole share: {per_device} examples have no divisor from {fits // 4} "
                   f"to {fits}, what fits the CPU's caches")
   return size, f"{size} of {c.num_tokens} tokens x {c.hidden_size} fit the CPU's caches"

@@ -124,6 +124,11 @@ def shifted_views(images: jax.Array, max_shift: int) -> jax.Array:
   return views
 
 
+def num_evaluation_views(max_shift: int, flip: bool) -> int:
+  """V of `evaluation_views`: (2 max_shift + 1)^2, twice that with `flip`."""
+  return (2 * max_shift + 1) ** 2 * (2 if flip else 1)
+
+
 def evaluation_views(images: jax.Array, max_shift: int, flip: bool) -> jax.Array:
   """The views of each image that evaluation averages over: its shifts by up to `max_shift`
   pixels (`shifted_views`) and, with `flip`, each of those mirrored left to right.

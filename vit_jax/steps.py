@@ -106,16 +106,16 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str | None = None,
-              images_per_pass: int = 0):
+              num_passes: int = 1):
   """Sums over the examples of `batch` whose 'mask' is True: loss, correct, count.
 
   `batch`: 'image' float32 (B, H, W, C) normalised, or (B, V, H, W, C): V views of each
   example, whose class probabilities are averaged; 'label' int32 (B,); 'mask' bool (B,).
-  `images_per_pass`: as `view_averaged_log_probabilities`'.
+  `num_passes`: as `view_averaged_log_probabilities`'.
   Returns three float32 scalars, summed over the devices of `axis_name` if given.
   """
   log_probs = view_averaged_log_probabilities(state.apply_fn, evaluation_params(state),
-                                              batch["image"], images_per_pass)
+                                              batch["image"], num_passes)
   mask = batch["mask"].astype(jnp.float32)
   label_log_probs = jnp.take_along_axis(log_probs, batch["label"][:, None], axis=-1)[:, 0]
   sums = {"loss": -jnp.sum(label_log_probs * mask),
@@ -127,14 +127,13 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str 
 
 
 def view_averaged_log_probabilities(apply_fn, params, images: jax.Array,
-                                    images_per_pass: int = 0) -> jax.Array:
+                                    num_passes: int = 1) -> jax.Array:
   """log of the class probabilities averaged over views: images (B, H, W, C), one view, or
   (B, V, H, W, C) -> (B, num_classes).
 
-  One forward pass over all B * V images, or, where `images_per_pass` is smaller, passes of
-  the largest divisor of B * V up to it (`lax.map`), unless that is under a quarter of it
-  (`pass_size`): on a CPU, passes that fit its caches measured faster than one large pass, as
-  training's micro-batches do (`auto.eval_images_per_pass`).
+  The B * V images go through the model in `num_passes` forward passes (`lax.map`; it must
+  divide B * V): on a CPU, passes that fit its caches measured faster than one large pass,
+  as training's micro-batches do (`Evaluator` chooses them).
   """
   views = images if images.ndim == 5 else images[:, None]
   batch, num_views = views.shape[:2]
@@ -143,7 +142,6 @@ def view_averaged_log_probabilities(apply_fn, params, images: jax.Array,
   def forward(images):
     return apply_fn({"params": params}, images, train=False)
 
-  num_passes = len(flat) // pass_size(len(flat), images_per_pass)
   if num_passes > 1:  # strided, as training's micro-batches: (k, B*V/k, ...) and back
     logits = jax.lax.map(forward, split_microbatches(flat, num_passes))
     logits = logits.swapaxes(0, 1).reshape(len(flat), -1)
@@ -153,12 +151,16 @@ def view_averaged_log_probabilities(apply_fn, params, images: jax.Array,
   return jax.nn.logsumexp(log_probs, axis=1) - jnp.log(num_views)
 
 
-def pass_size(num_images: int, images_per_pass: int) -> int:
-  """Images per forward pass of `view_averaged_log_probabilities` over `num_images`."""
-  if not 0 < images_per_pass < num_images:
-    return num_images
-  size = max(d for d in range(1, images_per_pass + 1) if num_images % d == 0)
-  return size if size >= images_per_pass // 4 else num_images
+def cache_sized_part(total: int, fits: int) -> int:
+  """How many of `total` examples one pass takes when `fits` fit a CPU's caches: the largest
+  divisor of `total` up to `fits`, or `total` itself where that divisor is under a quarter of
+  `fits` and `total` at most 8 times it (a prime share of 127 would take 127 passes of one;
+  passes of a quarter of what fits measured 0.90x, a whole share 4 times what fits about
+  0.7x: docs/performance.md, "Defaults that fit the machine")."""
+  if fits >= total:
+    return total
+  size = max(d for d in range(1, fits + 1) if total % d == 0)
+  return total if size < fits // 4 and total <= 8 * fits else size
 
 
 # --- The steps on device-resident data --------------------------------------------------
@@ -224,11 +226,11 @@ def _over_seeds(step):
 
 
 def _eval_on_indices(state, data, indices, mask, *, dataset: str, max_shift: int, flip: bool,
-                     images_per_pass: int, axis_name):
+                     num_passes: int, axis_name):
   views = input_pipeline.evaluation_views(data["image"][indices], max_shift, flip)
   batch = {"image": input_pipeline.normalize(views, dataset),
            "label": data["label"][indices], "mask": mask}
-  return eval_step(state, batch, axis_name=axis_name, images_per_pass=images_per_pass)
+  return eval_step(state, batch, axis_name=axis_name, num_passes=num_passes)
 
 
 @dataclasses.dataclass
@@ -241,12 +243,19 @@ class Evaluator:
   dataset: str
   max_shift: int = 0  # config.eval_max_shift: the shifted views averaged over (0: none)
   flip: bool = False  # config.eval_flip: each view's mirror image averaged over too
-  images_per_pass: int = 0  # forward passes of this many images (0: a device's whole share)
+  images_per_pass: int = 0  # a device's forward passes take up to this many (0: its share)
 
   def __post_init__(self):
+    # A device's images in a batch (its share of the examples, times the views), and its
+    # passes over them; under 'shard' the step sees all devices' images, and each strided
+    # pass spreads over the devices alike.
+    images = (self.batch_size // self.runner.num_devices
+              * input_pipeline.num_evaluation_views(self.max_shift, self.flip))
+    self.num_passes = images // cache_sized_part(images, self.images_per_pass or images)
+    self.device_images_per_pass = images // self.num_passes
     self.step = self.runner.compile(functools.partial(
         _eval_on_indices, dataset=self.dataset, max_shift=self.max_shift, flip=self.flip,
-        images_per_pass=self.images_per_pass), in_axes=(0, 0, 0, 0))
+        num_passes=self.num_passes), in_axes=(0, 0, 0, 0))
 
   def __call__(self, state) -> dict[str, float]:
     totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}

@@ -79,14 +79,12 @@ def run(config: Any, windows: int = 5, steps_per_window: int = 10,
   result.update(_seeds_as_one(config, runner, peak, steps_per_window, windows,
                               result["train_images_per_sec"]))
   # The ceiling takes the shapes the step takes: a micro-batch, an evaluation pass.
-  eval_pass = steps.pass_size(config.eval_batch_size // runner.num_devices,
-                              auto.eval_images_per_pass(config.model)) * runner.num_devices
-  result.update(ceiling.matmul_only_speed(config.model, config.batch_size // microbatches,
-                                          eval_pass, peak, runner))
+  result.update(ceiling.matmul_only_speed(
+      config.model, config.batch_size // microbatches,
+      result["eval_images_per_pass"] * runner.num_devices, peak, runner))
   result.update(baseline.measure(config, peak, steps_per_window, windows))
   result["speedup_over_plain_flax"] = (result["train_images_per_sec"]
                                        / result["baseline_train_images_per_sec"])
-  result["eval_images_per_pass"] = eval_pass // runner.num_devices
   result["matmul_peak_size"] = peak.size
   result["matmul_peak_flops"] = statistics.median(peak.measured)
   result["matmul_peak_flops_range"] = [min(peak.measured), max(peak.measured)]

@@ -50,6 +50,7 @@ def measure_steps(config: ExperimentConfig, runner: Runner, peak: timing.MatmulP
       "eval_images_per_sec": timing.images_per_second(
           lambda: evaluate(holder["state"]), windows, num_examples, peak),
       "train_step_compile_seconds": compile_seconds,
+      "eval_images_per_pass": evaluate.device_images_per_pass,
       **_compiled_costs(config, runner, compiled, evaluate, holder["state"], device_data),
   }
 
@@ -110,8 +111,6 @@ def _compiled_costs(config: ExperimentConfig, runner: Runner, compiled, evaluate
       runner.split_batch(np.ones(config.eval_batch_size, bool))).compile()
   xla_train, xla_eval = flops.xla_flops(compiled), flops.xla_flops(eval_compiled)
   per_program = 1 if runner.mode == "jit" else runner.num_devices  # pmap and sharded jit
-  share = config.eval_batch_size // runner.num_devices
-  eval_passes = share // steps.pass_size(share, evaluate.images_per_pass)
   memory = compiled.memory_analysis()
   return {
       # Parameters, optimizer state, the device's copy of the data, activations, gradients.
@@ -123,7 +122,7 @@ def _compiled_costs(config: ExperimentConfig, runner: Runner, compiled, evaluate
       # products (QK^T and AV).
       "xla_train_flops_per_image": xla_train and xla_train
       * steps.microbatches_per_step(config, runner) / (config.batch_size / per_program),
-      "xla_eval_flops_per_image": xla_eval and xla_eval * eval_passes
+      "xla_eval_flops_per_image": xla_eval and xla_eval * evaluate.num_passes
       / (config.eval_batch_size / per_program),
   }
 
