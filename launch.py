@@ -1,20 +1,23 @@
 """Train, evaluate or use a ViT from the command line.
 
     python launch.py --config=experiments/mnist.py --workdir=runs/mnist
-    python launch.py --config=experiments/mnist.py --workdir=runs/mnist --mode=eval
-    python launch.py --config=experiments/mnist.py --workdir=runs/mnist --mode=predict \
-        --images=digit.png,other.npy
-    python launch.py --config=experiments/mnist.py --workdir=runs/mnist --mode=visualize
-    python launch.py --config=experiments/mnist.py --workdir=runs/mnist --mode=export
-    python launch.py --config=experiments/mnist.py --workdir=runs/mnist --mode=analyze
-    python launch.py --config=experiments/mnist.py --config.model.num_heads=8 --workdir=...
+    python launch.py --config=experiments/mnist.py --config.model.num_heads=8 --workdir=runs/h8
+    python launch.py --workdir=runs/h8 --mode=eval
+    python launch.py --workdir=runs/h8 --mode=eval --config.eval_max_shift=1
+    python launch.py --workdir=runs/h8 --mode=predict --images=digit.png,other.npy
+    python launch.py --workdir=runs/h8 --mode=visualize
+    python launch.py --workdir=runs/h8 --mode=export
+    python launch.py --workdir=runs/h8 --mode=analyze
+
+The modes after training read the config the run recorded (WORKDIR/config.json), changed by
+any --config.x flags; --config=FILE takes that file's instead.
 
 Runs on whatever JAX finds: CPU, GPU or TPU.
 """
 
 from __future__ import annotations
 
-import logging
+import json
 import os
 
 from absl import app, flags
@@ -64,15 +67,40 @@ flags.DEFINE_bool("distributed", False,
                   "Initialise JAX's distributed runtime from the cluster's environment.")
 
 
-def _set_up_jax() -> str:
+# What a trained run chose for these on its machine is chosen again on this one (`auto.resolve`
+# keeps the run's precision and attention where this machine can compute them).
+_CHOSEN_PER_MACHINE = {"microbatch_size": "auto", "model.compute_dtype": "auto",
+                       "model.attention_kernel": "auto"}
+
+
+def _config_of_this_command():
+  """(the config to run, where it came from): --config's file with its --config.x flags, or,
+  for a mode that uses a trained run and no --config, the config the run recorded (its
+  config.json) with the --config.x flags on top: a run of other settings (a sweep's, a
+  shipped one) is evaluated, drawn or exported without repeating them."""
+  path = os.path.join(FLAGS.workdir, "config.json")
+  if FLAGS.mode == "train" or FLAGS["config"].present or not os.path.isfile(path):
+    return FLAGS.config, FLAGS["config"].config_filename
+  with open(path) as f:
+    config = json.load(f)
+  for name, value in {**_CHOSEN_PER_MACHINE, **FLAGS["config"].override_values}.items():
+    *sections, field = name.split(".")
+    section = config
+    for key in sections:
+      section = section.setdefault(key, {})
+    section[field] = value
+  return config, f"{path}, the run's own"
+
+
+def _set_up_jax(config) -> str:
   """Device count, compilation cache and distributed runtime: before JAX's backends start.
 
   -> why the CPU has the devices it has.
   """
   from vit_jax import host_cpu
 
-  why_devices = host_cpu.configure(
-      FLAGS.cpu_devices, (FLAGS.config.batch_size, FLAGS.config.eval_batch_size))
+  shares = tuple(config[k] for k in ("batch_size", "eval_batch_size") if k in config)
+  why_devices = host_cpu.configure(FLAGS.cpu_devices, shares)
   import jax
 
   if FLAGS.compilation_cache_dir:
@@ -194,18 +222,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   _refuse_flags_that_would_do_nothing()
-  # Orbax, TFDS and JAX log every step of their work at INFO; keep the console for ours.
-  for name in ("absl", "jax"):
-    logging.getLogger(name).setLevel(logging.WARNING)
-  why_devices = _set_up_jax()
+  from vit_jax.command_line import keep_the_console_for_ours
+
+  keep_the_console_for_ours()
+  config, source = _config_of_this_command()
+  why_devices = _set_up_jax(config)
   import jax
 
   from vit_jax.experiment_config import validate
 
-  config = validate(FLAGS.config)
+  config = validate(config)
   if jax.process_index() == 0:
     about = f" ({why_devices})" if jax.default_backend() == "cpu" else ""
-    print(f"devices: {jax.devices()}{about}", flush=True)
+    print(f"config: {source}\ndevices: {jax.devices()}{about}", flush=True)
   MODES[FLAGS.mode](config)
 
 
@@ -215,8 +244,9 @@ def run():
   def parse_and_run():
     # Defined here, not at import: without --config, defining it loads the default file and
     # applies the `--config.x=...` flags at once, and a misspelled key must be one line too.
-    config_flags.DEFINE_config_file("config", "experiments/mnist.py",
-                                    "Experiment config file.", lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", "experiments/mnist.py", "Experiment config file. Without it, the modes "
+        "other than train take the run's own (WORKDIR/config.json).", lock_config=True)
     app.run(main)
 
   ending_in_one_line(parse_and_run)

@@ -25,6 +25,9 @@ flags.DEFINE_string("to", None, "The folder to create (it must not exist).", req
 
 def main(argv):
   del argv
+  from vit_jax.command_line import keep_the_console_for_ours
+
+  keep_the_console_for_ours()
   source, target = Path(FLAGS.workdir), Path(FLAGS.to)
   checkpoints = source / "checkpoints"
   steps = sorted(int(p.name) for p in checkpoints.iterdir()

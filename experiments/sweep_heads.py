@@ -17,7 +17,6 @@ paired differences, the gathered analyses and the plot are written to --root by 
 that finds every run finished, or by --report_only.
 """
 
-import logging
 import sys
 from pathlib import Path
 
@@ -51,8 +50,10 @@ flags.DEFINE_enum("fixed", "width", ["width", "head_dim"],
 
 def main(argv):
   del argv
-  logging.getLogger("absl").setLevel(logging.WARNING)
   from vit_jax import host_cpu
+  from vit_jax.command_line import keep_the_console_for_ours
+
+  keep_the_console_for_ours()
 
   host_cpu.configure(FLAGS.cpu_devices, (FLAGS.config.batch_size,
                                              FLAGS.config.eval_batch_size))

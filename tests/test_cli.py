@@ -75,6 +75,22 @@ def test_eval_reports_the_checkpoint(trained):
 
 
 @pytest.mark.slow
+def test_the_modes_after_training_take_the_runs_own_config(trained):
+  common, train_result, workdir = trained
+  result = launch(f"--workdir={workdir}", "--mode=eval")  # tiny.py's run, no --config
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"config: {workdir / 'config.json'}, the run's own" in result.stdout
+  assert final_metrics(result.stdout) == final_metrics(train_result.stdout)
+  shifted = launch(f"--workdir={workdir}", "--mode=eval", "--config.eval_max_shift=1")
+  assert shifted.returncode == 0, shifted.stderr[-3000:]  # --config.x flags change it
+  assert "evaluating with eval_max_shift=1" in shifted.stderr
+  assert final_metrics(shifted.stdout)["step"] == final_metrics(result.stdout)["step"]
+  default = launch(f"--workdir={workdir}", "--mode=eval", "--config=experiments/mnist.py")
+  assert default.returncode == 2  # an explicit --config is taken: not this run's model
+  assert "holds a run of a different model" in default.stderr
+
+
+@pytest.mark.slow
 def test_eval_split_over_two_cpu_devices_gives_the_same_result(trained):
   common, train_result, _ = trained
   result = launch(*common, "--mode=eval", "--cpu_devices=2")

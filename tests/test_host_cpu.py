@@ -56,8 +56,10 @@ def test_one_device_leaves_xla_flags_alone(four_cores):
 
 
 def test_describe_names_the_model_and_only_known_extensions(monkeypatch):
-  text = "model name\t: Some CPU\nflags\t\t: fpu avx2 fma sse4_2\n"
+  text = ("cpu family\t: 25\nmodel\t\t: 1\nmodel name\t: Some CPU\nstepping\t: 1\n"
+          "flags\t\t: fpu avx2 fma sse4_2\n")
   monkeypatch.setattr(host_cpu.Path, "read_text", lambda self: text)
   assert host_cpu.describe()["cpu_model"] == "Some CPU"
+  assert host_cpu.describe()["cpu_signature"] == "family 25 model 1 stepping 1"
   assert host_cpu.describe()["cpu_extensions"] == ["avx2", "fma"]
   assert not host_cpu.has_bfloat16_units()

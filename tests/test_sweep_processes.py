@@ -23,6 +23,7 @@ def test_two_sweep_processes_share_the_runs_of_one_root(tmp_path, tfds_dir):
     for p in procs:
       p.kill()
   assert [p.returncode for p in procs] == [0, 0], outputs
+  assert not any("backend 'tpu'" in out for out in outputs)  # JAX's INFO lines kept off
   names = [f"fused_h{h}_w64_s{s}" for h in (1, 2, 4) for s in (0, 1)]
   for name in names:
     # Exactly once, by one of the two ("fused_h1_w64_s0: training" is no prefix of another).
@@ -49,6 +50,9 @@ def sweep(*flags, tfds_dir, **popen):
     ("--heads=four", "error: --heads=four must be whole numbers, e.g. --heads=1,2,4"),
     ("--qkv=", "error: qkv=[]: a sweep needs at least one"),
     ("--seeds=0", "flag --seeds=0: 0 is not a positive integer"),
+    *((f"--qkv=fused,{mode}", f"error: qkv='{mode}': a low rank is written with its rank, "
+       "low_rank:R (e.g. low_rank:2), and the other modes without one")
+      for mode in ("low_rank", "low_rank:", "low_rank:two", "fused:2")),
     ("--report_only", "error: --report_only: 15 of 15 runs under --root=ROOT are not finished; "
                       "no reports written"),  # a misspelt or empty root, say
 ])

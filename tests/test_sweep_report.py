@@ -196,7 +196,7 @@ def test_a_redone_analysis_is_not_done_while_it_runs(tmp_path, monkeypatch):
 
 
 def test_the_analyses_plot_draws_each_ablation_there_is_in_points(monkeypatch):
-  monkeypatch.setattr(sweep_plots, "_save", lambda fig, path, **kwargs: fig)
+  monkeypatch.setattr(sweep_plots, "save_png", lambda fig, path, **kwargs: fig)
   means = {"fused": {1: {"accuracy_drop_mean_ablation": 0.02, "js_divergence": 0.5},
                      2: {"accuracy_drop_mean_ablation": 0.01, "js_divergence": 0.4}}}
   drops = sweep_plots.plot_analyses(means, None).axes[0]  # a sweep run with --analyze=mean

@@ -58,3 +58,26 @@ def test_attention_panels_count_layers_and_heads_from_0_and_rollout_keeps_to_one
   visualize.plot_rollout(np.zeros((many, 28, 28, 1), np.uint8), rollout, config,
                          tmp_path / "r.png")
   assert len(figures[1].axes) == visualize.ROLLOUT_IMAGES
+
+
+def test_a_picture_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+  from vit_jax import figures
+
+  plt, path = figures.pyplot(), tmp_path / "a.png"
+  first, ax = plt.subplots()
+  ax.plot([0, 1])
+  assert figures.save_png(first, path) == path
+  before = path.read_bytes()
+  assert before.startswith(b"\x89PNG")
+  fig, _ = plt.subplots()
+
+  def killed_halfway(partial, **_):
+    partial.write_bytes(b"\x89PNG half")
+    raise OSError("No space left on device")
+
+  monkeypatch.setattr(fig, "savefig", killed_halfway)
+  with pytest.raises(OSError, match="No space"):
+    figures.save_png(fig, path)
+  assert path.read_bytes() == before  # the last whole picture, no partial file beside it
+  assert [p.name for p in tmp_path.iterdir()] == ["a.png"]
+  assert not {first.number, fig.number} & set(plt.get_fignums())  # both closed

@@ -20,14 +20,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from vit_jax import analysis, inference, instruments
+from vit_jax.figures import pyplot, save_png
+from vit_jax.files import write_csv_atomically
 
-from vit_jax import analysis, inference, instruments  # noqa: E402
-from vit_jax.files import write_csv_atomically  # noqa: E402
+plt = pyplot()
 
 
 def _heatmap(path: Path, matrix: np.ndarray, title: str, xlabel: str, ylabel: str) -> Path:
@@ -40,9 +39,7 @@ def _heatmap(path: Path, matrix: np.ndarray, title: str, xlabel: str, ylabel: st
     ax.text(j, i, f"{value:.3g}", ha="center", va="center", fontsize=6, color="white")
   fig.colorbar(shown, ax=ax)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+  return save_png(fig, path)
 
 
 def _importance(out: Path, evaluate, config, images, labels, suffix: str) -> list[Path]:
@@ -57,8 +54,7 @@ def _importance(out: Path, evaluate, config, images, labels, suffix: str) -> lis
   ax.set(xlabel="heads removed (least important first)", ylabel="accuracy",
          title=f"pruning curve{how}")
   fig.tight_layout()
-  fig.savefig(out / f"pruning_curve{suffix}.png", dpi=100)
-  plt.close(fig)
+  save_png(fig, out / f"pruning_curve{suffix}.png")
   return [
       write_csv_atomically(out / f"head_importance{suffix}.csv",
                            ["layer", "head", "loss", "accuracy", "accuracy_drop"], rows),
@@ -81,8 +77,7 @@ def _spectra(out: Path, params: Any, model) -> list[Path]:
     ax.set(title=f"{name} per head: singular values", xlabel="index")
   axes[0].legend(fontsize=6)
   fig.tight_layout()
-  fig.savefig(out / "projection_spectra.png", dpi=100)
-  plt.close(fig)
+  save_png(fig, out / "projection_spectra.png")
   rows = [(r["layer"], r["head"], r["matrix"], r["effective_rank"],
            " ".join(f"{s:.6g}" for s in r["singular_values"])) for r in records]
   return [write_csv_atomically(out / "projection_spectra.csv", ["layer", "head", "matrix",
@@ -101,8 +96,7 @@ def _attention_statistics(out: Path, maps: np.ndarray, model) -> list[Path]:
   ax.set(xlabel="layer", ylabel="mean attention distance (pixels)", title="distance by depth")
   ax.legend(fontsize=6)
   fig.tight_layout()
-  fig.savefig(out / "attention_distance.png", dpi=100)
-  plt.close(fig)
+  save_png(fig, out / "attention_distance.png")
   return [
       write_csv_atomically(
           out / "attention_statistics.csv", ["layer", "head", "entropy", "mean_distance_pixels"],

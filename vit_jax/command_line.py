@@ -7,6 +7,7 @@ benchmarks. Each defines its config flag inside the command it passes (see `laun
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -43,6 +44,14 @@ def ending_in_one_line(command: Callable[[], None]) -> None:
   except KeyboardInterrupt:  # Ctrl-C before training set its handler: nothing to save yet
     to_console("interrupted by Ctrl-C before anything was saved; rerun the same command")
     sys.exit(130)
+
+
+def keep_the_console_for_ours() -> None:
+  """Orbax, TFDS and JAX log every step of their work at INFO (and JAX its search for a TPU):
+  keep their warnings and errors only. Called in a command's `main`, after absl has set up
+  its logging."""
+  for name in ("absl", "jax"):
+    logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def unknown_config_key(error: Exception) -> str | None:

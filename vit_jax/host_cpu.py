@@ -46,9 +46,17 @@ def has_bfloat16_units() -> bool:
 
 
 def describe() -> dict[str, object]:
-  """The CPU's model, cores and vector extensions, for measured figures to name."""
+  """The CPU's model, cores and vector extensions, for measured figures to name.
+
+  `cpu_signature` tells apart what a hypervisor names alike ('AMD EPYC': Zen 1 to 4);
+  it may be masked too, so the extensions are listed as well.
+  """
   flags = set(cpu_flags().split())
-  return {"cpu_model": _cpuinfo_field("model name") or "unknown", "cpu_cores": cores(),
+  signature = " ".join(f"{name.split()[-1]} {value}" for name in ("cpu family", "model",
+                                                                  "stepping")
+                       if (value := _cpuinfo_field(name)))
+  return {"cpu_model": _cpuinfo_field("model name") or "unknown",
+          "cpu_signature": signature or "unknown", "cpu_cores": cores(),
           "cpu_extensions": [x for x in VECTOR_EXTENSIONS if x in flags]}
 
 

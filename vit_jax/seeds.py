@@ -31,8 +31,8 @@ from vit_jax.checkpoints import Checkpoints, prepare_workdir, saved_config, writ
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.files import write_text_atomically
 from vit_jax.instruments import effective_ranks
-from vit_jax.interrupt import StopSignal, TrainingInterruptedError
 from vit_jax.locks import WorkdirLock
+from vit_jax.loop import step_through
 from vit_jax.metrics import MetricsWindow, MetricWriter, Progress
 from vit_jax.parallel import Runner, choose_mode
 from vit_jax.run_log import logging_to
@@ -48,7 +48,6 @@ from vit_jax.train import (
   writes_checked,
 )
 from vit_jax.train_state import create_train_state, evaluation_params, learning_rate_schedule
-from vit_jax.training_images import undistorted_line
 
 
 def stack(trees: Sequence[Any]) -> Any:
@@ -123,6 +122,7 @@ class _Group:
     num_train = len(data["train"]["label"])
     self.total_steps = total_train_steps(self.config, num_train)
     self.orders = [input_pipeline.EpochOrder(num_train, c.batch_size, c.seed) for c in configs]
+    self.keys = np.stack([np.asarray(jax.random.PRNGKey(c.seed)) for c in configs])
     self.checkpoints = Checkpoints(workdir, self.config.checkpoint_every_steps,
                                    self.config.keep_checkpoints)
     self.train_data = runner.replicate(data["train"])
@@ -190,14 +190,16 @@ class _Group:
                           json.dumps([c.seed for c in self.configs]) + "\n")
     for writer in self.writers:
       writer.resume_at(start, self.total_steps)
-    progress = Progress(self.total_steps, start)
+    self.progress = progress = Progress(self.total_steps, start)
     try:
       resuming = f"resuming {self.workdir} at step {start}" if start else None
       for line in (first_line, short_warmup_line(self.config, self.total_steps), resuming):
         if line:
           progress.message(line)
       with writes_checked(lambda: self.step, self.checkpoints):
-        device_states = self._steps(self.runner.replicate(states), start, progress)
+        step_fn = compile_train_step(self.config, self.runner, seeds=True,
+                                     total_steps=self.total_steps)
+        device_states = step_through(self, step_fn, self.runner.replicate(states), start)
         results = self.evaluate(self.total_steps, device_states, tuple(self.evaluators))
     finally:
       progress.close()
@@ -213,42 +215,25 @@ class _Group:
     progress.message(f"final test accuracy per seed {accuracies} at step {self.total_steps}")
     return finals
 
-  def _steps(self, device_states: Any, start: int, progress: Progress) -> Any:
-    step_fn = compile_train_step(self.config, self.runner, seeds=True,
-                                 total_steps=self.total_steps)
-    keys = np.stack([np.asarray(jax.random.PRNGKey(c.seed)) for c in self.configs])
-    positions = self.runner.split_batch(np.arange(self.config.batch_size, dtype=np.int32))
-    config = self.config
-    with StopSignal() as stop:
-      for done in range(start + 1, self.total_steps + 1):
-        self.step = done - 1  # the last step taken, for errors
-        if line := undistorted_line(config, self.total_steps, done - 1, start):
-          progress.message(line)
-        indices = np.stack([order.indices(done - 1) for order in self.orders], axis=1)
-        rngs = jax.vmap(lambda key, step=done - 1: jax.random.fold_in(key, step))(keys)
-        device_states, metrics = step_fn(device_states, self.train_data,
-                                         self.runner.split_batch(indices), positions, rngs)
-        for window in self.windows:
-          window.add(done, metrics)
-        if done % config.log_every_steps == 0:
-          self._log(done, progress)
-        self.save(done, device_states)
-        if config.eval_every_steps and done % config.eval_every_steps == 0 \
-            and done < self.total_steps:
-          key = f"{self.watched}_accuracy"
-          results = self.evaluate(done, device_states, (self.watched,))
-          progress.message(f"step {done}: {key} per seed "
-                           + ", ".join(f"{r[key]:.4f}" for r in results))
-        if stop.should_stop(done, config.checkpoint_every_steps):
-          self.save(done, device_states, force=True)
-          raise TrainingInterruptedError(stop.received, done)
-      self._log(self.total_steps, progress)
-      self.save(self.total_steps, device_states, force=True)
-    return device_states
+  # The hooks of `loop.step_through`, for every seed at once.
+  def batch(self, step: int) -> tuple[Any, jax.Array]:
+    indices = np.stack([order.indices(step) for order in self.orders], axis=1)
+    return (self.runner.split_batch(indices),
+            jax.vmap(lambda key: jax.random.fold_in(key, step))(self.keys))
 
-  def _log(self, step: int, progress: Progress) -> None:
+  def add(self, step: int, metrics: Any) -> None:
+    for window in self.windows:
+      window.add(step, metrics)
+
+  def evaluate_watched(self, step: int, device_states: Any) -> str:
+    key = f"{self.watched}_accuracy"
+    results = self.evaluate(step, device_states, (self.watched,))
+    return f"step {step}: {key} per seed " + ", ".join(f"{r[key]:.4f}" for r in results)
+
+  def log(self, step: int) -> None:
     """Every seed's window written; the progress line shows their means, and images/s of
     all seeds together."""
+    progress = self.progress
     pending = any(window.pending for window in self.windows)
     for window in self.windows:
       window.flush(step)

@@ -65,11 +65,14 @@ def plan(base: ExperimentConfig, heads: Sequence[int], seeds: Sequence[int],
       raise ValueError(f"{name}=[]: a sweep needs at least one")
   runs = []
   for qkv in qkv_modes:
+    mode, colon, rank = qkv.partition(":")
+    if (mode == "low_rank") != bool(colon) or (colon and not rank.isdigit()):
+      raise ValueError(f"qkv={qkv!r}: a low rank is written with its rank, low_rank:R (e.g. "
+                       "low_rank:2), and the other modes without one")
     for h in heads:
       width = base.model.hidden_size if fixed == "width" else h * base.model.head_dim
-      mode, _, rank = qkv.partition(":")
       model_fields = {**dataclasses.asdict(base.model), "num_heads": h, "hidden_size": width,
-                      "qkv": mode, "qkv_rank": int(rank) if rank.isdigit() else rank or None}
+                      "qkv": mode, "qkv_rank": int(rank) if rank else None}
       model = from_mapping(ModelConfig, model_fields, path="model")  # validates the combination
       for seed in seeds:
         runs.append((Run(h, width, qkv, seed), dataclasses.replace(base, model=model, seed=seed)))

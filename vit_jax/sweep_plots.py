@@ -12,15 +12,15 @@ from typing import Any
 
 import numpy as np
 
+from vit_jax.figures import pyplot, save_png
+
 LABELS = {"fused": "learned Q/K/V", "separate": "learned W_Q, W_K, W_V",
           "identity": "identity (no projection)"}
 
 
 def _pyplot():
+  plt = pyplot()  # first: it chooses the backend
   import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
 
   return matplotlib, plt
 
@@ -34,11 +34,6 @@ def _heads_axis(ax, heads, ylabel: str) -> None:
   ax.grid(alpha=0.3)
 
 
-def _save(fig, path: Path, dpi: int = 100) -> Path:
-  _, plt = _pyplot()
-  fig.savefig(path, dpi=dpi)
-  plt.close(fig)
-  return path
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -57,7 +52,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
   _heads_axis(acc_ax, all_heads, "test accuracy (%)")
   _heads_axis(ent_ax, all_heads, "mean attention entropy (nats)")
   acc_ax.legend(fontsize=8)
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def plot_analyses(means: dict[str, dict[int, dict[str, float]]], path: Path) -> Path:
@@ -79,7 +74,7 @@ def plot_analyses(means: dict[str, dict[int, dict[str, float]]], path: Path) -> 
                   color=f"C{colour}", label=qkv + ablation)
     _heads_axis(ax, {h for by_heads in means.values() for h in by_heads}, ylabel)
   axes[0].legend(fontsize=8)
-  return _save(fig, path)
+  return save_png(fig, path)
 
 
 def plot_models(models: dict[int, dict[str, Any]], qkv: str, path: Path) -> Path:
@@ -103,4 +98,4 @@ def plot_models(models: dict[int, dict[str, Any]], qkv: str, path: Path) -> Path
     below.set(xlabel="singular value index")
   axes[0, 0].set_ylabel("layer (accuracy lost,\none head removed)")
   axes[1, 0].set_ylabel("W_QK singular values\nover the largest")
-  return _save(fig, path, dpi=90)
+  return save_png(fig, path, dpi=90)

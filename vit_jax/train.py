@@ -37,8 +37,8 @@ from vit_jax.checkpoints import (
   write_or_check_config,
 )
 from vit_jax.experiment_config import ExperimentConfig, validate
-from vit_jax.interrupt import StopSignal, TrainingInterruptedError
 from vit_jax.locks import WorkdirLock
+from vit_jax.loop import step_through
 from vit_jax.metrics import MetricsWindow, MetricWriter, Progress
 from vit_jax.models import ViT
 from vit_jax.parallel import Runner, choose_mode
@@ -50,7 +50,6 @@ from vit_jax.train_state import (
   evaluation_params,
   learning_rate_schedule,
 )
-from vit_jax.training_images import undistorted_line
 
 PROBE_IMAGES = 256  # held-out images whose attention statistics every evaluation logs
 Data = dict[str, dict[str, np.ndarray]]  # {'train' | 'validation' | 'test': {'image', 'label'}}
@@ -250,34 +249,25 @@ class _Run:
     return {**self.window.last, **result, "step": self.total_steps}
 
   def _steps(self, device_state: Any, start_step: int) -> Any:
-    """Runs the training steps from `start_step`, logging, evaluating and saving on the way."""
-    config, runner = self.config, self.runner
-    step_fn = compile_train_step(config, runner, total_steps=self.total_steps)
-    base_rng = jax.random.PRNGKey(config.seed)
-    positions = runner.split_batch(np.arange(config.batch_size, dtype=np.int32))
-    with StopSignal() as stop:
-      for done in range(start_step + 1, self.total_steps + 1):
-        self.step = done - 1  # the last step taken, for errors
-        if line := undistorted_line(config, self.total_steps, done - 1, start_step):
-          self.progress.message(line)
-        indices = runner.split_batch(self.order.indices(done - 1))
-        device_state, metrics = step_fn(device_state, self.train_data, indices, positions,
-                                        jax.random.fold_in(base_rng, done - 1))
-        self.window.add(done, metrics)
-        if done % config.log_every_steps == 0:
-          self.window.flush(done)
-        self.save(done, device_state)
-        if config.eval_every_steps and done % config.eval_every_steps == 0 \
-            and done < self.total_steps:
-          key = f"{self.watched}_accuracy"
-          result = self.evaluate_and_log(done, device_state, (self.watched,))
-          self.progress.message(f"step {done}: {key}={result[key]:.4f}")
-        if stop.should_stop(done, config.checkpoint_every_steps):
-          self.save(done, device_state, force=True)
-          raise TrainingInterruptedError(stop.received, done)
-      self.window.flush(self.total_steps)
-      self.save(self.total_steps, device_state, force=True)
-    return device_state
+    step_fn = compile_train_step(self.config, self.runner, total_steps=self.total_steps)
+    self.base_rng = jax.random.PRNGKey(self.config.seed)  # each step's: folded with the step
+    return step_through(self, step_fn, device_state, start_step)
+
+  # The hooks of `loop.step_through`.
+  def batch(self, step: int) -> tuple[Any, jax.Array]:
+    return (self.runner.split_batch(self.order.indices(step)),
+            jax.random.fold_in(self.base_rng, step))
+
+  def add(self, step: int, metrics: Any) -> None:
+    self.window.add(step, metrics)
+
+  def log(self, step: int) -> None:
+    self.window.flush(step)
+
+  def evaluate_watched(self, step: int, device_state: Any) -> str:
+    key = f"{self.watched}_accuracy"
+    result = self.evaluate_and_log(step, device_state, (self.watched,))
+    return f"step {step}: {key}={result[key]:.4f}"
 
 
 @contextlib.contextmanager

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # files only: no display needed
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from vit_jax import analysis
+from vit_jax.figures import pyplot, save_png
+from vit_jax.metrics import read_metrics
+from vit_jax.model_configs import ModelConfig
 
-from vit_jax import analysis  # noqa: E402
-from vit_jax.metrics import read_metrics  # noqa: E402
-from vit_jax.model_configs import ModelConfig  # noqa: E402
+plt = pyplot()
 
 DPI = 100
 
@@ -43,18 +42,17 @@ def plot_attention(image: np.ndarray, per_head: np.ndarray, config: ModelConfig,
   """
   layers, heads, _ = per_head.shape
   grid = config.image_size // config.patch_size
-  fig, axes = plt.subplots(layers, heads, figsize=(1.6 * heads, 1.6 * layers + 0.4),
-                           squeeze=False)
+  # Constrained layout keeps the panels' titles off each other and below the figure's title.
+  fig, axes = plt.subplots(layers, heads, figsize=(max(1.6 * heads, 2.4), 1.7 * layers + 0.6),
+                           squeeze=False, layout="constrained")
   for layer in range(layers):
     for head in range(heads):
       _overlay(axes[layer, head], image, per_head[layer, head], grid,
                f"layer {layer} head {head}")  # from 0, as the metrics and analyses count
   source = "class token" if config.classifier == "token" else "mean query"
-  fig.suptitle(f"attention from the {source}: label {label}, predicted {predicted}", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=DPI)
-  plt.close(fig)
-  return path
+  fig.suptitle(f"attention from the {source}:{' ' if heads > 2 else chr(10)}label {label}, "
+               f"predicted {predicted}", fontsize=9)  # two lines where one would be cut off
+  return save_png(fig, path, DPI)
 
 
 ROLLOUT_IMAGES = 16  # one row, readable; hundreds would pass matplotlib's largest figure
@@ -74,9 +72,7 @@ def plot_rollout(images: np.ndarray, rollout: np.ndarray, config: ModelConfig,
     _overlay(axes[0, i], images[i], weights[i], grid)
   fig.suptitle("attention rollout across all layers", fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=DPI)
-  plt.close(fig)
-  return path
+  return save_png(fig, path, DPI)
 
 
 def plot_position_similarity(similarity: np.ndarray, config: ModelConfig, path: Path) -> Path:
@@ -93,9 +89,7 @@ def plot_position_similarity(similarity: np.ndarray, config: ModelConfig, path: 
     ax.set_yticks([])
   fig.suptitle("position embedding similarity (row, column of the patch)", fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=DPI)
-  plt.close(fig)
-  return path
+  return save_png(fig, path, DPI)
 
 
 def write_all(state, config: ModelConfig, images: np.ndarray, labels: np.ndarray,
@@ -144,9 +138,7 @@ def plot_training_statistics(metrics_file: Path, path: Path) -> Path | None:
     plt.close(fig)
     return None
   fig.tight_layout()
-  fig.savefig(path, dpi=DPI)
-  plt.close(fig)
-  return path
+  return save_png(fig, path, DPI)
 
 
 def visualize_checkpoint(config, workdir, num_images: int = 4, test_data=None,

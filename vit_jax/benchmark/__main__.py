@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -15,13 +14,13 @@ from ml_collections import config_flags
 
 from vit_jax import host_cpu
 from vit_jax.benchmark.report import REPO, run, table, time_to_accuracy
-from vit_jax.command_line import ending_in_one_line
+from vit_jax.command_line import ending_in_one_line, keep_the_console_for_ours
 from vit_jax.files import write_text_atomically
 
 
 def main(argv):
   del argv
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  keep_the_console_for_ours()
   config = flags.FLAGS.config
   targets = _accuracy_targets()  # a typo costs no measuring
   why_devices = host_cpu.configure(flags.FLAGS.cpu_devices,

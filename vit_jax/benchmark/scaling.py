@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import statistics
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from ml_collections import config_flags
 from vit_jax import auto, host_cpu
 from vit_jax.benchmark import flops, step_speed, timing
 from vit_jax.benchmark.report import REPO
-from vit_jax.command_line import ending_in_one_line
+from vit_jax.command_line import ending_in_one_line, keep_the_console_for_ours
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.files import write_text_atomically
 from vit_jax.kernels import timing as kernel_timing
@@ -144,7 +143,7 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv):
   del argv
-  logging.getLogger("absl").setLevel(logging.WARNING)
+  keep_the_console_for_ours()
   config = flags.FLAGS.config
   why_devices = host_cpu.configure(flags.FLAGS.cpu_devices, (config.batch_size,
                                                              config.eval_batch_size))

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vit_jax import auto, input_pipeline, steps, train_state
+from vit_jax import inference, input_pipeline, steps, train_state
 from vit_jax.benchmark import flops, timing
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.parallel import Runner
@@ -35,13 +35,14 @@ def measure_steps(config: ExperimentConfig, runner: Runner, peak: timing.MatmulP
   # Whole evaluation batches: every evaluated image is a real one.
   eval_batches = -(-config.batch_size * steps_per_window // config.eval_batch_size)
   num_examples = eval_batches * config.eval_batch_size
-  device_data = runner.replicate(synthetic_digits(config, num_examples))
+  digits = synthetic_digits(config, num_examples)
+  device_data = runner.replicate(digits)
   train_window, holder, compiled, compile_seconds = training_window(
       config, runner, device_data, num_examples, steps_per_window)
-  # One view of each image (the FLOP count's), in the passes evaluation takes.
-  evaluate = steps.Evaluator(runner, device_data, num_examples, config.eval_batch_size,
-                             config.dataset,
-                             images_per_pass=auto.eval_images_per_pass(config.model))
+  # Evaluation as training and --mode=eval run it, with one view of each image (the FLOP
+  # count's).
+  evaluate = inference.split_evaluator(
+      dataclasses.replace(config, eval_max_shift=0, eval_flip=False), runner, digits)
   return {
       "parallel": runner.mode,
       "devices": runner.num_devices,
