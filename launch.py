@@ -17,13 +17,15 @@ Runs on whatever JAX finds: CPU, GPU or TPU.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
+# The default experiment, found from any working directory.
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "experiments",
+                              "mnist.py")
 
 
 def _env_int(name: str) -> int | None:
@@ -67,29 +69,17 @@ flags.DEFINE_bool("distributed", False,
                   "Initialise JAX's distributed runtime from the cluster's environment.")
 
 
-# What a trained run chose for these on its machine is chosen again on this one (`auto.resolve`
-# keeps the run's precision and attention where this machine can compute them).
-_CHOSEN_PER_MACHINE = {"microbatch_size": "auto", "model.compute_dtype": "auto",
-                       "model.attention_kernel": "auto"}
-
-
 def _config_of_this_command():
   """(the config to run, where it came from): --config's file with its --config.x flags, or,
-  for a mode that uses a trained run and no --config, the config the run recorded (its
-  config.json) with the --config.x flags on top: a run of other settings (a sweep's, a
-  shipped one) is evaluated, drawn or exported without repeating them."""
-  path = os.path.join(FLAGS.workdir, "config.json")
-  if FLAGS.mode == "train" or FLAGS["config"].present or not os.path.isfile(path):
-    return FLAGS.config, FLAGS["config"].config_filename
-  with open(path) as f:
-    config = json.load(f)
-  for name, value in {**_CHOSEN_PER_MACHINE, **FLAGS["config"].override_values}.items():
-    *sections, field = name.split(".")
-    section = config
-    for key in sections:
-      section = section.setdefault(key, {})
-    section[field] = value
-  return config, f"{path}, the run's own"
+  for a mode that uses a trained run and no --config, the config the run recorded with the
+  --config.x flags on top: a run of other settings (a sweep's, a shipped one) is evaluated,
+  drawn or exported without repeating them."""
+  from vit_jax.command_line import recorded_config
+
+  if FLAGS.mode != "train" and not FLAGS["config"].present and (recorded := recorded_config(
+      FLAGS.workdir, FLAGS["config"].override_values)) is not None:
+    return recorded, f"{os.path.join(FLAGS.workdir, 'config.json')}, the run's own"
+  return FLAGS.config, FLAGS["config"].config_filename
 
 
 def _set_up_jax(config) -> str:
@@ -245,7 +235,7 @@ def run():
     # Defined here, not at import: without --config, defining it loads the default file and
     # applies the `--config.x=...` flags at once, and a misspelled key must be one line too.
     config_flags.DEFINE_config_file(
-        "config", "experiments/mnist.py", "Experiment config file. Without it, the modes "
+        "config", DEFAULT_CONFIG, "Experiment config file. Without it, the modes "
         "other than train take the run's own (WORKDIR/config.json).", lock_config=True)
     app.run(main)
 

@@ -27,3 +27,19 @@ def test_an_attribute_error_of_no_config_flag_is_not_hidden(monkeypatch):
   monkeypatch.setattr("sys.argv", ["launch.py", "--config.seed=1"])
   with pytest.raises(AttributeError, match="a bug"):  # a real bug keeps its traceback
     command_line.ending_in_one_line(lambda: (_ for _ in ()).throw(AttributeError("a bug")))
+
+
+def test_a_trained_run_s_recorded_config_with_its_machine_s_choices_open_and_flags_on_top(
+    tmp_path):
+  from conftest import REPO
+
+  from vit_jax.experiment_config import validate
+
+  assert command_line.recorded_config(tmp_path, {"seed": 1}) is None  # no config.json: none
+  shipped = command_line.recorded_config(REPO / "pretrained" / "mnist_seed",
+                                         {"eval_max_shift": 1, "model.compute_dtype": "float32"})
+  # Recorded before fields such as eval_max_shift existed: those take their defaults.
+  config = validate(shipped)
+  assert (config.num_epochs, config.model.num_heads, config.model.patch_size) == (9.0, 4, 4)
+  assert config.eval_max_shift == 1 and config.model.compute_dtype == "float32"  # flags win
+  assert (config.microbatch_size, config.model.attention_kernel) == ("auto", "auto")

@@ -7,10 +7,12 @@ benchmarks. Each defines its config flag inside the command it passes (see `laun
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 
 def ending_in_one_line(command: Callable[[], None]) -> None:
@@ -52,6 +54,31 @@ def keep_the_console_for_ours() -> None:
   its logging."""
   for name in ("absl", "jax"):
     logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# What a trained run chose for these on its machine is chosen again on the one that uses it
+# (`auto.resolve` keeps the run's precision and attention where this machine computes them).
+CHOSEN_PER_MACHINE = {"microbatch_size": "auto", "model.compute_dtype": "auto",
+                      "model.attention_kernel": "auto"}
+
+
+def recorded_config(workdir: str | os.PathLike, overrides: dict[str, Any]) -> dict | None:
+  """The config a run recorded (WORKDIR/config.json), its machine's choices left to 'auto'
+  again and `overrides` on top ({'model.num_heads': 8}, as `--config.x` flags give them);
+  None where the workdir has no config.json. Fields it lacks (a run older than them) take
+  their defaults when it is validated."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    config = json.load(f)
+  for name, value in {**CHOSEN_PER_MACHINE, **overrides}.items():
+    *sections, field = name.split(".")
+    section = config
+    for key in sections:
+      section = section.setdefault(key, {})
+    section[field] = value
+  return config
 
 
 def unknown_config_key(error: Exception) -> str | None:

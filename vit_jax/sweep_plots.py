@@ -34,8 +34,6 @@ def _heads_axis(ax, heads, ylabel: str) -> None:
   ax.grid(alpha=0.3)
 
 
-
-
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
   """`sweep_report.summarize`'s rows: test accuracy (error bars: std over seeds) and
   attention entropy against heads, a line per mode."""
