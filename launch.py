@@ -74,11 +74,12 @@ def _config_of_this_command():
   for a mode that uses a trained run and no --config, the config the run recorded with the
   --config.x flags on top: a run of other settings (a sweep's, a shipped one) is evaluated,
   drawn or exported without repeating them."""
+  from vit_jax.checkpoints import CONFIG_FILE
   from vit_jax.command_line import recorded_config
 
   if FLAGS.mode != "train" and not FLAGS["config"].present and (recorded := recorded_config(
       FLAGS.workdir, FLAGS["config"].override_values)) is not None:
-    return recorded, f"{os.path.join(FLAGS.workdir, 'config.json')}, the run's own"
+    return recorded, f"{os.path.join(FLAGS.workdir, CONFIG_FILE)}, the run's own"
   return FLAGS.config, FLAGS["config"].config_filename
 
 

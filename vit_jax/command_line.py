@@ -7,7 +7,6 @@ benchmarks. Each defines its config flag inside the command it passes (see `laun
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -67,11 +66,10 @@ def recorded_config(workdir: str | os.PathLike, overrides: dict[str, Any]) -> di
   again and `overrides` on top ({'model.num_heads': 8}, as `--config.x` flags give them);
   None where the workdir has no config.json. Fields it lacks (a run older than them) take
   their defaults when it is validated."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  from vit_jax.checkpoints import saved_config
+
+  if (config := saved_config(workdir)) is None:
     return None
-  with open(path) as f:
-    config = json.load(f)
   for name, value in {**CHOSEN_PER_MACHINE, **overrides}.items():
     *sections, field = name.split(".")
     section = config
