@@ -2,6 +2,7 @@
 
     python launch.py --config=experiments/mnist.py --workdir=runs/mnist
     python launch.py --config=experiments/mnist.py --config.model.num_heads=8 --workdir=runs/h8
+    python launch.py --workdir=runs/h8      # resumes it, interrupted, with its own config
     python launch.py --workdir=runs/h8 --mode=eval
     python launch.py --workdir=runs/h8 --mode=eval --config.eval_max_shift=1
     python launch.py --workdir=runs/h8 --mode=predict --images=digit.png,other.npy
@@ -9,8 +10,9 @@
     python launch.py --workdir=runs/h8 --mode=export
     python launch.py --workdir=runs/h8 --mode=analyze
 
-The modes after training read the config the run recorded (WORKDIR/config.json), changed by
-any --config.x flags; --config=FILE takes that file's instead.
+Without --config, a workdir that holds a run is resumed, evaluated or used with the config
+the run recorded (WORKDIR/config.json), changed by any --config.x flags; --config=FILE takes
+that file's instead. A new workdir without --config trains experiments/mnist.py.
 
 Runs on whatever JAX finds: CPU, GPU or TPU.
 """
@@ -71,13 +73,13 @@ flags.DEFINE_bool("distributed", False,
 
 def _config_of_this_command():
   """(the config to run, where it came from): --config's file with its --config.x flags, or,
-  for a mode that uses a trained run and no --config, the config the run recorded with the
-  --config.x flags on top: a run of other settings (a sweep's, a shipped one) is evaluated,
-  drawn or exported without repeating them."""
+  without --config in a workdir that holds a run, the config the run recorded with the
+  --config.x flags on top: a run of other settings (a sweep's, a shipped one, an interrupted
+  `mnist_best.py`) is resumed, evaluated, drawn or exported without repeating them."""
   from vit_jax.checkpoints import CONFIG_FILE
   from vit_jax.command_line import recorded_config
 
-  if FLAGS.mode != "train" and not FLAGS["config"].present and (recorded := recorded_config(
+  if not FLAGS["config"].present and (recorded := recorded_config(
       FLAGS.workdir, FLAGS["config"].override_values)) is not None:
     return recorded, f"{os.path.join(FLAGS.workdir, CONFIG_FILE)}, the run's own"
   return FLAGS.config, FLAGS["config"].config_filename
@@ -236,8 +238,9 @@ def run():
     # Defined here, not at import: without --config, defining it loads the default file and
     # applies the `--config.x=...` flags at once, and a misspelled key must be one line too.
     config_flags.DEFINE_config_file(
-        "config", DEFAULT_CONFIG, "Experiment config file. Without it, the modes "
-        "other than train take the run's own (WORKDIR/config.json).", lock_config=True)
+        "config", DEFAULT_CONFIG, "Experiment config file. Without it, a workdir "
+        "that holds a run takes the run's own (WORKDIR/config.json), a new one "
+        "experiments/mnist.py.", lock_config=True)
     app.run(main)
 
   ending_in_one_line(parse_and_run)

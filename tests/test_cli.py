@@ -1,6 +1,8 @@
 """launch.py end to end, in subprocesses, as a researcher runs it."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +90,20 @@ def test_the_modes_after_training_take_the_runs_own_config(trained):
   default = launch(f"--workdir={workdir}", "--mode=eval", "--config=experiments/mnist.py")
   assert default.returncode == 2  # an explicit --config is taken: not this run's model
   assert "holds a run of a different model" in default.stderr
+
+
+@pytest.mark.slow
+def test_a_run_resumed_without_config_goes_on_with_its_own(trained, tmp_path):
+  _, train_result, trained_workdir = trained
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_workdir, workdir)  # the fixture's run stays as it is
+  # tiny.py's model and 2,048 images; experiments/mnist.py's model would be refused.
+  result = launch(f"--workdir={workdir}", "--config.num_epochs=3")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"config: {workdir / 'config.json'}, the run's own" in result.stdout
+  assert f"resuming {workdir} at step 32" in result.stderr
+  assert final_metrics(result.stdout)["step"] == 48  # 16 steps of 128 an epoch: 2,048 images
+  assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 3
 
 
 @pytest.mark.slow
