@@ -5,12 +5,13 @@ import json
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from conftest import REPO
 from test_cli import launch
 
-from vit_jax import export, inference, train, visualize
+from vit_jax import export, inference, input_pipeline, models, train, visualize
 from vit_jax.experiment_config import validate
 
 sys.path.insert(0, str(REPO / "experiments"))
@@ -46,6 +47,32 @@ def run(tmp_path_factory, digits):
 def snapshot(folder):
   return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
           for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("shift, flip", [(0, False), (1, False), (1, True)])
+def test_the_served_function_averages_the_views_and_draws_the_image_s_own_attention(
+    digits, shift, flip):
+  config = validate({**tiny.get_config().to_dict(), "eval_max_shift": shift, "eval_flip": flip,
+                     "dataset": "fashion_mnist" if flip else "mnist"})  # flips: clothes only
+  model = models.ViT(config.model)
+  images = digits["test"]["image"][:3]
+  params = model.init(jax.random.key(0), input_pipeline.normalize(images, config.dataset))[
+      "params"]
+  serve = export.serving_function(config, params)
+  probabilities, attention = jax.jit(serve)(images)
+  def matmuls(function, *args):
+    return str(jax.make_jaxpr(function)(*args)).count("dot_general")
+
+  views = input_pipeline.evaluation_views(images, shift, flip)
+  one_pass = matmuls(lambda x: model.apply({"params": params}, x), views.reshape(-1, 28, 28, 1))
+  assert matmuls(serve, images) == one_pass  # the views' pass also gives the attention
+  np.testing.assert_allclose(
+      probabilities, inference.probabilities(config, model.apply, params, images), atol=1e-6)
+  _, variables = model.apply({"params": params}, input_pipeline.normalize(images, config.dataset),
+                             mutable=["intermediates"])
+  own = np.moveaxis(models.attention_maps(variables["intermediates"]), 0, 1)  # one view each
+  assert attention.shape == own.shape == (3, 2, 4, 17, 17)
+  np.testing.assert_allclose(attention, own, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -24,22 +24,29 @@ import jax.numpy as jnp
 
 from vit_jax import inference, input_pipeline, models
 from vit_jax.experiment_config import ExperimentConfig
+from vit_jax.steps import average_over_views
 
 
 def serving_function(config: ExperimentConfig, params: Any) -> Callable[[jax.Array], tuple]:
   """uint8 (B, H, W, C) images -> (probabilities (B, K), attention (B, L, H, N, N)).
 
   The probabilities are averaged over the run's views (`eval_max_shift`, `eval_flip`), as
-  evaluation and `inference.predict` average them; the attention is the image's own."""
+  evaluation and `inference.predict` average them; the attention is the image's own, from
+  the same forward pass."""
   model = models.ViT(dataclasses.replace(config.model, attention_kernel="einsum"))
 
   def serve(images):
-    _, variables = model.apply({"params": params},
-                               input_pipeline.normalize(images, config.dataset),
-                               mutable=["intermediates"])
-    maps = models.attention_maps(variables["intermediates"])  # (L, B, H, N, N)
-    probs = inference.probabilities(config, model.apply, params, images)
-    return probs, jnp.moveaxis(maps, 0, 1)
+    views = input_pipeline.evaluation_views(images, config.eval_max_shift, config.eval_flip)
+    batch, num_views = views.shape[:2]
+    flat = views.reshape(batch * num_views, *views.shape[2:])
+    logits, variables = model.apply({"params": params},
+                                    input_pipeline.normalize(flat, config.dataset),
+                                    mutable=["intermediates"])
+    maps = models.attention_maps(variables["intermediates"])  # (L, B * V, H, N, N)
+    maps = maps.reshape(maps.shape[0], batch, num_views, *maps.shape[2:])
+    own = maps[:, :, input_pipeline.unshifted_view(config.eval_max_shift)]  # (L, B, H, N, N)
+    log_probs = average_over_views(logits.reshape(batch, num_views, -1))
+    return jnp.exp(log_probs), jnp.moveaxis(own, 0, 1)
 
   return serve
 

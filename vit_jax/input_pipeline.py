@@ -129,6 +129,11 @@ def num_evaluation_views(max_shift: int, flip: bool) -> int:
   return (2 * max_shift + 1) ** 2 * (2 if flip else 1)
 
 
+def unshifted_view(max_shift: int) -> int:
+  """Where each image itself is among its `shifted_views` (and its `evaluation_views`)."""
+  return (2 * max_shift + 1) ** 2 // 2
+
+
 def evaluation_views(images: jax.Array, max_shift: int, flip: bool) -> jax.Array:
   """The views of each image that evaluation averages over: its shifts by up to `max_shift`
   pixels (`shifted_views`) and, with `flip`, each of those mirrored left to right.

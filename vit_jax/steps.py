@@ -147,8 +147,14 @@ def view_averaged_log_probabilities(apply_fn, params, images: jax.Array,
     logits = logits.swapaxes(0, 1).reshape(len(flat), -1)
   else:
     logits = forward(flat)
-  log_probs = jax.nn.log_softmax(logits.reshape(batch, num_views, -1).astype(jnp.float32))
-  return jax.nn.logsumexp(log_probs, axis=1) - jnp.log(num_views)
+  return average_over_views(logits.reshape(batch, num_views, -1))
+
+
+def average_over_views(logits: jax.Array) -> jax.Array:
+  """(B, V, num_classes) logits of V views of each image -> (B, num_classes), the log of
+  their class probabilities' mean."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+  return jax.nn.logsumexp(log_probs, axis=1) - jnp.log(logits.shape[1])
 
 
 def cache_sized_part(total: int, fits: int) -> int:
