@@ -71,6 +71,16 @@ def test_every_module_has_a_layer():
   assert modules == set(LAYERS)
 
 
+def test_the_readme_s_layout_names_every_module_at_its_layer():
+  shown = {}  # 'vit_jax/train.py      4. ...' -> {'train': 4}; 'kernels/ 1½.' -> 1.5
+  for line in (REPO / "README.md").read_text().splitlines():
+    words = line.split()
+    if len(words) > 1 and words[0].startswith("vit_jax/") and words[1].endswith("."):
+      module = words[0].removeprefix("vit_jax/").removesuffix("/").removesuffix(".py")
+      shown[module] = float(words[1].removesuffix(".").replace("½", ".5"))
+  assert shown == LAYERS
+
+
 @pytest.mark.parametrize("path", [p for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"
                                   or p.parent != PACKAGE], ids=lambda p: p.stem)
 def test_no_module_imports_from_a_layer_above_it(path):

@@ -244,6 +244,22 @@ def test_resolve_records_every_choice_and_a_resumed_run_keeps_its_precision(plat
   assert resumed.model.attention_kernel == "einsum"
 
 
+@pytest.mark.parametrize("recorded, size, why", [
+    (32, 32, "as this workdir's run chose"),  # not the 16 that fits: the dropout draws stay
+    (None, None, "as this workdir's run chose"),  # whole shares
+    ("absent", 16, "16 of 50 tokens x 64 fit"),  # a run older than the field: chosen here
+])
+def test_a_resumed_run_keeps_its_micro_batch_size(platform, recorded, size, why):
+  platform("cpu", "avx2 fma")
+  config = ExperimentConfig(model=SEED_SHAPE, batch_size=128, microbatch_size="auto")
+  saved = {"model": {}} if recorded == "absent" else {"model": {}, "microbatch_size": recorded}
+  resumed, line = auto.resolve(config, 2, saved)
+  assert resumed.microbatch_size == size
+  assert f"micro-batches of {size or 64} per device ({why}" in line
+  explicit = dataclasses.replace(config, microbatch_size=8)  # an explicit size still wins
+  assert auto.resolve(explicit, 2, saved)[0].microbatch_size == 8
+
+
 def test_unresolved_autos_are_refused_where_they_would_compute():
   with pytest.raises(ValueError, match="compute_dtype='auto' is chosen when a run starts"):
     models.ViT(dataclasses.replace(SEED_SHAPE, compute_dtype="auto", attention_kernel="einsum")

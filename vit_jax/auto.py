@@ -192,20 +192,34 @@ def _as_recorded(model: ModelConfig, field: str, before: dict, options: tuple[st
   return _same_in_every_process(choice, options), why
 
 
+def _recorded_microbatch_size(config: ExperimentConfig, recorded: dict | None
+                              ) -> tuple[int | None, str] | None:
+  """For 'auto', the micro-batch size the workdir's run took (None: whole shares), if it
+  recorded one: the micro-batches' count also sets each one's dropout draws, so another
+  size would continue the run with other draws."""
+  if config.microbatch_size != "auto" or not recorded:
+    return None
+  size = recorded.get("microbatch_size", "auto")
+  if size is None or (isinstance(size, int) and size > 0):
+    return size, "as this workdir's run chose"
+  return None
+
+
 def resolve(config: ExperimentConfig, num_devices: int = 1, recorded: dict | None = None
             ) -> tuple[ExperimentConfig, str]:
   """-> (`config` with its 'auto' fields chosen, a one-line summary of what runs).
 
   `num_devices`: the devices that share each batch. `recorded`: the config.json of the
-  workdir the run continues, if any: the precision and attention it chose stand, so that
-  a resumed run, or the evaluation of a finished one, computes as the run did.
+  workdir the run continues, if any: the precision, attention and micro-batch size it chose
+  stand, so that a resumed run, or the evaluation of a finished one, computes as the run did.
   """
   per_device = config.batch_size // num_devices
   before = (recorded or {}).get("model", {})
   dtype, dtype_why = _as_recorded(config.model, "compute_dtype", before, ("float32", "bfloat16"),
                                   lambda: choose_compute_dtype(config.model),
                                   _recorded_dtype_here)
-  size, size_why = choose_microbatch_size(config, per_device)
+  size, size_why = _recorded_microbatch_size(config, recorded) or choose_microbatch_size(
+      config, per_device)
   config = dataclasses.replace(config, microbatch_size=size,
                                model=dataclasses.replace(config.model, compute_dtype=dtype))
   microbatch = min(per_device, size or per_device)
