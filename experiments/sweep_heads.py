@@ -50,6 +50,7 @@ flags.DEFINE_enum("fixed", "width", ["width", "head_dim"],
 
 def main(argv):
   del argv
+  _refuse_flags_that_would_do_nothing()
   from vit_jax import host_cpu
   from vit_jax.command_line import keep_the_console_for_ours
 
@@ -81,6 +82,26 @@ def main(argv):
   print((Path(FLAGS.root) / "summary.md").read_text())
 
 
+# The --config.x fields the sweep sets in every run, and the flag that sets them.
+SET_PER_RUN = {"seed": "--seeds=N (seeds 0 .. N-1)", "model.qkv": "--qkv",
+               "model.qkv_rank": "--qkv=low_rank:R"}
+
+
+def _refuse_flags_that_would_do_nothing() -> None:
+  set_per_run = {**SET_PER_RUN, **({"model.num_heads": "--heads"} if FLAGS.fixed == "width"
+                                   else {})}  # with --fixed=head_dim it sets the head dim
+  for key in FLAGS["config"].override_values:
+    if key in set_per_run:
+      raise ValueError(f"--config.{key} is set in every run by the sweep: use "
+                       f"{set_per_run[key]}")
+  if FLAGS.report_only:
+    for name in ("analyze", "analysis_images", "vmap_seeds"):
+      if FLAGS[name].present:
+        raise ValueError(f"--{name} trains or measures runs, which --report_only does not")
+  if FLAGS["analysis_images"].present and not FLAGS.analyze:
+    raise ValueError("--analysis_images is for the runs' analysis, which --analyze= turns off")
+
+
 def _head_counts() -> list[int]:
   try:
     return [int(h) for h in FLAGS.heads]
@@ -109,7 +130,8 @@ if __name__ == "__main__":
   def define_config_and_run():  # a misspelt --config.x then ends in one line (launch.run)
     config_flags.DEFINE_config_file(
         "config", str(Path(__file__).resolve().parent / "sweep_small.py"),
-        "Base experiment config; heads, width, qkv and seed are set per run.", lock_config=True)
+        "Base experiment config; heads, qkv and seed are set per run (their --config.x "
+        "flags are refused), and the width with --fixed=head_dim.", lock_config=True)
     app.run(main)
 
   ending_in_one_line(define_config_and_run)

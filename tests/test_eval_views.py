@@ -233,3 +233,12 @@ def test_a_run_evaluates_and_predicts_with_the_views_its_config_names(tmp_path, 
 def test_an_impossible_number_of_views_is_a_one_line_error(value):
   with pytest.raises(ValueError, match=rf"eval_max_shift={value} must be in \[0, 4\]"):
     ExperimentConfig(model=get_model_config("testing"), eval_max_shift=value)
+
+
+def test_evaluating_with_a_batch_the_devices_cannot_share_is_one_line(tmp_path):
+  # 8 devices (conftest); said before any checkpoint or dataset is read, as training says it.
+  config = ExperimentConfig(model=get_model_config("testing"), parallel="pmap",
+                            eval_batch_size=100)
+  with pytest.raises(ValueError, match=r"config.eval_batch_size=100 is not divisible by the "
+                                       r"8 devices"):
+    inference.evaluate_checkpoint(config, tmp_path)

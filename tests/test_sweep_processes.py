@@ -55,9 +55,19 @@ def sweep(*flags, tfds_dir, **popen):
       for mode in ("low_rank", "low_rank:", "low_rank:two", "fused:2")),
     ("--report_only", "error: --report_only: 15 of 15 runs under --root=ROOT are not finished; "
                       "no reports written"),  # a misspelt or empty root, say
+    # Flags the sweep would not honour, refused before anything loads.
+    ("--config.seed=7", "error: --config.seed is set in every run by the sweep: use --seeds=N"),
+    ("--config.model.qkv=separate", "error: --config.model.qkv is set in every run by the "
+                                    "sweep: use --qkv"),
+    ("--config.model.num_heads=8", "error: --config.model.num_heads is set in every run by the "
+                                   "sweep: use --heads"),
+    ("--report_only --vmap_seeds", "error: --vmap_seeds trains or measures runs, which "
+                                   "--report_only does not"),
+    ("--analyze= --analysis_images=10", "error: --analysis_images is for the runs' analysis, "
+                                        "which --analyze= turns off"),
 ])
 def test_a_sweep_with_bad_or_no_runs_is_one_line(tmp_path, tfds_dir, flag, message):
-  process = sweep(f"--root={tmp_path}", flag, tfds_dir=tfds_dir)
+  process = sweep(f"--root={tmp_path}", *flag.split(), tfds_dir=tfds_dir)
   output = process.communicate(timeout=300)[0]
   assert process.returncode in (1, 2) and message.replace("ROOT", str(tmp_path)) in output, output
   assert "Traceback" not in output

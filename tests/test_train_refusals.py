@@ -79,7 +79,8 @@ def test_resuming_past_the_configured_end_is_refused(tmp_path, digits):
   assert json.loads((tmp_path / "run" / "config.json").read_text())["num_epochs"] == 1
 
 
-def test_a_resume_with_other_settings_keeps_the_replaced_config_in_the_history(tmp_path, digits):
+def test_a_resume_with_other_settings_keeps_the_replaced_config_in_the_history(tmp_path, digits,
+                                                                              capsys):
   data = subset(digits, 256)
   config = small_config(num_epochs=0.5)
   train.train_and_evaluate(config, tmp_path / "run", data=data)
@@ -90,9 +91,13 @@ def test_a_resume_with_other_settings_keeps_the_replaced_config_in_the_history(t
       (0.5, config.learning_rate)]
   now = json.loads((tmp_path / "run" / "config.json").read_text())
   assert (now["num_epochs"], now["learning_rate"]) == (1, 5e-4)
-  # Started again when finished, it trains nothing: config.json stays the one it ran with.
+  # Started again when finished, it trains nothing: config.json stays the one it ran with,
+  # and the changed settings, which changed nothing, are said to have changed nothing.
+  capsys.readouterr()
   train.train_and_evaluate(dataclasses.replace(config, num_epochs=1, learning_rate=1e-4),
                            tmp_path / "run", data=data)
+  assert ("the run is finished at step 4: nothing is trained, so learning_rate change at most "
+          "the evaluation, and config.json keeps the run's own") in capsys.readouterr().err
   assert json.loads((tmp_path / "run" / "config.json").read_text())["learning_rate"] == 5e-4
   assert len((tmp_path / "run" / "config_history.jsonl").read_text().splitlines()) == 1
 

@@ -62,12 +62,13 @@ def evaluate_checkpoint(config: Any, workdir: str | Path,
                         data: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, float]:
   """Test loss and accuracy of the latest checkpoint in `workdir`."""
   config = resolved_config(config, workdir)
+  runner = Runner(choose_mode(config.parallel))
+  runner.check_batch_size("eval_batch_size", config.eval_batch_size)  # before any loading
   state = restore_state(config, workdir)
   test = data["test"] if data is not None else dict(zip(
       ("image", "label"),
       mnist_source.load_split(config.dataset, "test", config.tfds_data_dir, config.idx_dir),
       strict=True))
-  runner = Runner(choose_mode(config.parallel))
   result = split_evaluator(config, runner, test)(runner.replicate(state))
   return {**result, "step": int(state.step)}
 

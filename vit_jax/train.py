@@ -30,6 +30,7 @@ from vit_jax import (
     mnist_source,
 )
 from vit_jax.checkpoints import (
+  CONFIG_FILE,
   Checkpoints,
   WriteError,
   prepare_workdir,
@@ -229,14 +230,19 @@ class _Run:
     state = self._restore()
     start_step = self.step = int(state.step)
     # A finished run started again trains nothing: its config.json stays the one it ran with.
-    write_or_check_config(self.workdir, self.config, write=self.runner.is_main_process
-                          and start_step < self.total_steps)
+    finished = start_step >= self.total_steps
+    changed = write_or_check_config(self.workdir, self.config,
+                                    write=self.runner.is_main_process and not finished)
+    unused = (f"the run is finished at step {start_step}: nothing is trained, so "
+              f"{', '.join(changed)} change at most the evaluation, and {CONFIG_FILE} keeps "
+              "the run's own") if finished and changed else None
     taken = None
     if not start_step and self.config.init_from:
       state, taken = init_from.initialised_from(state, self.config)
     self._put_data_on_devices()
     self._open_logs(start_step)
-    for line in (first_line, taken, short_warmup_line(self.config, self.total_steps)):
+    for line in (first_line, taken, short_warmup_line(self.config, self.total_steps),
+                 unused):
       if line:
         self.progress.message(line)
     if start_step:
