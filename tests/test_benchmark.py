@@ -201,13 +201,26 @@ def test_benchmark_command_writes_json(tmp_path):
   assert written["attention_kernel"] == "einsum" and written["attention_kernel_lanes"] is None
 
 
+@pytest.mark.parametrize("flag", ["--eval_every_steps=10", "--launch_flags=--cpu_devices=1"])
+def test_the_timed_run_s_flags_without_a_timed_run_are_refused(flag):
+  ended = subprocess.run([sys.executable, "-m", "vit_jax.benchmark",
+                          "--config=experiments/tiny.py", flag],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+  name = flag.split("=")[0]
+  assert ended.returncode == 2
+  assert f"error: {name} is for the timed run of --time_to_accuracy, not given" in ended.stderr
+
+
 @pytest.mark.slow
-def test_time_to_accuracy_reads_a_real_run(tmp_path, tfds_dir):
+@pytest.mark.parametrize("held_out", [0, 256])
+def test_time_to_accuracy_reads_a_real_run(tmp_path, tfds_dir, held_out):
   overrides = [f"--config.tfds_data_dir={tfds_dir}", "--config.train_examples=1024",
-               "--config.num_epochs=1"]
+               "--config.num_epochs=1", f"--config.validation_examples={held_out}"]
   result = benchmark.time_to_accuracy("experiments/tiny.py", overrides, [0.05, 0.999],
                                       tmp_path / "run", eval_every_steps=4,
                                       launch_flags=["--cpu_devices=2"])
+  # Held out, the test split is evaluated only at the end: the validation split is timed.
+  assert result["accuracy_timed"] == ("validation" if held_out else "test")
   assert result["step_at_0.05"] == 4  # the first evaluation already beats chance / 2
   assert 0 < result["seconds_to_0.05"] < 300
   assert result["seconds_to_0.999"] is None and result["step_at_0.999"] is None

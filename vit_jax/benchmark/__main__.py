@@ -35,7 +35,10 @@ def main(argv):
       result.update(time_to_accuracy(os.path.abspath(flags.FLAGS["config"].config_filename),
                                      [a for a in sys.argv[1:] if a.startswith("--config.")],
                                      targets, Path(workdir) / "run",
-                                     flags.FLAGS.eval_every_steps, flags.FLAGS.launch_flags))
+                                     flags.FLAGS.eval_every_steps,
+                                     # the devices measured above, unless told otherwise
+                                     [f"--cpu_devices={flags.FLAGS.cpu_devices}",
+                                      *flags.FLAGS.launch_flags]))
   print(table(result))
   if _write(result):
     print(f"wrote {flags.FLAGS.out}")
@@ -47,6 +50,9 @@ def _accuracy_targets() -> list[float]:
   except ValueError:
     raise ValueError(f"--time_to_accuracy={','.join(flags.FLAGS.time_to_accuracy)} must be "
                      "test accuracies, e.g. 0.98,0.99") from None
+  for name in ("eval_every_steps", "launch_flags"):
+    if not targets and flags.FLAGS[name].present:
+      raise ValueError(f"--{name} is for the timed run of --time_to_accuracy, not given")
   if targets and flags.FLAGS["eval_every_steps"].present and any(
       a.startswith("--config.eval_every_steps=") for a in sys.argv[1:]):  # the latter won
     raise ValueError("--eval_every_steps and --config.eval_every_steps both set the timed "
