@@ -311,3 +311,15 @@ def test_the_plain_flax_baseline_has_our_shape_plus_flaxs_qkv_biases():
     extra = 3 * config.hidden_size * config.num_layers
     assert models.count_params(plain) == models.count_params(ours) + extra == count + extra
     assert jax.eval_shape(baseline.PlainViT(config).apply, plain, images).shape == (2, 10)
+
+
+def test_the_baseline_says_where_our_model_is_not_its_own():
+  from vit_jax.benchmark import baseline
+  from vit_jax.experiment_config import ExperimentConfig
+
+  def config(**fields):
+    return ExperimentConfig(model=get_model_config("seed", **fields))
+
+  assert baseline.differences(config()) == baseline.differences(config(qkv="separate")) == []
+  assert baseline.differences(config(qkv="identity", classifier="gap", dropout_rate=0.1)) == [
+      "model.qkv='identity'", "model.classifier='gap'", "model.dropout_rate=0.1"]
