@@ -15,6 +15,10 @@ from typing import Any, Literal
 from vit_jax.model_configs import ModelConfig
 from vit_jax.schema import check_types, from_mapping, require
 
+# The augmentations that `undistorted_final_epochs` turns off (shifts and flips stay).
+DISTORTIONS = ("augment_max_rotation", "augment_max_scale", "augment_max_shear",
+               "augment_elastic_alpha", "random_erasing")
+
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
@@ -160,6 +164,10 @@ class ExperimentConfig:
             "must be False for mnist: a mirrored digit is another digit or none")
     require(0 <= self.undistorted_final_epochs <= self.num_epochs, "undistorted_final_epochs",
             self.undistorted_final_epochs, f"must be in [0, num_epochs={self.num_epochs}]")
+    require(not self.undistorted_final_epochs or any(getattr(self, k) for k in DISTORTIONS),
+            "undistorted_final_epochs", self.undistorted_final_epochs,
+            f"must be 0 where no distortion is on (none of {', '.join(DISTORTIONS)}): it would "
+            "turn nothing off")
     require(1 <= self.augment_elastic_sigma <= 10, "augment_elastic_sigma",
             self.augment_elastic_sigma, "must be in [1, 10] (pixels)")
 

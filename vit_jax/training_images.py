@@ -38,18 +38,12 @@ def augmented(images: jax.Array, keys: jax.Array, config: ExperimentConfig,
   return augment.random_flip(images, stream(4), config.augment_flip)
 
 
-def has_distortions(config: ExperimentConfig) -> bool:
-  """Whether `config` has any of the augmentations the undistorted last epochs turn off."""
-  return any((config.augment_max_rotation, config.augment_max_scale, config.augment_max_shear,
-              config.augment_elastic_alpha, config.random_erasing))
-
-
 def distortion_end_step(config: ExperimentConfig, total_steps: int | None) -> int | None:
   """The first step (0-based) of the last `config.undistorted_final_epochs` epochs of a run
   of `total_steps`, which go without the distortions; None where no step does (or where
-  there is no run's length: the benchmark's timing windows, which keep them; or nothing to
-  turn off)."""
-  if not config.undistorted_final_epochs or total_steps is None or not has_distortions(config):
+  there is no run's length: the benchmark's timing windows, which keep them). A config with
+  no distortion to turn off has no undistorted epochs (`ExperimentConfig` refuses them)."""
+  if not config.undistorted_final_epochs or total_steps is None:
     return None
   undistorted = round(total_steps * config.undistorted_final_epochs / config.num_epochs)
   return total_steps - undistorted if undistorted else None
