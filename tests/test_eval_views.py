@@ -210,7 +210,8 @@ def test_prediction_averages_the_nine_views(digits):
   np.testing.assert_allclose(probs, nine_view_reference(state, images), rtol=1e-4, atol=1e-6)
 
 
-def test_a_run_evaluates_and_predicts_with_the_views_its_config_names(tmp_path, digits):
+def test_a_run_evaluates_and_predicts_with_the_views_its_config_names(tmp_path, digits,
+                                                                      capsys):
   config = ExperimentConfig(model=get_model_config("testing"), parallel="jit", batch_size=64,
                             num_epochs=0.25, augment_max_shift=0, eval_max_shift=1,
                             eval_batch_size=128)
@@ -227,6 +228,11 @@ def test_a_run_evaluates_and_predicts_with_the_views_its_config_names(tmp_path, 
   plain = inference.evaluate_checkpoint(
       ExperimentConfig(**{**config.__dict__, "eval_max_shift": 0}), tmp_path, data=data)
   assert plain["eval_loss"] != pytest.approx(result["eval_loss"], rel=1e-4)
+  assert "note: evaluating with eval_max_shift=0, not the run's own" in capsys.readouterr().err
+  # The pictures and instruments look at each image itself, and say so.
+  inference.restore_with_test_images(config, tmp_path, 2, test_data=digits["test"])
+  assert ("note: each image is looked at itself, one view (eval_max_shift=1, eval_flip=False "
+          "are evaluation's views)") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", [-1, 5])

@@ -27,15 +27,20 @@ def resolved_config(config: Any, workdir: str | Path) -> ExperimentConfig:
   return auto.resolve(validate(config), recorded=saved_config(workdir))[0]
 
 
-def restore_state(config: Any, workdir: str | Path) -> TrainState:
+def restore_state(config: Any, workdir: str | Path, one_view: bool = False) -> TrainState:
   """The latest readable checkpoint of `workdir`, its `params` those evaluation uses (the
   moving average, where the run kept one); a clear error if there is none. Reads only: a
-  workdir may be read-only (a shipped model)."""
+  workdir may be read-only (a shipped model). `one_view`: for a use that looks at each image
+  itself (pictures, instruments), which says so where the config names test-time views."""
   config = resolved_config(config, workdir)
   workdir = Path(workdir)
   changed = write_or_check_config(workdir, config, write=False, training=False)  # another
-  views = [f"{k}={getattr(config, k)!r}" for k in ("eval_max_shift", "eval_flip") if k in changed]
-  if views:  # model is refused; other views are allowed, and change the figures: say so
+  views = {k: f"{k}={getattr(config, k)!r}" for k in ("eval_max_shift", "eval_flip")}
+  if one_view and (config.eval_max_shift or config.eval_flip):
+    print(f"note: each image is looked at itself, one view ({', '.join(views.values())} are "
+          "evaluation's views)", file=sys.stderr)
+  # Another model is refused; other views are allowed, and change the figures: say so.
+  elif not one_view and (views := [v for k, v in views.items() if k in changed]):
     print(f"note: evaluating with {', '.join(views)}, not the run's own test-time views "
           f"({CONFIG_FILE} in {workdir})", file=sys.stderr)
   template = create_train_state(config, total_steps=1)
@@ -99,7 +104,7 @@ def restore_with_test_images(config: Any, workdir: str | Path, num_images: int,
   if num_images < 1:
     raise ValueError(f"num_images={num_images} must be at least 1")
   config = resolved_config(config, workdir)
-  state = restore_state(config, workdir)
+  state = restore_state(config, workdir, one_view=True)
   if test_data is None:
     images, labels = mnist_source.load_split(config.dataset, "test", config.tfds_data_dir,
                                              config.idx_dir)
