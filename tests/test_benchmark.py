@@ -90,9 +90,11 @@ def test_benchmark_runs_and_counts_flops_like_xla(parallel, microbatch_size):
   kernel = "fused_cpu" if microbatch_size and _kernel_available() else "einsum"
   config = ExperimentConfig(model=get_model_config("seed", num_layers=2, attention_kernel=kernel),
                             batch_size=256, microbatch_size=microbatch_size, eval_batch_size=64,
-                            parallel=parallel)
+                            parallel=parallel, eval_max_shift=1)
   result = benchmark.run(config, windows=2, steps_per_window=2,
                          with_compile_times=parallel == "jit")
+  # One view of each image is timed, and the result says what the config's views would cost.
+  assert (result["eval_views_timed"], result["eval_views_of_config"]) == (1, 9)
   ran_kernel = kernel == "fused_cpu"
   # XLA cannot see into the kernel's custom call: its count lacks QK^T and AV, 2 n^2 d each.
   n, c = config.model.num_tokens, config.model

@@ -52,6 +52,10 @@ def measure_steps(config: ExperimentConfig, runner: Runner, peak: timing.MatmulP
           lambda: evaluate(holder["state"]), windows, num_examples, peak),
       "train_step_compile_seconds": compile_seconds,
       "eval_images_per_pass": evaluate.device_images_per_pass,
+      # An evaluation with the config's test-time views costs this many times the one timed.
+      "eval_views_timed": 1,
+      "eval_views_of_config": (2 * config.eval_max_shift + 1) ** 2 * (2 if config.eval_flip
+                                                                       else 1),
       **_compiled_costs(config, runner, compiled, evaluate, holder["state"], device_data),
   }
 
