@@ -229,6 +229,11 @@ def test_a_run_evaluates_and_predicts_with_the_views_its_config_names(tmp_path, 
       ExperimentConfig(**{**config.__dict__, "eval_max_shift": 0}), tmp_path, data=data)
   assert plain["eval_loss"] != pytest.approx(result["eval_loss"], rel=1e-4)
   assert "note: evaluating with eval_max_shift=0, not the run's own" in capsys.readouterr().err
+  # Training's settings change nothing in a trained run: said, not silently dropped.
+  inference.evaluate_checkpoint(ExperimentConfig(**{**config.__dict__, "num_epochs": 3,
+                                                    "seed": 4}), tmp_path, data=data)
+  assert (f"note: num_epochs, seed differ from the run's (config.json in {tmp_path}) and change "
+          "nothing here: training reads them") in capsys.readouterr().err
   # The pictures and instruments look at each image itself, and say so.
   inference.restore_with_test_images(config, tmp_path, 2, test_data=digits["test"])
   assert ("note: each image is looked at itself, one view (eval_max_shift=1, eval_flip=False "

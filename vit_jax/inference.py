@@ -27,6 +27,12 @@ def resolved_config(config: Any, workdir: str | Path) -> ExperimentConfig:
   return auto.resolve(validate(config), recorded=saved_config(workdir))[0]
 
 
+# The fields a trained run's evaluation, predictions, pictures and exports read; the others
+# are training's, and changing them there changes nothing.
+USED_AFTER_TRAINING = ("eval_batch_size", "eval_max_shift", "eval_flip", "parallel",
+                       "tfds_data_dir", "idx_dir", "model.attention_kernel", "model.compute_dtype")
+
+
 def restore_state(config: Any, workdir: str | Path, one_view: bool = False) -> TrainState:
   """The latest readable checkpoint of `workdir`, its `params` those evaluation uses (the
   moving average, where the run kept one); a clear error if there is none. Reads only: a
@@ -35,6 +41,9 @@ def restore_state(config: Any, workdir: str | Path, one_view: bool = False) -> T
   config = resolved_config(config, workdir)
   workdir = Path(workdir)
   changed = write_or_check_config(workdir, config, write=False, training=False)  # another
+  if unused := [k for k in changed if k not in USED_AFTER_TRAINING]:
+    print(f"note: {', '.join(unused)} differ from the run's ({CONFIG_FILE} in {workdir}) and "
+          "change nothing here: training reads them", file=sys.stderr)
   views = {k: f"{k}={getattr(config, k)!r}" for k in ("eval_max_shift", "eval_flip")}
   if one_view and (config.eval_max_shift or config.eval_flip):
     print(f"note: each image is looked at itself, one view ({', '.join(views.values())} are "
