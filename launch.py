@@ -155,6 +155,7 @@ def _predict(config) -> None:
 
 
 SHIPPED_MARKER = "SHIPPED"  # in a shipped run's folder (pretrained/...): write nothing there
+SEEDS_GROUP_MARKER = "seeds.json"  # `vit_jax.seeds.SEEDS_FILE`: seeds trained as one
 
 
 def _num_images(default: int) -> int:
@@ -205,6 +206,10 @@ def _refuse_flags_that_would_do_nothing() -> None:
     if FLAGS[name].present and not (FLAGS.distributed or FLAGS.coordinator_address):
       raise ValueError(f"--{name} is for a run of several processes: add "
                        "--coordinator_address or --distributed")
+  if FLAGS.mode == "train" and os.path.exists(os.path.join(FLAGS.workdir, SEEDS_GROUP_MARKER)):
+    raise ValueError(f"workdir={FLAGS.workdir!r} holds seeds trained as one step (its "
+                     f"{SEEDS_GROUP_MARKER} lists them), not one run: resume them with "
+                     "experiments/sweep_heads.py --vmap_seeds on the sweep's root")
   if FLAGS.mode == "train" and _is_shipped():
     raise ValueError(f"workdir={FLAGS.workdir!r} is a shipped run (its {SHIPPED_MARKER} file "
                      "says so) and is not trained further: train in another workdir, e.g. "

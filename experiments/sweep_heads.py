@@ -96,7 +96,7 @@ def _refuse_flags_that_would_do_nothing() -> None:
                        f"{set_per_run[key]}")
   if FLAGS.report_only:
     for name in ("analyze", "analysis_images", "vmap_seeds"):
-      if FLAGS[name].present:
+      if FLAGS[name].present and FLAGS[name].value:  # --analyze= turns nothing on
         raise ValueError(f"--{name} trains or measures runs, which --report_only does not")
   if FLAGS["analysis_images"].present and not FLAGS.analyze:
     raise ValueError("--analysis_images is for the runs' analysis, which --analyze= turns off")
@@ -130,8 +130,10 @@ if __name__ == "__main__":
   def define_config_and_run():  # a misspelt --config.x then ends in one line (launch.run)
     config_flags.DEFINE_config_file(
         "config", str(Path(__file__).resolve().parent / "sweep_small.py"),
-        "Base experiment config; heads, qkv and seed are set per run (their --config.x "
-        "flags are refused), and the width with --fixed=head_dim.", lock_config=True)
+        "Base experiment config; qkv, seed and (with --fixed=width) heads are set per "
+        "run, and their --config.x flags refused; with --fixed=head_dim, the width is "
+        "set per run and model.num_heads x hidden_size choose the head dim.",
+        lock_config=True)
     app.run(main)
 
   ending_in_one_line(define_config_and_run)

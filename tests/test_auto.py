@@ -260,6 +260,14 @@ def test_a_resumed_run_keeps_its_micro_batch_size(platform, recorded, size, why)
   assert auto.resolve(explicit, 2, saved)[0].microbatch_size == 8
 
 
+def test_a_recorded_micro_batch_size_that_no_longer_divides_a_share_is_chosen_again(platform):
+  platform("cpu", "avx2 fma")
+  config = ExperimentConfig(model=SEED_SHAPE, batch_size=200, microbatch_size="auto")
+  # 16 suited 128 on 2 devices; resumed with batches of 200 (100 a device), 16 cannot split.
+  resumed, line = auto.resolve(config, 2, {"model": {}, "microbatch_size": 16})
+  assert resumed.microbatch_size == 10 and "micro-batches of 10 per device (10 of 50" in line
+
+
 def test_unresolved_autos_are_refused_where_they_would_compute():
   with pytest.raises(ValueError, match="compute_dtype='auto' is chosen when a run starts"):
     models.ViT(dataclasses.replace(SEED_SHAPE, compute_dtype="auto", attention_kernel="einsum")

@@ -106,6 +106,16 @@ def test_a_run_resumed_without_config_goes_on_with_its_own(trained, tmp_path):
   assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 3
 
 
+def test_seeds_trained_as_one_are_not_resumed_as_one_run(tmp_path):
+  from vit_jax.seeds import SEEDS_FILE
+
+  (tmp_path / SEEDS_FILE).write_text("[0, 1, 2]\n")  # a sweep's group of stacked seeds
+  result = launch(f"--workdir={tmp_path}")
+  assert result.returncode == 2
+  assert (f"error: workdir={str(tmp_path)!r} holds seeds trained as one step (its {SEEDS_FILE} "
+          "lists them), not one run") in result.stderr
+
+
 @pytest.mark.slow
 def test_eval_split_over_two_cpu_devices_gives_the_same_result(trained):
   common, train_result, _ = trained

@@ -192,15 +192,17 @@ def _as_recorded(model: ModelConfig, field: str, before: dict, options: tuple[st
   return _same_in_every_process(choice, options), why
 
 
-def _recorded_microbatch_size(config: ExperimentConfig, recorded: dict | None
+def _recorded_microbatch_size(config: ExperimentConfig, per_device: int, recorded: dict | None
                               ) -> tuple[int | None, str] | None:
   """For 'auto', the micro-batch size the workdir's run took (None: whole shares), if it
-  recorded one: the micro-batches' count also sets each one's dropout draws, so another
-  size would continue the run with other draws."""
+  recorded one that still divides a device's share (`per_device`): the micro-batches' count
+  also sets each one's dropout draws, so another size would continue the run with other
+  draws. None where it must be chosen again (another device count or batch)."""
   if config.microbatch_size != "auto" or not recorded:
     return None
   size = recorded.get("microbatch_size", "auto")
-  if size is None or (isinstance(size, int) and size > 0):
+  if size is None or (isinstance(size, int) and size > 0 and (
+      per_device <= size or per_device % size == 0)):
     return size, "as this workdir's run chose"
   return None
 
@@ -218,8 +220,8 @@ def resolve(config: ExperimentConfig, num_devices: int = 1, recorded: dict | Non
   dtype, dtype_why = _as_recorded(config.model, "compute_dtype", before, ("float32", "bfloat16"),
                                   lambda: choose_compute_dtype(config.model),
                                   _recorded_dtype_here)
-  size, size_why = _recorded_microbatch_size(config, recorded) or choose_microbatch_size(
-      config, per_device)
+  size, size_why = (_recorded_microbatch_size(config, per_device, recorded)
+                    or choose_microbatch_size(config, per_device))
   config = dataclasses.replace(config, microbatch_size=size,
                                model=dataclasses.replace(config.model, compute_dtype=dtype))
   microbatch = min(per_device, size or per_device)
