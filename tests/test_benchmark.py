@@ -155,6 +155,16 @@ def test_the_scaling_benchmark_varies_one_thing_a_row():
   assert scaling.table(result).count("\n") == len(rows) + 1
 
 
+def test_a_scaling_row_that_cannot_be_is_refused_before_any_is_measured(monkeypatch):
+  from vit_jax.benchmark import scaling
+
+  monkeypatch.setattr(scaling, "measure", lambda *a: pytest.fail("a row was measured"))
+  config = ExperimentConfig(model=get_model_config("testing", hidden_size=48, num_heads=2),
+                            parallel="jit")  # 48 wide: 4 heads split it, 32 do not
+  with pytest.raises(ValueError, match="the scaling row num_heads=32: .*num_heads=32"):
+    scaling.run(config, axes={"num_heads": (4, 32)})
+
+
 def test_alternating_ratio_cancels_what_going_first_in_a_round_does(monkeypatch):
   from vit_jax.kernels import timing
 
