@@ -45,12 +45,13 @@ def restore_state(config: Any, workdir: str | Path, one_view: bool = False) -> T
     print(f"note: {', '.join(unused)} differ from the run's ({CONFIG_FILE} in {workdir}) and "
           "change nothing here: training reads them", file=sys.stderr)
   views = {k: f"{k}={getattr(config, k)!r}" for k in ("eval_max_shift", "eval_flip")}
-  if one_view and (config.eval_max_shift or config.eval_flip):
-    print(f"note: each image is looked at itself, one view ({', '.join(views.values())} are "
-          "evaluation's views)", file=sys.stderr)
+  if one_view:
+    if config.eval_max_shift or config.eval_flip:
+      print(f"note: each image is looked at itself, one view ({', '.join(views.values())} "
+            "are evaluation's views)", file=sys.stderr)
   # Another model is refused; other views are allowed, and change the figures: say so.
-  elif not one_view and (views := [v for k, v in views.items() if k in changed]):
-    print(f"note: evaluating with {', '.join(views)}, not the run's own test-time views "
+  elif other_views := [shown for k, shown in views.items() if k in changed]:
+    print(f"note: evaluating with {', '.join(other_views)}, not the run's own test-time views "
           f"({CONFIG_FILE} in {workdir})", file=sys.stderr)
   template = create_train_state(config, total_steps=1)
   checkpoints = Checkpoints(workdir, read_only=True)  # nothing is written there

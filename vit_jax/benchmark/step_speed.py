@@ -54,8 +54,8 @@ def measure_steps(config: ExperimentConfig, runner: Runner, peak: timing.MatmulP
       "eval_images_per_pass": evaluate.device_images_per_pass,
       # An evaluation with the config's test-time views costs this many times the one timed.
       "eval_views_timed": 1,
-      "eval_views_of_config": (2 * config.eval_max_shift + 1) ** 2 * (2 if config.eval_flip
-                                                                       else 1),
+      "eval_views_of_config": input_pipeline.num_evaluation_views(config.eval_max_shift,
+                                                                  config.eval_flip),
       **_compiled_costs(config, runner, compiled, evaluate, holder["state"], device_data),
   }
 
