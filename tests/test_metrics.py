@@ -146,6 +146,25 @@ def test_a_finished_run_started_again_logs_its_final_evaluation_once(tmp_path):
       ["step", "time", "train_loss"], ["eval_accuracy", "eval_loss", "step", "time"]]
 
 
+def test_tensorboard_shows_a_finished_run_s_final_evaluation_once_after_a_restart(tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator
+
+  writer = metrics.MetricWriter(tmp_path)
+  writer.write(4, {"train_loss": 0.75})
+  writer.write(8, {"train_loss": 0.5})
+  writer.write(8, {"eval_loss": 0.25})  # the final evaluation
+  writer.close()
+  again = metrics.MetricWriter(tmp_path)
+  again.resume_at(8, last_step=8)
+  again.write(8, {"eval_loss": 0.125})  # evaluated again, e.g. on the averaged weights
+  again.close()
+  shown = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  shown.Reload()  # what TensorBoard plots, its purge of a restarted run's steps applied
+  assert {tag: [(s.step, s.value) for s in shown.Scalars(tag)]
+          for tag in shown.Tags()["scalars"]} == {
+      "train_loss": [(4, 0.75), (8, 0.5)], "eval_loss": [(8, 0.125)]}
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_closing_after_a_failed_write_keeps_that_write_s_error(tmp_path):
   writer = metrics.MetricWriter(tmp_path)

@@ -10,6 +10,7 @@ import pytest
 from vit_jax import inference, seeds, train
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.interrupt import TrainingInterruptedError
+from vit_jax.locks import WorkdirBusyError, WorkdirLock
 from vit_jax.metrics import read_metrics
 from vit_jax.model_configs import get_model_config
 
@@ -101,6 +102,19 @@ def test_bad_seed_lists_are_one_line(tmp_path, data):
   with pytest.raises(ValueError, match=r"^seeds=\[1, 1\] must be distinct"):
     seeds.train_and_evaluate_seeds(CONFIG, [1, 1], tmp_path / "g", [tmp_path / "a",
                                                                     tmp_path / "b"], data)
+
+
+def test_a_seed_workdir_in_use_elsewhere_is_refused_before_training(tmp_path, data):
+  (tmp_path / "b").mkdir()
+  with WorkdirLock(tmp_path / "b"), pytest.raises(
+      WorkdirBusyError, match=r"^workdir='.*/b' is in use by pid \d+"):
+    seeds.train_and_evaluate_seeds(CONFIG, [0, 1], tmp_path / "g", [tmp_path / "a",
+                                                                    tmp_path / "b"], data)
+  assert not (tmp_path / "b" / "metrics.jsonl").exists()
+  with WorkdirLock(tmp_path / "b"):  # and the group let go of the others
+    for folder in ("g", "a"):
+      with WorkdirLock(tmp_path / folder):
+        pass
 
 
 def test_a_fine_tuning_config_is_refused_not_trained_from_scratch(tmp_path, data):

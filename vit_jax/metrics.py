@@ -50,10 +50,16 @@ class MetricWriter:
       self.jsonl.close()
       write_text_atomically(self.path, "".join(line + "\n" for line in kept))
       self.jsonl = open(self.path, "a")  # noqa: SIM115 - closed in close()
-    # TensorBoard drops the earlier files' events from step + 1 on, as tf's purge_step does.
+    # TensorBoard drops the earlier files' events from the START's step on, as tf's purge_step
+    # does. At the last step that drops the final evaluation, and the step's other records
+    # with it, so those are written again.
+    purge_from = step if step == last_step else step + 1
     self.tensorboard.write(event_pb2.Event(
-        wall_time=time.time(), step=step + 1,
+        wall_time=time.time(), step=purge_from,
         session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)).SerializeToString())
+    for line in kept:
+      if _step_of(line) >= purge_from:
+        self._to_tensorboard(json.loads(line))
     self.tensorboard.flush()
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
@@ -64,12 +70,15 @@ class MetricWriter:
               **{k: float(v) for k, v in metrics.items()}}
     self.jsonl.write(json.dumps(record) + "\n")
     self.jsonl.flush()
+    self._to_tensorboard(record)
+    self.tensorboard.flush()
+
+  def _to_tensorboard(self, record: dict[str, Any]) -> None:
     values = [summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in record.items()
               if k not in ("step", "time")]
     self.tensorboard.write(event_pb2.Event(
-        wall_time=record["time"], step=record["step"],
+        wall_time=record.get("time", time.time()), step=record["step"],
         summary=summary_pb2.Summary(value=values)).SerializeToString())
-    self.tensorboard.flush()
 
   def close(self) -> None:
     if not self.enabled:
