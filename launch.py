@@ -76,8 +76,8 @@ def _config_of_this_command():
   without --config in a workdir that holds a run, the config the run recorded with the
   --config.x flags on top: a run of other settings (a sweep's, a shipped one, an interrupted
   `mnist_best.py`) is resumed, evaluated, drawn or exported without repeating them."""
-  from vit_jax.checkpoints import CONFIG_FILE
   from vit_jax.command_line import recorded_config
+  from vit_jax.workdir import CONFIG_FILE
 
   if not FLAGS["config"].present and (recorded := recorded_config(
       FLAGS.workdir, FLAGS["config"].override_values)) is not None:

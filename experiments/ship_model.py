@@ -23,6 +23,18 @@ flags.DEFINE_string("workdir", None, "The finished run.", required=True)
 flags.DEFINE_string("to", None, "The folder to create (it must not exist).", required=True)
 
 
+def last_step(workdir: Path) -> int:
+  """The step the run in `workdir` ends at, from its config.json and its dataset's size."""
+  from vit_jax.experiment_config import validate
+  from vit_jax.mnist_source import dataset_spec
+  from vit_jax.train import total_train_steps
+  from vit_jax.workdir import read_config
+
+  config = validate(read_config(workdir))
+  examples = dataset_spec(config.dataset).num_examples["train"] - config.validation_examples
+  return total_train_steps(config, min(examples, config.train_examples or examples))
+
+
 def main(argv):
   del argv
   from vit_jax.command_line import keep_the_console_for_ours
@@ -41,6 +53,9 @@ def main(argv):
   for name in files:
     if not (source / name).is_file():
       raise ValueError(f"--workdir={str(source)!r} has no {name}: not a finished run's folder")
+  if steps[-1] < (last := last_step(source)):
+    raise ValueError(f"--workdir={str(source)!r} stopped at step {latest} of {last}: finish "
+                     f"it first (python launch.py --workdir={source})")
   # Copied beside the target, then renamed: an interrupted copy leaves no half-shipped run.
   target.parent.mkdir(parents=True, exist_ok=True)
   staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

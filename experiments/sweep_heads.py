@@ -50,7 +50,7 @@ flags.DEFINE_enum("fixed", "width", ["width", "head_dim"],
 
 def main(argv):
   del argv
-  _refuse_flags_that_would_do_nothing()
+  _refuse_or_note_flags_that_do_nothing()
   from vit_jax import host_cpu
   from vit_jax.command_line import keep_the_console_for_ours
 
@@ -87,17 +87,19 @@ SET_PER_RUN = {"seed": "--seeds=N (seeds 0 .. N-1)", "model.qkv": "--qkv",
                "model.qkv_rank": "--qkv=low_rank:R"}
 
 
-def _refuse_flags_that_would_do_nothing() -> None:
+def _refuse_or_note_flags_that_do_nothing() -> None:
   set_per_run = {**SET_PER_RUN, **({"model.num_heads": "--heads"} if FLAGS.fixed == "width"
                                    else {})}  # with --fixed=head_dim it sets the head dim
   for key in FLAGS["config"].override_values:
     if key in set_per_run:
       raise ValueError(f"--config.{key} is set in every run by the sweep: use "
                        f"{set_per_run[key]}")
-  if FLAGS.report_only:
-    for name in ("analyze", "analysis_images", "vmap_seeds"):
-      if FLAGS[name].present and FLAGS[name].value:  # --analyze= turns nothing on
-        raise ValueError(f"--{name} trains or measures runs, which --report_only does not")
+  if FLAGS.report_only:  # the sweep's own command with --report_only added stays valid
+    unused = [f"--{name}" for name in ("analyze", "analysis_images", "vmap_seeds")
+              if FLAGS[name].present and FLAGS[name].value]  # --analyze= turns nothing on
+    if unused:
+      print(f"note: --report_only trains and analyzes nothing; not used: {', '.join(unused)}",
+            flush=True)
   if FLAGS["analysis_images"].present and not FLAGS.analyze:
     raise ValueError("--analysis_images is for the runs' analysis, which --analyze= turns off")
 

@@ -36,7 +36,7 @@ REPO = Path.cwd() if (Path.cwd() / "vit_jax").is_dir() else Path.cwd().parent
 sys.path.insert(0, str(REPO))
 from vit_jax import attention as A  # noqa: E402
 from vit_jax import inference, input_pipeline, mnist_source, models  # noqa: E402
-from vit_jax.checkpoints import read_config  # noqa: E402
+from vit_jax.workdir import read_config  # noqa: E402
 
 WORKDIR = Path(os.environ.get("VIT_JAX_WALKTHROUGH_WORKDIR", REPO / "pretrained" / "mnist_seed"))
 config = inference.resolved_config(read_config(WORKDIR), WORKDIR)

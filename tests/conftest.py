@@ -20,7 +20,8 @@ logging.getLogger("absl").setLevel(logging.WARNING)
 
 # Tests that read the real MNIST files, build the fused attention kernel (seconds to a minute
 # once per session) or damage a trained run (test_faults.py) are `slow`: `make test-fast` runs
-# without them.
+# without them. So are those marked by hand that train for more than a few steps (over about
+# 5 s each on a 2-core machine), so that the edit loop's tier takes minutes, not a quarter hour.
 SLOW_FIXTURES = {"mnist", "tfds_dir", "kernel", "finished"}
 
 
@@ -28,6 +29,23 @@ def pytest_collection_modifyitems(items):
   for item in items:
     if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
       item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def no_kernel_build_in_the_fast_tier(request, monkeypatch):
+  """A test not marked slow that would build the fused kernel fails, naming why: the build
+  took minutes of `make test-fast` unseen. Fake the kernel (tests/test_auto.py's
+  `kernel_speedup`) or take the `kernel` fixture, which marks the test slow."""
+  if request.node.get_closest_marker("slow") is None:
+    from vit_jax.kernels import fused_attention
+
+    build = fused_attention.build
+
+    def refuse_a_built_kernel(*args, **kwargs):
+      build(*args, **kwargs)  # a build that fails (tests/test_kernel_build.py) raises here
+      pytest.fail("a test not marked slow builds the fused attention kernel", pytrace=False)
+
+    monkeypatch.setattr(fused_attention, "build", refuse_a_built_kernel)
 
 
 @pytest.fixture(scope="session", autouse=True)

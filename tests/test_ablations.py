@@ -34,6 +34,7 @@ def separate_with_identity(weights, width, t):
   return {**weights, f"to_{t}": {"kernel": jnp.eye(width)}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("t", "qkv")
 def test_an_identity_projection_is_a_learned_one_equal_to_the_identity(t):
   config, params = init(f"identity_{t}")

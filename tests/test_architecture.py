@@ -20,7 +20,8 @@ LAYERS = {
     "experiment_config": 4, "parallel": 4, "checkpoints": 4, "metrics": 4, "interrupt": 4,
     "steps": 4, "train": 4, "inference": 4, "export": 4, "auto": 4, "analysis": 4, "sweep": 4,
     "checkpoint_digests": 4, "run_log": 4, "init_from": 4, "instruments": 4, "locks": 4,
-    "seeds": 4, "loop": 4, "training_images": 4, "train_state": 4, "command_line": 5,
+    "seeds": 4, "loop": 4, "training_images": 4, "train_state": 4, "workdir": 4,
+    "command_line": 5,
     "figures": 5, "visualize": 5, "sweep_report": 5, "sweep_plots": 5, "benchmark": 5, "analyze": 5,
 }
 # Layer 1 proper: jax, numpy and chex only.

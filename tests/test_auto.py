@@ -7,11 +7,11 @@ import jax
 import pytest
 
 from vit_jax import auto, host_cpu, inference, kernels, models, steps, train
-from vit_jax.checkpoints import saved_config, write_or_check_config
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.kernels import fused_attention, timing
 from vit_jax.model_configs import get_model_config
 from vit_jax.parallel import Runner
+from vit_jax.workdir import saved_config, write_or_check_config
 
 SEED_SHAPE = get_model_config("seed", attention_kernel="auto")  # heads of 16 over 50 tokens
 
@@ -91,6 +91,7 @@ def test_a_model_refuses_an_unresolved_auto():
     module.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 5, 64)))
 
 
+@pytest.mark.slow
 def test_a_run_records_its_choice_and_may_resume_with_another(tmp_path, digits, kernel_speedup,
                                                               capsys):
   kernel_speedup(1.0)  # no faster: einsum
@@ -246,11 +247,13 @@ def test_resolve_records_every_choice_and_a_resumed_run_keeps_its_precision(plat
 
 @pytest.mark.parametrize("recorded, size, why", [
     (32, 32, "as this workdir's run chose"),  # not the 16 that fits: the dropout draws stay
-    (None, None, "as this workdir's run chose"),  # whole shares
+    (None, None, "the whole share, as this workdir's run chose"),
     ("absent", 16, "16 of 50 tokens x 64 fit"),  # a run older than the field: chosen here
 ])
-def test_a_resumed_run_keeps_its_micro_batch_size(platform, recorded, size, why):
+def test_a_resumed_run_keeps_its_micro_batch_size(platform, kernel_speedup, recorded, size,
+                                                  why):
   platform("cpu", "avx2 fma")
+  kernel_speedup(1.0)
   config = ExperimentConfig(model=SEED_SHAPE, batch_size=128, microbatch_size="auto")
   saved = {"model": {}} if recorded == "absent" else {"model": {}, "microbatch_size": recorded}
   resumed, line = auto.resolve(config, 2, saved)
@@ -260,8 +263,10 @@ def test_a_resumed_run_keeps_its_micro_batch_size(platform, recorded, size, why)
   assert auto.resolve(explicit, 2, saved)[0].microbatch_size == 8
 
 
-def test_a_recorded_micro_batch_size_that_no_longer_divides_a_share_is_chosen_again(platform):
+def test_a_recorded_micro_batch_size_that_no_longer_divides_a_share_is_chosen_again(
+    platform, kernel_speedup):
   platform("cpu", "avx2 fma")
+  kernel_speedup(1.0)
   config = ExperimentConfig(model=SEED_SHAPE, batch_size=200, microbatch_size="auto")
   # 16 suited 128 on 2 devices; resumed with batches of 200 (100 a device), 16 cannot split.
   resumed, line = auto.resolve(config, 2, {"model": {}, "microbatch_size": 16})

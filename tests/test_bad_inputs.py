@@ -56,6 +56,7 @@ def variables():
   return models.ViT(CONFIG).init(jax.random.PRNGKey(0), IMAGES)
 
 
+@pytest.mark.slow
 def test_images_of_another_size_or_channel_count_are_refused(variables):
   for images in (jnp.zeros((2, 35, 35, 3)), jnp.zeros((2, 28, 28))):
     with pytest.raises(ValueError, match=r"^images of shape .* are not \(B, 28, 28, 1\) as "

@@ -125,6 +125,7 @@ def test_benchmark_runs_and_counts_flops_like_xla(parallel, microbatch_size):
       result["vmapped_train_images_per_sec_per_seed"] / result["train_images_per_sec"])
 
 
+@pytest.mark.slow
 def test_the_scaling_benchmark_varies_one_thing_a_row():
   from vit_jax.benchmark import scaling
 

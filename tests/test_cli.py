@@ -146,7 +146,7 @@ def test_predict_reads_png_and_npy(trained, mnist, tmp_path):
     assert len(probs) == 10 and sum(probs) == pytest.approx(1.0, abs=0.01)
   # The same probabilities as the library gives for the same checkpoint.
   from vit_jax import inference
-  from vit_jax.checkpoints import read_config
+  from vit_jax.workdir import read_config
 
   expected = inference.predict(read_config(workdir), workdir, images[..., None])
   for line, row in zip(lines, expected, strict=True):
@@ -273,7 +273,7 @@ def test_analyze_writes_every_instrument_as_csv_and_png(trained, tmp_path):
 
 @pytest.mark.parametrize("module,flag,message", [
     ("vit_jax.benchmark", "--time_to_accuracy=0.98,high",
-     "error: --time_to_accuracy=0.98,high must be test accuracies, e.g. 0.98,0.99"),
+     "error: --time_to_accuracy=0.98,high must be accuracies, e.g. 0.98,0.99"),
     ("vit_jax.benchmark", "--windows=0", "flag --windows=0: 0 is not a positive integer"),
     ("vit_jax.benchmark", "--time_to_accuracy=0.9 --eval_every_steps=50 "
      "--config.eval_every_steps=10", "error: --eval_every_steps and --config.eval_every_steps "

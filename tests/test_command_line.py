@@ -23,6 +23,44 @@ def test_a_command_ends_in_one_line_with_its_status(error, status, line, monkeyp
   assert exit_.value.code == status and said == [line]
 
 
+def test_a_ctrl_c_while_the_command_s_modules_load_ends_in_one_line(monkeypatch):
+  import sys
+
+  class CtrlC:  # a Ctrl-C that lands while orbax and JAX load
+    def find_spec(self, name, *args):
+      if name == "vit_jax.interrupt":
+        raise KeyboardInterrupt
+
+  said = []
+  monkeypatch.setattr(command_line, "to_console", said.append)
+  monkeypatch.delitem(sys.modules, "vit_jax.interrupt")
+  monkeypatch.setattr(sys, "meta_path", [CtrlC(), *sys.meta_path])
+  with pytest.raises(SystemExit) as exit_:
+    command_line.ending_in_one_line(lambda: None)
+  assert exit_.value.code == 130 and said == [
+      "interrupted by Ctrl-C before anything was saved; rerun the same command"]
+
+
+def test_a_config_file_that_is_not_there_is_one_line_naming_the_flag(monkeypatch, tmp_path):
+  from absl import flags
+  from ml_collections import config_flags
+
+  said = []
+  monkeypatch.setattr(command_line, "to_console", said.append)
+
+  def command():  # as launch.py parses its --config
+    parsed = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=parsed)
+    parsed(["launch.py", f"--config={tmp_path}/nope.py"])
+    parsed.config.seed  # noqa: B018 - the config is read
+
+  with pytest.raises(SystemExit) as exit_:
+    command_line.ending_in_one_line(command)
+  assert exit_.value.code == 2 and said == [
+      f"error: --config={tmp_path}/nope.py cannot be read: [Errno 2] No such file or "
+      f"directory: '{tmp_path}/nope.py'"]
+
+
 def test_an_attribute_error_of_no_config_flag_is_not_hidden(monkeypatch):
   monkeypatch.setattr("sys.argv", ["launch.py", "--config.seed=1"])
   with pytest.raises(AttributeError, match="a bug"):  # a real bug keeps its traceback

@@ -31,12 +31,16 @@ def overrides(tfds_dir, epochs, parallel):
   return [f"--config.{k}={v}" for k, v in settings(tfds_dir, epochs, parallel).items()]
 
 
-def run_two_processes(workdir, tfds_dir, epochs, parallel, devices_each=4, timeout=240):
+def run_two_processes(workdir, tfds_dir, epochs, parallel, devices_each=4, timeout=240,
+                      fault=(), succeed=True):
+  """Both processes' (stdouts, stderrs). `fault`: tests/distributed_fault.py's FAULT PROCESS."""
   port = free_port()
   env = {**os.environ,
          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_each}"}
+  program = [str(REPO / "tests" / "distributed_fault.py"), *fault] if fault else [
+      str(REPO / "launch.py")]
   procs = [subprocess.Popen(
-      [sys.executable, str(REPO / "launch.py"), "--config=experiments/tiny.py",
+      [sys.executable, *program, "--config=experiments/tiny.py",
        f"--workdir={workdir}", *overrides(tfds_dir, epochs, parallel),
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -48,7 +52,7 @@ def run_two_processes(workdir, tfds_dir, epochs, parallel, devices_each=4, timeo
       p.kill()
       p.wait()
   for p, (_, err) in zip(procs, outputs, strict=True):
-    assert p.returncode == 0, err[-3000:]
+    assert (p.returncode == 0) == succeed, err[-3000:]
   return [out for out, _ in outputs], [err for _, err in outputs]
 
 
@@ -87,3 +91,23 @@ def test_two_processes_train_resume_and_match_one_process(tmp_path, tfds_dir, pa
   third = dataclasses.replace(config, num_epochs=3)
   resumed = train.train_and_evaluate(third, workdir)
   assert resumed["step"] == 24 and np.isfinite(resumed["train_loss"])
+
+
+@pytest.mark.slow
+def test_a_checkpoint_one_process_cannot_save_or_read_is_handled_alike_in_both(tmp_path,
+                                                                              tfds_dir):
+  # Process 0 alone writes the digests, before the save that every process takes part in: a
+  # process that failed alone would leave the other waiting in it.
+  _, errs = run_two_processes(tmp_path / "a", tfds_dir, 1, "pmap", fault=("digests", "0"),
+                              succeed=False)
+  for err in errs:
+    assert "error: checkpoint at step 4 could not be written (" in err.strip().splitlines()[-1]
+  # A checkpoint one process reads wrong is unreadable to both: they go on from the one before.
+  workdir = tmp_path / "b"
+  run_two_processes(workdir, tfds_dir, 1, "pmap")
+  outs, errs = run_two_processes(workdir, tfds_dir, 2, "pmap", fault=("restore:8", "1"))
+  assert "checkpoint at step 8 cannot be read (process 1 could not read it)" in errs[0]
+  assert f"resuming {workdir} at step 4" in errs[0]
+  lines = [result_line(outs[i], i).split(": ", 1)[1] for i in range(2)]
+  assert lines[0] == lines[1] and lines[0].endswith("step 16)"), lines
+  assert [p.name.split("-")[0] for p in (workdir / "checkpoints_unreadable").iterdir()] == ["8"]

@@ -23,6 +23,7 @@ def batch_of(digits, n=64):
           "label": jnp.asarray(digits["train"]["label"][:n])}
 
 
+@pytest.mark.slow
 def test_the_average_follows_the_parameters_by_its_decay_and_is_what_evaluation_uses(digits):
   state = train_state.create_train_state(config(learning_rate=3e-2, warmup_steps=0), total_steps=10)
   assert isinstance(state, train_state.EmaTrainState)

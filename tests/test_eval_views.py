@@ -117,6 +117,7 @@ def untrained_state():
       ExperimentConfig(model=get_model_config("testing"), parallel="jit"), total_steps=1), 0.2, 3)
 
 
+@pytest.mark.slow
 def test_one_view_evaluates_as_plain_cross_entropy(digits):
   state = untrained_state()
   images = input_pipeline.normalize(jnp.asarray(digits["test"]["image"][:32]), "mnist")
@@ -145,6 +146,7 @@ def mirrored_reference(state, images):
   return averaged_reference(state, [images, images[:, :, ::-1]], "fashion_mnist")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["jit", "pmap"])
 def test_evaluation_and_prediction_average_each_image_with_its_mirror(mode, digits):
   state = untrained_state()
@@ -163,6 +165,7 @@ def test_evaluation_and_prediction_average_each_image_with_its_mirror(mode, digi
   np.testing.assert_allclose(predicted, probs[:12], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["jit", "pmap", "shard"])
 def test_evaluation_passes_take_a_device_s_share_and_leave_the_result(mode, digits):
   # Each device's 2 examples x 9 views = 18 images, in passes of up to 4: 3 divides 18.
@@ -202,6 +205,7 @@ def test_evaluation_averages_the_nine_views_on_any_devices(mode, digits):
   assert plain["eval_loss"] != pytest.approx(result["eval_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_prediction_averages_the_nine_views(digits):
   state = untrained_state()
   config = ExperimentConfig(model=get_model_config("testing"), eval_max_shift=1)
@@ -210,6 +214,7 @@ def test_prediction_averages_the_nine_views(digits):
   np.testing.assert_allclose(probs, nine_view_reference(state, images), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_run_evaluates_and_predicts_with_the_views_its_config_names(tmp_path, digits,
                                                                       capsys):
   config = ExperimentConfig(model=get_model_config("testing"), parallel="jit", batch_size=64,

@@ -95,6 +95,7 @@ def test_position_similarity_is_the_cosine_of_the_patches_embeddings():
                                                                     [s, s, -s, 1]], atol=1e-12)
 
 
+@pytest.mark.slow
 def test_collect_attention_in_batches_equals_one_forward_pass():
   state = train_state.create_train_state(ExperimentConfig(model=get_model_config("testing")), 10)
   rng = np.random.default_rng(0)
@@ -160,7 +161,8 @@ def test_run_all_skips_finished_and_resumes_unfinished(tmp_path, monkeypatch):
   records = sweep.run_all(runs, tmp_path, data={}, say=said.append)
   assert trained == [(unfinished[0].name, True)]
   assert [r["eval_accuracy"] for r in records] == [0.9, 0.8]
-  assert "finished before, skipped" in said[0] and "resuming" in said[1]
+  assert said[0].endswith(f"{finished[0].name}: finished before, skipped")  # a group of one
+  assert "resuming" in said[1]
   # A run finished before newer config fields existed is still the same run.
   older = json.loads((tmp_path / finished[0].name / "result.json").read_text())
   del older["config"]["validation_examples"], older["config"]["model"]["drop_path_rate"]
@@ -195,7 +197,7 @@ def test_a_seed_with_checkpoints_of_its_own_resumes_alone_not_in_a_new_group(tmp
 
 
 def test_a_run_started_with_another_config_is_not_resumed_under_this_one(tmp_path, monkeypatch):
-  from vit_jax import checkpoints
+  from vit_jax import workdir as workdir_files
 
   runs = sweep.plan(base_config(), heads=[1], seeds=[0])
   [(run, config)] = runs
@@ -204,7 +206,7 @@ def test_a_run_started_with_another_config_is_not_resumed_under_this_one(tmp_pat
   # What a run leaves: its config with the 'auto' choices made on its machine.
   resolved = dataclasses.replace(config, microbatch_size=8, model=dataclasses.replace(
       config.model, attention_kernel="einsum", compute_dtype="float32"))
-  checkpoints.write_or_check_config(workdir, dataclasses.replace(resolved, learning_rate=0.5))
+  workdir_files.write_or_check_config(workdir, dataclasses.replace(resolved, learning_rate=0.5))
   trained = []
   monkeypatch.setattr(sweep, "run_one", lambda r, c, w, d: trained.append(r) or
                       fake_record(r, 0.8, c))
@@ -215,7 +217,7 @@ def test_a_run_started_with_another_config_is_not_resumed_under_this_one(tmp_pat
   # An explicit precision is part of what the sweep asked for.
   bfloat16 = sweep.plan(dataclasses.replace(base_config(), model=dataclasses.replace(
       config.model, compute_dtype="bfloat16")), heads=[1], seeds=[0])
-  checkpoints.write_or_check_config(workdir, resolved)  # the same run, resolved elsewhere
+  workdir_files.write_or_check_config(workdir, resolved)  # the same run, resolved elsewhere
   with pytest.raises(ValueError, match="was started with a different model.compute_dtype"):
     sweep.run_all(bfloat16, tmp_path, data={}, say=lambda _: None)
   assert len(sweep.run_all(runs, tmp_path, data={}, say=lambda _: None)) == 1
@@ -277,6 +279,7 @@ def test_after_run_sees_every_finished_run_under_its_lock_but_not_one_held_elsew
   assert len(seen) == 2 and "held by another process: not analyzed here" in said[-1]
 
 
+@pytest.mark.slow
 def test_vmapped_seeds_leave_each_run_as_a_separate_run_would(tmp_path, digits):
   data = {"train": {k: v[:256] for k, v in digits["train"].items()},
           "test": {k: v[:200] for k, v in digits["test"].items()}}

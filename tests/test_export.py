@@ -49,6 +49,7 @@ def snapshot(folder):
           for p in sorted(folder.rglob("*"))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shift, flip", [(0, False), (1, False), (1, True)])
 def test_the_served_function_averages_the_views_and_draws_the_image_s_own_attention(
     digits, shift, flip):
@@ -86,6 +87,7 @@ def test_the_saved_model_gives_the_jax_probabilities_and_attention(run, tmp_path
                   f"--config.eval_max_shift={views}", f"--output_dir={tmp_path / 'exported'}")
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"wrote {tmp_path / 'exported'}" in result.stdout
+  assert "functional_saver.py" not in result.stderr  # TensorFlow's INFO lines stay quiet
   images = digits["test"]["image"][:5]
   np.save(tmp_path / "images.npy", images)
   loaded = subprocess.run([sys.executable, "-c", LOAD_WITH_TENSORFLOW,

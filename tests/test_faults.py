@@ -2,8 +2,7 @@
 workdir, another model's checkpoint. Each is detected or harmless, never silently wrong, and
 ends in one line.
 
-Extend it by adding a fault: damage a copy of `finished` (a small run's workdir), then say
-what restoring or training must do.
+To add a fault: damage a copy of `finished` (a small run's workdir), say what must follow.
 """
 
 import contextlib
@@ -19,10 +18,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from vit_jax import train
-from vit_jax.checkpoints import CheckpointError, Checkpoints, WriteError, prepare_workdir
+from vit_jax.checkpoints import CheckpointError, Checkpoints, WriteError
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.model_configs import get_model_config
 from vit_jax.train_state import create_train_state
+from vit_jax.workdir import prepare_workdir
 
 FLIPS_PER_KIND = 20
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))

@@ -77,6 +77,7 @@ def test_what_cannot_be_mapped_is_one_line_naming_the_field(field, value):
     init_from.check_mappable(get_model_config("testing"), target, "runs/a")
 
 
+@pytest.mark.slow
 def test_low_rank_projections_need_the_same_rank_and_heads_and_others_only_the_width():
   source = get_model_config("testing", qkv="low_rank", qkv_rank=2)
   for field, value in (("qkv_rank", 4), ("num_heads", 4)):

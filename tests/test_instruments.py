@@ -80,6 +80,7 @@ def test_mean_ablation_with_one_images_own_means_changes_nothing(params):
     assert not np.allclose(other, intact, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_head_importance_and_pruning_match_models_without_those_heads(params):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (40, 28, 28, 1)).astype(np.uint8)

@@ -114,6 +114,18 @@ while [ $# -gt 1 ]; do [ "$1" = -o ] && echo library > "$2"; shift; done
   assert capsys.readouterr().err == ""
 
 
+def test_another_virtual_environment_with_the_same_jax_takes_the_cached_build(
+    fake_compiler, tmp_path, monkeypatch):
+  calls = tmp_path / "calls"
+  compiler = fake_compiler(f"""[ "$1" = --version ] && {{ echo fake 1.0; exit 0; }}
+echo compile >> {calls}
+while [ $# -gt 1 ]; do [ "$1" = -o ] && echo library > "$2"; shift; done
+""")
+  library = B.build(compiler)
+  monkeypatch.setattr(B.jax.ffi, "include_dir", lambda: "/elsewhere/.venv/jaxlib/include")
+  assert B.build(compiler) == library and calls.read_text() == "compile\n"
+
+
 def test_a_cpu_without_avx2_is_reported(monkeypatch):
   monkeypatch.setattr(B, "cpu_flags", lambda: "fpu sse2 avx fma")
   with pytest.raises(RuntimeError, match="no AVX2 with FMA"):

@@ -112,6 +112,7 @@ def test_vit_output_shapes_and_attention_intermediates(overrides):
   np.testing.assert_allclose(maps.sum(-1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_dropout_acts_only_in_training():
   config = get_model_config("testing", dropout_rate=0.5)
   model = models.ViT(config)
@@ -129,6 +130,7 @@ def test_dropout_acts_only_in_training():
                                 jax.jit(without.apply)(v, images))
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_parameters_and_gradients_and_close_logits():
   f32 = get_model_config("testing", num_layers=2, qkv="separate")
   bf16 = dataclasses.replace(f32, compute_dtype="bfloat16")

@@ -188,7 +188,7 @@ def test_sigkill_while_a_damaged_checkpoint_is_set_aside_then_resume_is_bit_iden
 
 
 def test_a_workdir_saved_before_newer_config_fields_still_resumes(tmp_path):
-  from vit_jax.checkpoints import write_or_check_config
+  from vit_jax.workdir import write_or_check_config
 
   config = driver_config("unused")
   write_or_check_config(tmp_path, config)

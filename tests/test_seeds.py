@@ -30,6 +30,7 @@ def data(digits):
           "test": {k: v[:128] for k, v in digits["test"].items()}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["jit", "pmap"])
 def test_seeds_as_one_equal_separate_runs(tmp_path, data, parallel):
   config = ExperimentConfig(**{**CONFIG.__dict__, "parallel": parallel})
@@ -55,6 +56,7 @@ def test_seeds_as_one_equal_separate_runs(tmp_path, data, parallel):
   assert finals[0]["eval_loss"] != finals[1]["eval_loss"]  # two seeds, not one twice
 
 
+@pytest.mark.slow
 def test_an_interrupted_group_resumes_where_it_stopped(tmp_path, data, monkeypatch):
   from vit_jax import interrupt
 
@@ -126,6 +128,7 @@ def test_a_fine_tuning_config_is_refused_not_trained_from_scratch(tmp_path, data
   assert not (tmp_path / "g").exists()
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_names_its_seed(tmp_path, data, monkeypatch):
   import jax.numpy as jnp
 

@@ -1,11 +1,15 @@
 """experiments/ship_model.py: a finished run's latest checkpoint, whole or not at all."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
 from conftest import REPO
+
+from vit_jax.experiment_config import ExperimentConfig
+from vit_jax.model_configs import get_model_config
 
 
 def ship(workdir, to):
@@ -22,7 +26,9 @@ def finished_run(folder):
   (folder / "checkpoint_digests").mkdir()
   for step in (4, 8):
     (folder / "checkpoint_digests" / f"{step}.json").write_text(json.dumps({"step": step}))
-  (folder / "config.json").write_text("{}")
+  # 64 training images in batches of 8: the run ends at step 8.
+  (folder / "config.json").write_text(json.dumps(dataclasses.asdict(ExperimentConfig(
+      model=get_model_config("testing"), train_examples=64, batch_size=8, num_epochs=1))))
   (folder / "metrics.jsonl").write_text('{"step": 8}\n')
   (folder / "run.log").write_text("not shipped")
   return folder
@@ -48,13 +54,16 @@ def test_the_latest_checkpoint_ships_with_its_digests_config_and_metrics(tmp_pat
     ("checkpoint_digests/8.json", "has no checkpoint_digests/8.json: not a finished run's "
      "folder"),
     ("checkpoints", "holds no checkpoint"),
+    ("checkpoints/8", "stopped at step 4 of 8: finish it first (python launch.py --workdir="),
 ])
 def test_a_run_that_cannot_ship_is_one_line_and_leaves_nothing(tmp_path, remove, message):
   import shutil
 
   run = finished_run(tmp_path / "run")
   shutil.rmtree(run / remove) if (run / remove).is_dir() else (run / remove).unlink()
+  if remove == "checkpoints/8":  # stopped at step 4
+    (run / "checkpoint_digests" / "8.json").unlink()
   result = ship(run, tmp_path / "shipped" / "mnist")
   assert result.returncode == 2 and "Traceback" not in result.stderr
-  assert result.stderr.strip().splitlines()[-1] == f"error: --workdir='{run}' {message}"
+  assert result.stderr.strip().splitlines()[-1].startswith(f"error: --workdir='{run}' {message}")
   assert not (tmp_path / "shipped").exists() or not any((tmp_path / "shipped").iterdir())

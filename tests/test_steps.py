@@ -31,6 +31,7 @@ def test_microbatches_are_strided_so_that_each_spans_the_batch():
     steps.split_microbatches(batch, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_microbatched_step_gives_the_gradient_of_the_whole_batch(digits, label_smoothing):
   initial = train_state.create_train_state(small_config(), total_steps=10)
@@ -100,6 +101,7 @@ def test_label_smoothing_changes_the_loss():
   assert smoothed == pytest.approx(-(target * np.log(p)).sum(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_the_optimizer_decays_the_weights_and_clips_the_gradient_as_configured():
   config = small_config(warmup_steps=0, learning_rate=1e-2, weight_decay=0.5,
                         grad_clip_norm=1e-3)

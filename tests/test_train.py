@@ -97,6 +97,7 @@ def train_until_crash_after_saving(config, workdir, data, step, monkeypatch) -> 
   monkeypatch.undo()
 
 
+@pytest.mark.slow
 def test_resume_gives_identical_parameters(tmp_path, digits, monkeypatch):
   config = small_config(num_epochs=2, model=get_model_config("testing", dropout_rate=0.1))
   data = subset(digits, 1024)  # 16 steps an epoch: 32 steps, checkpoints every 4
@@ -166,6 +167,7 @@ def test_pmap_and_sharded_jit_over_8_devices_match_one_device(tmp_path, mnist):
         params_of(config, tmp_path / "jit"), params_of(config, tmp_path / name))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("finite_loss", [False, True], ids=["loss", "gradient only"])
 def test_non_finite_loss_stops_training_and_is_not_checkpointed(tmp_path, digits, monkeypatch,
                                                                 finite_loss):
@@ -199,6 +201,7 @@ def reference_predictions(state, images, labels):
   return loss, logits.argmax(-1) == labels, np.exp(log_probs)
 
 
+@pytest.mark.slow
 def test_evaluation_counts_a_padded_last_batch_s_real_examples_only(digits):
   # 10 examples in batches of 4: the last batch is 2 examples and 2 paddings of example 0.
   images, labels = digits["test"]["image"][:10], digits["test"]["label"][:10].copy()
@@ -216,6 +219,7 @@ def test_evaluation_counts_a_padded_last_batch_s_real_examples_only(digits):
   assert result["eval_loss"] == pytest.approx(loss.mean(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_predict_gives_the_checkpoint_s_probabilities(tmp_path, digits):
   config = small_config(num_epochs=0.25)
   train.train_and_evaluate(config, tmp_path / "run", data=subset(digits, 256))

@@ -68,6 +68,7 @@ def test_evaluating_with_other_test_time_views_than_the_run_s_says_so(tmp_path, 
       capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_resuming_past_the_configured_end_is_refused(tmp_path, digits):
   data = subset(digits, 256)
   config = small_config(num_epochs=1)  # 4 steps
@@ -79,6 +80,7 @@ def test_resuming_past_the_configured_end_is_refused(tmp_path, digits):
   assert json.loads((tmp_path / "run" / "config.json").read_text())["num_epochs"] == 1
 
 
+@pytest.mark.slow
 def test_a_resume_with_other_settings_keeps_the_replaced_config_in_the_history(tmp_path, digits,
                                                                               capsys):
   data = subset(digits, 256)
@@ -135,6 +137,7 @@ def test_workdir_that_cannot_be_created_is_refused(tmp_path, digits):
     train.train_and_evaluate(small_config(), tmp_path / "file" / "run", data=subset(digits, 256))
 
 
+@pytest.mark.slow
 def test_a_warm_up_as_long_as_the_run_is_said_in_one_line(tmp_path, digits, capsys):
   config = small_config(num_epochs=0.25)  # 4 steps of 64, warm-up 4
   train.train_and_evaluate(config, tmp_path / "run", data=subset(digits, 1024))

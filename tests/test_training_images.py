@@ -69,6 +69,7 @@ def step_loss(run, state, step=0):
   return float(step_fn(fresh, data, index, index, jax.random.PRNGKey(0))[1]["loss"])
 
 
+@pytest.mark.slow
 def test_the_compiled_step_switches_at_the_state_s_own_step():
   common = dict(dataset="mnist", augment_flip=0.0, num_epochs=2, batch_size=16)
   runs = {"switching": config(**common, undistorted_final_epochs=1),  # steps 8-15 undistorted
@@ -98,6 +99,7 @@ def test_the_compiled_step_switches_at_the_state_s_own_step():
     ({}, {"label_smoothing": 0.2}),
     ({}, {"dataset": "fashion_mnist"}),  # its own normalisation
 ], ids=lambda fields: ",".join(fields) or "-")
+@pytest.mark.slow
 def test_every_field_the_step_reads_changes_its_loss(base, change):
   """A field the compiled step ignored would leave the first loss as it was."""
   plain = config(**{"dataset": "mnist", "augment_max_shift": 0, "augment_max_rotation": 0.0,
@@ -108,6 +110,7 @@ def test_every_field_the_step_reads_changes_its_loss(base, change):
   assert step_loss(changed, state) != pytest.approx(step_loss(plain, state), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_the_last_epochs_keep_the_shifts_and_flips_and_drop_the_distortions():
   images = np.random.default_rng(0).integers(0, 256, (8, 28, 28, 1)).astype(np.uint8)
   run = config(undistorted_final_epochs=6)

@@ -67,6 +67,7 @@ def test_impossible_validation_sizes_are_one_line_errors(fields, message):
                         "mlp_dim": 32}, **fields})
 
 
+@pytest.mark.slow
 def test_training_watches_the_validation_split_and_tests_once_at_the_end(tmp_path, digits):
   config = ExperimentConfig(model=get_model_config("testing"), batch_size=64, num_epochs=1,
                             validation_examples=256, eval_every_steps=8, eval_batch_size=128,

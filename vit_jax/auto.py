@@ -203,7 +203,7 @@ def _recorded_microbatch_size(config: ExperimentConfig, per_device: int, recorde
   size = recorded.get("microbatch_size", "auto")
   if size is None or (isinstance(size, int) and size > 0 and (
       per_device <= size or per_device % size == 0)):
-    return size, "as this workdir's run chose"
+    return size, ("as" if size else "the whole share, as") + " this workdir's run chose"
   return None
 
 

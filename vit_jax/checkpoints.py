@@ -1,4 +1,4 @@
-"""A run's workdir: orbax checkpoints of the train state, and the config beside them.
+"""Orbax checkpoints of the train state, each with the digests of its arrays.
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete,
 and deletes an old checkpoint only after a newer one is complete; a checkpoint
@@ -8,10 +8,7 @@ that cannot be read is reported and the next older one is used.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,124 +24,10 @@ from vit_jax.checkpoint_digests import (
     first_difference,
     shapes_of,
 )
-from vit_jax.files import write_text_atomically
+from vit_jax.parallel import gathered
 from vit_jax.run_log import LOG_FILE, absl_quiet
 
 log = logging.getLogger("vit_jax")
-CONFIG_FILE = "config.json"
-HISTORY_FILE = "config_history.jsonl"  # each config.json a resume with other settings replaced
-
-
-# Folders that hold mount points: a missing folder directly inside one is most likely a
-# filesystem that is not mounted, and creating it would write the run to the wrong disk.
-_MOUNT_PARENTS = ("/", "/mnt", "/media", "/Volumes")
-
-
-def prepare_workdir(workdir: str | os.PathLike) -> Path:
-  """Creates `workdir` if needed; a clear error if it is a file, unwritable or unmounted."""
-  path = Path(workdir).absolute()
-  if path.exists() and not path.is_dir():
-    raise ValueError(f"workdir={str(workdir)!r} is a file, not a folder")
-  missing = [p for p in (path, *path.parents) if not p.exists()]
-  if missing and Path(workdir).is_absolute() and str(missing[-1].parent) in _MOUNT_PARENTS:
-    raise ValueError(f"workdir={str(workdir)!r}: {missing[-1]} does not exist (a filesystem "
-                     "that is not mounted?); create it first if it should")
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f"workdir={str(workdir)!r} cannot be created: {e.strerror}") from None
-  if not os.access(path, os.W_OK):
-    raise ValueError(f"workdir={str(workdir)!r} is not writable")
-  return path
-
-
-# Model fields that change how the maths is computed, not the parameters (float32 whatever
-# the products' precision): a run may resume with another value (e.g. on a machine where
-# 'auto' chose another kernel, or one that cannot compute in bfloat16).
-_COMPUTATION_ONLY = ("attention_kernel", "compute_dtype")
-
-
-def write_or_check_config(workdir: Path, config: Any, write: bool = True,
-                          training: bool = True) -> list[str]:
-  """Saves the resolved config in `workdir` (if `write`), or refuses one that changes the model
-  or the dataset.
-
-  A workdir's checkpoints only fit the model they were trained with, so resuming or evaluating
-  with a different `model` section is an error (its products' precision and attention path
-  aside), or with `ema_decay` switched on or off; so is another dataset, whose test split and
-  normalisation would be taken without a word (`init_from` fine-tunes on another in a new
-  workdir). `training`: resuming also refuses another `seed` (the data order and every draw)
-  and more held-out images than the run held out. Other changes are allowed, with a warning,
-  and the config.json they replace is appended to config_history.jsonl: nothing of how the
-  checkpoints were trained is lost. Returns the fields that differ from the saved run's.
-  """
-  others = []
-  resolved = dataclasses.asdict(config)
-  path = workdir / CONFIG_FILE
-  if path.exists():
-    saved = with_defaults(json.loads(path.read_text()), config)  # newer fields: defaults
-    _refuse_another_run(workdir, saved, resolved, training)
-    changed = sorted(k for k in set(saved["model"]) | set(resolved["model"])
-                     if saved["model"].get(k) != resolved["model"].get(k))
-    structural = [k for k in changed if k not in _COMPUTATION_ONLY]
-    if structural:
-      diffs = ", ".join(f"model.{k}: {saved['model'].get(k)!r} -> {resolved['model'].get(k)!r}"
-                        for k in structural)
-      raise ValueError(f"workdir={str(workdir)!r} holds a run of a different model ({diffs}); "
-                       f"{'use a new workdir' if training else 'pass the config it ran with'}")
-    others = [f"model.{k}" for k in changed] + sorted(
-        k for k in resolved if k != "model" and saved.get(k) != resolved[k])
-    if others and write:
-      log.warning("resuming %s with changed settings: %s (the old ones appended to %s)",
-                  workdir, ", ".join(others), HISTORY_FILE)
-      with open(workdir / HISTORY_FILE, "a") as history:
-        history.write(path.read_text().replace("\n", " ").strip() + "\n")
-  if write:
-    write_text_atomically(path, json.dumps(resolved, indent=2, sort_keys=True) + "\n")
-  return others
-
-
-def _refuse_another_run(workdir: Path, saved: dict, resolved: dict, training: bool) -> None:
-  """`write_or_check_config`'s refusals of a run the checkpoints are not (the model's below)."""
-  if saved["dataset"] != resolved["dataset"]:
-    raise ValueError(f"workdir={str(workdir)!r} holds a run on {saved['dataset']}, not "
-                     f"config.dataset={resolved['dataset']!r}; pass that run's config, or "
-                     "fine-tune in a new workdir (config.init_from)")
-  if (saved["ema_decay"] > 0) != (resolved["ema_decay"] > 0):  # the state has its average or not
-    raise ValueError(f"workdir={str(workdir)!r} holds a run with config.ema_decay="
-                     f"{saved['ema_decay']}, not {resolved['ema_decay']}; use a new workdir")
-  if training and saved["seed"] != resolved["seed"]:
-    raise ValueError(f"workdir={str(workdir)!r} holds a run with config.seed={saved['seed']}, "
-                     f"not {resolved['seed']}; a run keeps its seed: use a new workdir")
-  # The held-out images are the first N of one fixed order: more would take trained ones.
-  if training and resolved["validation_examples"] > saved["validation_examples"]:
-    raise ValueError(f"workdir={str(workdir)!r} holds a run that held out "
-                     f"{saved['validation_examples']} images and trained on the rest, some "
-                     f"of config.validation_examples={resolved['validation_examples']}; use "
-                     "a new workdir")
-
-
-def with_defaults(saved: dict, like: Any) -> dict:
-  """`saved` (a config.json's dict) with the fields it lacks taken from `like`'s dataclass
-  defaults, at the top and in its `model` section."""
-  def defaults(obj) -> dict:
-    return {f.name: f.default for f in dataclasses.fields(obj)
-            if f.default is not dataclasses.MISSING}
-
-  return {**defaults(like), **saved, "model": {**defaults(like.model), **saved["model"]}}
-
-
-def saved_config(workdir: str | os.PathLike) -> dict | None:
-  """The config.json a run left in `workdir`, or None if there is none yet."""
-  path = Path(workdir) / CONFIG_FILE
-  return json.loads(path.read_text()) if path.is_file() else None
-
-
-def read_config(workdir: str | os.PathLike) -> dict:
-  path = Path(workdir) / CONFIG_FILE
-  if not path.is_file():
-    raise ValueError(f"workdir={str(workdir)!r} holds no {CONFIG_FILE}: not a training run")
-  return json.loads(path.read_text())
 
 
 class CheckpointError(ValueError):
@@ -190,28 +73,35 @@ class Checkpoints:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
     restored, moved = None, False
     for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        recorded = self.digests.read(step)
-      except ValueError as e:  # its digests are damaged: the checkpoint cannot be checked
-        self._move_aside(step, str(e))
-        moved = True
-        continue
-      self._refuse_another_model(step, recorded, abstract)
-      try:
-        restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        _verify(step, restored, recorded)
+      restored, why = self._read(step, abstract)
+      if why is None:
         break
-      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is handled alike
-        restored = None
-        self._move_aside(step, str(e).splitlines()[0] if str(e) else type(e).__name__)
-        moved = True
+      self._move_aside(step, why)
+      moved = True
     if moved:
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("unreadable checkpoints moved")
+      gathered([0])  # every process waits for process 0 to have moved them
       self.manager.reload()
     return restored
+
+  def _read(self, step: int, abstract: Any) -> tuple[Any | None, str | None]:
+    """(the checkpoint at `step`, None) or (None, why it cannot be read). With several
+    processes, each step is read by all or none (orbax's restore is collective) and is
+    readable where it is in all: every process goes on from the same step."""
+    try:
+      recorded, why = self.digests.read(step), None
+    except ValueError as e:  # its digests are damaged: the checkpoint cannot be checked
+      recorded, why = None, str(e)
+    if (why := _in_every_process(why)) is not None:
+      return None, why
+    self._refuse_another_model(step, recorded, abstract)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      _verify(step, restored, recorded)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is handled alike
+      why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if (why := _in_every_process(why)) is not None:
+      return None, why
+    return restored, None
 
   def _refuse_another_model(self, step: int, recorded: Digests | None, abstract: Any) -> None:
     if recorded is None:
@@ -249,8 +139,7 @@ class Checkpoints:
     if not (force or self.manager.should_save(step)):
       return False
     try:
-      if jax.process_index() == 0:
-        self.digests.write(step, state)
+      self._write_digests(step, state)
       saved = self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
     except Exception as e:  # noqa: BLE001 - orbax and tensorstore raise many kinds
       raise WriteError(f"checkpoint at step {step} could not be written "
@@ -258,6 +147,18 @@ class Checkpoints:
     if jax.process_index() == 0:
       self.digests.keep_only(self.manager.all_steps())
     return saved
+
+  def _write_digests(self, step: int, state: Any) -> None:
+    """Process 0 writes them; every process learns whether it could before the save, which
+    is collective: a process that raised alone would leave the others waiting in it."""
+    failure = None
+    if jax.process_index() == 0:
+      try:
+        self.digests.write(step, state)
+      except Exception as e:  # noqa: BLE001 - raised below, in every process
+        failure = e
+    if gathered([failure is not None]).any():
+      raise failure or RuntimeError("process 0 could not write the checkpoint's digests")
 
   def latest_description(self) -> str:
     """Where a run that stopped here would resume from, and where to read why, in words."""
@@ -282,6 +183,14 @@ def _verify(step: int, restored: Any, recorded: Digests | None) -> None:
   path = first_difference(recorded, digests_of(restored))
   if path is not None:
     raise ValueError(f"its array {path} differs from the digest recorded when it was saved")
+
+
+def _in_every_process(why: str | None) -> str | None:
+  """`why` a step cannot be read here, or where another process could not read it."""
+  failed = gathered([why is not None])[:, 0]
+  if why is None and failed.any():
+    return f"process {int(failed.argmax())} could not read it"
+  return why
 
 
 def _described(entry: dict | None) -> str:

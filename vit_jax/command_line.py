@@ -18,13 +18,18 @@ def ending_in_one_line(command: Callable[[], None]) -> None:
   """Runs `command`. A bad config, data or file (ValueError, OSError) or a non-finite loss
   ends the process with 'error: ...' and exit status 2; SIGTERM or Ctrl-C, once training has
   saved its checkpoint, with 'interrupted: ...' and 128 + the signal's number."""
-  from vit_jax import run_log
-  from vit_jax.checkpoints import WriteError
-  from vit_jax.interrupt import TrainingInterruptedError
-
-  run_log.PROCESS_ENDS_ON_FAILURE = True
+  WriteError = TrainingInterruptedError = ()  # noqa: N806 - until imported: match nothing
   try:
+    # These imports take a second or two (JAX, orbax): a Ctrl-C within them ends in one line.
+    from vit_jax import run_log
+    from vit_jax.checkpoints import WriteError
+    from vit_jax.interrupt import TrainingInterruptedError
+
+    run_log.PROCESS_ENDS_ON_FAILURE = True
     command()
+  except KeyboardInterrupt:  # Ctrl-C before training set its handler: nothing to save yet
+    to_console("interrupted by Ctrl-C before anything was saved; rerun the same command")
+    sys.exit(130)
   except (AttributeError, KeyError) as e:
     # ml_collections raises these, with a traceback, for `--config.x=...` naming no field
     # (when the config flag is defined, or when the flags are parsed: both inside `command`).
@@ -33,7 +38,7 @@ def ending_in_one_line(command: Callable[[], None]) -> None:
     to_console(f"error: {line}")
     sys.exit(2)
   except (ValueError, FloatingPointError, OSError) as e:
-    to_console(f"error: {e}")
+    to_console(f"error: {missing_config_file(e) or e}")
     if isinstance(e, WriteError):
       # A failed write's threads may still report into a closed event loop, into the run's
       # log, where stderr stays diverted; nothing is left to save, so nothing waits for them.
@@ -42,16 +47,13 @@ def ending_in_one_line(command: Callable[[], None]) -> None:
   except TrainingInterruptedError as e:
     to_console(f"interrupted: {e}")
     sys.exit(128 + e.signum)
-  except KeyboardInterrupt:  # Ctrl-C before training set its handler: nothing to save yet
-    to_console("interrupted by Ctrl-C before anything was saved; rerun the same command")
-    sys.exit(130)
 
 
 def keep_the_console_for_ours() -> None:
   """Orbax, TFDS and JAX log every step of their work at INFO (and JAX its search for a TPU):
   keep their warnings and errors only. Called in a command's `main`, after absl has set up
   its logging."""
-  for name in ("absl", "jax"):
+  for name in ("absl", "jax", "tensorflow"):  # TensorFlow: --mode=export's SavedModel writer
     logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -66,7 +68,7 @@ def recorded_config(workdir: str | os.PathLike, overrides: dict[str, Any]) -> di
   again and `overrides` on top ({'model.num_heads': 8}, as `--config.x` flags give them);
   None where the workdir has no config.json. Fields it lacks (a run older than them) take
   their defaults when it is validated."""
-  from vit_jax.checkpoints import saved_config
+  from vit_jax.workdir import saved_config
 
   if (config := saved_config(workdir)) is None:
     return None
@@ -98,6 +100,15 @@ def unknown_config_key(error: Exception) -> str | None:
       return f"{key} is not a known key of the config" + (
           f"; {suggestion[:1].lower()}{suggestion[1:]}" if suggestion else "")
   return None
+
+
+def missing_config_file(error: Exception) -> str | None:
+  """One line for a --config file that cannot be read, or None: ml_collections' message
+  takes four lines, naming the flag 'config_config'."""
+  lines = [line.strip() for line in str(error).splitlines()]
+  if "Failed loading config file" not in lines[0] or len(lines) < 3:
+    return None
+  return f"--config={lines[2]} cannot be read: {lines[-1]}"
 
 
 def to_console(line: str) -> None:

@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax import auto, input_pipeline, mnist_source
-from vit_jax.checkpoints import CONFIG_FILE, Checkpoints, saved_config, write_or_check_config
+from vit_jax.checkpoints import Checkpoints
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.parallel import Runner, choose_mode
 from vit_jax.steps import Evaluator, view_averaged_log_probabilities
 from vit_jax.train_state import TrainState, create_train_state, evaluation_params
+from vit_jax.workdir import CONFIG_FILE, saved_config, write_or_check_config
 
 
 def resolved_config(config: Any, workdir: str | Path) -> ExperimentConfig:

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from vit_jax import inference, resample
-from vit_jax.checkpoints import read_config
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.model_configs import ModelConfig
+from vit_jax.workdir import read_config
 
 # Model fields that must agree for the parameters to map one to one. The others may differ:
 # patch_size (resampled), num_classes (the head re-initialised), num_heads (the same matrices

@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import signal
 
-import numpy as np
-
 
 class StopSignal:
   """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
@@ -41,10 +39,9 @@ class StopSignal:
       return self.received is not None
     if step % every_steps:
       return False
-    from jax.experimental import multihost_utils
+    from vit_jax.parallel import gathered
 
-    flags = multihost_utils.process_allgather(np.array(self.received or 0, np.int32))
-    self.received = self.received or int(np.max(flags)) or None
+    self.received = self.received or int(gathered([self.received or 0]).max()) or None
     return self.received is not None
 
   def __exit__(self, *exc):

@@ -27,6 +27,16 @@ AXIS = "data"
 MODES = ("jit", "pmap", "shard")
 
 
+def gathered(values: list[int]) -> np.ndarray:
+  """Every process's `values`, (processes, len(values)) in process order. With several
+  processes it is a collective: each must call it at the same point of the run."""
+  if jax.process_count() == 1:
+    return np.asarray([values])
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int64)))
+
+
 def choose_mode(parallel: str) -> str:
   """'auto' -> 'pmap' when JAX sees more than one device, else 'jit'."""
   if parallel == "auto":

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from vit_jax import auto, input_pipeline
-from vit_jax.checkpoints import Checkpoints, prepare_workdir, saved_config, write_or_check_config
+from vit_jax.checkpoints import Checkpoints
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.files import write_text_atomically
 from vit_jax.instruments import effective_ranks
@@ -48,6 +48,7 @@ from vit_jax.train import (
   writes_checked,
 )
 from vit_jax.train_state import create_train_state, evaluation_params, learning_rate_schedule
+from vit_jax.workdir import prepare_workdir, saved_config, write_or_check_config
 
 
 def stack(trees: Sequence[Any]) -> Any:

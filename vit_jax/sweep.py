@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from vit_jax import analysis, inference, seeds, train
-from vit_jax.checkpoints import saved_config, with_defaults
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.files import write_text_atomically
 from vit_jax.locks import WorkdirBusyError, WorkdirLock
@@ -29,6 +28,7 @@ from vit_jax.metrics import read_metrics
 from vit_jax.model_configs import ModelConfig
 from vit_jax.models import count_params
 from vit_jax.schema import from_mapping
+from vit_jax.workdir import saved_config, with_defaults
 
 RESULT_FILE = "result.json"
 ENTROPY_IMAGES = 1000  # test images whose attention entropy is averaged
@@ -195,7 +195,8 @@ def run_all(runs: list[tuple[Run, ExperimentConfig]], root: Path, data: dict | N
     done = {run: finished_record(Path(root) / run.name, config) for run, config in group}
     left = [(run, config) for run, config in group if done[run] is None]
     if len(left) < len(group):
-      tagged(f"{len(group) - len(left)} of {len(group)} finished before, skipped")
+      skipped = f"{len(group) - len(left)} of {len(group)} " if len(group) > 1 else ""
+      tagged(f"{skipped}finished before, skipped")
     if left and data is not None:
       done.update(_claim_and_run(left, Path(root), data, tagged))
     finished = [(run, config) for run, config in group if done[run] is not None]

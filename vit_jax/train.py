@@ -21,22 +21,15 @@ import jax
 import numpy as np
 
 from vit_jax import (
-    analysis,
-    auto,
-    inference,
-    init_from,
-    input_pipeline,
-    instruments,
-    mnist_source,
+  analysis,
+  auto,
+  inference,
+  init_from,
+  input_pipeline,
+  instruments,
+  mnist_source,
 )
-from vit_jax.checkpoints import (
-  CONFIG_FILE,
-  Checkpoints,
-  WriteError,
-  prepare_workdir,
-  saved_config,
-  write_or_check_config,
-)
+from vit_jax.checkpoints import Checkpoints, WriteError
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.locks import WorkdirLock
 from vit_jax.loop import step_through
@@ -51,6 +44,7 @@ from vit_jax.train_state import (
   evaluation_params,
   learning_rate_schedule,
 )
+from vit_jax.workdir import CONFIG_FILE, prepare_workdir, saved_config, write_or_check_config
 
 PROBE_IMAGES = 256  # held-out images whose attention statistics every evaluation logs
 Data = dict[str, dict[str, np.ndarray]]  # {'train' | 'validation' | 'test': {'image', 'label'}}

@@ -15,8 +15,9 @@ Reports, for the config's model and global batch:
 - peak resident memory of the process, and the training step's peak on one device as
   XLA's buffer assignment plans it (the step alone: on an accelerator the process's
   device memory also holds the peak's probe);
-- optionally, time to accuracy: wall time from starting `launch.py` until the test
-  accuracy first reaches each target.
+- optionally, time to accuracy: wall time from starting `launch.py` until the validation
+  accuracy (where the config holds images out, else the test accuracy) first reaches each
+  target.
 Speed goals live here, never in timed tests.
 """
 

@@ -1,4 +1,10 @@
-"""The command line of `vit_jax.benchmark`; see its package docstring."""
+"""The command line of `vit_jax.benchmark`: a config's images/s, MFU against this machine's
+matmul peak, FLOPs, compile times and memory, and optionally its time to accuracy.
+
+    python -m vit_jax.benchmark --config=experiments/mnist.py --out=bench.json
+
+The package docstring (`vit_jax/benchmark/__init__.py`) says what each figure means.
+"""
 
 from __future__ import annotations
 
@@ -49,7 +55,7 @@ def _accuracy_targets() -> list[float]:
     targets = [float(t) for t in flags.FLAGS.time_to_accuracy]
   except ValueError:
     raise ValueError(f"--time_to_accuracy={','.join(flags.FLAGS.time_to_accuracy)} must be "
-                     "test accuracies, e.g. 0.98,0.99") from None
+                     "accuracies, e.g. 0.98,0.99") from None
   for name in ("eval_every_steps", "launch_flags"):
     if not targets and flags.FLAGS[name].present:
       raise ValueError(f"--{name} is for the timed run of --time_to_accuracy, not given")
@@ -77,8 +83,9 @@ def _define_flags():
   flags.DEFINE_integer("steps_per_window", 10, "Training steps per timed window.",
                        lower_bound=1)
   flags.DEFINE_bool("compile_times", True, "Measure cold and cached compile times.")
-  flags.DEFINE_list("time_to_accuracy", [], "Test accuracies to time a real run to, e.g. "
-                    "0.98,0.99 (empty: skip).")
+  flags.DEFINE_list("time_to_accuracy", [], "Accuracies to time a real run to, e.g. "
+                    "0.98,0.99 (empty: skip): validation accuracy where the config holds "
+                    "images out, else test accuracy.")
   flags.DEFINE_integer("eval_every_steps", 100, "Evaluation interval of the timed run.")
   flags.DEFINE_list("launch_flags", [], "Extra launch.py flags for the timed run, e.g. "
                     "--cpu_devices=1.")

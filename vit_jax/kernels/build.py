@@ -64,8 +64,10 @@ def build(compiler: str | None = None) -> Path:
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
                            check=False).stdout
   key = hashlib.sha256()
-  for part in (SOURCE.read_text(), compiler, version, *flags, jax.__version__,
-               importlib.metadata.version("jaxlib"), cpu):
+  # Not the headers' folder, which is inside each virtual environment: jaxlib's version says
+  # which headers they are, so every checkout and venv on a machine shares one build.
+  for part in (SOURCE.read_text(), compiler, version, *[f for f in flags if f[:2] != "-I"],
+               jax.__version__, importlib.metadata.version("jaxlib"), cpu):
     key.update(part.encode() + b"\0")
   library = cache_dir() / f"attention_cpu-{key.hexdigest()[:16]}.so"
   failure = library.with_suffix(".failed")
