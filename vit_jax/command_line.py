@@ -53,7 +53,7 @@ def keep_the_console_for_ours() -> None:
   """Orbax, TFDS and JAX log every step of their work at INFO (and JAX its search for a TPU):
   keep their warnings and errors only. Called in a command's `main`, after absl has set up
   its logging."""
-  for name in ("absl", "jax", "tensorflow"):  # TensorFlow: --mode=export's SavedModel writer
+  for name in ("absl", "jax"):
     logging.getLogger(name).setLevel(logging.WARNING)
 
 

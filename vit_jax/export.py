@@ -12,7 +12,9 @@ Layer 4 of vit_jax.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -82,7 +84,8 @@ def export_saved_model(config: Any, workdir: str | Path, out: str | Path | None 
   staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
   replaced = staging.with_name(staging.name + ".replaced")
   try:
-    tf.saved_model.save(module, str(staging), signatures={"serving_default": serving_default})
+    with _absl_says_warnings_only():
+      tf.saved_model.save(module, str(staging), signatures={"serving_default": serving_default})
     if out.exists():  # moved aside, not deleted, until the new one is in place
       out.rename(replaced)
     try:
@@ -99,3 +102,20 @@ def export_saved_model(config: Any, workdir: str | Path, out: str | Path | None 
 
 def _is_saved_model(folder: Path) -> bool:
   return (folder / "saved_model.pb").is_file()
+
+
+@contextlib.contextmanager
+def _absl_says_warnings_only():
+  """TensorFlow's SavedModel writer sets absl's verbosity back to its flag's value (INFO) as it
+  goes, and logs each file it writes: the flag itself says WARNING meanwhile."""
+  from absl import logging as absl_logging
+
+  verbosity = absl_logging.get_verbosity()
+  levels = {name: logging.getLogger(name).level for name in ("absl", "")}  # "": the root
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(verbosity)
+    for name, level in levels.items():
+      logging.getLogger(name).setLevel(level)
