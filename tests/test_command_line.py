@@ -8,6 +8,7 @@ from vit_jax import command_line
 @pytest.mark.parametrize("error,status,line", [
     (ValueError("config.seed=-1 must be in [0, 2**32)"), 2,
      "error: config.seed=-1 must be in [0, 2**32)"),
+    (OSError(), 2, "error: "),  # no message at all: still one line
     (KeyboardInterrupt(), 130,  # Ctrl-C before training set its own handler
      "interrupted by Ctrl-C before anything was saved; rerun the same command"),
 ])
@@ -33,7 +34,7 @@ def test_a_ctrl_c_while_the_command_s_modules_load_ends_in_one_line(monkeypatch)
 
   said = []
   monkeypatch.setattr(command_line, "to_console", said.append)
-  monkeypatch.delitem(sys.modules, "vit_jax.interrupt")
+  monkeypatch.delitem(sys.modules, "vit_jax.interrupt", raising=False)
   monkeypatch.setattr(sys, "meta_path", [CtrlC(), *sys.meta_path])
   with pytest.raises(SystemExit) as exit_:
     command_line.ending_in_one_line(lambda: None)

@@ -54,7 +54,7 @@ def test_the_latest_checkpoint_ships_with_its_digests_config_and_metrics(tmp_pat
     ("checkpoint_digests/8.json", "has no checkpoint_digests/8.json: not a finished run's "
      "folder"),
     ("checkpoints", "holds no checkpoint"),
-    ("checkpoints/8", "stopped at step 4 of 8: finish it first (python launch.py --workdir="),
+    ("checkpoints/8", "stopped at step 4 of 8: finish it first (python launch.py --workdir=RUN)"),
 ])
 def test_a_run_that_cannot_ship_is_one_line_and_leaves_nothing(tmp_path, remove, message):
   import shutil
@@ -65,5 +65,6 @@ def test_a_run_that_cannot_ship_is_one_line_and_leaves_nothing(tmp_path, remove,
     (run / "checkpoint_digests" / "8.json").unlink()
   result = ship(run, tmp_path / "shipped" / "mnist")
   assert result.returncode == 2 and "Traceback" not in result.stderr
-  assert result.stderr.strip().splitlines()[-1].startswith(f"error: --workdir='{run}' {message}")
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: --workdir='{run}' {message.replace('RUN', str(run))}")
   assert not (tmp_path / "shipped").exists() or not any((tmp_path / "shipped").iterdir())

@@ -106,7 +106,7 @@ def missing_config_file(error: Exception) -> str | None:
   """One line for a --config file that cannot be read, or None: ml_collections' message
   takes four lines, naming the flag 'config_config'."""
   lines = [line.strip() for line in str(error).splitlines()]
-  if "Failed loading config file" not in lines[0] or len(lines) < 3:
+  if len(lines) < 3 or "Failed loading config file" not in lines[0]:
     return None
   return f"--config={lines[2]} cannot be read: {lines[-1]}"
 

@@ -89,14 +89,15 @@ def train_and_evaluate_seeds(config: Any, seeds: Sequence[int], workdir: str | P
   runner = Runner(choose_mode(config.parallel))
   microbatches_per_step(config, runner)  # batches the devices cannot share fail here
   workdir = prepare_workdir(workdir)
-  dirs = [prepare_workdir(d) for d in seed_workdirs]
   with contextlib.ExitStack() as held:
+    held.enter_context(WorkdirLock(workdir))
+    _check_seeds(workdir, list(seeds))
     # Each seed's workdir too: the group writes its logs and final checkpoint, and a
     # `launch.py` run there meanwhile would write over them.
-    for folder in [workdir, *dirs]:
+    dirs = [prepare_workdir(d) for d in seed_workdirs]
+    for folder in dirs:
       held.enter_context(WorkdirLock(folder))
     held.enter_context(logging_to(workdir))
-    _check_seeds(workdir, list(seeds))
     config, choices = auto.resolve(config, runner.num_devices, saved_config(workdir))
     configs = [dataclasses.replace(config, seed=s) for s in seeds]
     for folder, folder_config in zip([workdir, *dirs], [configs[0], *configs], strict=True):
