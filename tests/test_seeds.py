@@ -107,16 +107,16 @@ def test_bad_seed_lists_are_one_line(tmp_path, data):
 
 
 def test_a_seed_workdir_in_use_elsewhere_is_refused_before_training(tmp_path, data):
+  (tmp_path / "a").mkdir()
   (tmp_path / "b").mkdir()
   with WorkdirLock(tmp_path / "b"), pytest.raises(
       WorkdirBusyError, match=r"^workdir='.*/b' is in use by pid \d+"):
     seeds.train_and_evaluate_seeds(CONFIG, [0, 1], tmp_path / "g", [tmp_path / "a",
                                                                     tmp_path / "b"], data)
   assert not (tmp_path / "b" / "metrics.jsonl").exists()
-  with WorkdirLock(tmp_path / "b"):  # and the group let go of the others
-    for folder in ("g", "a"):
-      with WorkdirLock(tmp_path / folder):
-        pass
+  assert not (tmp_path / "g").exists()  # made by the refused call: removed again
+  with WorkdirLock(tmp_path / "b"), WorkdirLock(tmp_path / "a"):  # the group let go of a
+    pass
 
 
 def test_a_fine_tuning_config_is_refused_not_trained_from_scratch(tmp_path, data):

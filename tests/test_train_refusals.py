@@ -137,6 +137,23 @@ def test_workdir_that_cannot_be_created_is_refused(tmp_path, digits):
     train.train_and_evaluate(small_config(), tmp_path / "file" / "run", data=subset(digits, 256))
 
 
+def test_a_run_refused_in_a_folder_it_created_removes_it_and_keeps_one_it_found(tmp_path,
+                                                                               digits):
+  too_few = subset(digits, 32)  # refused once the workdir is made and locked
+  message = r"^config.batch_size=64 exceeds the 32 training examples$"
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(small_config(), tmp_path / "runs" / "typo", data=too_few)
+  assert list((tmp_path / "runs").iterdir()) == []
+  (tmp_path / "mine").mkdir()
+  (tmp_path / "mine" / "notes.txt").write_text("the user's")
+  (tmp_path / "other").mkdir()
+  for folder in ("mine", "other"):
+    with pytest.raises(ValueError, match=message):
+      train.train_and_evaluate(small_config(), tmp_path / folder, data=too_few)
+  assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's"
+  assert (tmp_path / "other").is_dir()  # an empty folder the user made stays
+
+
 @pytest.mark.slow
 def test_a_warm_up_as_long_as_the_run_is_said_in_one_line(tmp_path, digits, capsys):
   config = small_config(num_epochs=0.25)  # 4 steps of 64, warm-up 4

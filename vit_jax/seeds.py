@@ -31,7 +31,6 @@ from vit_jax.checkpoints import Checkpoints
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.files import write_text_atomically
 from vit_jax.instruments import effective_ranks
-from vit_jax.locks import WorkdirLock
 from vit_jax.loop import step_through
 from vit_jax.metrics import MetricsWindow, MetricWriter, Progress
 from vit_jax.parallel import Runner, choose_mode
@@ -48,7 +47,7 @@ from vit_jax.train import (
   writes_checked,
 )
 from vit_jax.train_state import create_train_state, evaluation_params, learning_rate_schedule
-from vit_jax.workdir import prepare_workdir, saved_config, write_or_check_config
+from vit_jax.workdir import locked_workdir, saved_config, write_or_check_config
 
 
 def stack(trees: Sequence[Any]) -> Any:
@@ -88,15 +87,12 @@ def train_and_evaluate_seeds(config: Any, seeds: Sequence[int], workdir: str | P
                      "trained as one step; train them as separate runs")
   runner = Runner(choose_mode(config.parallel))
   microbatches_per_step(config, runner)  # batches the devices cannot share fail here
-  workdir = prepare_workdir(workdir)
   with contextlib.ExitStack() as held:
-    held.enter_context(WorkdirLock(workdir))
+    workdir = held.enter_context(locked_workdir(workdir))
     _check_seeds(workdir, list(seeds))
     # Each seed's workdir too: the group writes its logs and final checkpoint, and a
     # `launch.py` run there meanwhile would write over them.
-    dirs = [prepare_workdir(d) for d in seed_workdirs]
-    for folder in dirs:
-      held.enter_context(WorkdirLock(folder))
+    dirs = [held.enter_context(locked_workdir(folder)) for folder in seed_workdirs]
     held.enter_context(logging_to(workdir))
     config, choices = auto.resolve(config, runner.num_devices, saved_config(workdir))
     configs = [dataclasses.replace(config, seed=s) for s in seeds]

@@ -31,7 +31,6 @@ from vit_jax import (
 )
 from vit_jax.checkpoints import Checkpoints, WriteError
 from vit_jax.experiment_config import ExperimentConfig, validate
-from vit_jax.locks import WorkdirLock
 from vit_jax.loop import step_through
 from vit_jax.metrics import MetricsWindow, MetricWriter, Progress
 from vit_jax.models import ViT
@@ -44,7 +43,7 @@ from vit_jax.train_state import (
   evaluation_params,
   learning_rate_schedule,
 )
-from vit_jax.workdir import CONFIG_FILE, prepare_workdir, saved_config, write_or_check_config
+from vit_jax.workdir import CONFIG_FILE, locked_workdir, saved_config, write_or_check_config
 
 PROBE_IMAGES = 256  # held-out images whose attention statistics every evaluation logs
 Data = dict[str, dict[str, np.ndarray]]  # {'train' | 'validation' | 'test': {'image', 'label'}}
@@ -107,10 +106,8 @@ def train_and_evaluate(config: Any, workdir: str | Path, data: Data | None = Non
   microbatches_per_step(config, runner)  # batches the devices cannot share fail here
   if config.init_from:
     init_from.check_source(config)  # a source that cannot be mapped fails here
-  workdir = prepare_workdir(workdir)
   main = runner.is_main_process  # with several processes, process 0 owns the workdir's files
-  with WorkdirLock(workdir) if main else contextlib.nullcontext(), \
-      logging_to(workdir, enabled=main):
+  with locked_workdir(workdir, lock=main) as workdir, logging_to(workdir, enabled=main):
     config, choices = auto.resolve(config, runner.num_devices, saved_config(workdir))
     write_or_check_config(workdir, config, write=False)  # written once the state is restored
     with _Run(config, workdir, runner, data if data is not None else load_data(config)) as run:

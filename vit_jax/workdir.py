@@ -3,14 +3,18 @@ what the checkpoints are (resuming or evaluating with another model or dataset i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from vit_jax.files import write_text_atomically
+from vit_jax.locks import WorkdirLock
+from vit_jax.run_log import LOG_FILE
 
 log = logging.getLogger("vit_jax")
 CONFIG_FILE = "config.json"
@@ -38,6 +42,36 @@ def prepare_workdir(workdir: str | os.PathLike) -> Path:
   if not os.access(path, os.W_OK):
     raise ValueError(f"workdir={str(workdir)!r} is not writable")
   return path
+
+
+LOCK_FILE = "lock"
+
+
+@contextlib.contextmanager
+def locked_workdir(workdir: str | os.PathLike, lock: bool = True) -> Iterator[Path]:
+  """`prepare_workdir(workdir)`, locked for the block where `lock` (the process that owns its
+  files). A run refused in a folder it created (a bad field, missing data, a Ctrl-C while
+  loading) leaves nothing there but its lock and log: the folder is removed again, so a typo
+  in a command leaves no empty run behind."""
+  new = not Path(workdir).exists()
+  path = prepare_workdir(workdir)
+  with WorkdirLock(path, LOCK_FILE) if lock else contextlib.nullcontext():
+    try:
+      yield path
+    except BaseException:
+      if new and lock:
+        _remove_if_nothing_but(path, (LOCK_FILE, LOG_FILE))
+      raise
+
+
+def _remove_if_nothing_but(folder: Path, names: tuple[str, ...]) -> None:
+  """Removes `folder` where it holds only files named in `names`; anything else, or another
+  process writing there meanwhile, leaves it as it is. The caller holds its lock."""
+  if {p.name for p in folder.iterdir()} <= set(names):
+    for name in names:
+      (folder / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: another process came in meanwhile
+      folder.rmdir()
 
 
 # Model fields that change how the maths is computed, not the parameters (float32 whatever
