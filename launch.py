@@ -76,13 +76,13 @@ def _config_of_this_command():
   without --config in a workdir that holds a run, the config the run recorded with the
   --config.x flags on top: a run of other settings (a sweep's, a shipped one, an interrupted
   `mnist_best.py`) is resumed, evaluated, drawn or exported without repeating them."""
-  from vit_jax.command_line import recorded_config
+  from vit_jax.command_line import checked_config, recorded_config
   from vit_jax.workdir import CONFIG_FILE
 
   if not FLAGS["config"].present and (recorded := recorded_config(
       FLAGS.workdir, FLAGS["config"].override_values)) is not None:
     return recorded, f"{os.path.join(FLAGS.workdir, CONFIG_FILE)}, the run's own"
-  return FLAGS.config, FLAGS["config"].config_filename
+  return checked_config(FLAGS), FLAGS["config"].config_filename
 
 
 def _set_up_jax(config) -> str:
@@ -199,6 +199,8 @@ FLAG_MODES = {"images": ("predict",), "num_images": ("visualize", "analyze"),
 
 
 def _refuse_flags_that_would_do_nothing() -> None:
+  if not FLAGS.workdir.strip():  # "" would be the current folder: a run in the checkout
+    raise ValueError(f"--workdir={FLAGS.workdir!r} names no folder")
   for name, modes in FLAG_MODES.items():
     if FLAGS[name].present and FLAGS.mode not in modes:
       raise ValueError(f"--{name} is for --mode={' or '.join(modes)}, not --mode={FLAGS.mode}")

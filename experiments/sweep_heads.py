@@ -50,20 +50,20 @@ flags.DEFINE_enum("fixed", "width", ["width", "head_dim"],
 
 def main(argv):
   del argv
+  _refuse_a_root_that_is_no_folder()
   _refuse_or_note_flags_that_do_nothing()
   from vit_jax import host_cpu
-  from vit_jax.command_line import keep_the_console_for_ours
+  from vit_jax.command_line import checked_config, keep_the_console_for_ours
 
   keep_the_console_for_ours()
-
-  host_cpu.configure(FLAGS.cpu_devices, (FLAGS.config.batch_size,
-                                             FLAGS.config.eval_batch_size))
+  config = checked_config(FLAGS)
+  host_cpu.configure(FLAGS.cpu_devices, (config.batch_size, config.eval_batch_size))
   from vit_jax import sweep, sweep_report, train
   from vit_jax.analyze import check_ablations
   from vit_jax.experiment_config import validate
 
   check_ablations(FLAGS.analyze, "--analyze")  # before the data loads: a typo costs nothing
-  base = validate(FLAGS.config)
+  base = validate(config)
   runs = sweep.plan(base, _head_counts(), range(FLAGS.seeds), FLAGS.qkv, FLAGS.fixed)
   data = None if FLAGS.report_only else train.load_data(base)
   records = sweep.run_all(runs, Path(FLAGS.root), data, vmap_seeds=FLAGS.vmap_seeds,
@@ -85,6 +85,16 @@ def main(argv):
 # The --config.x fields the sweep sets in every run, and the flag that sets them.
 SET_PER_RUN = {"seed": "--seeds=N (seeds 0 .. N-1)", "model.qkv": "--qkv",
                "model.qkv_rank": "--qkv=low_rank:R"}
+
+
+def _refuse_a_root_that_is_no_folder() -> None:
+  root = Path(FLAGS.root)
+  if not FLAGS.root.strip():  # "" would be the current folder: runs in the checkout
+    raise ValueError(f"--root={FLAGS.root!r} names no folder")
+  if root.exists() and not root.is_dir():
+    raise ValueError(f"--root={FLAGS.root!r} is a file, not a folder")
+  if FLAGS.report_only and not root.exists():
+    raise ValueError(f"--report_only: --root={FLAGS.root!r} does not exist")
 
 
 def _refuse_or_note_flags_that_do_nothing() -> None:

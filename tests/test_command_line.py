@@ -62,6 +62,55 @@ def test_a_config_file_that_is_not_there_is_one_line_naming_the_flag(monkeypatch
       f"directory: '{tmp_path}/nope.py'"]
 
 
+@pytest.mark.parametrize("source,line", [
+    ('x = "', " cannot be loaded: SyntaxError: unterminated string literal (detected at line 1) "
+     "(c.py, line 1)"),
+    ("x = 1", " cannot be loaded: AttributeError: module 'config_config' has no attribute "
+     "'get_config'"),
+    ("def get_config():\n  return undefined", " cannot be loaded: NameError: name 'undefined' is "
+     "not defined"),
+    ("def get_config():\n  return 5", ": get_config() returned int 5, not a ConfigDict"),
+])
+def test_a_config_file_that_cannot_be_run_is_one_line_naming_the_flag(source, line, monkeypatch,
+                                                                       tmp_path):
+  from absl import flags
+  from ml_collections import config_flags
+
+  said = []
+  monkeypatch.setattr(command_line, "to_console", said.append)
+  (tmp_path / "c.py").write_text(source)
+  argv = ["launch.py", f"--config={tmp_path}/c.py"]
+  monkeypatch.setattr("sys.argv", argv)
+
+  def command():  # as launch.py parses and reads its --config
+    parsed = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=parsed)
+    parsed(argv)
+    command_line.checked_config(parsed)
+
+  with pytest.raises(SystemExit) as exit_:
+    command_line.ending_in_one_line(command)
+  assert exit_.value.code == 2 and said == [f"error: --config={tmp_path}/c.py{line}"]
+
+
+def test_a_config_flag_naming_a_folder_is_one_line(monkeypatch, tmp_path):
+  from absl import flags
+  from ml_collections import config_flags
+
+  said = []
+  monkeypatch.setattr(command_line, "to_console", said.append)
+
+  def command():
+    parsed = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=parsed)
+    parsed(["launch.py", f"--config={tmp_path}"])
+    command_line.checked_config(parsed)
+
+  with pytest.raises(SystemExit):
+    command_line.ending_in_one_line(command)
+  assert said == [f"error: --config cannot be read: [Errno 21] Is a directory: '{tmp_path}'"]
+
+
 def test_an_attribute_error_of_no_config_flag_is_not_hidden(monkeypatch):
   monkeypatch.setattr("sys.argv", ["launch.py", "--config.seed=1"])
   with pytest.raises(AttributeError, match="a bug"):  # a real bug keeps its traceback

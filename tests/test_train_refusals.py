@@ -131,6 +131,11 @@ def test_workdir_that_is_a_file_is_refused(tmp_path, digits):
     train.train_and_evaluate(small_config(), tmp_path / "file", data=subset(digits, 256))
 
 
+def test_an_empty_workdir_name_is_refused_not_taken_as_the_current_folder(digits):
+  with pytest.raises(ValueError, match=r"^workdir='' names no folder$"):
+    train.train_and_evaluate(small_config(), "", data=subset(digits, 256))
+
+
 def test_workdir_that_cannot_be_created_is_refused(tmp_path, digits):
   (tmp_path / "file").write_text("")
   with pytest.raises(ValueError, match="workdir=.*file/run.* cannot be created: Not a directory"):

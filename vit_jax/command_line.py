@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -33,12 +34,12 @@ def ending_in_one_line(command: Callable[[], None]) -> None:
   except (AttributeError, KeyError) as e:
     # ml_collections raises these, with a traceback, for `--config.x=...` naming no field
     # (when the config flag is defined, or when the flags are parsed: both inside `command`).
-    if (line := unknown_config_key(e)) is None:
+    if (line := unknown_config_key(e) or config_file_failure(e)) is None:
       raise
     to_console(f"error: {line}")
     sys.exit(2)
   except (ValueError, FloatingPointError, OSError) as e:
-    to_console(f"error: {missing_config_file(e) or e}")
+    to_console(f"error: {config_file_failure(e) or e}")
     if isinstance(e, WriteError):
       # A failed write's threads may still report into a closed event loop, into the run's
       # log, where stderr stays diverted; nothing is left to save, so nothing waits for them.
@@ -47,6 +48,11 @@ def ending_in_one_line(command: Callable[[], None]) -> None:
   except TrainingInterruptedError as e:
     to_console(f"interrupted: {e}")
     sys.exit(128 + e.signum)
+  except Exception as e:  # e.g. a SyntaxError in the --config file; anything else is a bug
+    if (line := config_file_failure(e)) is None:
+      raise
+    to_console(f"error: {line}")
+    sys.exit(2)
 
 
 def keep_the_console_for_ours() -> None:
@@ -102,13 +108,53 @@ def unknown_config_key(error: Exception) -> str | None:
   return None
 
 
-def missing_config_file(error: Exception) -> str | None:
-  """One line for a --config file that cannot be read, or None: ml_collections' message
-  takes four lines, naming the flag 'config_config'."""
+_NOT_LOADED = "Configuration is not available because of an earlier failure to load: "
+
+
+def config_file_failure(error: Exception) -> str | None:
+  """One line for a --config file that cannot be read or run, or None. ml_collections' own
+  messages take four lines naming the flag 'config_config', or speak of "an earlier
+  failure"; an error in the file itself (a SyntaxError, no get_config) is a traceback."""
   lines = [line.strip() for line in str(error).splitlines()]
-  if len(lines) < 3 or "Failed loading config file" not in lines[0]:
+  if len(lines) >= 3 and "Failed loading config file" in lines[0]:
+    return f"--config={lines[2]} cannot be read: {lines[-1]}"
+  if str(error).startswith(_NOT_LOADED):  # e.g. a folder
+    return f"--config cannot be read: {str(error).removeprefix(_NOT_LOADED)}"
+  path = _config_flag_value()
+  if path is None or not os.path.isfile(path):
     return None
-  return f"--config={lines[2]} cannot be read: {lines[-1]}"
+  frames = [frame.filename for frame in traceback.extract_tb(error.__traceback__)]
+  if isinstance(error, SyntaxError):  # raised compiling the file: its frame is not there
+    frames.append(error.filename or "")
+  in_file = os.path.abspath(path) in {os.path.abspath(f) for f in frames}
+  loading = "get_config" in str(error) and any(f.endswith("config_flags.py") for f in frames)
+  if not (in_file or loading):
+    return None
+  return f"--config={path} cannot be loaded: {type(error).__name__}: {error}"
+
+
+def _config_flag_value() -> str | None:
+  """The file --config names on the command line (--config=FILE or --config FILE), or None."""
+  args = sys.argv[1:]
+  for i, arg in enumerate(args):
+    if arg.startswith("--config="):
+      return arg.removeprefix("--config=")
+    if arg == "--config" and i + 1 < len(args):
+      return args[i + 1]
+  return None
+
+
+def checked_config(flag_values: Any) -> Any:
+  """The --config flag's config; a one-line ValueError where its file's get_config()
+  returned something other than a config (a ConfigDict or dict)."""
+  import ml_collections
+
+  config = flag_values.config
+  if not isinstance(config, (ml_collections.ConfigDict, dict)):
+    getattr(config, "keys", None)  # the stand-in for a file that failed raises its error here
+    raise ValueError(f"--config={flag_values['config'].config_filename}: get_config() "
+                     f"returned {type(config).__name__} {config!r:.40}, not a ConfigDict")
+  return config
 
 
 def to_console(line: str) -> None:

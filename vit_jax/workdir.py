@@ -28,6 +28,8 @@ _MOUNT_PARENTS = ("/", "/mnt", "/media", "/Volumes")
 
 def prepare_workdir(workdir: str | os.PathLike) -> Path:
   """Creates `workdir` if needed; a clear error if it is a file, unwritable or unmounted."""
+  if not str(workdir).strip():  # Path("") is the current folder
+    raise ValueError(f"workdir={str(workdir)!r} names no folder")
   path = Path(workdir).absolute()
   if path.exists() and not path.is_dir():
     raise ValueError(f"workdir={str(workdir)!r} is a file, not a folder")

@@ -20,18 +20,18 @@ from ml_collections import config_flags
 
 from vit_jax import host_cpu
 from vit_jax.benchmark.report import REPO, run, table, time_to_accuracy
-from vit_jax.command_line import ending_in_one_line, keep_the_console_for_ours
+from vit_jax.command_line import checked_config, ending_in_one_line, keep_the_console_for_ours
 from vit_jax.files import write_text_atomically
 
 
 def main(argv):
   del argv
   keep_the_console_for_ours()
-  config = flags.FLAGS.config
+  config = checked_config(flags.FLAGS)
   targets = _accuracy_targets()  # a typo costs no measuring
   why_devices = host_cpu.configure(flags.FLAGS.cpu_devices,
                                    (config.batch_size, config.eval_batch_size))
-  result = run(flags.FLAGS.config, flags.FLAGS.windows, flags.FLAGS.steps_per_window,
+  result = run(config, flags.FLAGS.windows, flags.FLAGS.steps_per_window,
                flags.FLAGS.compile_times, flags.FLAGS.peak_matmul_size or None)
   if jax.default_backend() == "cpu":  # the split is the host CPU's: a GPU run used none of it
     result["devices_chosen"] = why_devices
