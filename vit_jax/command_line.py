@@ -12,6 +12,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -142,6 +143,18 @@ def _config_flag_value() -> str | None:
     if arg == "--config" and i + 1 < len(args):
       return args[i + 1]
   return None
+
+
+def check_output_file(flag: str, value: str | None) -> None:
+  """A one-line ValueError, before any work, where --`flag`=`value` cannot name a new file:
+  measured results are not lost to a typo at the end."""
+  if value is None:
+    return
+  parent = Path(value).parent
+  if not value.strip() or Path(value).is_dir():
+    raise ValueError(f"--{flag}={value!r} names no file")
+  if not parent.is_dir():
+    raise ValueError(f"--{flag}={value!r}: {str(parent)!r} is not a folder")
 
 
 def checked_config(flag_values: Any) -> Any:

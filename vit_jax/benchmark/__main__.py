@@ -20,7 +20,12 @@ from ml_collections import config_flags
 
 from vit_jax import host_cpu
 from vit_jax.benchmark.report import REPO, run, table, time_to_accuracy
-from vit_jax.command_line import checked_config, ending_in_one_line, keep_the_console_for_ours
+from vit_jax.command_line import (
+    check_output_file,
+    checked_config,
+    ending_in_one_line,
+    keep_the_console_for_ours,
+)
 from vit_jax.files import write_text_atomically
 
 
@@ -29,6 +34,7 @@ def main(argv):
   keep_the_console_for_ours()
   config = checked_config(flags.FLAGS)
   targets = _accuracy_targets()  # a typo costs no measuring
+  check_output_file("out", flags.FLAGS.out)
   why_devices = host_cpu.configure(flags.FLAGS.cpu_devices,
                                    (config.batch_size, config.eval_batch_size))
   result = run(config, flags.FLAGS.windows, flags.FLAGS.steps_per_window,
@@ -56,6 +62,9 @@ def _accuracy_targets() -> list[float]:
   except ValueError:
     raise ValueError(f"--time_to_accuracy={','.join(flags.FLAGS.time_to_accuracy)} must be "
                      "accuracies, e.g. 0.98,0.99") from None
+  if not all(0 < t <= 1 for t in targets):  # 98 for 0.98 would train without end
+    raise ValueError(f"--time_to_accuracy={','.join(flags.FLAGS.time_to_accuracy)} must be "
+                     "accuracies in (0, 1], e.g. 0.98,0.99")
   for name in ("eval_every_steps", "launch_flags"):
     if not targets and flags.FLAGS[name].present:
       raise ValueError(f"--{name} is for the timed run of --time_to_accuracy, not given")

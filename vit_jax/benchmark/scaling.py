@@ -26,7 +26,12 @@ from ml_collections import config_flags
 from vit_jax import auto, host_cpu
 from vit_jax.benchmark import flops, step_speed, timing
 from vit_jax.benchmark.report import REPO
-from vit_jax.command_line import checked_config, ending_in_one_line, keep_the_console_for_ours
+from vit_jax.command_line import (
+    check_output_file,
+    checked_config,
+    ending_in_one_line,
+    keep_the_console_for_ours,
+)
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.files import write_text_atomically
 from vit_jax.kernels import timing as kernel_timing
@@ -157,6 +162,7 @@ def main(argv):
   del argv
   keep_the_console_for_ours()
   config = checked_config(flags.FLAGS)
+  check_output_file("out", flags.FLAGS.out)
   why_devices = host_cpu.configure(flags.FLAGS.cpu_devices, (config.batch_size,
                                                              config.eval_batch_size))
   print(why_devices)
