@@ -40,6 +40,18 @@ def test_progress_writes_plain_lines_elsewhere():
   assert "\r" not in stream.getvalue()
 
 
+def test_progress_whose_reader_left_says_so_and_writes_no_more():
+  class ClosedPipe(io.StringIO):  # `launch.py | head` once head has exited
+    def write(self, text):
+      raise BrokenPipeError(32, "Broken pipe")
+
+  progress = metrics.Progress(total_steps=10, start_step=2, stream=ClosedPipe())
+  assert not progress.console_closed
+  progress.update(6, STEP_METRICS)  # no error: the training loop goes on to its checkpoint
+  assert progress.console_closed
+  progress.message("step 6: eval_accuracy=0.9")
+
+
 def test_progress_of_other_processes_writes_nothing():
   stream = FakeTerminal()
   progress = metrics.Progress(total_steps=10, start_step=0, stream=stream, enabled=False)

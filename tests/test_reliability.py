@@ -148,6 +148,24 @@ def test_second_run_on_a_busy_workdir_is_refused(tmp_path):
     train.train_and_evaluate(driver_config("unused"), tmp_path)
 
 
+def test_a_run_whose_console_reader_leaves_checkpoints_and_stops_like_a_signal(tmp_path,
+                                                                              tfds_dir):
+  # `launch.py ... | head -5`: without a reader the run cannot report, and must not lose
+  # what it trained since its last checkpoint.
+  repo = Path(__file__).resolve().parent.parent
+  proc = subprocess.Popen(
+      [sys.executable, str(repo / "launch.py"), "--config=experiments/tiny.py",
+       f"--workdir={tmp_path / 'run'}", f"--config.tfds_data_dir={tfds_dir}",
+       "--config.log_every_steps=4", "--cpu_devices=1"],
+      cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for _ in range(5):
+    proc.stdout.readline()
+  proc.stdout.close()
+  assert proc.wait(timeout=300) == 128 + signal.SIGPIPE
+  saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()]
+  assert saved == [read_metrics(tmp_path / "run")[-1]["step"]] and saved[0] < 512
+
+
 def test_lock_of_a_killed_process_does_not_stick(tmp_path):
   code = ("import sys, time; from pathlib import Path; from vit_jax.locks import "
           "WorkdirLock; lock = WorkdirLock(Path(sys.argv[1])).__enter__(); "

@@ -177,4 +177,5 @@ def to_console(line: str) -> None:
   for stream in (sys.stdout, sys.stderr):
     with contextlib.suppress(OSError):  # stderr may still go to the run's log, on a full disk
       stream.flush()
-  os.write(run_log.console_fd(), f"{line}\n".encode())
+  with contextlib.suppress(BrokenPipeError):  # the console's reader is gone (`| head`)
+    os.write(run_log.console_fd(), f"{line}\n".encode())

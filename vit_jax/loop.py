@@ -9,6 +9,7 @@ Layer 4 of vit_jax.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -66,6 +67,8 @@ def step_through(run: Hooks, step_fn: Callable, device_state: Any, start_step: i
       run.save(done, device_state)
       if config.eval_every_steps and done % config.eval_every_steps == 0 and done < total:
         run.progress.message(run.evaluate_watched(done, device_state))
+      if run.progress.console_closed:  # a pipe's reader left (`| head`): stop as if signalled
+        stop.received = stop.received or signal.SIGPIPE
       if stop.should_stop(done, config.checkpoint_every_steps):
         run.save(done, device_state, force=True)
         raise TrainingInterruptedError(stop.received, done)

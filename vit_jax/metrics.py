@@ -136,6 +136,7 @@ class Progress:
     self.total, self.start = total_steps, start_step
     self.t0 = time.monotonic()
     self.bar = None
+    self.console_closed = False  # its reader went away (`| head`): the loop saves and stops
     if enabled and self.stream.isatty():
       from tqdm import tqdm
 
@@ -154,9 +155,8 @@ class Progress:
     elapsed = time.monotonic() - self.t0
     eta = elapsed / max(done, 1) * (self.total - step)
     fields = " ".join(f"{k}={v}" for k, v in shown.items())
-    print(f"step {step}/{self.total} {fields} "
-          f"{metrics.get('images_per_sec', float('nan')):.0f} img/s "
-          f"ETA {_duration(eta)}", file=self.stream, flush=True)
+    self._say(f"step {step}/{self.total} {fields} "
+              f"{metrics.get('images_per_sec', float('nan')):.0f} img/s ETA {_duration(eta)}")
 
   def message(self, text: str) -> None:
     if not self.enabled:
@@ -164,7 +164,13 @@ class Progress:
     if self.bar is not None:
       self.bar.write(text, file=self.stream)  # tqdm.write defaults to stdout
     else:
-      print(text, file=self.stream, flush=True)
+      self._say(text)
+
+  def _say(self, line: str) -> None:
+    try:
+      print(line, file=self.stream, flush=True)
+    except BrokenPipeError:
+      self.enabled, self.console_closed = False, True
 
   def close(self) -> None:
     if self.bar is not None:
