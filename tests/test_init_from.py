@@ -146,7 +146,8 @@ def test_a_source_that_cannot_be_used_fails_before_the_run_writes_anything(tmp_p
     train.train_and_evaluate(wider, tmp_path / "b", data=digits)
   # Validation images the source trained on.
   leaky = config(init_from=str(source), validation_examples=64)
-  with pytest.raises(ValueError, match=r"held out 0 images and trained on the rest, some of "
-                                       r"config.validation_examples=64; hold out at most"):
+  with pytest.raises(ValueError, match=r"held out 0 images and trained on the rest: "
+                                       r"config.validation_examples=64 would hold out "
+                                       r"images it trained on; hold out at most"):
     train.train_and_evaluate(leaky, tmp_path / "c", data=digits)
   assert not any((tmp_path / name).exists() for name in "abc")

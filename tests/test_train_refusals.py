@@ -22,16 +22,23 @@ ANOTHER_RUN = [
 IDS = ["model", "dataset", "ema_decay"]
 # Evaluation reads the test split only: any held-out count will do there.
 MORE_HELD_OUT = ({"validation_examples": 64},  # images it trained on would be held out
-                 r"held out 0 images and trained on the rest, some of "
-                 r"config.validation_examples=64; use a new workdir$")
+                 r"held out 0 images and trained on the rest: "
+                 r"config.validation_examples=64 would hold out images it trained on; "
+                 r"use a new workdir$")
 
 
 ANOTHER_SEED = ({"seed": 3},  # another data order and other draws under the same name
                 r"holds a run with config.seed=0, not 3; a run keeps its seed: use a new workdir$")
 
 
-@pytest.mark.parametrize("change,message", [*ANOTHER_RUN, MORE_HELD_OUT, ANOTHER_SEED],
-                         ids=[*IDS, "validation_examples", "seed"])
+# Another model differs in more fields (here its held-out count and seed): the model is named.
+ANOTHER_MODEL_AND_MORE = ({"model": get_model_config("testing", num_heads=4), "seed": 3,
+                           "validation_examples": 64}, r"different model \(model.num_heads")
+
+
+@pytest.mark.parametrize("change,message", [*ANOTHER_RUN, MORE_HELD_OUT, ANOTHER_SEED,
+                                            ANOTHER_MODEL_AND_MORE],
+                         ids=[*IDS, "validation_examples", "seed", "model_first"])
 def test_resuming_with_another_model_or_dataset_is_refused(tmp_path, digits, change, message):
   data = subset(digits, 256)
   config = small_config(num_epochs=0.25)

@@ -52,9 +52,9 @@ def check_source(config: ExperimentConfig) -> None:
   if source.dataset == config.dataset and \
       source.validation_examples < config.validation_examples:
     raise ValueError(f"config.init_from={config.init_from!r} held out "
-                     f"{source.validation_examples} images and trained on the rest, some of "
-                     f"config.validation_examples={config.validation_examples}; hold out at "
-                     "most as many as the source did")
+                     f"{source.validation_examples} images and trained on the rest: "
+                     f"config.validation_examples={config.validation_examples} would hold out "
+                     "images it trained on; hold out at most as many as the source did")
 
 
 # qkv='low_rank' factors its projections per head, at its rank: (D, H r) and (H, r, D/H).

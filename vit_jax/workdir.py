@@ -101,15 +101,15 @@ def write_or_check_config(workdir: Path, config: Any, write: bool = True,
   path = workdir / CONFIG_FILE
   if path.exists():
     saved = with_defaults(json.loads(path.read_text()), config)  # newer fields: defaults
-    _refuse_another_run(workdir, saved, resolved, training)
     changed = sorted(k for k in set(saved["model"]) | set(resolved["model"])
                      if saved["model"].get(k) != resolved["model"].get(k))
     structural = [k for k in changed if k not in _COMPUTATION_ONLY]
-    if structural:
+    if structural:  # first: another model's config differs in more, and this says why
       diffs = ", ".join(f"model.{k}: {saved['model'].get(k)!r} -> {resolved['model'].get(k)!r}"
                         for k in structural)
       raise ValueError(f"workdir={str(workdir)!r} holds a run of a different model ({diffs}); "
                        f"{'use a new workdir' if training else 'pass the config it ran with'}")
+    _refuse_another_run(workdir, saved, resolved, training)
     others = [f"model.{k}" for k in changed] + sorted(
         k for k in resolved if k != "model" and saved.get(k) != resolved[k])
     if others and write:
@@ -137,9 +137,9 @@ def _refuse_another_run(workdir: Path, saved: dict, resolved: dict, training: bo
   # The held-out images are the first N of one fixed order: more would take trained ones.
   if training and resolved["validation_examples"] > saved["validation_examples"]:
     raise ValueError(f"workdir={str(workdir)!r} holds a run that held out "
-                     f"{saved['validation_examples']} images and trained on the rest, some "
-                     f"of config.validation_examples={resolved['validation_examples']}; use "
-                     "a new workdir")
+                     f"{saved['validation_examples']} images and trained on the rest: "
+                     f"config.validation_examples={resolved['validation_examples']} would hold "
+                     "out images it trained on; use a new workdir")
 
 
 def with_defaults(saved: dict, like: Any) -> dict:
