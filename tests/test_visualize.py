@@ -32,6 +32,8 @@ def test_visualize_draws_each_digit_s_attention(tmp_path, mnist, monkeypatch):
   assert names == ["attention_0.png", "attention_1.png", "attention_2.png",
                    "position_similarity.png", "rollout.png", "training_statistics.png"]
   assert Image.open(tmp_path / "visualize" / "attention_0.png").size[0] > 100
+  with pytest.raises(ValueError, match=r"^num_images=201 exceeds the 200 test images of mnist$"):
+    visualize.visualize_checkpoint(config, tmp_path, num_images=201, test_data=data["test"])
   # Each digit's picture shows its own attention: the model's on that image alone.
   state = inference.restore_state(config, tmp_path)
   for image, per_head in drawn:

@@ -121,4 +121,7 @@ def restore_with_test_images(config: Any, workdir: str | Path, num_images: int,
                                              config.idx_dir)
   else:
     images, labels = test_data["image"], test_data["label"]
+  if num_images > len(labels):  # fewer than asked for would be drawn or measured unsaid
+    raise ValueError(f"num_images={num_images} exceeds the {len(labels)} test images of "
+                     f"{config.dataset}")
   return config, state, images[:num_images], labels[:num_images]
