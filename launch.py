@@ -146,6 +146,8 @@ def _predict(config) -> None:
 
   if not FLAGS.images:
     raise ValueError("--mode=predict needs --images=FILE[,FILE...]")
+  if not all(path.strip() for path in FLAGS.images):
+    raise ValueError(f"--images={','.join(FLAGS.images)} names an empty file (a stray comma?)")
   size = config.model.image_size
   images = np.stack([image_files.load_image(p, size) for p in FLAGS.images])
   probabilities = inference.predict(config, FLAGS.workdir, images)
@@ -165,6 +167,8 @@ def _num_images(default: int) -> int:
 def _output_dir(kind: str) -> str | None:
   """--output_dir, or for a shipped run runs/<its name>/<kind>; None: inside the workdir."""
   if FLAGS.output_dir:
+    if os.path.exists(FLAGS.output_dir) and not os.path.isdir(FLAGS.output_dir):
+      raise ValueError(f"--output_dir={FLAGS.output_dir!r} is a file, not a folder")
     return FLAGS.output_dir
   if _is_shipped():
     return os.path.join("runs", os.path.basename(os.path.abspath(FLAGS.workdir)), kind)

@@ -28,13 +28,17 @@ def test_every_command_says_a_misspelt_config_key_in_one_line(command, tmp_path)
 
 @pytest.mark.parametrize("command,line", [
     (["launch.py", "--workdir="], "error: --workdir='' names no folder"),
+    (["launch.py", "--workdir=run", "--mode=predict", "--images=a.png,"],
+     "error: --images=a.png, names an empty file (a stray comma?)"),
+    (["launch.py", "--workdir=run", "--mode=visualize", "--output_dir=file"],
+     "error: --output_dir='file' is a file, not a folder"),
     (["experiments/sweep_heads.py", "--root="], "error: --root='' names no folder"),
     (["experiments/sweep_heads.py", "--root=file"],
      "error: --root='file' is a file, not a folder"),
     (["experiments/sweep_heads.py", "--root=none", "--report_only"],
      "error: --report_only: --root='none' does not exist"),
 ])
-def test_a_workdir_or_sweep_root_that_is_no_folder_is_one_line(command, line, tmp_path):
+def test_a_flag_naming_no_file_or_folder_is_one_line(command, line, tmp_path):
   # In a folder of its own: an empty name was the current folder, where it trained.
   (tmp_path / "file").write_text("")
   result = subprocess.run([sys.executable, str(REPO / command[0]), *command[1:],
@@ -42,7 +46,7 @@ def test_a_workdir_or_sweep_root_that_is_no_folder_is_one_line(command, line, tm
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
   assert result.stderr.strip().splitlines()[-1] == line
-  assert [p.name for p in tmp_path.iterdir()] == ["file"]
+  assert [p.name for p in tmp_path.iterdir()] == ["file"]  # no run folder either
 
 
 @pytest.mark.parametrize("module,flag,message", [

@@ -44,10 +44,15 @@ def test_the_latest_checkpoint_ships_with_its_digests_config_and_metrics(tmp_pat
       "metrics.jsonl"]
   assert (shipped / "checkpoints" / "8" / "default" / "data").read_text() == "step 8"
   assert [p.name for p in (tmp_path / "shipped").iterdir()] == ["mnist"]  # nothing staged left
-  result = ship(run, shipped)
-  assert result.returncode == 2
-  assert result.stderr.strip().splitlines()[-1] == (
-      f"error: --to='{shipped}' exists; ship into a new folder")
+  (tmp_path / "file").write_text("")
+  for to, why in [(shipped, "exists; ship into a new folder"),
+                  (run / "copy", f"is inside --workdir='{run}'; ship beside it"),
+                  (tmp_path / "file" / "x", f": '{tmp_path / 'file'}' is a file, not a folder")]:
+    result = ship(run, to)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --to='{to}'{'' if why[0] == ':' else ' '}{why}")
+  assert not (run / "copy").exists()
 
 
 @pytest.mark.parametrize("remove,message", [
