@@ -97,8 +97,11 @@ def _set_up_jax(config) -> str:
   import jax
 
   if FLAGS.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir",
-                      os.path.expanduser(FLAGS.compilation_cache_dir))
+    cache = os.path.expanduser(FLAGS.compilation_cache_dir)
+    if os.path.exists(cache) and not os.path.isdir(cache):  # JAX would warn at every compile
+      raise ValueError(f"--compilation_cache_dir={FLAGS.compilation_cache_dir!r} is a file, "
+                       "not a folder")
+    jax.config.update("jax_compilation_cache_dir", cache)
     # JAX's default keeps only compilations of a second or more; the evaluation step's
     # and the initialisation's fraction of a second add up at every start, too.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)

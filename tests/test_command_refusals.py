@@ -30,6 +30,8 @@ def test_every_command_says_a_misspelt_config_key_in_one_line(command, tmp_path)
     (["launch.py", "--workdir="], "error: --workdir='' names no folder"),
     (["launch.py", "--workdir=run", "--mode=predict", "--images=a.png,"],
      "error: --images=a.png, names an empty file (a stray comma?)"),
+    (["launch.py", "--workdir=run", "--compilation_cache_dir=file"],
+     "error: --compilation_cache_dir='file' is a file, not a folder"),
     (["launch.py", "--workdir=run", "--mode=visualize", "--output_dir=file"],
      "error: --output_dir='file' is a file, not a folder"),
     (["experiments/sweep_heads.py", "--root="], "error: --root='' names no folder"),

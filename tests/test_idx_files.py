@@ -98,3 +98,14 @@ def test_an_empty_idx_dir_is_refused_not_read_as_the_current_folder(idx_dir, tmp
     mnist_source.read_idx_split("mnist", idx_dir, "test")
   with pytest.raises(DataError, match=f"idx_dir={idx_dir!r} is not a folder"):
     mnist_source.builder("mnist", data_dir=str(tmp_path), idx_dir=idx_dir)
+
+
+def test_a_tfds_data_dir_that_cannot_be_a_folder_is_named_before_tfds_starts(tmp_path):
+  (tmp_path / "file").write_text("")
+  for data_dir, why in [(tmp_path / "file", "File exists"),
+                        (tmp_path / "file" / "tfds", "Not a directory")]:
+    with pytest.raises(DataError, match=f"^tfds_data_dir='{data_dir}' is not a folder and "
+                                        f"cannot be created: {why}$"):
+      mnist_source.builder("mnist", data_dir=str(data_dir), idx_dir=str(tmp_path))
+  mnist_source._check_data_dir(tmp_path / "new" / "tfds")  # a missing folder is made, as TFDS would
+  assert (tmp_path / "new" / "tfds").is_dir()
