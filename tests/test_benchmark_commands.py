@@ -62,6 +62,41 @@ def test_time_to_accuracy_reads_a_real_run(tmp_path, tfds_dir, held_out):
                                tmp_path / "failed", eval_every_steps=4)
 
 
+@pytest.mark.slow
+def test_a_stopped_benchmark_ends_its_timed_run_and_leaves_no_folder(tmp_path, tfds_dir):
+  import signal
+  import time
+
+  env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "TMPDIR": str(tmp_path)}
+  bench = subprocess.Popen(
+      [sys.executable, "-m", "vit_jax.benchmark", "--config=experiments/tiny.py", "--windows=1",
+       "--steps_per_window=1", "--nocompile_times", "--peak_matmul_size=512",
+       "--time_to_accuracy=0.9999", "--eval_every_steps=4", f"--config.tfds_data_dir={tfds_dir}"],
+      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 240
+  while not list(tmp_path.glob("*/run/metrics.jsonl")):  # the timed run trains
+    assert bench.poll() is None and time.monotonic() < deadline
+    time.sleep(0.5)
+  bench.send_signal(signal.SIGTERM)
+  assert bench.wait(timeout=60) != 0
+  assert list(tmp_path.iterdir()) == []  # the run's temporary folder is gone
+  time.sleep(2)  # and so is the run, which would write there again
+  assert _processes_naming(tmp_path) == [] and list(tmp_path.iterdir()) == []
+
+
+def _processes_naming(path) -> list[str]:
+  """The command lines of running processes that name `path` (Linux; elsewhere none)."""
+  import contextlib
+  from pathlib import Path
+
+  found = []
+  for proc in Path("/proc").glob("[0-9]*"):
+    with contextlib.suppress(OSError):
+      if str(path) in (line := (proc / "cmdline").read_bytes().decode(errors="replace")):
+        found.append(line)
+  return found
+
+
 def _script(args, **env_vars):
   """Runs a bash script of experiments/ with this test's Python, on one CPU device."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

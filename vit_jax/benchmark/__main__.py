@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -29,8 +30,15 @@ from vit_jax.command_line import (
 from vit_jax.files import write_text_atomically
 
 
+def _stop(signum, frame):
+  """SIGTERM as Ctrl-C: the timed run is ended and its temporary folder removed, not left."""
+  del signum, frame
+  raise KeyboardInterrupt
+
+
 def main(argv):
   del argv
+  signal.signal(signal.SIGTERM, _stop)
   keep_the_console_for_ours()
   config = checked_config(flags.FLAGS)
   targets = _accuracy_targets()  # a typo costs no measuring

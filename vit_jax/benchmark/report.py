@@ -33,12 +33,20 @@ def time_to_accuracy(config_path: str, overrides: list[str], targets: list[float
   turn it on again.
   """
   start = time.time()
-  ended = subprocess.run([sys.executable, str(REPO / "launch.py"), f"--config={config_path}",
+  # Its own session: a Ctrl-C reaches the benchmark alone, which ends the run (a run in a
+  # temporary folder has nothing to resume, nor to be left training after the benchmark).
+  run = subprocess.Popen([sys.executable, str(REPO / "launch.py"), f"--config={config_path}",
                           f"--workdir={workdir}", f"--config.eval_every_steps={eval_every_steps}",
-                          "--compilation_cache_dir=", *launch_flags, *overrides], cwd=REPO)
-  if ended.returncode:
-    raise ValueError(f"the timed launch.py run ended with status {ended.returncode} (its "
-                     "output is above)")
+                          "--compilation_cache_dir=", *launch_flags, *overrides], cwd=REPO,
+                         start_new_session=True)
+  try:
+    status = run.wait()
+  finally:
+    run.kill()
+    run.wait()
+  if status:
+    raise ValueError(f"the timed launch.py run ended with status {status} (its output is "
+                     "above)")
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   held_out = any("validation_accuracy" in r for r in records)
   watched = "validation_accuracy" if held_out else "eval_accuracy"
