@@ -107,5 +107,6 @@ def test_a_tfds_data_dir_that_cannot_be_a_folder_is_named_before_tfds_starts(tmp
     with pytest.raises(DataError, match=f"^tfds_data_dir='{data_dir}' is not a folder and "
                                         f"cannot be created: {why}$"):
       mnist_source.builder("mnist", data_dir=str(data_dir), idx_dir=str(tmp_path))
-  mnist_source._check_data_dir(tmp_path / "new" / "tfds")  # a missing folder is made, as TFDS would
+  with pytest.raises(DataError, match="IDX file not found"):  # a missing folder is made
+    mnist_source.builder("mnist", data_dir=str(tmp_path / "new" / "tfds"), idx_dir=str(tmp_path))
   assert (tmp_path / "new" / "tfds").is_dir()

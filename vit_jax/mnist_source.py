@@ -6,10 +6,10 @@ holding the four standard IDX files, once per TFDS data dir, and reused after th
 TFDS writes into a temporary folder and renames it when complete, so an interrupted
 build leaves nothing a later run would read as a finished dataset.
 
-Decoding TFDS's records goes through TensorFlow and takes seconds (importing it alone
-takes about four). So the first load of a split also keeps its arrays beside the
-records, as `<split>.arrays.npz` in the prepared dataset's folder (written whole,
-then renamed into place); later loads read that file and never import TensorFlow.
+Decoding TFDS's records goes through TensorFlow and takes seconds (importing it alone about
+four). So the first load of a split also keeps its arrays beside the records, as
+`<split>.arrays.npz` in the prepared dataset's folder (written whole, then renamed into
+place); later loads read that file and never import TensorFlow.
 
 Layer 3 of vit_jax: knows nothing of models or training.
 """
@@ -179,16 +179,6 @@ def check_idx_dir(idx_dir: str | os.PathLike) -> None:
     raise DataError(f"idx_dir={str(idx_dir)!r} is not a folder")
 
 
-def _check_data_dir(data_dir: str | os.PathLike) -> None:
-  """Refuses a TFDS data dir that is not a folder and cannot be made one, before TFDS
-  starts a build there (and fails with an errno that names no setting)."""
-  try:
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise DataError(f"tfds_data_dir={str(data_dir)!r} is not a folder and cannot be created: "
-                    f"{e.strerror}") from None
-
-
 def _idx_file(idx_dir: str | os.PathLike, gz_name: str) -> Path:
   """The file as released (gzipped), or else unzipped under the name without `.gz`."""
   gzipped = Path(idx_dir) / gz_name
@@ -251,8 +241,11 @@ def builder(name: str, data_dir: str | None = None, idx_dir: str | None = "auto"
   spec = dataset_spec(name)
   if idx_dir not in (None, "auto"):
     check_idx_dir(idx_dir)  # even where the dataset is built already: a misspelt folder
-  if data_dir is not None:
-    _check_data_dir(data_dir)
+  try:  # before TFDS starts a build there, and fails with an errno that names no setting
+    Path(data_dir or ".").mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise DataError(f"tfds_data_dir={str(data_dir)!r} is not a folder and cannot be created: "
+                    f"{e.strerror}") from None
   prepared = tfds.builder(spec.tfds_name, data_dir=data_dir)
   if prepared.is_prepared():
     return prepared
