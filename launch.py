@@ -150,7 +150,7 @@ def _predict(config) -> None:
   if not FLAGS.images:
     raise ValueError("--mode=predict needs --images=FILE[,FILE...]")
   if not all(path.strip() for path in FLAGS.images):
-    raise ValueError(f"--images={','.join(FLAGS.images)} names an empty file (a stray comma?)")
+    raise ValueError(f"--images={','.join(FLAGS.images)} has an empty file name (a stray comma?)")
   size = config.model.image_size
   images = np.stack([image_files.load_image(p, size) for p in FLAGS.images])
   probabilities = inference.predict(config, FLAGS.workdir, images)

@@ -48,7 +48,7 @@ def main(argv):
     raise ValueError(f"--workdir={str(source)!r} holds no checkpoint")
   if target.exists():
     raise ValueError(f"--to={str(target)!r} exists; ship into a new folder")
-  if target.absolute().is_relative_to(source.absolute()):
+  if target.resolve().is_relative_to(source.resolve()):  # `..` and links resolved
     raise ValueError(f"--to={str(target)!r} is inside --workdir={str(source)!r}; ship beside it")
   if not (nearest := next(p for p in target.absolute().parents if p.exists())).is_dir():
     raise ValueError(f"--to={str(target)!r}: {str(nearest)!r} is a file, not a folder")

@@ -73,12 +73,17 @@ def test_a_stopped_benchmark_ends_its_timed_run_and_leaves_no_folder(tmp_path, t
        "--steps_per_window=1", "--nocompile_times", "--peak_matmul_size=512",
        "--time_to_accuracy=0.9999", "--eval_every_steps=4", f"--config.tfds_data_dir={tfds_dir}"],
       cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  deadline = time.monotonic() + 240
-  while not list(tmp_path.glob("*/run/metrics.jsonl")):  # the timed run trains
-    assert bench.poll() is None and time.monotonic() < deadline
-    time.sleep(0.5)
-  bench.send_signal(signal.SIGTERM)
-  assert bench.wait(timeout=60) != 0
+  try:
+    deadline = time.monotonic() + 240
+    while not list(tmp_path.glob("*/run/metrics.jsonl")):  # the timed run trains
+      assert bench.poll() is None and time.monotonic() < deadline
+      time.sleep(0.5)
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+  finally:
+    bench.kill()
+  assert bench.stderr.read().strip().splitlines()[-1] == (
+      f"interrupted by signal {int(signal.SIGTERM)}; rerun the same command")
   assert list(tmp_path.iterdir()) == []  # the run's temporary folder is gone
   time.sleep(2)  # and so is the run, which would write there again
   assert _processes_naming(tmp_path) == [] and list(tmp_path.iterdir()) == []

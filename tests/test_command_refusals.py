@@ -29,7 +29,7 @@ def test_every_command_says_a_misspelt_config_key_in_one_line(command, tmp_path)
 @pytest.mark.parametrize("command,line", [
     (["launch.py", "--workdir="], "error: --workdir='' names no folder"),
     (["launch.py", "--workdir=run", "--mode=predict", "--images=a.png,"],
-     "error: --images=a.png, names an empty file (a stray comma?)"),
+     "error: --images=a.png, has an empty file name (a stray comma?)"),
     (["launch.py", "--workdir=run", "--compilation_cache_dir=file"],
      "error: --compilation_cache_dir='file' is a file, not a folder"),
     (["launch.py", "--workdir=run", "--mode=visualize", "--output_dir=file"],

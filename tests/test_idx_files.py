@@ -103,7 +103,7 @@ def test_an_empty_idx_dir_is_refused_not_read_as_the_current_folder(idx_dir, tmp
 def test_a_tfds_data_dir_that_cannot_be_a_folder_is_named_before_tfds_starts(tmp_path):
   (tmp_path / "file").write_text("")
   for data_dir, why in [(tmp_path / "file", "File exists"),
-                        (tmp_path / "file" / "tfds", "Not a directory")]:
+                        (tmp_path / "file" / "tfds", "Not a directory"), ("", "it names none")]:
     with pytest.raises(DataError, match=f"^tfds_data_dir='{data_dir}' is not a folder and "
                                         f"cannot be created: {why}$"):
       mnist_source.builder("mnist", data_dir=str(data_dir), idx_dir=str(tmp_path))

@@ -41,15 +41,21 @@ def test_progress_writes_plain_lines_elsewhere():
 
 
 def test_progress_whose_reader_left_says_so_and_writes_no_more():
-  class ClosedPipe(io.StringIO):  # `launch.py | head` once head has exited
+  class ClosedPipe(io.StringIO):  # `launch.py 2>&1 | head` once head has exited
+    writes = 0
+
     def write(self, text):
+      self.writes += 1
       raise BrokenPipeError(32, "Broken pipe")
 
-  progress = metrics.Progress(total_steps=10, start_step=2, stream=ClosedPipe())
+  pipe = ClosedPipe()
+  progress = metrics.Progress(total_steps=10, start_step=2, stream=pipe)
   assert not progress.console_closed
   progress.update(6, STEP_METRICS)  # no error: the training loop goes on to its checkpoint
   assert progress.console_closed
   progress.message("step 6: eval_accuracy=0.9")
+  progress.update(7, STEP_METRICS)
+  assert pipe.writes == 1
 
 
 def test_progress_of_other_processes_writes_nothing():

@@ -158,10 +158,13 @@ def test_a_run_whose_console_reader_leaves_checkpoints_and_stops_like_a_signal(t
        f"--workdir={tmp_path / 'run'}", f"--config.tfds_data_dir={tfds_dir}",
        "--config.log_every_steps=4", "--cpu_devices=1"],
       cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  for _ in range(5):
-    proc.stdout.readline()
-  proc.stdout.close()
-  assert proc.wait(timeout=300) == 128 + signal.SIGPIPE
+  try:
+    for _ in range(5):
+      proc.stdout.readline()
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 128 + signal.SIGPIPE
+  finally:
+    proc.kill()
   saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()]
   assert saved == [read_metrics(tmp_path / "run")[-1]["step"]] and saved[0] < 512
 

@@ -53,6 +53,7 @@ def test_the_latest_checkpoint_ships_with_its_digests_config_and_metrics(tmp_pat
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: --to='{to}'{'' if why[0] == ':' else ' '}{why}")
   assert not (run / "copy").exists()
+  assert ship(run, run / ".." / "beside").returncode == 0  # `..` taken as it resolves
 
 
 @pytest.mark.parametrize("remove,message", [

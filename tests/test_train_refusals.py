@@ -153,9 +153,13 @@ def test_a_run_refused_in_a_folder_it_created_removes_it_and_keeps_one_it_found(
                                                                                digits):
   too_few = subset(digits, 32)  # refused once the workdir is made and locked
   message = r"^config.batch_size=64 exceeds the 32 training examples$"
+  (tmp_path / "runs").mkdir()
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(small_config(), tmp_path / "runs" / "typo", data=too_few)
   assert list((tmp_path / "runs").iterdir()) == []
+  with pytest.raises(ValueError, match=message):  # and the folders made above it
+    train.train_and_evaluate(small_config(), tmp_path / "rnus" / "a" / "b", data=too_few)
+  assert not (tmp_path / "rnus").exists()
   (tmp_path / "mine").mkdir()
   (tmp_path / "mine" / "notes.txt").write_text("the user's")
   (tmp_path / "other").mkdir()

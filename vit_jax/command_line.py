@@ -29,6 +29,10 @@ def ending_in_one_line(command: Callable[[], None]) -> None:
 
     run_log.PROCESS_ENDS_ON_FAILURE = True
     command()
+  except BrokenPipeError:  # the console's reader left (`| head`): nobody to tell
+    with contextlib.suppress(OSError):
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+    sys.exit(141)  # 128 + SIGPIPE, as the shell reports a process the pipe ended
   except KeyboardInterrupt:  # Ctrl-C before training set its handler: nothing to save yet
     to_console("interrupted by Ctrl-C before anything was saved; rerun the same command")
     sys.exit(130)
@@ -127,22 +131,27 @@ def config_file_failure(error: Exception) -> str | None:
   frames = [frame.filename for frame in traceback.extract_tb(error.__traceback__)]
   if isinstance(error, SyntaxError):  # raised compiling the file: its frame is not there
     frames.append(error.filename or "")
-  in_file = os.path.abspath(path) in {os.path.abspath(f) for f in frames}
-  loading = "get_config" in str(error) and any(f.endswith("config_flags.py") for f in frames)
+  # Raised by the file's own lines, or by the loader finding no get_config; an error inside
+  # the code a config calls (vit_jax's) is that code's, and keeps its traceback.
+  in_file = bool(frames) and os.path.abspath(frames[-1]) == os.path.abspath(path)
+  loading = "get_config" in str(error) and bool(frames) and frames[-1].endswith("config_flags.py")
   if not (in_file or loading):
     return None
   return f"--config={path} cannot be loaded: {type(error).__name__}: {error}"
 
 
 def _config_flag_value() -> str | None:
-  """The file --config names on the command line (--config=FILE or --config FILE), or None."""
-  args = sys.argv[1:]
+  """The file the last --config names on the command line (absl takes the last), without
+  ml_collections' `:argument` suffix; None where no --config is given."""
+  args, value = sys.argv[1:], None
   for i, arg in enumerate(args):
     if arg.startswith("--config="):
-      return arg.removeprefix("--config=")
-    if arg == "--config" and i + 1 < len(args):
-      return args[i + 1]
-  return None
+      value = arg.removeprefix("--config=")
+    elif arg == "--config" and i + 1 < len(args):
+      value = args[i + 1]
+  if value is not None and not os.path.isfile(value) and ":" in value:
+    value = value.rsplit(":", 1)[0]
+  return value
 
 
 def check_output_file(flag: str, value: str | None) -> None:
@@ -154,7 +163,8 @@ def check_output_file(flag: str, value: str | None) -> None:
   if not value.strip() or Path(value).is_dir():
     raise ValueError(f"--{flag}={value!r} names no file")
   if not parent.is_dir():
-    raise ValueError(f"--{flag}={value!r}: {str(parent)!r} is not a folder")
+    raise ValueError(f"--{flag}={value!r}: {str(parent)!r} "
+                     f"{'is not a folder' if parent.exists() else 'does not exist'}")
 
 
 def checked_config(flag_values: Any) -> Any:

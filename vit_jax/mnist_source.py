@@ -78,8 +78,8 @@ class DatasetSpec:
 
 
 DATASETS = {
-    "mnist": DatasetSpec("mnist", mean=0.1307, std=0.3081, default_idx_dirs=(
-        str(_REPO_ROOT.parent / "shared" / "data" / "mnist"),)),
+    "mnist": DatasetSpec("mnist", mean=0.1307, std=0.3081,
+                         default_idx_dirs=(str(_REPO_ROOT.parent / "shared/data/mnist"),)),
     "fashion_mnist": DatasetSpec("fashion_mnist", mean=0.2860, std=0.3530,
                                  default_idx_dirs=("/usr/share/datasets/fashion-mnist",)),
 }
@@ -106,8 +106,7 @@ def read_idx(path: str | os.PathLike, kind: str, num_examples: int,
 
   Args:
     path: the file.
-    kind: 'images' (-> uint8 (num_examples, 28, 28)) or 'labels' (-> uint8
-      (num_examples,)).
+    kind: 'images' (-> uint8 (num_examples, 28, 28)) or 'labels' (-> uint8 (num_examples,)).
     num_examples: how many records the file must hold.
     sha256: if given, the SHA-256 the uncompressed bytes must have.
 
@@ -122,10 +121,9 @@ def read_idx(path: str | os.PathLike, kind: str, num_examples: int,
     if raw[:2] == b"\x1f\x8b":
       raw = gzip.decompress(raw)
   except (OSError, EOFError, zlib.error) as e:
-    raise DataError(
-        f"{path}: cannot be decompressed ({e}); the file is truncated or corrupt") from None
-  magic = _IMAGES_MAGIC if kind == "images" else _LABELS_MAGIC
-  header_len = 16 if kind == "images" else 8
+    raise DataError(f"{path}: cannot be decompressed ({e}); the file is truncated or "
+                    "corrupt") from None
+  magic, header_len = (_IMAGES_MAGIC, 16) if kind == "images" else (_LABELS_MAGIC, 8)
   if len(raw) < header_len:
     raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX {kind} header")
   header = np.frombuffer(raw[:header_len], dtype=">u4")
@@ -133,11 +131,9 @@ def read_idx(path: str | os.PathLike, kind: str, num_examples: int,
     raise DataError(f"{path}: magic number {header[0]} is not {magic} (IDX {kind})")
   if header[1] != num_examples:
     raise DataError(f"{path}: holds {header[1]} records, expected {num_examples}")
-  shape = (num_examples,)
-  if kind == "images":
-    if tuple(header[2:]) != (_IMAGE_SIZE, _IMAGE_SIZE):
-      raise DataError(f"{path}: images are {header[2]}x{header[3]}, expected 28x28")
-    shape = (num_examples, _IMAGE_SIZE, _IMAGE_SIZE)
+  shape = (num_examples, _IMAGE_SIZE, _IMAGE_SIZE) if kind == "images" else (num_examples,)
+  if kind == "images" and tuple(header[2:]) != (_IMAGE_SIZE, _IMAGE_SIZE):
+    raise DataError(f"{path}: images are {header[2]}x{header[3]}, expected 28x28")
   expected_len = header_len + int(np.prod(shape))
   if len(raw) != expected_len:
     raise DataError(f"{path}: {len(raw)} bytes uncompressed, expected {expected_len}; "
@@ -241,11 +237,14 @@ def builder(name: str, data_dir: str | None = None, idx_dir: str | None = "auto"
   spec = dataset_spec(name)
   if idx_dir not in (None, "auto"):
     check_idx_dir(idx_dir)  # even where the dataset is built already: a misspelt folder
-  try:  # before TFDS starts a build there, and fails with an errno that names no setting
-    Path(data_dir or ".").mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise DataError(f"tfds_data_dir={str(data_dir)!r} is not a folder and cannot be created: "
-                    f"{e.strerror}") from None
+  if data_dir is not None and "://" not in str(data_dir):  # TFDS reads gs:// itself
+    try:  # before TFDS builds there and fails naming no setting; "" is the current folder
+      if not str(data_dir).strip():
+        raise OSError("it names none")
+      Path(data_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+      raise DataError(f"tfds_data_dir={str(data_dir)!r} is not a folder and cannot be created: "
+                      f"{e.strerror or e}") from None
   prepared = tfds.builder(spec.tfds_name, data_dir=data_dir)
   if prepared.is_prepared():
     return prepared

@@ -55,25 +55,28 @@ def locked_workdir(workdir: str | os.PathLike, lock: bool = True) -> Iterator[Pa
   files). A run refused in a folder it created (a bad field, missing data, a Ctrl-C while
   loading) leaves nothing there but its lock and log: the folder is removed again, so a typo
   in a command leaves no empty run behind."""
-  new = not Path(workdir).exists()
+  made = [p for p in (Path(workdir).absolute(), *Path(workdir).absolute().parents)
+          if not p.exists()]  # the folders this call creates, the workdir's first
   path = prepare_workdir(workdir)
   with WorkdirLock(path, LOCK_FILE) if lock else contextlib.nullcontext():
     try:
       yield path
     except BaseException:
-      if new and lock:
-        _remove_if_nothing_but(path, (LOCK_FILE, LOG_FILE))
+      if made and lock:
+        _remove_if_nothing_but(made, (LOCK_FILE, LOG_FILE))
       raise
 
 
-def _remove_if_nothing_but(folder: Path, names: tuple[str, ...]) -> None:
-  """Removes `folder` where it holds only files named in `names`; anything else, or another
-  process writing there meanwhile, leaves it as it is. The caller holds its lock."""
-  if {p.name for p in folder.iterdir()} <= set(names):
+def _remove_if_nothing_but(made: list[Path], names: tuple[str, ...]) -> None:
+  """Removes the workdir `made[0]` where it holds only files named in `names`, then the
+  folders above it that were made for it, while empty; anything else, or another process
+  writing there meanwhile, leaves them as they are. The caller holds the workdir's lock."""
+  if {p.name for p in made[0].iterdir()} <= set(names):
     for name in names:
-      (folder / name).unlink(missing_ok=True)
+      (made[0] / name).unlink(missing_ok=True)
     with contextlib.suppress(OSError):  # not empty: another process came in meanwhile
-      folder.rmdir()
+      for folder in made:
+        folder.rmdir()
 
 
 # Model fields that change how the maths is computed, not the parameters (float32 whatever

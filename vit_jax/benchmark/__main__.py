@@ -26,19 +26,23 @@ from vit_jax.command_line import (
     checked_config,
     ending_in_one_line,
     keep_the_console_for_ours,
+    to_console,
 )
 from vit_jax.files import write_text_atomically
 
 
 def _stop(signum, frame):
-  """SIGTERM as Ctrl-C: the timed run is ended and its temporary folder removed, not left."""
-  del signum, frame
-  raise KeyboardInterrupt
+  """On SIGTERM or SIGHUP: the timed run is ended and its temporary folder removed (as the
+  exit unwinds), not left training."""
+  del frame
+  to_console(f"interrupted by signal {signum}; rerun the same command")
+  raise SystemExit(128 + signum)
 
 
 def main(argv):
   del argv
-  signal.signal(signal.SIGTERM, _stop)
+  for stop_signal in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(stop_signal, _stop)
   keep_the_console_for_ours()
   config = checked_config(flags.FLAGS)
   targets = _accuracy_targets()  # a typo costs no measuring

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,15 +38,19 @@ def time_to_accuracy(config_path: str, overrides: list[str], targets: list[float
   start = time.time()
   # Its own session: a Ctrl-C reaches the benchmark alone, which ends the run (a run in a
   # temporary folder has nothing to resume, nor to be left training after the benchmark).
-  run = subprocess.Popen([sys.executable, str(REPO / "launch.py"), f"--config={config_path}",
-                          f"--workdir={workdir}", f"--config.eval_every_steps={eval_every_steps}",
-                          "--compilation_cache_dir=", *launch_flags, *overrides], cwd=REPO,
-                         start_new_session=True)
+  timed, status = None, None
   try:
-    status = run.wait()
+    timed = subprocess.Popen(
+        [sys.executable, str(REPO / "launch.py"), f"--config={config_path}",
+         f"--workdir={workdir}", f"--config.eval_every_steps={eval_every_steps}",
+         "--compilation_cache_dir=", *launch_flags, *overrides], cwd=REPO,
+        start_new_session=True)
+    status = timed.wait()
   finally:
-    run.kill()
-    run.wait()
+    if timed is not None:  # the run and whatever it started (a compiler)
+      with contextlib.suppress(ProcessLookupError):
+        os.killpg(timed.pid, signal.SIGKILL)
+      timed.wait()
   if status:
     raise ValueError(f"the timed launch.py run ended with status {status} (its output is "
                      "above)")
