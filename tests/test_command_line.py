@@ -24,6 +24,19 @@ def test_a_command_ends_in_one_line_with_its_status(error, status, line, monkeyp
   assert exit_.value.code == status and said == [line]
 
 
+def test_a_console_whose_reader_left_ends_quietly_with_the_status_of_sigpipe(monkeypatch):
+  said, redirected = [], []
+  monkeypatch.setattr(command_line, "to_console", said.append)
+  monkeypatch.setattr(command_line.os, "dup2", lambda fd, to: redirected.append(to))
+
+  def command():  # `launch.py | head`: the final result's print finds head gone
+    raise BrokenPipeError(32, "Broken pipe")
+
+  with pytest.raises(SystemExit) as exit_:
+    command_line.ending_in_one_line(command)
+  assert exit_.value.code == 141 and said == [] and redirected == [1]
+
+
 def test_a_ctrl_c_while_the_command_s_modules_load_ends_in_one_line(monkeypatch):
   import sys
 
