@@ -98,9 +98,9 @@ def _set_up_jax(config) -> str:
 
   if FLAGS.compilation_cache_dir:
     cache = os.path.expanduser(FLAGS.compilation_cache_dir)
-    if os.path.exists(cache) and not os.path.isdir(cache):  # JAX would warn at every compile
-      raise ValueError(f"--compilation_cache_dir={FLAGS.compilation_cache_dir!r} is a file, "
-                       "not a folder")
+    from vit_jax.command_line import check_folder_flag
+
+    check_folder_flag("compilation_cache_dir", cache)  # a file: JAX warns at every compile
     jax.config.update("jax_compilation_cache_dir", cache)
     # JAX's default keeps only compilations of a second or more; the evaluation step's
     # and the initialisation's fraction of a second add up at every start, too.
@@ -170,8 +170,9 @@ def _num_images(default: int) -> int:
 def _output_dir(kind: str) -> str | None:
   """--output_dir, or for a shipped run runs/<its name>/<kind>; None: inside the workdir."""
   if FLAGS.output_dir:
-    if os.path.exists(FLAGS.output_dir) and not os.path.isdir(FLAGS.output_dir):
-      raise ValueError(f"--output_dir={FLAGS.output_dir!r} is a file, not a folder")
+    from vit_jax.command_line import check_folder_flag
+
+    check_folder_flag("output_dir", FLAGS.output_dir)
     return FLAGS.output_dir
   if _is_shipped():
     return os.path.join("runs", os.path.basename(os.path.abspath(FLAGS.workdir)), kind)

@@ -88,12 +88,10 @@ SET_PER_RUN = {"seed": "--seeds=N (seeds 0 .. N-1)", "model.qkv": "--qkv",
 
 
 def _refuse_a_root_that_is_no_folder() -> None:
-  root = Path(FLAGS.root)
-  if not FLAGS.root.strip():  # "" would be the current folder: runs in the checkout
-    raise ValueError(f"--root={FLAGS.root!r} names no folder")
-  if root.exists() and not root.is_dir():
-    raise ValueError(f"--root={FLAGS.root!r} is a file, not a folder")
-  if FLAGS.report_only and not root.exists():
+  from vit_jax.command_line import check_folder_flag
+
+  check_folder_flag("root", FLAGS.root)
+  if FLAGS.report_only and not Path(FLAGS.root).exists():
     raise ValueError(f"--report_only: --root={FLAGS.root!r} does not exist")
 
 

@@ -154,6 +154,15 @@ def _config_flag_value() -> str | None:
   return value
 
 
+def check_folder_flag(flag: str, value: str) -> None:
+  """A one-line ValueError where --`flag`=`value` names no folder or an existing file ("" would
+  be the current folder: the checkout)."""
+  if not value.strip():
+    raise ValueError(f"--{flag}={value!r} names no folder")
+  if os.path.exists(value) and not os.path.isdir(value):
+    raise ValueError(f"--{flag}={value!r} is a file, not a folder")
+
+
 def check_output_file(flag: str, value: str | None) -> None:
   """A one-line ValueError, before any work, where --`flag`=`value` cannot name a new file:
   measured results are not lost to a typo at the end."""
