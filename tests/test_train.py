@@ -241,6 +241,15 @@ def test_eval_and_predict_need_a_checkpoint(tmp_path):
     inference.restore_state(small_config(), tmp_path)
 
 
+def test_eval_of_a_missing_workdir_says_so(tmp_path):
+  with pytest.raises(ValueError, match=r"workdir=.*nowhere' does not exist"):
+    inference.restore_state(small_config(), tmp_path / "nowhere")
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(ValueError, match=r"workdir=.*a_file' is a file, not a folder"):
+    inference.restore_state(small_config(), tmp_path / "a_file")
+  assert not (tmp_path / "nowhere").exists()  # evaluation made nothing
+
+
 def test_validate_accepts_an_experiment_config_unchanged():
   config = small_config()
   assert validate(config) == config

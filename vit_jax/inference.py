@@ -39,6 +39,9 @@ def restore_state(config: Any, workdir: str | Path, one_view: bool = False) -> T
   moving average, where the run kept one); a clear error if there is none. Reads only: a
   workdir may be read-only (a shipped model). `one_view`: for a use that looks at each image
   itself (pictures, instruments), which says so where the config names test-time views."""
+  if not Path(workdir).is_dir():  # not "holds no readable checkpoint": there is no run
+    raise ValueError(f"workdir={str(workdir)!r} "
+                     f"{'is a file, not a folder' if Path(workdir).exists() else 'does not exist'}")
   config = resolved_config(config, workdir)
   workdir = Path(workdir)
   changed = write_or_check_config(workdir, config, write=False, training=False)  # another
