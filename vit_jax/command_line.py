@@ -63,9 +63,12 @@ def ending_in_one_line(command: Callable[[], None]) -> None:
 def keep_the_console_for_ours() -> None:
   """Orbax, TFDS and JAX log every step of their work at INFO (and JAX its search for a TPU):
   keep their warnings and errors only. Called in a command's `main`, after absl has set up
-  its logging."""
+  its logging. TensorFlow (imported later, by TFDS or the export) computes nothing of ours:
+  without its oneDNN kernels it does not announce them at INFO ("oneDNN custom operations
+  are on", twice, on CPUs with AVX-512), unless the user chose otherwise."""
   for name in ("absl", "jax"):
     logging.getLogger(name).setLevel(logging.WARNING)
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 # What a trained run chose for these on its machine is chosen again on the one that uses it

@@ -31,7 +31,8 @@ class ModelConfig:
 
   compute_dtype 'bfloat16' is mixed precision: parameters, LayerNorm, softmax and GELU
   stay float32, every matrix product takes bfloat16 operands and accumulates in float32
-  (`attention.products`; the fused kernel keeps the attention's own two in float32). It
+  (`attention.products`; the fused kernel rounds its own where its build has AVX-512
+  BF16, and keeps them float32 elsewhere). It
   leaves the parameter count alone. It pays on hardware with bfloat16 matmul units (GPUs,
   TPUs, CPUs with AVX-512 BF16 or AMX); elsewhere XLA emulates the products, slower than
   float32. 'auto' is resolved when a run starts (`vit_jax.auto`): bfloat16 where the

@@ -17,6 +17,12 @@
 // A vector holds kLanes of a row's scores; a head's row (4 to 64 wide) is held in vectors of
 // min(D, kLanes) floats, so that heads of 4 and 8 (16 or 8 heads over a width of 64) take
 // the kernel too.
+// Under a bfloat16 model (the handlers' bf16 attribute), a build with AVX-512 BF16 rounds
+// the products' operands to bfloat16 and sums them in float32 with vdpbf16ps, as the
+// einsum path's products do: Q K^T (forward, and again in the backward) and dO V^T; for
+// heads of 8 or more Q^T dS and P^T dO; for heads of 4 and of 32 or more the weights times V
+// and dS K (each where it measured faster than float32); the softmax and its gradient stay
+// float32. Other builds ignore the attribute.
 
 #include <immintrin.h>
 
@@ -30,6 +36,12 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+#if defined(__AVX512BF16__)
+constexpr bool kHasBf16 = true;  // vdpbf16ps: two bfloat16 products a lane, float32 sums
+#else
+constexpr bool kHasBf16 = false;
+#endif
 
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
@@ -235,17 +247,34 @@ class Head {
 
  public:
   static constexpr int W = kLanes * NB;  // a row of scores, padded to whole vectors
+  static constexpr int W2 = (W + 2 * kLanes - 1) / (2 * kLanes) * 2 * kLanes;  // and to pairs
   // Score vectors per pass of rows_times_transposed: kRows accumulators for each, its
   // column and a broadcast factor must all fit in the registers.
   static constexpr int kTile = (kRegisters - 1) / (kRows + 1);
 
-  Head(int n, int64_t stride)
+  // bf16: Q K^T and dO V^T from operands rounded to bfloat16 (a no-op without AVX-512 BF16).
+  Head(int n, int64_t stride, bool bf16)
       : n_(n), stride_(stride), padded_n_((n + kRows - 1) / kRows * kRows),
+        bf16_(kHasBf16 && bf16),
         inv_sqrt_d_(1.0f / std::sqrt(float(D))),
         transposed_k_(D * W), transposed_v_(D * W), dk_t_(D * W), dv_t_(D * W),
         q_(padded_n_ * D), d_out_(padded_n_ * D),
         weights_(kRows * W), scores_(kRows * W), row_max_(W, 0.0f), row_sum_(W, 1.0f),
         pad_(W, 0.0f) {
+    if (bf16_) {
+      q16_.resize(padded_n_ * D);
+      d_out16_.resize(padded_n_ * D);
+      k16_t_.resize(D * W);
+      v16_t_.resize(D * W);
+      if constexpr (kDotProducts) {
+        k16_keys_.resize(D * W2);
+        v16_keys_.resize(D * W2);
+      }
+      if constexpr (kPairedKeys) {
+        k16_pairs_.resize((n + 1) / 2 * 2 * D);
+        v16_pairs_.resize((n + 1) / 2 * 2 * D);
+      }
+    }
     std::fill(pad_.begin() + n, pad_.end(), kNoWeight);  // padded keys get no weight
   }
 
@@ -257,12 +286,15 @@ class Head {
     transpose(k, transposed_k_.data());
     if constexpr (kDotProducts) transpose(v, transposed_v_.data());
     scale_rows(q, q_.data());
+    round_for_products(q_.data(), transposed_k_.data(), q16_.data(), k16_t_.data());
+    round_key_pairs(v, v16_pairs_.data());
+    round_keys(transposed_v_.data(), v16_keys_.data());
     for (int i0 = 0; i0 < padded_n_; i0 += kRows) {
       float* scores = scores_.data();
-      rows_times_transposed(q_.data() + i0 * D, transposed_k_.data(), scores);  // Q K^T
+      products(i0, q_.data(), q16_.data(), transposed_k_.data(), k16_t_.data(), scores);  // Q K^T
       const vec inv_sums = softmax(scores, i0);
-      rows_times(scores, v, transposed_v_.data(), out + i0 * stride_, std::min(kRows, n_ - i0),
-                 inv_sums);
+      weights_times(scores, v, transposed_v_.data(), v16_pairs_.data(), out + i0 * stride_,
+                    std::min(kRows, n_ - i0), inv_sums);
     }
     // row_max_ becomes the log-sum-exp in place; past padded_n_ it stays 0 (0 + log 1).
     for (int b = 0; b < NB; ++b)
@@ -279,6 +311,10 @@ class Head {
     transpose(v, transposed_v_.data());
     scale_rows(q, q_.data());
     pad_rows(d_out, d_out_.data());
+    round_for_products(q_.data(), transposed_k_.data(), q16_.data(), k16_t_.data());
+    round_for_products(d_out_.data(), transposed_v_.data(), d_out16_.data(), v16_t_.data());
+    round_key_pairs(k, k16_pairs_.data());
+    round_keys(transposed_k_.data(), k16_keys_.data());
     std::fill(dk_t_.begin(), dk_t_.end(), 0.0f);
     std::fill(dv_t_.begin(), dv_t_.end(), 0.0f);
     for (int i0 = 0; i0 < padded_n_; i0 += kRows) {
@@ -287,20 +323,22 @@ class Head {
       float row_lse[kRows];  // a padded query row (zero d_out) gets zero weights too
       for (int r = 0; r < kRows; ++r) row_lse[r] = i0 + r < n_ ? lse[i0 + r] : -kNoWeight;
       // The forward's weights again, exp(Q K^T - lse), as each vector of Q K^T is done.
-      rows_times_transposed(q_.data() + i0 * D, transposed_k_.data(), p,
-                            [&](vec scores, int r, int b) {
-                              // Rounding may leave the row's largest a hair above 0;
-                              // exp_nonpositive still holds.
-                              return exp_nonpositive(masked(scores, b) - row_lse[r]);
-                            });
-      rows_times_transposed(d_out_.data() + i0 * D, transposed_v_.data(), ds);  // dP = dO V^T
+      products(i0, q_.data(), q16_.data(), transposed_k_.data(), k16_t_.data(), p,
+               [&](vec scores, int r, int b) {
+                 // Rounding may leave the row's largest a hair above 0; exp_nonpositive
+                 // still holds.
+                 return exp_nonpositive(masked(scores, b) - row_lse[r]);
+               });
+      products(i0, d_out_.data(), d_out16_.data(), transposed_v_.data(), v16_t_.data(),
+               ds);  // dP = dO V^T
       softmax_backward(p, ds);
       // dK^T += Q^T dS and dV^T += dO^T P, a row of keys per vector: whole vectors however
       // small the head (a padded query row has zero q and d_out, so adds nothing).
-      add_transposed_products(q_.data() + i0 * D, ds, dk_t_.data());
-      add_transposed_products(d_out_.data() + i0 * D, p, dv_t_.data());
+      transposed_products(i0, q_.data(), q16_.data(), ds, dk_t_.data());
+      transposed_products(i0, d_out_.data(), d_out16_.data(), p, dv_t_.data());
       // dQ = dS K / sqrt(D): softmax_backward leaves the scale to here (see scale_rows).
-      rows_times(ds, k, transposed_k_.data(), dq + i0 * stride_, std::min(kRows, n_ - i0),
+      weights_times(ds, k, transposed_k_.data(), k16_pairs_.data(), dq + i0 * stride_,
+                    std::min(kRows, n_ - i0),
                  splat(inv_sqrt_d_));
     }
     for (int j = 0; j < n_; ++j)
@@ -396,6 +434,253 @@ class Head {
   vec masked(vec scores, int b) const {
     return b == NB - 1 ? scores + load(pad_.data() + b * kLanes) : scores;
   }
+
+  // A block's rows_times_transposed from query row i0 on: of the float32 rows and transposed
+  // operand, or with bf16_ of their bfloat16 copies (round_for_products), the same result
+  // but for the operands' rounding (the sums stay float32).
+  template <typename Then = decltype(kKeep)>
+  void products(int i0, const float* rows, const uint16_t* rows16, const float* transposed,
+                const uint16_t* transposed16, float* out, const Then& then = kKeep) {
+#if defined(__AVX512BF16__)
+    if (bf16_) return bf16_rows_times_transposed(rows16 + i0 * D, transposed16, out, then);
+#endif
+    (void)rows16, (void)transposed16;
+    rows_times_transposed(rows + i0 * D, transposed, out, then);
+  }
+
+  // With bf16_: rows (padded_n_, D) and transposed (D, W) rounded to bfloat16 (to nearest,
+  // ties to even, as XLA's convert), the latter as (D / 2, W, 2).
+  void round_for_products(const float* rows, const float* transposed, uint16_t* rows16,
+                          uint16_t* transposed16) {
+#if defined(__AVX512BF16__)
+    if (!bf16_) return;
+    for (int i = 0; i < padded_n_ * D; i += 16)  // a multiple of 16: padded_n_ is of 4, D >= 4
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows16 + i),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(rows + i)));
+    // Lane 2j of the result takes key j of dim c, lane 2j + 1 key j of dim c + 1.
+    const __m512i pairs = kInterleave();
+    for (int c = 0; c < D; c += 2)
+      for (int j = 0; j < W; j += 16) {
+        const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(transposed + (c + 1) * W + j),
+                                                  _mm512_loadu_ps(transposed + c * W + j));
+        _mm512_storeu_si512(transposed16 + c * W + 2 * j,
+                            _mm512_permutexvar_epi16(pairs, (__m512i)both));
+      }
+#else
+    (void)rows, (void)transposed, (void)rows16, (void)transposed16;
+#endif
+  }
+
+  // add_transposed_products of a block from query row i0 on, or with bf16_ the same from
+  // bfloat16 operands: a's copy a16 and the block's rows rounded.
+  void transposed_products(int i0, const float* a, const uint16_t* a16, const float* rows,
+                           float* out_t) {
+#if defined(__AVX512BF16__)
+    // At D = 4 the rounding cost more than the products saved (forward and backward 0.99x
+    // the float32 kernel's with it, 1.08x without).
+    if (bf16_ && D >= 8) return bf16_add_transposed_products(a16 + i0 * D, rows, out_t);
+#endif
+    (void)a16;
+    add_transposed_products(a + i0 * D, rows, out_t);
+  }
+
+  // Weights (or dS) times V (or K) from bfloat16 operands where bf16_ asks and a head's row
+  // is two vectors or more (D >= 32 with AVX-512 BF16): pairs of keys, as vdpbf16ps takes
+  // them. At D = 16 the float32 products measured faster (forward and backward 1.42x the
+  // float32 kernel's without this, 1.24x with it; at D = 32 1.45x and 1.67x).
+  static constexpr bool kPairedKeys = kHasBf16 && D >= 2 * kLanes;
+
+  // rows_times, or with bf16_ (and kPairedKeys) the same from the block rounded to bfloat16
+  // and x's bfloat16 pairs of keys, x16 (round_key_pairs).
+  void weights_times(const float* block, const float* x, const float* transposed,
+                     const uint16_t* x16, float* out, int rows, vec scales) {
+#if defined(__AVX512BF16__)
+    if constexpr (kPairedKeys)
+      if (bf16_) return bf16_weights_times(block, x16, out, rows, scales);
+    if constexpr (kDotProducts)
+      if (bf16_)
+        return bf16_dot_products(block, transposed == transposed_v_.data() ? v16_keys_.data()
+                                                                          : k16_keys_.data(),
+                                 out, rows, scales);
+#endif
+    (void)x16;
+    rows_times(block, x, transposed, out, rows, scales);
+  }
+
+  // With bf16_ and kDotProducts: transposed (D, W) -> keys16 (D, W2) in bfloat16.
+  void round_keys(const float* transposed, uint16_t* keys16) {
+#if defined(__AVX512BF16__)
+    if constexpr (kDotProducts) {
+      if (!bf16_) return;
+      for (int c = 0; c < D; ++c) {
+        for (int j = 0; j < W; j += kLanes)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys16 + c * W2 + j),
+                              (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(transposed + c * W + j)));
+        std::fill(keys16 + c * W2 + W, keys16 + (c + 1) * W2, uint16_t(0));
+      }
+    }
+#endif
+    (void)transposed, (void)keys16;
+  }
+
+  // With bf16_ and kPairedKeys: x (n, D) at stride -> x16 (n / 2, D, 2) in bfloat16, key 2i's
+  // dim c at (i, c, 0) and key 2i + 1's at (i, c, 1); an odd n's last pair padded with 0.
+  void round_key_pairs(const float* x, uint16_t* x16) {
+#if defined(__AVX512BF16__)
+    if constexpr (kPairedKeys) {
+      if (!bf16_) return;
+      const __m512i pairs = kInterleave();
+      for (int j = 0; j < n_; j += 2)
+        for (int c = 0; c < D; c += kLanes) {
+          const __m512 second = j + 1 < n_ ? _mm512_loadu_ps(x + (j + 1) * stride_ + c)
+                                           : _mm512_setzero_ps();
+          const __m512bh both = _mm512_cvtne2ps_pbh(second, _mm512_loadu_ps(x + j * stride_ + c));
+          _mm512_storeu_si512(x16 + j * D + 2 * c, _mm512_permutexvar_epi16(pairs, (__m512i)both));
+        }
+    }
+#endif
+    (void)x, (void)x16;
+  }
+
+#if defined(__AVX512BF16__)
+  // rows_times_transposed of bfloat16 operands: a (kRows, D) and transposed (D / 2, W, 2);
+  // each vdpbf16ps adds two of a row's products to each of sixteen scores.
+  template <int B0 = 0, typename Then = decltype(kKeep)>
+  void bf16_rows_times_transposed(const uint16_t* a, const uint16_t* transposed, float* out,
+                                  const Then& then) {
+    constexpr int T = std::min(kTile, NB - B0);
+    __m512 acc[kRows][T];
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 8
+      for (int b = 0; b < T; ++b) acc[r][b] = _mm512_setzero_ps();
+    for (int c = 0; c < D; c += 2) {
+      __m512bh column[T];
+#pragma GCC unroll 8
+      for (int b = 0; b < T; ++b)
+        column[b] = (__m512bh)_mm512_loadu_si512(transposed + c * W + 2 * (B0 + b) * kLanes);
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r) {
+        uint32_t pair;
+        std::memcpy(&pair, a + r * D + c, sizeof pair);
+        const __m512bh both = (__m512bh)_mm512_set1_epi32(int32_t(pair));
+#pragma GCC unroll 8
+        for (int b = 0; b < T; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], both, column[b]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 8
+      for (int b = 0; b < T; ++b)
+        store(out + r * W + (B0 + b) * kLanes, then((vec)acc[r][b], r, B0 + b));
+    if constexpr (B0 + T < NB) bf16_rows_times_transposed<B0 + T>(a, transposed, out, then);
+  }
+
+  // rows_times for kPairedKeys from bfloat16: the block's rows rounded, x16 pairs of keys;
+  // each vdpbf16ps adds two keys' products to sixteen of a row's outputs.
+  void bf16_weights_times(const float* block, const uint16_t* x16, float* out, int rows,
+                          vec scales) {
+    constexpr int DV = D / kLanes;
+    alignas(64) uint16_t rounded[kRows * W];
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r)
+#pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(rounded + r * W + b * kLanes),
+                           (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(block + r * W + b * kLanes)));
+    constexpr int kSplit2 = DV == 1 ? 2 : 1;  // eight sums in flight, as OverKeys keeps
+    __m512 acc[kSplit2][kRows][DV];
+    for (auto& split : acc)
+      for (auto& row : split)
+        for (auto& a : row) a = _mm512_setzero_ps();
+    const int key_pairs = (n_ + 1) / 2;
+    for (int i = 0; i < key_pairs; ++i) {
+      auto& sums = acc[i % kSplit2];
+#pragma GCC unroll 4
+      for (int c = 0; c < DV; ++c) {
+        const __m512bh xi = (__m512bh)_mm512_loadu_si512(x16 + i * 2 * D + c * 2 * kLanes);
+#pragma GCC unroll 4
+        for (int r = 0; r < kRows; ++r) {
+          uint32_t pair;
+          std::memcpy(&pair, rounded + r * W + 2 * i, sizeof pair);
+          sums[r][c] = _mm512_dpbf16_ps(sums[r][c], (__m512bh)_mm512_set1_epi32(int32_t(pair)), xi);
+        }
+      }
+    }
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < DV; ++c) {
+        __m512 sum = acc[0][r][c];
+        if constexpr (kSplit2 == 2) sum = _mm512_add_ps(sum, acc[1][r][c]);
+        store(out + r * stride_ + c * kLanes, (vec)sum * scales[r * kFoldStride]);
+      }
+  }
+
+  // add_transposed_products from bfloat16: a (kRows, D) and the block's rows, rounded, two
+  // rows side by side; each vdpbf16ps adds two rows' products to sixteen keys of a dim.
+  void bf16_add_transposed_products(const uint16_t* a, const float* rows, float* out_t) {
+    static_assert(kRows == 4);
+    const __m512i pairs = kInterleave();
+    __m512bh rows16[2][NB];  // (rows 0 and 1, rows 2 and 3) x keys, interleaved
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b)
+        rows16[h][b] = (__m512bh)_mm512_permutexvar_epi16(
+            pairs, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(rows + (2 * h + 1) * W + b * kLanes),
+                                                _mm512_loadu_ps(rows + 2 * h * W + b * kLanes)));
+    for (int c = 0; c < D; ++c) {
+      __m512bh column[2];
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h)
+        column[h] = (__m512bh)_mm512_set1_epi32(int32_t(uint32_t(a[2 * h * D + c]) |
+                                                        uint32_t(a[(2 * h + 1) * D + c]) << 16));
+#pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b) {
+        __m512 acc = _mm512_loadu_ps(out_t + c * W + b * kLanes);
+        acc = _mm512_dpbf16_ps(acc, column[0], rows16[0][b]);
+        acc = _mm512_dpbf16_ps(acc, column[1], rows16[1][b]);
+        _mm512_storeu_ps(out_t + c * W + b * kLanes, acc);
+      }
+    }
+  }
+
+  // rows_times' sixteen dot products over the keys (kDotProducts) from bfloat16: the block's
+  // rows rounded and keys16 (round_keys); each vdpbf16ps adds two keys to each lane.
+  void bf16_dot_products(const float* block, const uint16_t* keys16, float* out, int rows,
+                         vec scales) {
+    alignas(64) uint16_t rounded[kRows * W2];
+#pragma GCC unroll 4
+    for (int r = 0; r < kRows; ++r) {
+#pragma GCC unroll 8
+      for (int b = 0; b < NB; ++b)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(rounded + r * W2 + b * kLanes),
+                           (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(block + r * W + b * kLanes)));
+      if constexpr (W2 > W) std::fill(rounded + r * W2 + W, rounded + (r + 1) * W2, uint16_t(0));
+    }
+    vec acc[kLanes];
+    for (auto& a : acc) a = vec{};
+#pragma GCC unroll 4
+    for (int b = 0; b < W2; b += 2 * kLanes)
+#pragma GCC unroll 4
+      for (int r = 0; r < kRows; ++r) {
+        const __m512bh a = (__m512bh)_mm512_load_si512(rounded + r * W2 + b);
+#pragma GCC unroll 4
+        for (int c = 0; c < D; ++c)
+          acc[r * D + c] = (vec)_mm512_dpbf16_ps((__m512)acc[r * D + c], a,
+                                                 (__m512bh)_mm512_loadu_si512(keys16 + c * W2 + b));
+      }
+    float sums[kLanes];
+    store(sums, sum_each(acc) * scales);
+    for (int r = 0; r < rows; ++r) std::memcpy(out + r * stride_, sums + r * D, D * sizeof(float));
+  }
+
+  // The permutation that interleaves a vector's two halves of bfloat16: lane 2i takes lane i,
+  // lane 2i + 1 lane 16 + i.
+  static __m512i kInterleave() {
+    return _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                            22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  }
+#endif
 
   // out[r] (W) = then(a[r] (D) @ transposed (D, W)) for the kRows rows of a block, from the
   // score vector B0 on, kTile vectors at a time; then(x, r, b) takes a row's vector b while
@@ -502,6 +787,7 @@ class Head {
   const int n_;
   const int64_t stride_;
   const int padded_n_;
+  const bool bf16_;
   const float inv_sqrt_d_;
   std::vector<float> transposed_k_, transposed_v_;  // K and V, (D, W)
   std::vector<float> dk_t_, dv_t_;                  // their gradients, (D, W)
@@ -509,6 +795,13 @@ class Head {
   std::vector<float> weights_, scores_;             // a block's rows of weights, of scores or dS
   std::vector<float> row_max_, row_sum_;            // the forward's rows' log-sum-exp parts
   std::vector<float> pad_;                        // 0 for a real key, kNoWeight for padding
+  // With bf16_: q_, d_out_ rounded to bfloat16, and K, V as (D / 2, W, 2): a key's two
+  // consecutive dims side by side, the pairs vdpbf16ps multiplies.
+  std::vector<uint16_t> q16_, d_out16_, k16_t_, v16_t_;
+  // With bf16_ and kPairedKeys: K and V as (n / 2, D, 2), two consecutive keys side by side.
+  std::vector<uint16_t> k16_pairs_, v16_pairs_;
+  // With bf16_ and kDotProducts: K^T and V^T (D, W2) in bfloat16, zero padded.
+  std::vector<uint16_t> k16_keys_, v16_keys_;
 };
 
 // --- Heads, threads and the FFI handlers ------------------------------------------------
@@ -603,20 +896,21 @@ ffi::Error Unsupported(const Shape& s) {
 
 // Runs per_head(head, g) for every head g, with a Head<D, NB> for each chunk of heads.
 template <typename PerHead>
-ffi::Error OverHeads(ffi::ThreadPool& pool, const Shape& s, PerHead per_head) {
+ffi::Error OverHeads(ffi::ThreadPool& pool, const Shape& s, bool bf16, PerHead per_head) {
   const bool ok = Dispatch(s.d, s.n, [&]<int D, int NB>() {
     ForEachChunk(pool, s.heads(), [&](int64_t begin, int64_t end) {
-      Head<D, NB> head(s.n, s.h * s.d);
+      Head<D, NB> head(s.n, s.h * s.d, bf16);
       for (int64_t g = begin; g < end; ++g) per_head(head, g);
     });
   });
   return ok ? ffi::Error::Success() : Unsupported(s);
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32Out out, F32Out lse) {
+ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32Out out, F32Out lse,
+                   bool bf16) {
   auto shape = HeadShape(q, {&k, &v});
   if (!shape.has_value()) return shape.error();
-  return OverHeads(pool, *shape, [&](auto& head, int64_t g) {
+  return OverHeads(pool, *shape, bf16, [&](auto& head, int64_t g) {
     const int64_t at = shape->offset(g);
     head.forward(q.typed_data() + at, k.typed_data() + at, v.typed_data() + at,
                  out->typed_data() + at, lse->typed_data() + g * shape->n);
@@ -624,7 +918,7 @@ ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32Out out, F32Out
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 lse, F32 d_out, F32Out dq,
-                    F32Out dk, F32Out dv) {
+                    F32Out dk, F32Out dv, bool bf16) {
   auto shape = HeadShape(q, {&k, &v, &d_out});
   if (!shape.has_value()) return shape.error();
   auto dims = q.dimensions(), lse_dims = lse.dimensions();
@@ -632,7 +926,7 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 lse, F32 d_ou
   if (lse_dims.size() != r - 1 || !std::equal(dims.begin(), dims.end() - 3, lse_dims.begin()) ||
       lse_dims[r - 3] != shape->h || lse_dims[r - 2] != shape->n)
     return ffi::Error::InvalidArgument("lse is not (..., h, n) for q's (..., n, h, d)");
-  return OverHeads(pool, *shape, [&](auto& head, int64_t g) {
+  return OverHeads(pool, *shape, bf16, [&](auto& head, int64_t g) {
     const int64_t at = shape->offset(g);
     head.backward(q.typed_data() + at, k.typed_data() + at, v.typed_data() + at,
                   lse.typed_data() + g * shape->n, d_out.typed_data() + at,
@@ -642,18 +936,24 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 lse, F32 d_ou
 
 }  // namespace
 
-// (q, k, v) -> (out, lse): each (..., n, h, d) but lse (..., h, n)
+// (q, k, v) -> (out, lse): each (..., n, h, d) but lse (..., h, n). The attribute bf16: Q K^T
+// from bfloat16 operands (with AVX-512 BF16; VitAttentionBf16 says whether this build has it).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>().Arg<F32>().Arg<F32>()
-                                  .Ret<F32>().Ret<F32>());
-// (q, k, v, lse, d_out) -> (dq, dk, dv), as forward's
+                                  .Ret<F32>().Ret<F32>()
+                                  .Attr<bool>("bf16"));
+// (q, k, v, lse, d_out) -> (dq, dk, dv), as forward's; bf16: Q K^T and dO V^T in bfloat16
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
-                                  .Ret<F32>().Ret<F32>().Ret<F32>());
+                                  .Ret<F32>().Ret<F32>().Ret<F32>()
+                                  .Attr<bool>("bf16"));
 
 // Floats per vector, 16 (AVX-512) or 8 (AVX2): which build this is.
 extern "C" int VitAttentionLanes() { return kLanes; }
+
+// Whether this build multiplies bfloat16 (AVX-512 BF16): the bf16 attribute's products.
+extern "C" int VitAttentionBf16() { return kHasBf16; }

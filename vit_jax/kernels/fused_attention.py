@@ -7,7 +7,9 @@ and the softmax between them as separate operations, each through memory;
 forward and backward, as an XLA FFI custom call (docs/performance.md, "Attention as one
 kernel", has the figures). `build.py` compiles it on first use.
 
-It computes in float32 whatever the model's compute_dtype, takes no mask, and needs a head
+It computes in float32; under a bfloat16 compute_dtype, where its build multiplies bfloat16
+(AVX-512 BF16; `bfloat16_products`), its products take operands rounded to bfloat16 as the
+einsum path's do (attention_cpu.cc's header says which). It takes no mask, and needs a head
 dim in `kernels.HEAD_DIMS` and at most `kernels.MAX_TOKENS` tokens. Where it cannot be built
 (no compiler, no AVX2), `attend` warns once and uses `attention.attend`, as it does when the
 computation is compiled for a GPU or TPU. It differentiates once, in reverse mode: `jax.grad`
@@ -56,6 +58,12 @@ def lanes() -> int | None:
   return None if isinstance(library, str) else library.VitAttentionLanes()
 
 
+def bfloat16_products() -> bool:
+  """Whether the loaded kernel computes Q K^T and dO V^T in bfloat16 when the model does."""
+  library = _library()
+  return not isinstance(library, str) and bool(library.VitAttentionBf16())
+
+
 def available() -> bool:
   """Whether `attend` takes the kernel here (JAX's default backend is a CPU, and it built)."""
   return jax.default_backend() == "cpu" and load() is None
@@ -68,15 +76,16 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: None = None,
   Args:
     q, k, v: (B, H, N, D/H) each.
     mask: as `attention.attend` takes it, but only None: the kernel has no mask.
-    compute_dtype: ignored: the kernel computes in float32 (in a mixed-precision model the
-      projections take bfloat16 operands, the attention's two products stay float32).
+    compute_dtype: None or float32: every product in float32. bfloat16, where the build
+      multiplies it (`bfloat16_products`): the products from operands rounded to bfloat16,
+      summed in float32 (some products stay float32 at some head sizes, where that measured
+      faster: attention_cpu.cc's header says which); the softmax in float32.
 
   Returns:
     out: (B, H, N, D/H) and weights: (B, H, N, N), as `attention.attend`.
   """
   if mask is not None:
     raise ValueError("attention_kernel='fused_cpu' takes no mask: use 'einsum'")
-  del compute_dtype
   chex.assert_rank([q, k, v], 4)
   chex.assert_equal_shape([q, k, v])
   tokens, head_dim = q.shape[-2:]
@@ -88,7 +97,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: None = None,
     _warn_once(why)
     return A.attend(q, k, v)
   q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-  out = jax.lax.platform_dependent(q, k, v, cpu=_fused_heads_apart,
+  low = (compute_dtype is not None and jnp.dtype(compute_dtype) == jnp.bfloat16
+         and bfloat16_products())
+  out = jax.lax.platform_dependent(q, k, v, cpu=functools.partial(_fused_heads_apart, low),
                                    default=lambda q, k, v: A.attend(q, k, v)[0])
   # The weights for whatever reads them (attention maps), by the definition; where nothing
   # does (training, evaluation), XLA drops them and the kernel's (n, n) never exist.
@@ -103,48 +114,49 @@ def _warn_once(why: str) -> None:
   warnings.warn(f"fused attention unavailable, using attention.attend: {why}", stacklevel=3)
 
 
-def _fused_heads_apart(q, k, v):
+def _fused_heads_apart(bf16: bool, q, k, v):
   """`_fused` for (B, H, N, D/H) heads: the kernel takes the tokens before the heads, as the
   projections lay them out, so XLA cancels these transposes against `split_heads`' and
   `merge_heads`' and the heads are never moved in memory (2-3 % of the default step, at 4
   heads and at 16)."""
   tokens_first = [jnp.swapaxes(t, -3, -2) for t in (q, k, v)]  # (B, N, H, D/H)
-  return jnp.swapaxes(_fused(*tokens_first), -3, -2)
+  return jnp.swapaxes(_fused(bf16, *tokens_first), -3, -2)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _kernel_call(target: str, q, *arrays):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _kernel_call(target: str, bf16: bool, q, *arrays):
   """The FFI call `target`: (q, k, v) -> (out, lse) or (q, k, v, lse, d_out) -> (dq, dk, dv),
-  each (..., N, H, D/H) but lse (..., H, N), each query's log-sum-exp of its scaled scores."""
+  each (..., N, H, D/H) but lse (..., H, N), each query's log-sum-exp of its scaled scores;
+  `bf16`: Q K^T and dO V^T from bfloat16 operands."""
   lse = q.shape[:-3] + (q.shape[-2], q.shape[-3])
   results = (q.shape, lse) if target == _TARGETS[0] else (q.shape,) * 3
   # Every axis before (N, H, D/H) is a batch axis to the kernel, so vmap may just add one.
   return jax.ffi.ffi_call(target, tuple(jax.ShapeDtypeStruct(r, jnp.float32) for r in results),
-                          vmap_method="broadcast_all")(q, *arrays)
+                          vmap_method="broadcast_all")(q, *arrays, bf16=bf16)
 
 
 @_kernel_call.defjvp
-def _kernel_call_jvp(target, primals, tangents):
+def _kernel_call_jvp(target, bf16, primals, tangents):
   # Reached only by differentiating the custom VJP's own rules: a second derivative.
-  del target, primals, tangents
+  del target, bf16, primals, tangents
   raise NotImplementedError(
       "attention_kernel='fused_cpu' has first derivatives only: for jax.grad of jax.grad, "
       "use attention_kernel='einsum'")
 
 
-@jax.custom_vjp
-def _fused(q, k, v):
-  return _kernel_call(_TARGETS[0], q, k, v)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(bf16, q, k, v):
+  return _kernel_call(_TARGETS[0], bf16, q, k, v)[0]
 
 
-def _fused_forward(q, k, v):
-  out, lse = _kernel_call(_TARGETS[0], q, k, v)
+def _fused_forward(bf16, q, k, v):
+  out, lse = _kernel_call(_TARGETS[0], bf16, q, k, v)
   return out, (q, k, v, lse)  # the weights are computed again from lse, not saved
 
 
-def _fused_backward(residuals, d_out):
+def _fused_backward(bf16, residuals, d_out):
   q, k, v, lse = residuals
-  return _kernel_call(_TARGETS[1], q, k, v, lse, d_out)
+  return _kernel_call(_TARGETS[1], bf16, q, k, v, lse, d_out)
 
 
 _fused.defvjp(_fused_forward, _fused_backward)

@@ -49,13 +49,14 @@ def speedup_over_einsum(shape: tuple[int, int, int, int], compute_dtype=None, ro
   """The einsum path's time over the kernel's for heads of `shape` (B, H, N, D/H).
 
   Forward and backward, `calls` calls at a time, the two alternating `rounds` times
-  (`alternating_ratio`). The einsum path's products in `compute_dtype`, as the run computes
-  them (the kernel's stay float32).
+  (`alternating_ratio`). Both paths' products in `compute_dtype`, as the run computes them
+  (the kernel's in bfloat16 only where its build multiplies it).
   """
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   q, k, v = (jax.random.normal(key, shape, jnp.float32) for key in keys)
   steps = {"einsum": _gradient_step(functools.partial(A.attend, compute_dtype=compute_dtype)),
-           "fused": _gradient_step(fused_attention.attend)}
+           "fused": _gradient_step(functools.partial(fused_attention.attend,
+                                                     compute_dtype=compute_dtype))}
   for step in steps.values():
     jax.block_until_ready(step(q, k, v))  # compiles
 
