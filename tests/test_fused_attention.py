@@ -293,7 +293,7 @@ def test_a_mixed_precision_model_with_the_kernel_is_close_to_the_einsum_model(ke
   logits, maps = logits_and_maps(config)
   fused_logits, fused_maps = logits_and_maps(fused_config)
   assert np.abs(logits).max() > 0.1
-  # Heads of 4: the kernel rounds the scaled queries, or nothing (no AVX-512 BF16); close.
+  # Heads of 4: the kernel rounds its products' operands (AVX-512 BF16) or none; close.
   np.testing.assert_allclose(fused_logits, logits, rtol=2e-2, atol=3e-2)
   np.testing.assert_allclose(fused_maps, maps, atol=2e-2)
   assert not np.array_equal(fused_maps, maps)

@@ -19,7 +19,9 @@
 // the kernel too.
 // Under a bfloat16 model (the handlers' bf16 attribute), a build with AVX-512 BF16 rounds
 // the products' operands to bfloat16 and sums them in float32 with vdpbf16ps, as the
-// einsum path's products do: Q K^T (forward, and again in the backward) and dO V^T; for
+// einsum path rounds its own (but for where the scale is applied: Q / sqrt(D) is rounded,
+// not Q; the weights rounded before they are normalised, not after; and denormals, which
+// these instructions flush to zero): Q K^T (forward, and again in the backward) and dO V^T; for
 // heads of 8 or more Q^T dS and P^T dO; for heads of 4 and of 32 or more the weights times V
 // and dS K (each where it measured faster than float32); the softmax and its gradient stay
 // float32. Other builds ignore the attribute.
@@ -252,7 +254,8 @@ class Head {
   // column and a broadcast factor must all fit in the registers.
   static constexpr int kTile = (kRegisters - 1) / (kRows + 1);
 
-  // bf16: Q K^T and dO V^T from operands rounded to bfloat16 (a no-op without AVX-512 BF16).
+  // bf16: products from operands rounded to bfloat16, those the header lists (a no-op
+  // without AVX-512 BF16).
   Head(int n, int64_t stride, bool bf16)
       : n_(n), stride_(stride), padded_n_((n + kRows - 1) / kRows * kRows),
         bf16_(kHasBf16 && bf16),
@@ -936,15 +939,16 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 lse, F32 d_ou
 
 }  // namespace
 
-// (q, k, v) -> (out, lse): each (..., n, h, d) but lse (..., h, n). The attribute bf16: Q K^T
-// from bfloat16 operands (with AVX-512 BF16; VitAttentionBf16 says whether this build has it).
+// (q, k, v) -> (out, lse): each (..., n, h, d) but lse (..., h, n). The attribute bf16: the
+// products the header lists from bfloat16 operands (with AVX-512 BF16; VitAttentionBf16 says
+// whether this build has it).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>().Arg<F32>().Arg<F32>()
                                   .Ret<F32>().Ret<F32>()
                                   .Attr<bool>("bf16"));
-// (q, k, v, lse, d_out) -> (dq, dk, dv), as forward's; bf16: Q K^T and dO V^T in bfloat16
+// (q, k, v, lse, d_out) -> (dq, dk, dv), as forward's; bf16 as forward's
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

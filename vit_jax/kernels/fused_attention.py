@@ -9,10 +9,11 @@ kernel", has the figures). `build.py` compiles it on first use.
 
 It computes in float32; under a bfloat16 compute_dtype, where its build multiplies bfloat16
 (AVX-512 BF16; `bfloat16_products`), its products take operands rounded to bfloat16 as the
-einsum path's do (attention_cpu.cc's header says which). It takes no mask, and needs a head
-dim in `kernels.HEAD_DIMS` and at most `kernels.MAX_TOKENS` tokens. Where it cannot be built
-(no compiler, no AVX2), `attend` warns once and uses `attention.attend`, as it does when the
-computation is compiled for a GPU or TPU. It differentiates once, in reverse mode: `jax.grad`
+einsum path's do, up to where the scale is applied (attention_cpu.cc's header says which).
+It takes no mask, and needs a head dim in `kernels.HEAD_DIMS` and at most
+`kernels.MAX_TOKENS` tokens. Where it cannot be built (no compiler, no AVX2), `attend` warns
+once and uses `attention.attend` (in float32), as it does when the computation is compiled
+for a GPU or TPU. It differentiates once, in reverse mode: `jax.grad`
 of `jax.grad` and `jax.jvp` raise errors that say so.
 """
 
@@ -59,7 +60,8 @@ def lanes() -> int | None:
 
 
 def bfloat16_products() -> bool:
-  """Whether the loaded kernel computes Q K^T and dO V^T in bfloat16 when the model does."""
+  """Whether the loaded kernel rounds its products' operands to bfloat16 when the model
+  computes in bfloat16 (AVX-512 BF16 builds; attention_cpu.cc's header lists which)."""
   library = _library()
   return not isinstance(library, str) and bool(library.VitAttentionBf16())
 
@@ -127,7 +129,7 @@ def _fused_heads_apart(bf16: bool, q, k, v):
 def _kernel_call(target: str, bf16: bool, q, *arrays):
   """The FFI call `target`: (q, k, v) -> (out, lse) or (q, k, v, lse, d_out) -> (dq, dk, dv),
   each (..., N, H, D/H) but lse (..., H, N), each query's log-sum-exp of its scaled scores;
-  `bf16`: Q K^T and dO V^T from bfloat16 operands."""
+  `bf16`: products from bfloat16 operands, where the build has them (`bfloat16_products`)."""
   lse = q.shape[:-3] + (q.shape[-2], q.shape[-3])
   results = (q.shape, lse) if target == _TARGETS[0] else (q.shape,) * 3
   # Every axis before (N, H, D/H) is a batch axis to the kernel, so vmap may just add one.
