@@ -270,12 +270,12 @@ class Head {
       k16_t_.resize(D * W);
       v16_t_.resize(D * W);
       if constexpr (kDotProducts) {
-        k16_keys_.resize(D * W2);
-        v16_keys_.resize(D * W2);
+        k16_x_.resize(D * W2);
+        v16_x_.resize(D * W2);
       }
       if constexpr (kPairedKeys) {
-        k16_pairs_.resize((n + 1) / 2 * 2 * D);
-        v16_pairs_.resize((n + 1) / 2 * 2 * D);
+        k16_x_.resize((n + 1) / 2 * 2 * D);
+        v16_x_.resize((n + 1) / 2 * 2 * D);
       }
     }
     std::fill(pad_.begin() + n, pad_.end(), kNoWeight);  // padded keys get no weight
@@ -290,13 +290,12 @@ class Head {
     if constexpr (kDotProducts) transpose(v, transposed_v_.data());
     scale_rows(q, q_.data());
     round_for_products(q_.data(), transposed_k_.data(), q16_.data(), k16_t_.data());
-    round_key_pairs(v, v16_pairs_.data());
-    round_keys(transposed_v_.data(), v16_keys_.data());
+    round_for_weights(v, transposed_v_.data(), v16_x_.data());
     for (int i0 = 0; i0 < padded_n_; i0 += kRows) {
       float* scores = scores_.data();
       products(i0, q_.data(), q16_.data(), transposed_k_.data(), k16_t_.data(), scores);  // Q K^T
       const vec inv_sums = softmax(scores, i0);
-      weights_times(scores, v, transposed_v_.data(), v16_pairs_.data(), out + i0 * stride_,
+      weights_times(scores, v, transposed_v_.data(), v16_x_.data(), out + i0 * stride_,
                     std::min(kRows, n_ - i0), inv_sums);
     }
     // row_max_ becomes the log-sum-exp in place; past padded_n_ it stays 0 (0 + log 1).
@@ -316,8 +315,7 @@ class Head {
     pad_rows(d_out, d_out_.data());
     round_for_products(q_.data(), transposed_k_.data(), q16_.data(), k16_t_.data());
     round_for_products(d_out_.data(), transposed_v_.data(), d_out16_.data(), v16_t_.data());
-    round_key_pairs(k, k16_pairs_.data());
-    round_keys(transposed_k_.data(), k16_keys_.data());
+    round_for_weights(k, transposed_k_.data(), k16_x_.data());
     std::fill(dk_t_.begin(), dk_t_.end(), 0.0f);
     std::fill(dv_t_.begin(), dv_t_.end(), 0.0f);
     for (int i0 = 0; i0 < padded_n_; i0 += kRows) {
@@ -340,7 +338,7 @@ class Head {
       transposed_products(i0, q_.data(), q16_.data(), ds, dk_t_.data());
       transposed_products(i0, d_out_.data(), d_out16_.data(), p, dv_t_.data());
       // dQ = dS K / sqrt(D): softmax_backward leaves the scale to here (see scale_rows).
-      weights_times(ds, k, transposed_k_.data(), k16_pairs_.data(), dq + i0 * stride_,
+      weights_times(ds, k, transposed_k_.data(), k16_x_.data(), dq + i0 * stride_,
                     std::min(kRows, n_ - i0),
                  splat(inv_sqrt_d_));
     }
@@ -457,9 +455,8 @@ class Head {
                           uint16_t* transposed16) {
 #if defined(__AVX512BF16__)
     if (!bf16_) return;
-    for (int i = 0; i < padded_n_ * D; i += 16)  // a multiple of 16: padded_n_ is of 4, D >= 4
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(rows16 + i),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(rows + i)));
+    // As one row: padded_n_ D is a multiple of 16 (padded_n_ of 4, D >= 4).
+    round_rows(rows, 0, rows16, padded_n_ * D, 1, padded_n_ * D);
     // Lane 2j of the result takes key j of dim c, lane 2j + 1 key j of dim c + 1.
     const __m512i pairs = kInterleave();
     for (int c = 0; c < D; c += 2)
@@ -493,45 +490,28 @@ class Head {
   // float32 kernel's without this, 1.24x with it; at D = 32 1.45x and 1.67x).
   static constexpr bool kPairedKeys = kHasBf16 && D >= 2 * kLanes;
 
-  // rows_times, or with bf16_ (and kPairedKeys) the same from the block rounded to bfloat16
-  // and x's bfloat16 pairs of keys, x16 (round_key_pairs).
+  // rows_times, or with bf16_ (kPairedKeys or kDotProducts) the same from the block rounded
+  // to bfloat16 and x16, x's bfloat16 copy (round_for_weights).
   void weights_times(const float* block, const float* x, const float* transposed,
                      const uint16_t* x16, float* out, int rows, vec scales) {
 #if defined(__AVX512BF16__)
     if constexpr (kPairedKeys)
       if (bf16_) return bf16_weights_times(block, x16, out, rows, scales);
     if constexpr (kDotProducts)
-      if (bf16_)
-        return bf16_dot_products(block, transposed == transposed_v_.data() ? v16_keys_.data()
-                                                                          : k16_keys_.data(),
-                                 out, rows, scales);
+      if (bf16_) return bf16_dot_products(block, x16, out, rows, scales);
 #endif
     (void)x16;
     rows_times(block, x, transposed, out, rows, scales);
   }
 
-  // With bf16_ and kDotProducts: transposed (D, W) -> keys16 (D, W2) in bfloat16.
-  void round_keys(const float* transposed, uint16_t* keys16) {
+  // With bf16_, x16 for weights_times from x (n, D) at stride or its transposed (D, W): with
+  // kPairedKeys (n / 2, D, 2), key 2i's dim c at (i, c, 0) and key 2i + 1's at (i, c, 1), an
+  // odd n's last pair padded with 0; with kDotProducts the transposed (D, W2), zero padded.
+  void round_for_weights(const float* x, const float* transposed, uint16_t* x16) {
 #if defined(__AVX512BF16__)
-    if constexpr (kDotProducts) {
-      if (!bf16_) return;
-      for (int c = 0; c < D; ++c) {
-        for (int j = 0; j < W; j += kLanes)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys16 + c * W2 + j),
-                              (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(transposed + c * W + j)));
-        std::fill(keys16 + c * W2 + W, keys16 + (c + 1) * W2, uint16_t(0));
-      }
-    }
-#endif
-    (void)transposed, (void)keys16;
-  }
-
-  // With bf16_ and kPairedKeys: x (n, D) at stride -> x16 (n / 2, D, 2) in bfloat16, key 2i's
-  // dim c at (i, c, 0) and key 2i + 1's at (i, c, 1); an odd n's last pair padded with 0.
-  void round_key_pairs(const float* x, uint16_t* x16) {
-#if defined(__AVX512BF16__)
+    if (!bf16_) return;
+    if constexpr (kDotProducts) round_rows(transposed, W, x16, W2, D, W);
     if constexpr (kPairedKeys) {
-      if (!bf16_) return;
       const __m512i pairs = kInterleave();
       for (int j = 0; j < n_; j += 2)
         for (int c = 0; c < D; c += kLanes) {
@@ -542,7 +522,7 @@ class Head {
         }
     }
 #endif
-    (void)x, (void)x16;
+    (void)x, (void)transposed, (void)x16;
   }
 
 #if defined(__AVX512BF16__)
@@ -585,12 +565,7 @@ class Head {
                           vec scales) {
     constexpr int DV = D / kLanes;
     alignas(64) uint16_t rounded[kRows * W];
-#pragma GCC unroll 4
-    for (int r = 0; r < kRows; ++r)
-#pragma GCC unroll 8
-      for (int b = 0; b < NB; ++b)
-        _mm256_store_si256(reinterpret_cast<__m256i*>(rounded + r * W + b * kLanes),
-                           (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(block + r * W + b * kLanes)));
+    round_rows(block, W, rounded, W, kRows, W);
     constexpr int kSplit2 = DV == 1 ? 2 : 1;  // eight sums in flight, as OverKeys keeps
     __m512 acc[kSplit2][kRows][DV];
     for (auto& split : acc)
@@ -648,18 +623,11 @@ class Head {
   }
 
   // rows_times' sixteen dot products over the keys (kDotProducts) from bfloat16: the block's
-  // rows rounded and keys16 (round_keys); each vdpbf16ps adds two keys to each lane.
+  // rows rounded and keys16 (round_for_weights); each vdpbf16ps adds two keys to each lane.
   void bf16_dot_products(const float* block, const uint16_t* keys16, float* out, int rows,
                          vec scales) {
     alignas(64) uint16_t rounded[kRows * W2];
-#pragma GCC unroll 4
-    for (int r = 0; r < kRows; ++r) {
-#pragma GCC unroll 8
-      for (int b = 0; b < NB; ++b)
-        _mm256_store_si256(reinterpret_cast<__m256i*>(rounded + r * W2 + b * kLanes),
-                           (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(block + r * W + b * kLanes)));
-      if constexpr (W2 > W) std::fill(rounded + r * W2 + W, rounded + (r + 1) * W2, uint16_t(0));
-    }
+    round_rows(block, W, rounded, W2, kRows, W);
     vec acc[kLanes];
     for (auto& a : acc) a = vec{};
 #pragma GCC unroll 4
@@ -675,6 +643,19 @@ class Head {
     float sums[kLanes];
     store(sums, sum_each(acc) * scales);
     for (int r = 0; r < rows; ++r) std::memcpy(out + r * stride_, sums + r * D, D * sizeof(float));
+  }
+
+  // rows rows of width floats (a multiple of kLanes), src_stride apart, rounded to bfloat16
+  // (to nearest, ties to even) into rows dst_stride apart, each zero padded past width.
+  static void round_rows(const float* src, int src_stride, uint16_t* dst, int dst_stride,
+                         int rows, int width) {
+    for (int r = 0; r < rows; ++r) {
+#pragma GCC unroll 8
+      for (int j = 0; j < width; j += kLanes)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r * dst_stride + j),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + r * src_stride + j)));
+      std::fill(dst + r * dst_stride + width, dst + (r + 1) * dst_stride, uint16_t(0));
+    }
   }
 
   // The permutation that interleaves a vector's two halves of bfloat16: lane 2i takes lane i,
@@ -801,10 +782,8 @@ class Head {
   // With bf16_: q_, d_out_ rounded to bfloat16, and K, V as (D / 2, W, 2): a key's two
   // consecutive dims side by side, the pairs vdpbf16ps multiplies.
   std::vector<uint16_t> q16_, d_out16_, k16_t_, v16_t_;
-  // With bf16_ and kPairedKeys: K and V as (n / 2, D, 2), two consecutive keys side by side.
-  std::vector<uint16_t> k16_pairs_, v16_pairs_;
-  // With bf16_ and kDotProducts: K^T and V^T (D, W2) in bfloat16, zero padded.
-  std::vector<uint16_t> k16_keys_, v16_keys_;
+  // With bf16_: K and V for weights_times (round_for_weights).
+  std::vector<uint16_t> k16_x_, v16_x_;
 };
 
 // --- Heads, threads and the FFI handlers ------------------------------------------------
