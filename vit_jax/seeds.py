@@ -103,6 +103,11 @@ def train_and_evaluate_seeds(config: Any, seeds: Sequence[int], workdir: str | P
       return group.train(f"running {len(seeds)} seeds as one on {choices}")
 
 
+# Every seed's key for one step, folded with the step on the devices' side in one compiled
+# call: an eager `jax.vmap` traces anew each step (0.9 ms of host CPU a step, where this takes
+# 0.01).
+fold_in_each = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
+
 SEEDS_FILE = "seeds.json"  # a group's seeds, in the order of its stacked state
 
 
@@ -221,8 +226,7 @@ class _Group:
   # The hooks of `loop.step_through`, for every seed at once.
   def batch(self, step: int) -> tuple[Any, jax.Array]:
     indices = np.stack([order.indices(step) for order in self.orders], axis=1)
-    return (self.runner.split_batch(indices),
-            jax.vmap(lambda key: jax.random.fold_in(key, step))(self.keys))
+    return self.runner.split_batch(indices), fold_in_each(self.keys, step)
 
   def add(self, step: int, metrics: Any) -> None:
     for window in self.windows:

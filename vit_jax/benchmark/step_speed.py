@@ -17,7 +17,7 @@ from vit_jax import inference, input_pipeline, steps, train_state
 from vit_jax.benchmark import flops, timing
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.parallel import Runner
-from vit_jax.seeds import stack
+from vit_jax.seeds import fold_in_each, stack
 
 
 def synthetic_digits(config: ExperimentConfig, num_examples: int) -> dict[str, np.ndarray]:
@@ -87,10 +87,9 @@ def training_window(config: ExperimentConfig, runner: Runner, device_data: Any, 
 
   def arguments(i):
     indices = np.stack([order.indices(i) for order in orders], axis=1)
-    step_keys = jax.vmap(lambda key: jax.random.fold_in(key, i))(keys)
-    if not num_seeds:
-      indices, step_keys = indices[:, 0], step_keys[0]
-    return runner.split_batch(indices), positions, step_keys
+    if not num_seeds:  # as `train.Training.batch` draws a run's key
+      return runner.split_batch(indices[:, 0]), positions, jax.random.fold_in(keys[0], i)
+    return runner.split_batch(indices), positions, fold_in_each(keys, i)
 
   step_fn = steps.compile_train_step(config, runner, seeds=bool(num_seeds))
   start = time.perf_counter()
