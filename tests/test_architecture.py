@@ -16,7 +16,7 @@ LAYERS = {
     "attention": 1, "layer_norm": 1, "resample": 1, "precision": 1,
     "kernels": 1.5,  # plug-ins for the maths: a compiler, a cache, FFI; below the models
     "model_configs": 2, "models": 2,
-    "mnist_source": 3, "input_pipeline": 3, "image_files": 3, "augment": 3,
+    "idx_files": 3, "mnist_source": 3, "input_pipeline": 3, "image_files": 3, "augment": 3,
     "experiment_config": 4, "parallel": 4, "checkpoints": 4, "metrics": 4, "interrupt": 4,
     "steps": 4, "train": 4, "inference": 4, "export": 4, "auto": 4, "analysis": 4, "sweep": 4,
     "checkpoint_digests": 4, "run_log": 4, "init_from": 4, "instruments": 4, "locks": 4,

@@ -110,3 +110,19 @@ def test_a_tfds_data_dir_that_cannot_be_a_folder_is_named_before_tfds_starts(tmp
   with pytest.raises(DataError, match="IDX file not found"):  # a missing folder is made
     mnist_source.builder("mnist", data_dir=str(tmp_path / "new" / "tfds"), idx_dir=str(tmp_path))
   assert (tmp_path / "new" / "tfds").is_dir()
+
+
+@pytest.mark.slow
+def test_a_build_from_idx_files_says_what_it_does_in_two_lines(tmp_path, capfd, caplog):
+  data_dir = tmp_path / "tfds"
+  mnist_source.builder("mnist", data_dir=str(data_dir), idx_dir=str(MNIST_IDX_DIR))
+  out, err = capfd.readouterr()  # err: TensorFlow's own lines on its import, if any
+  built = data_dir / "mnist" / "3.0.1"
+  assert out.splitlines() == [
+      f"building TFDS mnist from the IDX files in {MNIST_IDX_DIR} into {built}, once (seconds)",
+      f"built {built}"]
+  for tfds_line in ("Variant folder", "Downloading and preparing", "Generating", "Shuffling",
+                    "downloaded and prepared"):
+    assert tfds_line not in out + err + caplog.text
+  mnist_source.builder("mnist", data_dir=str(data_dir), idx_dir=str(MNIST_IDX_DIR))
+  assert capfd.readouterr() == ("", "")  # built: nothing to say
