@@ -101,6 +101,8 @@ def test_a_run_resumed_without_config_goes_on_with_its_own(trained, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"config: {workdir / 'config.json'}, the run's own" in result.stdout
   assert f"resuming {workdir} at step 32" in result.stderr
+  assert (f"warning: resuming {workdir} with changed settings: num_epochs (the old ones "
+          "appended to config_history.jsonl)") in result.stderr.splitlines()  # no absl prefix
   assert final_metrics(result.stdout)["step"] == 48  # 16 steps of 128 an epoch: 2,048 images
   assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 3
 

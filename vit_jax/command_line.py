@@ -69,6 +69,28 @@ def keep_the_console_for_ours() -> None:
   for name in ("absl", "jax"):
     logging.getLogger(name).setLevel(logging.WARNING)
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  for handler in logging.getLogger().handlers:  # absl's, once its app has started
+    handler.setFormatter(_OwnLinesPlain(handler.formatter or _absl_formatter()))
+
+
+class _OwnLinesPlain(logging.Formatter):
+  """vit_jax's records as 'warning: ...' lines, like the rest of what a run prints; other
+  libraries' with the handler's own format (absl's: level, time, thread, file and line)."""
+
+  def __init__(self, others: logging.Formatter):
+    super().__init__()
+    self.others = others
+
+  def format(self, record: logging.LogRecord) -> str:
+    if record.name == "vit_jax" or record.name.startswith("vit_jax."):
+      return f"{record.levelname.lower()}: {record.getMessage()}"
+    return self.others.format(record)
+
+
+def _absl_formatter() -> logging.Formatter:
+  from absl import logging as absl_logging
+
+  return absl_logging.PythonFormatter()
 
 
 # What a trained run chose for these on its machine is chosen again on the one that uses it
