@@ -104,7 +104,7 @@ def test_the_maths_imports_jax_numpy_and_chex_only(module):
 
 
 def test_input_pipeline_knows_no_model():
-  for module in ("mnist_source", "input_pipeline", "image_files", "augment"):
+  for module in ("idx_files", "mnist_source", "input_pipeline", "image_files", "augment"):
     for name in imported_modules(PACKAGE / f"{module}.py"):
       assert not name.startswith(("vit_jax.models", "vit_jax.model_configs", "flax")), name
 

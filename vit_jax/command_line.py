@@ -69,8 +69,15 @@ def keep_the_console_for_ours() -> None:
   for name in ("absl", "jax"):
     logging.getLogger(name).setLevel(logging.WARNING)
   os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  from absl import logging as absl_logging
+
   for handler in logging.getLogger().handlers:  # absl's, once its app has started
-    handler.setFormatter(_OwnLinesPlain(handler.formatter or _absl_formatter()))
+    if isinstance(handler, absl_logging.ABSLHandler):  # formats in a handler of its own
+      others = absl_logging.PythonFormatter()
+    else:
+      others = handler.formatter or logging.Formatter()
+    if not isinstance(others, _OwnLinesPlain):
+      handler.setFormatter(_OwnLinesPlain(others))
 
 
 class _OwnLinesPlain(logging.Formatter):
@@ -83,14 +90,9 @@ class _OwnLinesPlain(logging.Formatter):
 
   def format(self, record: logging.LogRecord) -> str:
     if record.name == "vit_jax" or record.name.startswith("vit_jax."):
-      return f"{record.levelname.lower()}: {record.getMessage()}"
+      line = f"{record.levelname.lower()}: {record.getMessage()}"
+      return line + ("\n" + self.formatException(record.exc_info) if record.exc_info else "")
     return self.others.format(record)
-
-
-def _absl_formatter() -> logging.Formatter:
-  from absl import logging as absl_logging
-
-  return absl_logging.PythonFormatter()
 
 
 # What a trained run chose for these on its machine is chosen again on the one that uses it

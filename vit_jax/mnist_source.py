@@ -191,13 +191,14 @@ def _tfds_quiet():
   import tensorflow_datasets as tfds
 
   absl_logger, level = logging.getLogger("absl"), logging.getLogger("absl").level
+  bars = getattr(tfds.core.utils.tqdm_utils, "_active", True)  # as the user left them
   absl_logger.setLevel(logging.ERROR)
   tfds.display_progress_bar(False)
   try:
     with contextlib.redirect_stdout(io.StringIO()):
       yield
   finally:
-    tfds.display_progress_bar(True)
+    tfds.display_progress_bar(bars)
     absl_logger.setLevel(level)
 
 

@@ -84,11 +84,12 @@ def training_window(config: ExperimentConfig, runner: Runner, device_data: Any, 
   orders = [input_pipeline.EpochOrder(num_examples, config.batch_size, s) for s in seeds]
   positions = runner.split_batch(np.arange(config.batch_size, dtype=np.int32))
   keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds])
+  run_key = jax.random.PRNGKey(0)  # on the device, as `train.Training.base_rng`
 
   def arguments(i):
     indices = np.stack([order.indices(i) for order in orders], axis=1)
     if not num_seeds:  # as `train.Training.batch` draws a run's key
-      return runner.split_batch(indices[:, 0]), positions, jax.random.fold_in(keys[0], i)
+      return runner.split_batch(indices[:, 0]), positions, jax.random.fold_in(run_key, i)
     return runner.split_batch(indices), positions, fold_in_each(keys, i)
 
   step_fn = steps.compile_train_step(config, runner, seeds=bool(num_seeds))

@@ -435,7 +435,7 @@ class Head {
 
   // With AVX-512, heads of 16 or more are moved in blocks of 16 keys by 16 dims
   // (transpose_16x16); others in blocks of 4 by 4 (SSE), all but a last partial block of
-  // keys. Element by element, these moves took 9 % of the kernel at 4 heads of 16, 6 % at 16
+  // keys. Element by element, these moves took about 8 % of the kernel at 4 heads of 16, 6 % at 16
   // heads of 4.
 #if defined(__AVX512F__)
   static constexpr bool kBlockTranspose = D % 16 == 0;
