@@ -212,9 +212,33 @@ inline void transpose_16x16(__m512 (&r)[16]) {
     r[k + 8] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0xdd);
   }
 }
+
+// The 16 x 16 block at src (rows src_stride floats apart; rows from `rows` on read as 0)
+// transposed into dst (rows dst_stride apart; only the first `stored` written).
+inline void move_transposed_16x16(const float* src, int64_t src_stride, int rows, float* dst,
+                                  int64_t dst_stride, int stored) {
+  __m512 block[16];
+  for (int i = 0; i < 16; ++i)
+    block[i] = i < rows ? _mm512_loadu_ps(src + i * src_stride) : _mm512_setzero_ps();
+  transpose_16x16(block);
+  for (int i = 0; i < std::min(16, stored); ++i) _mm512_storeu_ps(dst + i * dst_stride, block[i]);
+}
 #else
 inline vec sum_each(const vec (&a)[kLanes]);  // used with AVX-512 only
 #endif
+
+// The 4 x 4 block at src (rows src_stride floats apart) transposed into dst (rows dst_stride
+// apart), with SSE.
+inline void move_transposed_4x4(const float* src, int64_t src_stride, float* dst,
+                                int64_t dst_stride) {
+  __m128 r0 = _mm_loadu_ps(src), r1 = _mm_loadu_ps(src + src_stride),
+         r2 = _mm_loadu_ps(src + 2 * src_stride), r3 = _mm_loadu_ps(src + 3 * src_stride);
+  _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+  _mm_storeu_ps(dst, r0);
+  _mm_storeu_ps(dst + dst_stride, r1);
+  _mm_storeu_ps(dst + 2 * dst_stride, r2);
+  _mm_storeu_ps(dst + 3 * dst_stride, r3);
+}
 
 // f (commutative) folded over the lanes of each of four vectors, a[r]'s in every lane of the
 // result's quarter r: a block's four rows in one chain of shuffles, where each row's
@@ -447,30 +471,18 @@ class Head {
   void transpose(const float* x, float* transposed) {
 #if defined(__AVX512F__)
     if constexpr (kBlockTranspose) {
-      for (int j0 = 0; j0 < W; j0 += 16)
-        for (int c0 = 0; c0 < D; c0 += 16) {
-          __m512 block[16];
-          for (int i = 0; i < 16; ++i)
-            block[i] = j0 + i < n_ ? _mm512_loadu_ps(x + (j0 + i) * stride_ + c0)
-                                   : _mm512_setzero_ps();
-          transpose_16x16(block);
-          for (int i = 0; i < 16; ++i) _mm512_storeu_ps(transposed + (c0 + i) * W + j0, block[i]);
-        }
+      for (int j0 = 0; j0 < W; j0 += 16)  // j0 < n: W is n rounded up to 16; the rest is 0
+        for (int c0 = 0; c0 < D; c0 += 16)
+          move_transposed_16x16(x + j0 * stride_ + c0, stride_, n_ - j0,
+                                transposed + c0 * W + j0, W, 16);
       return;
     }
 #endif
     std::fill(transposed, transposed + D * W, 0.0f);
     const int whole = n_ / 4 * 4;
     for (int j = 0; j < whole; j += 4)
-      for (int c = 0; c < D; c += 4) {
-        __m128 r0 = _mm_loadu_ps(x + j * stride_ + c), r1 = _mm_loadu_ps(x + (j + 1) * stride_ + c),
-               r2 = _mm_loadu_ps(x + (j + 2) * stride_ + c), r3 = _mm_loadu_ps(x + (j + 3) * stride_ + c);
-        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-        _mm_storeu_ps(transposed + c * W + j, r0);
-        _mm_storeu_ps(transposed + (c + 1) * W + j, r1);
-        _mm_storeu_ps(transposed + (c + 2) * W + j, r2);
-        _mm_storeu_ps(transposed + (c + 3) * W + j, r3);
-      }
+      for (int c = 0; c < D; c += 4)
+        move_transposed_4x4(x + j * stride_ + c, stride_, transposed + c * W + j, W);
     for (int j = whole; j < n_; ++j)
       for (int c = 0; c < D; ++c) transposed[c * W + j] = x[j * stride_ + c];
   }
@@ -480,27 +492,16 @@ class Head {
 #if defined(__AVX512F__)
     if constexpr (kBlockTranspose) {
       for (int j0 = 0; j0 < n_; j0 += 16)
-        for (int c0 = 0; c0 < D; c0 += 16) {
-          __m512 block[16];
-          for (int i = 0; i < 16; ++i) block[i] = _mm512_loadu_ps(transposed + (c0 + i) * W + j0);
-          transpose_16x16(block);
-          for (int i = 0; i < std::min(16, n_ - j0); ++i)
-            _mm512_storeu_ps(x + (j0 + i) * stride_ + c0, block[i]);
-        }
+        for (int c0 = 0; c0 < D; c0 += 16)
+          move_transposed_16x16(transposed + c0 * W + j0, W, 16, x + j0 * stride_ + c0, stride_,
+                                n_ - j0);
       return;
     }
 #endif
     const int whole = n_ / 4 * 4;
     for (int j = 0; j < whole; j += 4)
-      for (int c = 0; c < D; c += 4) {
-        __m128 r0 = _mm_loadu_ps(transposed + c * W + j), r1 = _mm_loadu_ps(transposed + (c + 1) * W + j),
-               r2 = _mm_loadu_ps(transposed + (c + 2) * W + j), r3 = _mm_loadu_ps(transposed + (c + 3) * W + j);
-        _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
-        _mm_storeu_ps(x + j * stride_ + c, r0);
-        _mm_storeu_ps(x + (j + 1) * stride_ + c, r1);
-        _mm_storeu_ps(x + (j + 2) * stride_ + c, r2);
-        _mm_storeu_ps(x + (j + 3) * stride_ + c, r3);
-      }
+      for (int c = 0; c < D; c += 4)
+        move_transposed_4x4(transposed + c * W + j, W, x + j * stride_ + c, stride_);
     for (int j = whole; j < n_; ++j)
       for (int c = 0; c < D; ++c) x[j * stride_ + c] = transposed[c * W + j];
   }
