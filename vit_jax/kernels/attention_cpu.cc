@@ -1,8 +1,9 @@
 // Scaled dot-product attention for small heads, one CPU kernel per direction.
 //
-// What vit_jax.attention.attend computes, for float32 (..., N, H, D) queries, keys and
-// values (tokens before heads, as the projections lay them out, so that splitting and
-// merging the heads moves no data; every axis before N a batch axis): weights =
+// What vit_jax.attention.attend computes, for float32 queries, keys and values packed as
+// (..., N, 3, H, D) (tokens before heads and Q, K, V side by side, as the fused projection
+// lays them out, so that chunking, splitting and merging the heads moves no data; every axis
+// before N a batch axis): weights =
 // softmax(Q K^T / sqrt(D)), out = weights V, and the gradients of out, from each query's
 // log-sum-exp saved by the forward pass (the weights are computed again, not saved:
 // FlashAttention's trade). XLA runs these as separate batched
@@ -288,8 +289,9 @@ constexpr auto kKeep = [](vec x, int, int) { return x; };
 
 constexpr int kRows = 4;  // queries per block: the key (or value) loaded once serves four
 
-// One head of n tokens and D dims, a token's D at `stride` floats from the next one's (H D,
-// the heads interleaved); NB = ceil(n / kLanes) vectors span a row of scores. Holds the
+// One head of n tokens and D dims, a token's D at `stride` floats from the next one's in q,
+// k, v and their gradients (3 H D: the heads and Q, K, V interleaved) and at `out_stride`
+// in out and d_out (H D); NB = ceil(n / kLanes) vectors span a row of scores. Holds the
 // padded copies a head needs; one per chunk of heads, reused over them.
 template <int D, int NB>
 class Head {
@@ -306,8 +308,9 @@ class Head {
 
   // bf16: products from operands rounded to bfloat16, those the header lists (a no-op
   // without AVX-512 BF16).
-  Head(int n, int64_t stride, bool bf16)
-      : n_(n), stride_(stride), padded_n_((n + kRows - 1) / kRows * kRows),
+  Head(int n, int64_t stride, int64_t out_stride, bool bf16)
+      : n_(n), stride_(stride), out_stride_(out_stride),
+        padded_n_((n + kRows - 1) / kRows * kRows),
         bf16_(kHasBf16 && bf16),
         inv_sqrt_d_(1.0f / std::sqrt(float(D))),
         transposed_k_(D * W), transposed_v_(D * W), dk_t_(D * W), dv_t_(D * W),
@@ -332,9 +335,10 @@ class Head {
   }
 
   // out (n, D) and each query's log-sum-exp of its scaled scores, lse (n), from q, k, v
-  // (n, D), each token's row `stride` floats apart: the weights are exp(scores - lse), which
-  // the backward pass computes again instead of reading (n, n) weights saved for it (16 heads
-  // of 50 tokens: 160 KB an image and layer, which spilled out of the caches).
+  // (n, D), each token's row `stride` floats apart (out's `out_stride`): the weights are
+  // exp(scores - lse), which the backward pass computes again instead of reading (n, n)
+  // weights saved for it (16 heads of 50 tokens: 160 KB an image and layer, which spilled
+  // out of the caches).
   void forward(const float* q, const float* k, const float* v, float* out, float* lse) {
     transpose(k, transposed_k_.data());
     if constexpr (kDotProducts) transpose(v, transposed_v_.data());
@@ -345,8 +349,8 @@ class Head {
       float* scores = scores_.data();
       products(i0, q_.data(), q16_.data(), transposed_k_.data(), k16_t_.data(), scores);  // Q K^T
       const vec inv_sums = softmax(scores, i0);
-      weights_times(scores, v, transposed_v_.data(), v16_x_.data(), out + i0 * stride_,
-                    std::min(kRows, n_ - i0), inv_sums);
+      weights_times(scores, v, transposed_v_.data(), v16_x_.data(), out + i0 * out_stride_,
+                    out_stride_, std::min(kRows, n_ - i0), inv_sums);
     }
     // row_max_ becomes the log-sum-exp in place; past padded_n_ it stays 0 (0 + log 1).
     for (int b = 0; b < NB; ++b)
@@ -356,13 +360,13 @@ class Head {
   }
 
   // dq, dk, dv (n, D) from q, k, v, the forward pass's lse (n) and d_out (n, D), the
-  // cotangent of out (every (n, D) at `stride`, as forward's).
+  // cotangent of out (at `stride` and `out_stride`, as forward's).
   void backward(const float* q, const float* k, const float* v, const float* lse,
                 const float* d_out, float* dq, float* dk, float* dv) {
     transpose(k, transposed_k_.data());
     transpose(v, transposed_v_.data());
     scale_rows(q, q_.data());
-    pad_rows(d_out, d_out_.data());
+    pad_rows(d_out, out_stride_, d_out_.data());
     round_for_products(q_.data(), transposed_k_.data(), q16_.data(), k16_t_.data());
     round_for_products(d_out_.data(), transposed_v_.data(), d_out16_.data(), v16_t_.data());
     round_for_weights(k, transposed_k_.data(), k16_x_.data());
@@ -388,7 +392,7 @@ class Head {
       transposed_products(i0, q_.data(), q16_.data(), ds, dk_t_.data());
       transposed_products(i0, d_out_.data(), d_out16_.data(), p, dv_t_.data());
       // dQ = dS K / sqrt(D): softmax_backward leaves the scale to here (see scale_rows).
-      weights_times(ds, k, transposed_k_.data(), k16_x_.data(), dq + i0 * stride_,
+      weights_times(ds, k, transposed_k_.data(), k16_x_.data(), dq + i0 * stride_, stride_,
                     std::min(kRows, n_ - i0),
                  splat(inv_sqrt_d_));
     }
@@ -404,9 +408,9 @@ class Head {
 
   // out (rows, D) = diag(scales) block (kRows, W) @ x (n, D): the first `rows` of a block's
   // products with a head's K or V (x, and transposed, its (D, W) copy), row r's scaled by
-  // each lane of scales' quarter r; x's and out's rows at stride.
+  // each lane of scales' quarter r; x's rows at stride, out's at out_stride.
   void rows_times(const float* block, const float* x, const float* transposed, float* out,
-                  int rows, vec scales) {
+                  int64_t out_stride, int rows, vec scales) {
     if constexpr (kDotProducts) {
       vec acc[kLanes] = {};
 #pragma GCC unroll 8
@@ -421,7 +425,7 @@ class Head {
       // (r, c) in lane r D + c, in quarter r (kLanes = kRows D), as row r's scale is
       store(sums, sum_each(acc) * scales);
       for (int r = 0; r < rows; ++r)
-        std::memcpy(out + r * stride_, sums + r * D, D * sizeof(float));
+        std::memcpy(out + r * out_stride, sums + r * D, D * sizeof(float));
     } else {
       rvec o[kSplit][kRows][DV] = {};
       OverKeys([&](int j, rvec (&acc)[kRows][DV]) {
@@ -434,7 +438,7 @@ class Head {
       }, o);
       for (int r = 0; r < rows; ++r)
         for (int c = 0; c < DV; ++c)
-          R::store(out + r * stride_ + c * kRowLanes, o[0][r][c] * scales[r * kFoldStride]);
+          R::store(out + r * out_stride + c * kRowLanes, o[0][r][c] * scales[r * kFoldStride]);
     }
   }
 
@@ -507,16 +511,16 @@ class Head {
   }
 
   // (n, D) at stride -> (padded_n, D), zero padded.
-  void pad_rows(const float* x, float* padded) {
+  void pad_rows(const float* x, int64_t stride, float* padded) {
     std::fill(padded + n_ * D, padded + padded_n_ * D, 0.0f);
-    for (int i = 0; i < n_; ++i) std::memcpy(padded + i * D, x + i * stride_, D * sizeof(float));
+    for (int i = 0; i < n_; ++i) std::memcpy(padded + i * D, x + i * stride, D * sizeof(float));
   }
 
   // The queries, padded and scaled by 1 / sqrt(D): Q K^T is then the scaled scores, which
   // saves the softmax a multiplication per score in both passes (exact for D = 4, 16, 64).
   // dK = Q^T dS takes the scale with these queries; dQ = dS K takes it at the end.
   void scale_rows(const float* q, float* padded) {
-    pad_rows(q, padded);
+    pad_rows(q, stride_, padded);
     for (int i = 0; i < n_ * D; ++i) padded[i] *= inv_sqrt_d_;
   }
 
@@ -582,15 +586,16 @@ class Head {
   // rows_times, or with bf16_ (kPairedKeys or kDotProducts) the same from the block rounded
   // to bfloat16 and x16, x's bfloat16 copy (round_for_weights).
   void weights_times(const float* block, const float* x, const float* transposed,
-                     const uint16_t* x16, float* out, int rows, vec scales) {
+                     const uint16_t* x16, float* out, int64_t out_stride, int rows,
+                     vec scales) {
 #if defined(__AVX512BF16__)
     if constexpr (kPairedKeys)
-      if (bf16_) return bf16_weights_times(block, x16, out, rows, scales);
+      if (bf16_) return bf16_weights_times(block, x16, out, out_stride, rows, scales);
     if constexpr (kDotProducts)
-      if (bf16_) return bf16_dot_products(block, x16, out, rows, scales);
+      if (bf16_) return bf16_dot_products(block, x16, out, out_stride, rows, scales);
 #endif
     (void)x16;
-    rows_times(block, x, transposed, out, rows, scales);
+    rows_times(block, x, transposed, out, out_stride, rows, scales);
   }
 
   // With bf16_, x16 for weights_times from x (n, D) at stride or its transposed (D, W): with
@@ -650,8 +655,8 @@ class Head {
 
   // rows_times for kPairedKeys from bfloat16: the block's rows rounded, x16 pairs of keys;
   // each vdpbf16ps adds two keys' products to sixteen of a row's outputs.
-  void bf16_weights_times(const float* block, const uint16_t* x16, float* out, int rows,
-                          vec scales) {
+  void bf16_weights_times(const float* block, const uint16_t* x16, float* out,
+                          int64_t out_stride, int rows, vec scales) {
     constexpr int DV = D / kLanes;
     alignas(64) uint16_t rounded[kRows * W];
     round_rows(block, W, rounded, W, kRows, W);
@@ -678,7 +683,7 @@ class Head {
       for (int c = 0; c < DV; ++c) {
         __m512 sum = acc[0][r][c];
         if constexpr (kSplit2 == 2) sum = _mm512_add_ps(sum, acc[1][r][c]);
-        store(out + r * stride_ + c * kLanes, (vec)sum * scales[r * kFoldStride]);
+        store(out + r * out_stride + c * kLanes, (vec)sum * scales[r * kFoldStride]);
       }
   }
 
@@ -713,8 +718,8 @@ class Head {
 
   // rows_times' sixteen dot products over the keys (kDotProducts) from bfloat16: the block's
   // rows rounded and keys16 (round_for_weights); each vdpbf16ps adds two keys to each lane.
-  void bf16_dot_products(const float* block, const uint16_t* keys16, float* out, int rows,
-                         vec scales) {
+  void bf16_dot_products(const float* block, const uint16_t* keys16, float* out,
+                         int64_t out_stride, int rows, vec scales) {
     alignas(64) uint16_t rounded[kRows * W2];
     round_rows(block, W, rounded, W2, kRows, W);
     vec acc[kLanes];
@@ -731,7 +736,8 @@ class Head {
       }
     float sums[kLanes];
     store(sums, sum_each(acc) * scales);
-    for (int r = 0; r < rows; ++r) std::memcpy(out + r * stride_, sums + r * D, D * sizeof(float));
+    for (int r = 0; r < rows; ++r)
+      std::memcpy(out + r * out_stride, sums + r * D, D * sizeof(float));
   }
 
   // rows rows of width floats (a multiple of kLanes), src_stride apart, rounded to bfloat16
@@ -858,7 +864,8 @@ class Head {
   }
 
   const int n_;
-  const int64_t stride_;
+  const int64_t stride_;      // between tokens' rows of q, k, v, dq, dk and dv
+  const int64_t out_stride_;  // and of out and d_out
   const int padded_n_;
   const bool bf16_;
   const float inv_sqrt_d_;
@@ -935,34 +942,41 @@ void ForEachChunk(ffi::ThreadPool& pool, int64_t heads, const Work& work) {
 using F32 = ffi::Buffer<ffi::F32>;
 using F32Out = ffi::ResultBuffer<ffi::F32>;
 
-// x (..., n, h, d): batch x h heads of n tokens and d dims.
+// qkv (..., n, 3, h, d): each token's Q, K and V side by side, as the fused projection
+// `to_qkv` lays them out (so the model's chunk and split_heads move no data: XLA folds them
+// away against this layout); batch x h heads of n tokens and d dims. out, d_out (..., n, h, d).
 struct Shape {
   int64_t batch, n, h, d;
   int64_t heads() const { return batch * h; }
-  // Head g's first float: its batch's (n, h, d) block, its own d within a token's h d.
+  int64_t width() const { return h * d; }
+  // Head g's first float in out or d_out: its batch's (n, h, d) block, its own d within h d.
   int64_t offset(int64_t g) const { return g / h * n * h * d + g % h * d; }
+  // and its Q's in qkv (or dQ's in dqkv); K's and V's follow at width() and 2 width().
+  int64_t packed_offset(int64_t g) const { return g / h * n * 3 * h * d + g % h * d; }
 };
 
-// The Shape of x, which every array in `same` must share.
-ffi::ErrorOr<Shape> HeadShape(const F32& x, std::initializer_list<const F32*> same) {
-  auto dims = x.dimensions();
-  if (dims.size() < 3) return ffi::Unexpected(ffi::Error::InvalidArgument("rank < 3"));
-  for (const F32* other : same) {
-    auto o = other->dimensions();
-    if (!std::equal(dims.begin(), dims.end(), o.begin(), o.end()))
-      return ffi::Unexpected(ffi::Error::InvalidArgument("q, k, v shapes differ"));
-  }
+ffi::Error Invalid(const std::string& why) { return ffi::Error::InvalidArgument(why); }
+
+// The Shape of qkv (..., n, 3, h, d); `out`, if given, must be (..., n, h, d) for it.
+ffi::ErrorOr<Shape> PackedShape(const F32& qkv, const F32* out) {
+  auto dims = qkv.dimensions();
   const size_t r = dims.size();
-  Shape s{1, dims[r - 3], dims[r - 2], dims[r - 1]};
-  for (size_t i = 0; i + 3 < r; ++i) s.batch *= dims[i];
+  if (r < 4 || dims[r - 3] != 3) return ffi::Unexpected(Invalid("qkv is not (..., n, 3, h, d)"));
+  Shape s{1, dims[r - 4], dims[r - 2], dims[r - 1]};
+  for (size_t i = 0; i + 4 < r; ++i) s.batch *= dims[i];
+  if (out != nullptr) {
+    auto o = out->dimensions();
+    if (o.size() != r - 1 || !std::equal(dims.begin(), dims.end() - 3, o.begin()) ||
+        o[r - 3] != s.h || o[r - 2] != s.d)
+      return ffi::Unexpected(Invalid("d_out is not (..., n, h, d) for qkv's (..., n, 3, h, d)"));
+  }
   return s;
 }
 
 ffi::Error Unsupported(const Shape& s) {
-  return ffi::Error::InvalidArgument(
-      "fused attention supports head dims 4, 8, 16, 32, 64 and 1 to " + std::to_string(kMaxTokens) +
-      " tokens, got head dim " + std::to_string(s.d) + " and " + std::to_string(s.n) +
-      " tokens");
+  return Invalid("fused attention supports head dims 4, 8, 16, 32, 64 and 1 to " +
+                 std::to_string(kMaxTokens) + " tokens, got head dim " + std::to_string(s.d) +
+                 " and " + std::to_string(s.n) + " tokens");
 }
 
 // Runs per_head(head, g) for every head g, with a Head<D, NB> for each chunk of heads.
@@ -970,58 +984,59 @@ template <typename PerHead>
 ffi::Error OverHeads(ffi::ThreadPool& pool, const Shape& s, bool bf16, PerHead per_head) {
   const bool ok = Dispatch(s.d, s.n, [&]<int D, int NB>() {
     ForEachChunk(pool, s.heads(), [&](int64_t begin, int64_t end) {
-      Head<D, NB> head(s.n, s.h * s.d, bf16);
+      Head<D, NB> head(s.n, 3 * s.width(), s.width(), bf16);
       for (int64_t g = begin; g < end; ++g) per_head(head, g);
     });
   });
   return ok ? ffi::Error::Success() : Unsupported(s);
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32Out out, F32Out lse,
-                   bool bf16) {
-  auto shape = HeadShape(q, {&k, &v});
+ffi::Error Forward(ffi::ThreadPool pool, F32 qkv, F32Out out, F32Out lse, bool bf16) {
+  auto shape = PackedShape(qkv, nullptr);
   if (!shape.has_value()) return shape.error();
+  const int64_t w = shape->width();
   return OverHeads(pool, *shape, bf16, [&](auto& head, int64_t g) {
-    const int64_t at = shape->offset(g);
-    head.forward(q.typed_data() + at, k.typed_data() + at, v.typed_data() + at,
-                 out->typed_data() + at, lse->typed_data() + g * shape->n);
+    const float* q = qkv.typed_data() + shape->packed_offset(g);
+    head.forward(q, q + w, q + 2 * w, out->typed_data() + shape->offset(g),
+                 lse->typed_data() + g * shape->n);
   });
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, F32 q, F32 k, F32 v, F32 lse, F32 d_out, F32Out dq,
-                    F32Out dk, F32Out dv, bool bf16) {
-  auto shape = HeadShape(q, {&k, &v, &d_out});
+ffi::Error Backward(ffi::ThreadPool pool, F32 qkv, F32 lse, F32 d_out, F32Out dqkv, bool bf16) {
+  auto shape = PackedShape(qkv, &d_out);
   if (!shape.has_value()) return shape.error();
-  auto dims = q.dimensions(), lse_dims = lse.dimensions();
+  auto dims = d_out.dimensions(), lse_dims = lse.dimensions();
   const size_t r = dims.size();
   if (lse_dims.size() != r - 1 || !std::equal(dims.begin(), dims.end() - 3, lse_dims.begin()) ||
       lse_dims[r - 3] != shape->h || lse_dims[r - 2] != shape->n)
-    return ffi::Error::InvalidArgument("lse is not (..., h, n) for q's (..., n, h, d)");
+    return Invalid("lse is not (..., h, n) for d_out's (..., n, h, d)");
+  const int64_t w = shape->width();
   return OverHeads(pool, *shape, bf16, [&](auto& head, int64_t g) {
-    const int64_t at = shape->offset(g);
-    head.backward(q.typed_data() + at, k.typed_data() + at, v.typed_data() + at,
-                  lse.typed_data() + g * shape->n, d_out.typed_data() + at,
-                  dq->typed_data() + at, dk->typed_data() + at, dv->typed_data() + at);
+    const int64_t at = shape->packed_offset(g);
+    const float* q = qkv.typed_data() + at;
+    float* dq = dqkv->typed_data() + at;
+    head.backward(q, q + w, q + 2 * w, lse.typed_data() + g * shape->n,
+                  d_out.typed_data() + shape->offset(g), dq, dq + w, dq + 2 * w);
   });
 }
 
 }  // namespace
 
-// (q, k, v) -> (out, lse): each (..., n, h, d) but lse (..., h, n). The attribute bf16: the
-// products the header lists from bfloat16 operands (with AVX-512 BF16; VitAttentionBf16 says
-// whether this build has it).
+// qkv (..., n, 3, h, d) -> (out, lse): out (..., n, h, d), lse (..., h, n). The attribute
+// bf16: the products the header lists from bfloat16 operands (with AVX-512 BF16;
+// VitAttentionBf16 says whether this build has it).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>().Arg<F32>().Arg<F32>()
+                                  .Arg<F32>()
                                   .Ret<F32>().Ret<F32>()
                                   .Attr<bool>("bf16"));
-// (q, k, v, lse, d_out) -> (dq, dk, dv), as forward's; bf16 as forward's
+// (qkv, lse, d_out) -> dqkv, laid out as qkv; bf16 as forward's
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>().Arg<F32>()
-                                  .Ret<F32>().Ret<F32>().Ret<F32>()
+                                  .Arg<F32>().Arg<F32>().Arg<F32>()
+                                  .Ret<F32>()
                                   .Attr<bool>("bf16"));
 
 // Floats per vector, 16 (AVX-512) or 8 (AVX2): which build this is.

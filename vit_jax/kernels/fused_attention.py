@@ -117,24 +117,34 @@ def _warn_once(why: str) -> None:
 
 
 def _fused_heads_apart(bf16: bool, q, k, v):
-  """`_fused` for (B, H, N, D/H) heads: the kernel takes the tokens before the heads, as the
-  projections lay them out, so XLA cancels these transposes against `split_heads`' and
-  `merge_heads`' and the heads are never moved in memory (2-3 % of the default step, at 4
-  heads and at 16)."""
+  """`_fused` for (B, H, N, D/H) heads. The kernel takes the tokens before the heads and Q, K
+  and V side by side, (B, N, 3, H, D/H), as the fused projection `to_qkv` lays them out:
+  XLA cancels these transposes against `split_heads`' and `merge_heads`', and this
+  concatenation (and, in the backward pass, its slices) against `chunk_qkv`'s split, so
+  neither the heads nor Q, K and V are ever moved in memory (with separate W_Q, W_K, W_V the
+  concatenation is a copy)."""
   tokens_first = [jnp.swapaxes(t, -3, -2) for t in (q, k, v)]  # (B, N, H, D/H)
-  return jnp.swapaxes(_fused(bf16, *tokens_first), -3, -2)
+  heads, head_dim = q.shape[-3], q.shape[-1]
+  # Concatenated as (B, N, 3 D), the form in which XLA's simplifier recognises chunk_qkv's
+  # three slices and folds them back into the projection's result.
+  qkv = jnp.concatenate([t.reshape(*t.shape[:-2], heads * head_dim) for t in tokens_first], -1)
+  qkv = qkv.reshape(*qkv.shape[:-1], 3, heads, head_dim)
+  return jnp.swapaxes(_fused(bf16, qkv), -3, -2)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _kernel_call(target: str, bf16: bool, q, *arrays):
-  """The FFI call `target`: (q, k, v) -> (out, lse) or (q, k, v, lse, d_out) -> (dq, dk, dv),
-  each (..., N, H, D/H) but lse (..., H, N), each query's log-sum-exp of its scaled scores;
-  `bf16`: products from bfloat16 operands, where the build has them (`bfloat16_products`)."""
-  lse = q.shape[:-3] + (q.shape[-2], q.shape[-3])
-  results = (q.shape, lse) if target == _TARGETS[0] else (q.shape,) * 3
-  # Every axis before (N, H, D/H) is a batch axis to the kernel, so vmap may just add one.
+def _kernel_call(target: str, bf16: bool, qkv, *arrays):
+  """The FFI call `target`: qkv -> (out, lse) or (qkv, lse, d_out) -> (dqkv,); qkv and dqkv
+  (..., N, 3, H, D/H), out and d_out (..., N, H, D/H), lse (..., H, N), each query's
+  log-sum-exp of its scaled scores; `bf16`: products from bfloat16 operands, where the build
+  has them (`bfloat16_products`)."""
+  tokens, _, heads, head_dim = qkv.shape[-4:]
+  out = qkv.shape[:-4] + (tokens, heads, head_dim)
+  lse = qkv.shape[:-4] + (heads, tokens)
+  results = (out, lse) if target == _TARGETS[0] else (qkv.shape,)
+  # Every axis before (N, 3, H, D/H) is a batch axis to the kernel, so vmap may just add one.
   return jax.ffi.ffi_call(target, tuple(jax.ShapeDtypeStruct(r, jnp.float32) for r in results),
-                          vmap_method="broadcast_all")(q, *arrays, bf16=bf16)
+                          vmap_method="broadcast_all")(qkv, *arrays, bf16=bf16)
 
 
 @_kernel_call.defjvp
@@ -147,18 +157,18 @@ def _kernel_call_jvp(target, bf16, primals, tangents):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(bf16, q, k, v):
-  return _kernel_call(_TARGETS[0], bf16, q, k, v)[0]
+def _fused(bf16, qkv):
+  return _kernel_call(_TARGETS[0], bf16, qkv)[0]
 
 
-def _fused_forward(bf16, q, k, v):
-  out, lse = _kernel_call(_TARGETS[0], bf16, q, k, v)
-  return out, (q, k, v, lse)  # the weights are computed again from lse, not saved
+def _fused_forward(bf16, qkv):
+  out, lse = _kernel_call(_TARGETS[0], bf16, qkv)
+  return out, (qkv, lse)  # the weights are computed again from lse, not saved
 
 
 def _fused_backward(bf16, residuals, d_out):
-  q, k, v, lse = residuals
-  return _kernel_call(_TARGETS[1], bf16, q, k, v, lse, d_out)
+  qkv, lse = residuals
+  return _kernel_call(_TARGETS[1], bf16, qkv, lse, d_out)
 
 
 _fused.defvjp(_fused_forward, _fused_backward)

@@ -1,0 +1,50 @@
+"""The fused kernel reads Q, K and V where the fused projection `to_qkv` wrote them, and writes
+their gradients as one array: chunking and splitting the heads move no data around it."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from test_attention import rand
+from test_fused_attention import requires_kernel
+
+from vit_jax import models
+from vit_jax.kernels import fused_attention as F
+from vit_jax.model_configs import get_model_config
+
+
+@pytest.fixture(scope="module")
+def kernel():
+  why = F.load()
+  assert why is None, why
+  return F
+
+
+def _copies_in_attention(qkv: str) -> list[str]:
+  """The slices and concatenations inside the attention modules of a compiled training step
+  (forward and backward) of a ViT with the kernel."""
+  config = get_model_config("testing", hidden_size=32, num_heads=2, qkv=qkv,
+                            attention_kernel="fused_cpu")
+  model = models.ViT(config)
+  images = rand(3, 28, 28, 1)
+  params = model.init(jax.random.PRNGKey(0), images)["params"]
+  step = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, images) ** 2)))
+  hlo = step.lower(params).compile().as_text()
+  assert "VitAttentionBackward" in hlo  # the kernel's step, not the einsum's
+  return re.findall(r"= \S+ (?:slice|concatenate)\(.*op_name=\"[^\"]*/attention/", hlo)
+
+
+@requires_kernel
+def test_the_fused_projection_s_q_k_v_are_not_copied_for_the_kernel(kernel):
+  assert _copies_in_attention("fused") == []
+  # With W_Q, W_K, W_V apart, Q, K and V are concatenated for the kernel and dQ, dK, dV
+  # sliced out again: the check sees copies where there are some.
+  assert len(_copies_in_attention("separate")) >= 2
+
+
+@requires_kernel
+def test_the_kernel_refuses_an_array_that_is_not_q_k_v_side_by_side(kernel):
+  not_packed = jnp.zeros((2, 5, 2, 1, 16))  # (B, N, 2, H, D/H): no V
+  with pytest.raises(Exception, match=r"qkv is not \(\.\.\., n, 3, h, d\)"):
+    jax.block_until_ready(F._kernel_call("VitAttentionForward", False, not_packed))
