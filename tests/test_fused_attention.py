@@ -257,13 +257,13 @@ def test_the_kernel_is_timed_against_einsum_on_the_model_s_heads(kernel, monkeyp
   monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
   real_gradient_step = timing._gradient_step
 
-  def counted_gradient_step(attend):
-    step = real_gradient_step(attend)
+  def counted_gradient_step(attend, num_heads):
+    step = real_gradient_step(attend, num_heads)
     path = "fused" if getattr(attend, "func", attend) is F.attend else "einsum"
 
-    def call(q, k, v):
-      grads = step(q, k, v)  # compiled and run for real: forward and backward
-      assert all(bool(jnp.isfinite(g).all()) for g in grads)
+    def call(qkv):  # (B, N, 3 D), the heads split out of it as the model does
+      grads = step(qkv)  # compiled and run for real: forward and backward
+      assert grads.shape == qkv.shape and bool(jnp.isfinite(grads).all()) and num_heads == 4
       ran[path] += 1
       clock["now"] += 3.0 if path == "einsum" else 1.0
       return grads

@@ -2,8 +2,8 @@
 //
 // What vit_jax.attention.attend computes, for float32 queries, keys and values packed as
 // (..., N, 3, H, D) (tokens before heads and Q, K, V side by side, as the fused projection
-// lays them out, so that chunking, splitting and merging the heads moves no data; every axis
-// before N a batch axis): weights =
+// lays them out, so that chunking, splitting and merging the heads moves no data; separate
+// W_Q, W_K, W_V cost one concatenation; every axis before N a batch axis): weights =
 // softmax(Q K^T / sqrt(D)), out = weights V, and the gradients of out, from each query's
 // log-sum-exp saved by the forward pass (the weights are computed again, not saved:
 // FlashAttention's trade). XLA runs these as separate batched
@@ -34,7 +34,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <initializer_list>
 #include <memory>
 #include <string>
 #include <utility>
@@ -957,15 +956,15 @@ struct Shape {
 
 ffi::Error Invalid(const std::string& why) { return ffi::Error::InvalidArgument(why); }
 
-// The Shape of qkv (..., n, 3, h, d); `out`, if given, must be (..., n, h, d) for it.
-ffi::ErrorOr<Shape> PackedShape(const F32& qkv, const F32* out) {
+// The Shape of qkv (..., n, 3, h, d); `d_out`, if given, must be (..., n, h, d) for it.
+ffi::ErrorOr<Shape> PackedShape(const F32& qkv, const F32* d_out) {
   auto dims = qkv.dimensions();
   const size_t r = dims.size();
   if (r < 4 || dims[r - 3] != 3) return ffi::Unexpected(Invalid("qkv is not (..., n, 3, h, d)"));
   Shape s{1, dims[r - 4], dims[r - 2], dims[r - 1]};
   for (size_t i = 0; i + 4 < r; ++i) s.batch *= dims[i];
-  if (out != nullptr) {
-    auto o = out->dimensions();
+  if (d_out != nullptr) {
+    auto o = d_out->dimensions();
     if (o.size() != r - 1 || !std::equal(dims.begin(), dims.end() - 3, o.begin()) ||
         o[r - 3] != s.h || o[r - 2] != s.d)
       return ffi::Unexpected(Invalid("d_out is not (..., n, h, d) for qkv's (..., n, 3, h, d)"));
