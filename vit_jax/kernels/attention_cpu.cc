@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <utility>
@@ -956,20 +957,23 @@ struct Shape {
 
 ffi::Error Invalid(const std::string& why) { return ffi::Error::InvalidArgument(why); }
 
-// The Shape of qkv (..., n, 3, h, d); `d_out`, if given, must be (..., n, h, d) for it.
-ffi::ErrorOr<Shape> PackedShape(const F32& qkv, const F32* d_out) {
+// The Shape of qkv (..., n, 3, h, d).
+ffi::ErrorOr<Shape> PackedShape(const F32& qkv) {
   auto dims = qkv.dimensions();
   const size_t r = dims.size();
   if (r < 4 || dims[r - 3] != 3) return ffi::Unexpected(Invalid("qkv is not (..., n, 3, h, d)"));
   Shape s{1, dims[r - 4], dims[r - 2], dims[r - 1]};
   for (size_t i = 0; i + 4 < r; ++i) s.batch *= dims[i];
-  if (d_out != nullptr) {
-    auto o = d_out->dimensions();
-    if (o.size() != r - 1 || !std::equal(dims.begin(), dims.end() - 3, o.begin()) ||
-        o[r - 3] != s.h || o[r - 2] != s.d)
-      return ffi::Unexpected(Invalid("d_out is not (..., n, h, d) for qkv's (..., n, 3, h, d)"));
-  }
   return s;
+}
+
+// Whether x is (..., tail), its "..." qkv's batch axes (every axis before qkv's n).
+bool Follows(const F32& x, const F32& qkv, std::initializer_list<int64_t> tail) {
+  auto dims = x.dimensions(), batch = qkv.dimensions();
+  const size_t b = batch.size() - 4;
+  return dims.size() == b + tail.size() &&
+         std::equal(batch.begin(), batch.begin() + b, dims.begin()) &&
+         std::equal(tail.begin(), tail.end(), dims.begin() + b);
 }
 
 ffi::Error Unsupported(const Shape& s) {
@@ -991,7 +995,7 @@ ffi::Error OverHeads(ffi::ThreadPool& pool, const Shape& s, bool bf16, PerHead p
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, F32 qkv, F32Out out, F32Out lse, bool bf16) {
-  auto shape = PackedShape(qkv, nullptr);
+  auto shape = PackedShape(qkv);
   if (!shape.has_value()) return shape.error();
   const int64_t w = shape->width();
   return OverHeads(pool, *shape, bf16, [&](auto& head, int64_t g) {
@@ -1002,13 +1006,12 @@ ffi::Error Forward(ffi::ThreadPool pool, F32 qkv, F32Out out, F32Out lse, bool b
 }
 
 ffi::Error Backward(ffi::ThreadPool pool, F32 qkv, F32 lse, F32 d_out, F32Out dqkv, bool bf16) {
-  auto shape = PackedShape(qkv, &d_out);
+  auto shape = PackedShape(qkv);
   if (!shape.has_value()) return shape.error();
-  auto dims = d_out.dimensions(), lse_dims = lse.dimensions();
-  const size_t r = dims.size();
-  if (lse_dims.size() != r - 1 || !std::equal(dims.begin(), dims.end() - 3, lse_dims.begin()) ||
-      lse_dims[r - 3] != shape->h || lse_dims[r - 2] != shape->n)
-    return Invalid("lse is not (..., h, n) for d_out's (..., n, h, d)");
+  if (!Follows(d_out, qkv, {shape->n, shape->h, shape->d}))
+    return Invalid("d_out is not (..., n, h, d) for qkv's (..., n, 3, h, d)");
+  if (!Follows(lse, qkv, {shape->h, shape->n}))
+    return Invalid("lse is not (..., h, n) for qkv's (..., n, 3, h, d)");
   const int64_t w = shape->width();
   return OverHeads(pool, *shape, bf16, [&](auto& head, int64_t g) {
     const int64_t at = shape->packed_offset(g);
