@@ -50,3 +50,23 @@ def test_the_kernel_refuses_an_array_that_is_not_q_k_v_side_by_side(kernel):
   not_packed = jnp.zeros((2, 5, 2, 1, 16))  # (B, N, 2, H, D/H): no V
   with pytest.raises(Exception, match=r"qkv is not \(\.\.\., n, 3, h, d\)"):
     jax.block_until_ready(F._kernel_call("VitAttentionForward", False, not_packed))
+
+
+def _call_with_results(target: str, results, *arrays):
+  shapes = tuple(jax.ShapeDtypeStruct(r, jnp.float32) for r in results)
+  return jax.block_until_ready(jax.ffi.ffi_call(target, shapes)(*arrays, bf16=False))
+
+
+@requires_kernel
+@pytest.mark.parametrize("target, results, message", [
+    ("VitAttentionForward", [(2, 4, 1, 16), (2, 1, 5)], r"out is not \(\.\.\., n, h, d\)"),
+    ("VitAttentionForward", [(2, 5, 1, 16), (2, 5, 1)], r"lse is not \(\.\.\., h, n\)"),
+    ("VitAttentionBackward", [(2, 5, 3, 1, 8)], r"dqkv is not shaped as qkv"),
+])
+def test_the_kernel_refuses_results_shaped_for_another_input(kernel, target, results, message):
+  # The results' shapes are the caller's word: one too small would be written past its end.
+  qkv = jnp.zeros((2, 5, 3, 1, 16))
+  inputs = (qkv,) if target == "VitAttentionForward" else (
+      qkv, jnp.zeros((2, 1, 5)), jnp.zeros((2, 5, 1, 16)))
+  with pytest.raises(Exception, match=message):
+    _call_with_results(target, results, *inputs)

@@ -997,6 +997,11 @@ ffi::Error OverHeads(ffi::ThreadPool& pool, const Shape& s, bool bf16, PerHead p
 ffi::Error Forward(ffi::ThreadPool pool, F32 qkv, F32Out out, F32Out lse, bool bf16) {
   auto shape = PackedShape(qkv);
   if (!shape.has_value()) return shape.error();
+  // The results' shapes come from the caller too: a wrong one would be written past its end.
+  if (!Follows(*out, qkv, {shape->n, shape->h, shape->d}))
+    return Invalid("out is not (..., n, h, d) for qkv's (..., n, 3, h, d)");
+  if (!Follows(*lse, qkv, {shape->h, shape->n}))
+    return Invalid("lse is not (..., h, n) for qkv's (..., n, 3, h, d)");
   const int64_t w = shape->width();
   return OverHeads(pool, *shape, bf16, [&](auto& head, int64_t g) {
     const float* q = qkv.typed_data() + shape->packed_offset(g);
@@ -1012,6 +1017,8 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 qkv, F32 lse, F32 d_out, F32Out dq
     return Invalid("d_out is not (..., n, h, d) for qkv's (..., n, 3, h, d)");
   if (!Follows(lse, qkv, {shape->h, shape->n}))
     return Invalid("lse is not (..., h, n) for qkv's (..., n, 3, h, d)");
+  if (!Follows(*dqkv, qkv, {shape->n, 3, shape->h, shape->d}))
+    return Invalid("dqkv is not shaped as qkv (..., n, 3, h, d)");
   const int64_t w = shape->width();
   return OverHeads(pool, *shape, bf16, [&](auto& head, int64_t g) {
     const int64_t at = shape->packed_offset(g);
