@@ -2,6 +2,7 @@
 
 import chex
 import jax
+import jax.extend
 import numpy as np
 import pytest
 
@@ -247,7 +248,7 @@ def test_bfloat16_gradients_multiply_bfloat16_operands_only():
 
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(rand(2, 5, 8), rand(8, 3))
   dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
-  dots += [e for eqn in jaxpr.jaxpr.eqns for sub in jax.core.jaxprs_in_params(eqn.params)
+  dots += [e for eqn in jaxpr.jaxpr.eqns for sub in jax.extend.core.jaxprs_in_params(eqn.params)
            for e in sub.eqns if e.primitive.name == "dot_general"]
   assert len(dots) >= 3  # forward, and the gradients of x and w
   for dot in dots:

@@ -34,7 +34,8 @@ def test_a_16_bit_grey_png_is_scaled_to_8_bits_not_clipped(tmp_path):
 
   levels = np.arange(28 * 28, dtype=np.float64).reshape(28, 28) / (28 * 28 - 1)
   Image.fromarray(np.round(levels * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
-  assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
+  with Image.open(tmp_path / "deep.png") as saved:
+    assert saved.mode.startswith("I;16")
   loaded = image_files.load_image(tmp_path / "deep.png")[..., 0]
   np.testing.assert_allclose(loaded, levels * 255, atol=1)
   Image.fromarray(levels.astype(np.float32)).save(tmp_path / "float.tiff")  # mode F

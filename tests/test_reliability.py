@@ -182,6 +182,7 @@ def test_lock_of_a_killed_process_does_not_stick(tmp_path):
   finally:
     proc.kill()
     proc.wait()
+    proc.stdout.close()
   with WorkdirLock(tmp_path):  # the kernel released the dead process's lock
     pass
 
@@ -241,5 +242,6 @@ def test_a_log_that_cannot_be_flushed_at_the_end_is_no_second_error(tmp_path):
     logging.getLogger("vit_jax.test").warning("buffered when the disk fills")
     handler = next(h for h in logging.getLogger().handlers
                    if getattr(h, "baseFilename", "").endswith("run.log"))
+    handler.stream.close()  # the disk fills after this write reached it
     handler.stream = FullDisk()
   assert handler.stream is None  # closed without raising

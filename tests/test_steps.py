@@ -114,10 +114,10 @@ def test_the_optimizer_decays_the_weights_and_clips_the_gradient_as_configured()
       new, old * (1 - 1e-2 * 0.5), rtol=1e-6), decayed, state.params)
   # A gradient of global norm 1,000: Adam's first moment holds (1 - b1) times the clipped one.
   ones = jax.tree_util.tree_map(jnp.ones_like, state.params)
-  norm = float(optax.global_norm(ones))
+  norm = float(optax.tree.norm(ones))
   large = jax.tree_util.tree_map(lambda g: g * 1000 / norm, ones)
   adam, = [s for s in jax.tree_util.tree_leaves(
       state.apply_gradients(grads=large).opt_state,
       is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
       if isinstance(s, optax.ScaleByAdamState)]
-  assert float(optax.global_norm(adam.mu)) == pytest.approx(0.1 * 1e-3, rel=1e-4)
+  assert float(optax.tree.norm(adam.mu)) == pytest.approx(0.1 * 1e-3, rel=1e-4)

@@ -101,7 +101,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   if axis_name is not None:
     grads, metrics = mean_over_devices((grads, metrics), axis_name)
   # A finite loss can still have a non-finite gradient, which would make the state NaN.
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   return update_average(state.apply_gradients(grads=grads)), metrics
 
 
