@@ -30,7 +30,7 @@ def get_config():
       eval_batch_size=128,
       num_epochs=90,
       learning_rate=1.5e-3,
-      warmup_steps=430,  # one epoch of the 55,000
+      warmup_steps=430,  # about one epoch of the 55,000 (429 steps)
       weight_decay=0.05,
       augment_max_shift=2,
       augment_flip=0.5,
@@ -38,6 +38,6 @@ def get_config():
       label_smoothing=0.1,
       ema_decay=0.9995,
       eval_max_shift=1,  # each evaluated image averaged over its 9 shifts by up to 1 pixel
-      eval_every_steps=4300,  # every tenth epoch: the held-out accuracy as it climbs
+      eval_every_steps=4300,  # about every tenth epoch: the held-out accuracy as it climbs
       checkpoint_every_steps=1290,
   ))

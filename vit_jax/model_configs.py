@@ -41,7 +41,7 @@ class ModelConfig:
   attention_kernel chooses the implementation of step 4, `attention.attend`
   (`vit_jax.kernels`): 'einsum' is the pure functions, the definition, on any platform;
   'fused_cpu' computes each head's two products and softmax as one C++ kernel on CPUs
-  (in float32, a head dim in `kernels.HEAD_DIMS`, at most `kernels.MAX_TOKENS` tokens;
+  (its softmax in float32, a head dim in `kernels.HEAD_DIMS`, at most `kernels.MAX_TOKENS` tokens;
   first derivatives only); 'auto' is resolved when a run starts (`vit_jax.auto`): 'fused_cpu'
   where the kernel builds and is measurably faster than 'einsum' on this machine for this
   shape, else 'einsum'. The choice changes no parameter, only the rounding.
