@@ -30,10 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
 
 def small_config(**overrides) -> ExperimentConfig:
   """16 steps of the `testing` ViT on 512 synthetic digits: checkpoints at 8, 12 and 16."""
-  fields = dict(model=get_model_config("testing"), batch_size=64,
-                num_epochs=2, learning_rate=3e-3, warmup_steps=2, log_every_steps=4,
-                checkpoint_every_steps=4, keep_checkpoints=3, eval_batch_size=256,
-                parallel="jit")
+  fields = dict(model=get_model_config("testing"), batch_size=64, num_epochs=2,
+                learning_rate=3e-3, warmup_steps=2, log_every_steps=4, checkpoint_every_steps=4,
+                keep_checkpoints=3, eval_batch_size=256, parallel="jit")
   return ExperimentConfig(**{**fields, **overrides})
 
 
@@ -97,10 +96,6 @@ def outcome(original, workdir: Path) -> str:
 
 
 @pytest.mark.slow
-# A read that a damaged file stops leaves orbax's other read coroutines unawaited (orbax's
-# clean-up, not ours; the test asserts what the run does about the damage).
-@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_flipped_or_truncated_bytes_in_every_kind_of_file_are_detected_or_harmless(
     finished, tmp_path):
   original = restore(finished)
