@@ -37,7 +37,8 @@ def test_the_distortions_end_where_the_last_undistorted_epochs_begin():
   assert distortion_end_step(config(undistorted_final_epochs=6), total_steps=None) is None
   assert distortion_end_step(config(undistorted_final_epochs=0.001), total_steps=360) is None
   with pytest.raises(ValueError, match=r"undistorted_final_epochs=6.0 must be 0 where no "
-                     r"distortion is on \(none of augment_max_rotation, .*random_erasing\)"):
+                     r"distortion is on \(none of augment_max_rotation, .*random_erasing, "
+                     r"mixup_alpha, cutmix_alpha\)"):
     config(undistorted_final_epochs=6, augment_max_rotation=0.0, augment_max_shear=0.0,
            random_erasing=0.0)  # shifts and flips stay: there would be nothing to turn off
 

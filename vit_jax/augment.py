@@ -1,5 +1,5 @@
-"""Augmentations beyond the shift: random affine maps, elastic distortions, random erasing and
-horizontal flips, per example.
+"""Augmentations beyond the shift: random affine maps, elastic distortions, random erasing,
+horizontal flips and the mixing of pairs of images (mixup, CutMix), per example.
 
 Each draws from its example's own key (`input_pipeline.example_keys`), so the result does not
 depend on how a batch is split over devices, and runs inside the compiled training step. Each
@@ -136,3 +136,43 @@ def random_flip(images: jax.Array, keys: jax.Array, probability: float) -> jax.A
     return images
   flip = jax.vmap(lambda key: jax.random.bernoulli(key, probability))(keys)
   return jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
+
+
+def random_mix(images: jax.Array, keys: jax.Array, mixup_alpha: float, cutmix_alpha: float
+               ) -> tuple[jax.Array, jax.Array]:
+  """Mixes each (B, H, W, C) image with its partner, the image at the mirrored place in the
+  batch (i with B - 1 - i, as timm pairs them), by mixup (Zhang et al. 2018: lam x + (1 - lam)
+  x') or CutMix (Yun et al. 2019: a box of about (1 - lam) of the image pasted from x'), lam
+  drawn from Beta(alpha, alpha) per example. With both alphas set, each example takes one of
+  the two with equal chance. keys: (B, 2).
+
+  Returns float32 images (B, H, W, C) and each one's weight (B,): the share of it that is
+  its own (lam, or CutMix's box area made exact), the weight of its own label in its target
+  and 1 - weight its partner's. At both alphas 0, `images` and weights of 1.
+  """
+  chex.assert_rank(images, 4)
+  chex.assert_rank(keys, 2)
+  batch, height, width, _ = images.shape
+  if not (mixup_alpha or cutmix_alpha):
+    return images, jnp.ones(batch, jnp.float32)
+  images = images.astype(jnp.float32)
+  rows, cols = jnp.arange(height)[:, None], jnp.arange(width)[None, :]
+
+  def one(image, partner, key):
+    choice_key, lam_key, row_key, col_key = jax.random.split(key, 4)
+    cutmix = cutmix_alpha > 0 and (mixup_alpha == 0 or jax.random.bernoulli(choice_key))
+    alpha = jnp.where(cutmix, cutmix_alpha, mixup_alpha)  # never a 0 that is taken
+    lam = jax.random.beta(lam_key, alpha, alpha)
+    side = jnp.sqrt(1 - lam)  # the box's share of each side
+    half_h = jnp.round(height * side / 2).astype(int)
+    half_w = jnp.round(width * side / 2).astype(int)
+    centre_row = jax.random.randint(row_key, (), 0, height)
+    centre_col = jax.random.randint(col_key, (), 0, width)
+    box = ((rows >= centre_row - half_h) & (rows < centre_row + half_h)
+           & (cols >= centre_col - half_w) & (cols < centre_col + half_w))
+    pasted = jnp.where(box[..., None], partner, image)
+    box_weight = 1 - jnp.mean(box.astype(jnp.float32))  # the box clipped at the borders
+    blended = lam * image + (1 - lam) * partner
+    return jnp.where(cutmix, pasted, blended), jnp.where(cutmix, box_weight, lam)
+
+  return jax.vmap(one)(images, images[::-1], keys)

@@ -17,7 +17,7 @@ from vit_jax.schema import check_types, from_mapping, require
 
 # The augmentations that `undistorted_final_epochs` turns off (shifts and flips stay).
 DISTORTIONS = ("augment_max_rotation", "augment_max_scale", "augment_max_shear",
-               "augment_elastic_alpha", "random_erasing")
+               "augment_elastic_alpha", "random_erasing", "mixup_alpha", "cutmix_alpha")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +90,16 @@ class ExperimentConfig:
   # The chance of mirroring an image left to right (`augment.random_flip`): for clothes only;
   # refused for MNIST, where a mirrored digit is another digit or none.
   augment_flip: float = 0.0
+  # Each training image mixed with another of its batch, and its target with that one's label
+  # (`augment.random_mix`): mixup blends the two images, CutMix pastes a box of the other; the
+  # share comes from Beta(alpha, alpha) (small alphas: mostly one image). 0: off; with both
+  # on, each example takes one of the two with equal chance.
+  mixup_alpha: float = 0.0
+  cutmix_alpha: float = 0.0
   # The last this many epochs train without the distortions (the affine maps, elastic
-  # distortion and random erasing; the shifts and flips stay), on images like the evaluated
-  # ones (`training_images`). 0: the distortions throughout. Nothing changes where no
-  # distortion is on, or where the epochs round to no step.
+  # distortion, random erasing and the mixing; the shifts and flips stay), on images like the
+  # evaluated ones (`training_images`). 0: the distortions throughout. Nothing changes where
+  # no distortion is on, or where the epochs round to no step.
   undistorted_final_epochs: float = 0.0
   # Test-time augmentation: evaluation (validation, test, `--mode=eval`) and prediction
   # average each image's class probabilities over its shifts by up to this many pixels in
@@ -156,7 +162,8 @@ class ExperimentConfig:
             "must be in [0, 14] (half the 28-pixel image)")
     for key, top in (("augment_max_rotation", 180), ("augment_max_shear", 45),
                      ("augment_max_scale", 0.5), ("random_erasing", 1), ("augment_flip", 1),
-                     ("augment_elastic_alpha", 100), ("eval_max_shift", 4)):
+                     ("augment_elastic_alpha", 100), ("eval_max_shift", 4),
+                     ("mixup_alpha", 10), ("cutmix_alpha", 10)):
       require(0 <= getattr(self, key) <= top, key, getattr(self, key), f"must be in [0, {top}]")
     require(self.augment_flip == 0 or self.dataset != "mnist", "augment_flip",
             self.augment_flip, "must be 0 for mnist: a mirrored digit is another digit or none")

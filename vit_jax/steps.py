@@ -22,7 +22,7 @@ from vit_jax import input_pipeline
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.parallel import Runner
 from vit_jax.train_state import TrainState, evaluation_params, update_average
-from vit_jax.training_images import distortion_end_step, training_images
+from vit_jax.training_images import distortion_end_step, training_batch
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -30,6 +30,25 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   num_classes = logits.shape[-1]
   targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
   return optax.softmax_cross_entropy(logits, targets)
+
+
+def target_losses(logits: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0
+                  ) -> jax.Array:
+  """(B, K) logits -> (B,) cross-entropies against 'label', or where `batch` is mixed
+  (`augment.random_mix`) against 'mix_weight' (B,) of it and the rest of 'mix_label' (B,)."""
+  losses = cross_entropy(logits, batch["label"], label_smoothing)
+  if "mix_weight" not in batch:
+    return losses
+  weight = batch["mix_weight"]  # cross-entropy is linear in the target: the mixed target's
+  return weight * losses + (1 - weight) * cross_entropy(logits, batch["mix_label"],
+                                                        label_smoothing)
+
+
+def larger_share_labels(batch: dict[str, jax.Array]) -> jax.Array:
+  """(B,) each example's label, or in a mixed batch the label of the larger share of it."""
+  if "mix_weight" not in batch:
+    return batch["label"]
+  return jnp.where(batch["mix_weight"] >= 0.5, batch["label"], batch["mix_label"])
 
 
 def split_microbatches(batch: dict[str, jax.Array], num_microbatches: int
@@ -64,7 +83,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
                label_smoothing: float = 0.0, num_microbatches: int = 1,
                axis_name: str | None = None):
   """One AdamW update on `batch` = {'image': (B, H, W, C) float, 'label': (B,) int}, and of
-  the parameters' moving average where `state` keeps one (`EmaTrainState`).
+  the parameters' moving average where `state` keeps one (`EmaTrainState`); a mixed batch
+  has 'mix_label' and 'mix_weight' too (`target_losses`; `larger_share_labels` for accuracy).
 
   The batch goes through the model in `num_microbatches` micro-batches of
   B / num_microbatches examples (`lax.scan`), their gradients summed: the update of the
@@ -80,8 +100,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   def sums(params, micro, rng):
     logits = state.apply_fn({"params": params}, micro["image"], train=True,
                             rngs={"dropout": rng})
-    correct = jnp.sum(jnp.argmax(logits, -1) == micro["label"]).astype(jnp.int32)
-    return jnp.sum(cross_entropy(logits, micro["label"], label_smoothing)), correct
+    correct = jnp.sum(jnp.argmax(logits, -1) == larger_share_labels(micro)).astype(jnp.int32)
+    return jnp.sum(target_losses(logits, micro, label_smoothing)), correct
 
   def accumulate(totals, indexed_microbatch):
     index, micro = indexed_microbatch
@@ -173,12 +193,10 @@ def cache_sized_part(total: int, fits: int) -> int:
 
 def _train_on_indices(state, data, indices, positions, rng, *, config: ExperimentConfig,
                       num_microbatches: int, distortion_end: int | None, axis_name):
-  """Gathers, augments and normalises a batch on device, then `train_step`."""
+  """`training_batch`, then `train_step`."""
   augment_rng, dropout_rng = jax.random.split(rng)
   keys = input_pipeline.example_keys(augment_rng, positions)
-  images = training_images(data["image"][indices], keys, state.step, config, distortion_end)
-  batch = {"image": input_pipeline.normalize(images, config.dataset),
-           "label": data["label"][indices]}
+  batch = training_batch(data, indices, keys, state.step, config, distortion_end)
   if axis_name is not None:
     dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
   return train_step(state, batch, dropout_rng, label_smoothing=config.label_smoothing,

@@ -1,7 +1,7 @@
 """What a training step does to its images, as the config says: the shifts, then the
 distortions (random affine maps, elastic distortion, random erasing), then the flips, each
-example from its own key; and, with `undistorted_final_epochs`, the last epochs with the
-shifts and flips only.
+example from its own key, then the mixing of images and their targets (mixup, CutMix); and,
+with `undistorted_final_epochs`, the last epochs with the shifts and flips only.
 
 The last epochs without the distortions follow YOLOX (Ge et al. 2021, its strongest
 augmentations off for the last 15 epochs): the model's last updates see images like the
@@ -71,3 +71,32 @@ def training_images(images: jax.Array, keys: jax.Array, step: jax.Array,
       step < distortion_end,
       lambda x: augmented(x, keys, config).astype(jnp.float32),
       lambda x: augmented(x, keys, config, distort=False).astype(jnp.float32), images)
+
+
+def mixed_images(images: jax.Array, keys: jax.Array, step: jax.Array, config: ExperimentConfig,
+                 distortion_end: int | None) -> tuple[jax.Array, jax.Array | None]:
+  """`training_images` mixed in pairs as `augment.random_mix` does (from each example's own
+  stream of `keys`), unmixed from step `distortion_end` on: (B, H, W, C) images and (B,)
+  weights of their own labels; the images alone and None where the config mixes nothing."""
+  if not (config.mixup_alpha or config.cutmix_alpha):
+    return images, None
+  streams = jax.vmap(lambda key: jax.random.fold_in(key, 5))(keys)
+  mixed, weights = augment.random_mix(images, streams, config.mixup_alpha, config.cutmix_alpha)
+  if distortion_end is None:
+    return mixed, weights
+  mixing = step < distortion_end
+  return (jnp.where(mixing, mixed, images.astype(jnp.float32)),
+          jnp.where(mixing, weights, jnp.ones_like(weights)))
+
+
+def training_batch(data, indices, keys, step, config: ExperimentConfig,
+                   distortion_end: int | None) -> dict[str, jax.Array]:
+  """The examples `indices` of `data`, augmented (`training_images`), mixed in pairs where the
+  config says (`mixed_images`: 'mix_label' and 'mix_weight' too) and normalised."""
+  images = training_images(data["image"][indices], keys, step, config, distortion_end)
+  images, weights = mixed_images(images, keys, step, config, distortion_end)
+  labels = data["label"][indices]
+  batch = {"image": input_pipeline.normalize(images, config.dataset), "label": labels}
+  if weights is not None:  # each image's partner is at the mirrored place in the batch
+    batch.update(mix_label=labels[::-1], mix_weight=weights)
+  return batch
