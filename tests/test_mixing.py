@@ -1,5 +1,5 @@
-"""Mixup and CutMix: each image mixed with its partner at the mirrored place in the batch, its
-target with the partner's label in the same shares, and nothing at strength 0."""
+"""Mixup and CutMix: each image mixed with its partner, its neighbour in pairs, its target with
+the partner's label in the same shares, and nothing at strength 0."""
 
 import functools
 
@@ -24,6 +24,12 @@ def keys(n, seed=0):
 
 
 mix = jax.jit(augment.random_mix, static_argnums=(2, 3))
+PAIRS = np.array([1, 0, 3, 2, 5, 4, 7, 6])  # 8 examples' partners
+
+
+def test_partners_are_neighbours_in_pairs_and_the_last_of_an_odd_batch_its_own():
+  np.testing.assert_array_equal(augment.mix_partners(8), PAIRS)
+  np.testing.assert_array_equal(augment.mix_partners(5), [1, 0, 3, 2, 4])
 
 
 def test_no_mixing_at_strength_0():
@@ -33,19 +39,19 @@ def test_no_mixing_at_strength_0():
   np.testing.assert_array_equal(weights, np.ones(8))
 
 
-def test_mixup_blends_each_image_with_its_mirrored_partner_by_its_weight():
+def test_mixup_blends_each_image_with_its_partner_by_its_weight():
   x = images()
   mixed, weights = mix(x, keys(8), 0.4, 0.0)
   assert mixed.shape == x.shape and mixed.dtype == jnp.float32 and weights.shape == (8,)
   assert np.all((weights >= 0) & (weights <= 1)) and np.unique(weights).size == 8
-  expected = weights[:, None, None, None] * x + (1 - weights[:, None, None, None]) * x[::-1]
+  expected = weights[:, None, None, None] * x + (1 - weights[:, None, None, None]) * x[PAIRS]
   np.testing.assert_allclose(mixed, expected, rtol=1e-6)
 
 
 def test_cutmix_pastes_a_box_of_the_partner_whose_share_is_the_partner_s_weight():
   x = images()
   mixed, weights = mix(x, keys(8, seed=3), 0.0, 1.0)
-  own, partner = np.asarray(mixed) == np.asarray(x), np.asarray(mixed) == np.asarray(x[::-1])
+  own, partner = np.asarray(mixed) == np.asarray(x), np.asarray(mixed) == np.asarray(x[PAIRS])
   assert np.all(own | partner)  # every pixel is one image's or the other's
   np.testing.assert_allclose(own.mean(axis=(1, 2, 3)), weights, rtol=1e-6)
   assert np.any(weights < 1)
@@ -57,12 +63,12 @@ def test_cutmix_pastes_a_box_of_the_partner_whose_share_is_the_partner_s_weight(
 def test_with_both_each_example_takes_one_of_the_two():
   x = images(64)
   mixed, weights = mix(x, keys(64), 1.0, 1.0)
-  w = weights[:, None, None, None]
-  blended = np.all(np.isclose(mixed, w * x + (1 - w) * x[::-1], rtol=1e-6), axis=(1, 2, 3))
-  pasted = np.all((mixed == x) | (mixed == x[::-1]), axis=(1, 2, 3)) & ~np.isclose(
-      weights, 1) | np.isclose(weights, 1)
+  w, partner = weights[:, None, None, None], x[augment.mix_partners(64)]
+  blended = np.all(np.isclose(mixed, w * x + (1 - w) * partner, rtol=1e-6), axis=(1, 2, 3))
+  pasted = np.all((mixed == x) | (mixed == partner), axis=(1, 2, 3))
   assert np.all(blended | pasted)
-  assert 10 < np.sum(blended & ~pasted) < 54  # about half blended, half pasted
+  # About half blended, half pasted.
+  assert 10 < np.sum(blended & ~pasted) < 54 and 10 < np.sum(pasted & ~blended) < 54
 
 
 def test_a_small_alpha_mostly_keeps_one_image():
@@ -96,10 +102,10 @@ def test_the_training_batch_pairs_each_image_s_partner_with_its_label():
   indices = jnp.array([5, 2, 7, 0])
   batch = training_batch(data, indices, keys(4), 0, config, None)
   np.testing.assert_array_equal(batch["label"], [5, 2, 7, 0])
-  np.testing.assert_array_equal(batch["mix_label"], [0, 7, 2, 5])
+  np.testing.assert_array_equal(batch["mix_label"], [2, 5, 0, 7])
   grey = data["image"][indices, 0, 0, 0].astype(np.float32)
-  w = batch["mix_weight"]
-  expected = input_pipeline.normalize(w * grey + (1 - w) * grey[::-1], config.dataset)
+  w, partner = batch["mix_weight"], grey[np.array([1, 0, 3, 2])]
+  expected = input_pipeline.normalize(w * grey + (1 - w) * partner, config.dataset)
   np.testing.assert_allclose(batch["image"][:, 0, 0, 0], expected, rtol=1e-5)
 
 

@@ -138,13 +138,19 @@ def random_flip(images: jax.Array, keys: jax.Array, probability: float) -> jax.A
   return jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
 
 
+def mix_partners(batch_size: int) -> np.ndarray:
+  """(batch_size,) each example's partner in the mixing: its neighbour, in pairs (0, 1),
+  (2, 3), ... (the last of an odd batch its own). Pairs of neighbours stay on one device where
+  a batch is split over devices in even shares, so the pairs do not depend on how many."""
+  return np.minimum(np.arange(batch_size) ^ 1, batch_size - 1)
+
+
 def random_mix(images: jax.Array, keys: jax.Array, mixup_alpha: float, cutmix_alpha: float
                ) -> tuple[jax.Array, jax.Array]:
-  """Mixes each (B, H, W, C) image with its partner, the image at the mirrored place in the
-  batch (i with B - 1 - i, as timm pairs them), by mixup (Zhang et al. 2018: lam x + (1 - lam)
-  x') or CutMix (Yun et al. 2019: a box of about (1 - lam) of the image pasted from x'), lam
-  drawn from Beta(alpha, alpha) per example. With both alphas set, each example takes one of
-  the two with equal chance. keys: (B, 2).
+  """Mixes each (B, H, W, C) image x with its partner x' (`mix_partners`) by mixup (Zhang et
+  al. 2018: lam x + (1 - lam) x') or CutMix (Yun et al. 2019: a box of about (1 - lam) of the
+  image pasted from x'), lam drawn from Beta(alpha, alpha) per example. With both alphas
+  set, each example takes one of the two with equal chance. keys: (B, 2).
 
   Returns float32 images (B, H, W, C) and each one's weight (B,): the share of it that is
   its own (lam, or CutMix's box area made exact), the weight of its own label in its target
@@ -175,4 +181,4 @@ def random_mix(images: jax.Array, keys: jax.Array, mixup_alpha: float, cutmix_al
     blended = lam * image + (1 - lam) * partner
     return jnp.where(cutmix, pasted, blended), jnp.where(cutmix, box_weight, lam)
 
-  return jax.vmap(one)(images, images[::-1], keys)
+  return jax.vmap(one)(images, images[mix_partners(batch)], keys)

@@ -97,6 +97,6 @@ def training_batch(data, indices, keys, step, config: ExperimentConfig,
   images, weights = mixed_images(images, keys, step, config, distortion_end)
   labels = data["label"][indices]
   batch = {"image": input_pipeline.normalize(images, config.dataset), "label": labels}
-  if weights is not None:  # each image's partner is at the mirrored place in the batch
-    batch.update(mix_label=labels[::-1], mix_weight=weights)
+  if weights is not None:
+    batch.update(mix_label=labels[augment.mix_partners(len(labels))], mix_weight=weights)
   return batch
