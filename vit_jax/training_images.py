@@ -19,23 +19,25 @@ from vit_jax import augment, input_pipeline
 from vit_jax.experiment_config import ExperimentConfig
 
 
+def _stream(keys: jax.Array, i: int) -> jax.Array:
+  """(B, 2) keys -> each example's own stream i: one per augmentation."""
+  return jax.vmap(lambda key: jax.random.fold_in(key, i))(keys)
+
+
 def augmented(images: jax.Array, keys: jax.Array, config: ExperimentConfig,
               distort: bool = True) -> jax.Array:
   """(B, H, W, C) images shifted, then (with `distort`) through a random affine map,
   elastically distorted and randomly erased, then mirrored, as `config` says; keys (B, 2),
   one per example. Each augmentation draws from its own stream, so an image's shift and
   flip are the same with and without `distort`."""
-  def stream(i):
-    return jax.vmap(lambda key: jax.random.fold_in(key, i))(keys)
-
   images = input_pipeline.random_translate(images, keys, config.augment_max_shift)
   if distort:
-    images = augment.random_affine(images, stream(1), config.augment_max_rotation,
+    images = augment.random_affine(images, _stream(keys, 1), config.augment_max_rotation,
                                    config.augment_max_scale, config.augment_max_shear)
-    images = augment.random_elastic(images, stream(3), config.augment_elastic_alpha,
+    images = augment.random_elastic(images, _stream(keys, 3), config.augment_elastic_alpha,
                                     config.augment_elastic_sigma)
-    images = augment.random_erasing(images, stream(2), config.random_erasing)
-  return augment.random_flip(images, stream(4), config.augment_flip)
+    images = augment.random_erasing(images, _stream(keys, 2), config.random_erasing)
+  return augment.random_flip(images, _stream(keys, 4), config.augment_flip)
 
 
 def distortion_end_step(config: ExperimentConfig, total_steps: int | None) -> int | None:
@@ -80,8 +82,8 @@ def mixed_images(images: jax.Array, keys: jax.Array, step: jax.Array, config: Ex
   weights of their own labels; the images alone and None where the config mixes nothing."""
   if not (config.mixup_alpha or config.cutmix_alpha):
     return images, None
-  streams = jax.vmap(lambda key: jax.random.fold_in(key, 5))(keys)
-  mixed, weights = augment.random_mix(images, streams, config.mixup_alpha, config.cutmix_alpha)
+  mixed, weights = augment.random_mix(images, _stream(keys, 5), config.mixup_alpha,
+                                      config.cutmix_alpha)
   if distortion_end is None:
     return mixed, weights
   mixing = step < distortion_end
