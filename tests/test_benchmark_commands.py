@@ -56,7 +56,11 @@ def test_time_to_accuracy_reads_a_real_run(tmp_path, tfds_dir, held_out):
   assert result["step_at_0.05"] == 4  # the first evaluation already beats chance / 2
   assert 0 < result["seconds_to_0.05"] < 300
   assert result["seconds_to_0.999"] is None and result["step_at_0.999"] is None
-  assert 0 < result["final_accuracy"] <= 1
+  records = [json.loads(line)
+             for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  last = [r for r in records if "eval_accuracy" in r][-1]  # the test split, at the end
+  assert last["step"] == 8 and result["final_accuracy"] == last["eval_accuracy"]
+  assert result["final_accuracy"] > 0.2  # it learned (0.30-0.36 here; a constant <= 0.1135)
   with pytest.raises(ValueError, match=r"the timed launch.py run ended with status [12] \(its"):
     benchmark.time_to_accuracy("experiments/no_such_config.py", overrides, [0.5],
                                tmp_path / "failed", eval_every_steps=4)
@@ -157,7 +161,9 @@ def test_the_accelerator_script_times_accuracy_from_a_prepared_dataset_without_t
   assert [p.name for p in out.glob("*.json")] == ["tiny_bfloat16_time_to_accuracy.json"]
   written = json.loads((out / "tiny_bfloat16_time_to_accuracy.json").read_text())
   assert written["compute_dtype"] == "bfloat16"
-  assert 0.1 < written["final_accuracy"] <= 1  # it learned from real digits
+  # It learned from real digits: one class for every image scores at most 0.1135 (the
+  # 1s), images misaligned with their labels about 0.1; seed 0 reaches 0.36 here.
+  assert 0.2 < written["final_accuracy"] <= 1
   assert not list(empty.iterdir())
 
 
