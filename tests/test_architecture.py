@@ -21,6 +21,7 @@ LAYERS = {
     "steps": 4, "train": 4, "inference": 4, "export": 4, "auto": 4, "analysis": 4, "sweep": 4,
     "checkpoint_digests": 4, "run_log": 4, "init_from": 4, "instruments": 4, "locks": 4,
     "seeds": 4, "loop": 4, "training_images": 4, "train_state": 4, "workdir": 4,
+    "distillation": 4,
     "command_line": 5,
     "figures": 5, "visualize": 5, "sweep_report": 5, "sweep_plots": 5, "benchmark": 5, "analyze": 5,
 }

@@ -68,6 +68,11 @@ class ExperimentConfig:
   grad_clip_norm: float = 1.0
   # The share of each one-hot target spread evenly over the classes.
   label_smoothing: float = 0.0
+  # Knowledge distillation: a share distill_weight of each training target is a teacher's
+  # class probabilities for the example, read from distill_targets, a file of trained runs'
+  # probabilities for every training image (`vit_jax.distillation`). 0: the labels alone.
+  distill_targets: str | None = None
+  distill_weight: float = 0.0
   # An exponential moving average of the parameters, decaying by this factor a step, is kept
   # beside them, saved in the checkpoints and used for every evaluation and prediction
   # (`train_state.EmaTrainState`). 0: none.
@@ -155,6 +160,14 @@ class ExperimentConfig:
     require(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing,
             "must be in [0, 1)")
     require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in [0, 1)")
+    require(0 <= self.distill_weight <= 1, "distill_weight", self.distill_weight,
+            "must be in [0, 1]")
+    require(bool(self.distill_weight) == (self.distill_targets is not None), "distill_weight",
+            self.distill_weight, f"must be positive exactly where distill_targets is set (it "
+            f"is {self.distill_targets!r})")
+    require(not (self.distill_weight and (self.mixup_alpha or self.cutmix_alpha)),
+            "distill_weight", self.distill_weight, "cannot be combined with mixup_alpha or "
+            "cutmix_alpha (a mixed image would need both teachers' targets)")
 
   def _check_augmentation(self):
     """The distortions of training images and the views evaluation averages over."""

@@ -35,7 +35,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
 def target_losses(logits: jax.Array, batch: dict[str, jax.Array], label_smoothing: float = 0.0
                   ) -> jax.Array:
   """(B, K) logits -> (B,) cross-entropies against 'label', or where `batch` is mixed
-  (`augment.random_mix`) against 'mix_weight' (B,) of it and the rest of 'mix_label' (B,)."""
+  (`augment.random_mix`) against 'mix_weight' (B,) of it and the rest of 'mix_label' (B,),
+  or against 'target' (B, K) where there is one (distillation, `training_batch`)."""
+  if "target" in batch:
+    targets = optax.smooth_labels(batch["target"], label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
   losses = cross_entropy(logits, batch["label"], label_smoothing)
   if "mix_weight" not in batch:
     return losses
@@ -159,9 +163,7 @@ def view_averaged_log_probabilities(apply_fn, params, images: jax.Array,
   batch, num_views = views.shape[:2]
   flat = views.reshape(batch * num_views, *views.shape[2:])
 
-  def forward(images):
-    return apply_fn({"params": params}, images, train=False)
-
+  forward = functools.partial(apply_fn, {"params": params}, train=False)
   if num_passes > 1:  # strided, as training's micro-batches: (k, B*V/k, ...) and back
     logits = jax.lax.map(forward, split_microbatches(flat, num_passes))
     logits = logits.swapaxes(0, 1).reshape(len(flat), -1)

@@ -23,6 +23,7 @@ import numpy as np
 from vit_jax import (
   analysis,
   auto,
+  distillation,
   inference,
   init_from,
   input_pipeline,
@@ -51,15 +52,20 @@ Data = dict[str, dict[str, np.ndarray]]  # {'train' | 'validation' | 'test': {'i
 
 def load_data(config: ExperimentConfig) -> Data:
   """{'train', 'test'} host arrays, and 'validation' held out of the training split when
-  `config.validation_examples`; train then cut to `config.train_examples`."""
+  `config.validation_examples`; train then cut to `config.train_examples`. With
+  `config.distill_targets`, train has 'teacher' (N, K) probabilities too."""
   out = {}
   for split in ("train", "test"):
     images, labels = mnist_source.load_split(config.dataset, split, config.tfds_data_dir,
                                              config.idx_dir)
     out[split] = {"image": images, "label": labels}
+  if config.distill_targets is not None:  # before the hold-out: the file follows the dataset
+    out["train"]["teacher"] = distillation.load_targets(
+        config.distill_targets, config.dataset, out["train"]["label"], config.model.num_classes)
   if config.validation_examples:
     out["train"], out["validation"] = input_pipeline.hold_out(out["train"],
                                                               config.validation_examples)
+    out["validation"].pop("teacher", None)  # validation is scored against its labels alone
   if config.train_examples is not None:
     out["train"] = {k: v[:config.train_examples] for k, v in out["train"].items()}
   return out
@@ -145,6 +151,9 @@ class _Run:
     if num_train < config.batch_size:  # data handed in directly skips the config's own check
       raise ValueError(f"config.batch_size={config.batch_size} exceeds the {num_train} "
                        "training examples")
+    if config.distill_weight and "teacher" not in data["train"]:
+      raise ValueError(f"config.distill_weight={config.distill_weight} needs the teacher's "
+                       "probabilities, data['train']['teacher'] (load_data reads them)")
     self.config, self.workdir, self.runner = config, workdir, runner
     self.total_steps = total_train_steps(config, num_train)
     self.order = input_pipeline.EpochOrder(num_train, config.batch_size, config.seed)

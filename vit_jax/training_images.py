@@ -94,11 +94,17 @@ def mixed_images(images: jax.Array, keys: jax.Array, step: jax.Array, config: Ex
 def training_batch(data, indices, keys, step, config: ExperimentConfig,
                    distortion_end: int | None) -> dict[str, jax.Array]:
   """The examples `indices` of `data`, augmented (`training_images`), mixed in pairs where the
-  config says (`mixed_images`: 'mix_label' and 'mix_weight' too) and normalised."""
+  config says (`mixed_images`: 'mix_label' and 'mix_weight' too) and normalised; with a
+  teacher ('teacher' (N, K) in `data`, `config.distill_weight`), 'target' (B, K) too: each
+  one-hot label with that share of it the teacher's probabilities."""
   images = training_images(data["image"][indices], keys, step, config, distortion_end)
   images, weights = mixed_images(images, keys, step, config, distortion_end)
   labels = data["label"][indices]
   batch = {"image": input_pipeline.normalize(images, config.dataset), "label": labels}
   if weights is not None:
     batch.update(mix_label=labels[augment.mix_partners(len(labels))], mix_weight=weights)
+  if config.distill_weight:
+    teacher = data["teacher"][indices]
+    batch["target"] = (1 - config.distill_weight) * jax.nn.one_hot(
+        labels, teacher.shape[-1]) + config.distill_weight * teacher
   return batch

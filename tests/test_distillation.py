@@ -1,0 +1,202 @@
+"""Knowledge distillation: a teacher's probabilities as a share of each training target, the
+file that carries them, and a student that learns what its teacher says."""
+
+import functools
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import REPO
+from test_train import small_config, subset
+
+from vit_jax import distillation, inference, input_pipeline, steps, train, train_state
+from vit_jax.experiment_config import ExperimentConfig
+from vit_jax.training_images import training_batch
+
+onehot = functools.partial(jax.nn.one_hot, num_classes=10)
+
+
+def distilled(**overrides) -> ExperimentConfig:
+  return small_config(distill_targets="teachers.npz", distill_weight=0.3, **overrides)
+
+
+def test_the_training_targets_are_the_label_and_the_teacher_in_their_shares():
+  data = {"image": jnp.zeros((8, 28, 28, 1), jnp.uint8), "label": jnp.arange(8) % 10,
+          "teacher": jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (8, 10)))}
+  indices = jnp.array([5, 2, 7, 0])
+  keys = input_pipeline.example_keys(jax.random.PRNGKey(0), np.arange(4))
+  batch = training_batch(data, indices, keys, 0, distilled(augment_max_shift=0), None)
+  np.testing.assert_array_equal(batch["label"], [5, 2, 7, 0])
+  expected = 0.7 * onehot(data["label"][indices]) + 0.3 * data["teacher"][indices]
+  np.testing.assert_allclose(batch["target"], expected, rtol=1e-6)
+  assert "target" not in training_batch(data, indices, keys, 0, small_config(), None)
+
+
+def model_and_images():
+  state = train_state.create_train_state(small_config(), total_steps=10)
+  # The head starts at zero, which would make every target's loss log(10): give it weights.
+  head = jax.random.normal(jax.random.PRNGKey(1), state.params["head"]["kernel"].shape)
+  state = state.replace(params={**state.params, "head": {**state.params["head"], "kernel": head}})
+  return state, jax.random.uniform(jax.random.PRNGKey(2), (6, 28, 28, 1))
+
+
+def test_a_distilled_batch_s_loss_is_the_cross_entropy_of_its_targets():
+  state, x = model_and_images()
+  labels = jnp.array([0, 1, 2, 3, 4, 5])
+  targets = jax.nn.softmax(3 * jax.random.normal(jax.random.PRNGKey(3), (6, 10)))
+  step = jax.jit(functools.partial(steps.train_step, label_smoothing=0.1))
+  _, metrics = step(state, {"image": x, "label": labels, "target": targets},
+                    jax.random.PRNGKey(0))
+  logits = state.apply_fn({"params": state.params}, x, train=True,
+                          rngs={"dropout": jax.random.PRNGKey(0)})
+  expected = optax.softmax_cross_entropy(logits, optax.smooth_labels(targets, 0.1)).mean()
+  np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+  _, plain = step(state, {"image": x, "label": labels}, jax.random.PRNGKey(0))
+  assert abs(float(plain["loss"]) - float(metrics["loss"])) > 1e-3
+
+
+def test_a_teacher_that_says_the_labels_changes_nothing():
+  state, x = model_and_images()
+  labels = jnp.array([3, 1, 4, 1, 5, 9])
+  step = jax.jit(steps.train_step)
+  taught, taught_metrics = step(state, {"image": x, "label": labels, "target": onehot(labels)},
+                                jax.random.PRNGKey(0))
+  plain, plain_metrics = step(state, {"image": x, "label": labels}, jax.random.PRNGKey(0))
+  np.testing.assert_allclose(taught_metrics["loss"], plain_metrics["loss"], rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(taught.params),
+                  jax.tree_util.tree_leaves(plain.params), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(distill_targets="t.npz", distill_weight=1.5),
+     r"^distill_weight=1.5 must be in \[0, 1\]$"),
+    (dict(distill_weight=0.5), r"^distill_weight=0.5 must be positive exactly where "
+                               r"distill_targets is set \(it is None\)$"),
+    (dict(distill_targets="t.npz"), r"^distill_weight=0.0 must be positive exactly where "
+                                    r"distill_targets is set \(it is 't.npz'\)$"),
+    (dict(distill_targets="t.npz", distill_weight=0.5, mixup_alpha=0.2),
+     r"^distill_weight=0.5 cannot be combined with mixup_alpha or cutmix_alpha"),
+])
+def test_a_bad_distillation_config_is_one_line_naming_the_field(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    small_config(**overrides)
+
+
+def targets_file(path, labels, probabilities=None, dataset="mnist"):
+  probabilities = onehot(labels) if probabilities is None else probabilities
+  distillation.save_targets(path, np.asarray(probabilities), labels, dataset, ["runs/a"])
+  return path
+
+
+def test_targets_read_back_as_written(tmp_path):
+  labels = np.array([3, 1, 4, 1, 5], np.int32)
+  probabilities = np.asarray(jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (5, 10))))
+  path = targets_file(tmp_path / "t.npz", labels, probabilities)
+  np.testing.assert_array_equal(distillation.load_targets(path, "mnist", labels, 10),
+                                probabilities)
+  assert [p.name for p in tmp_path.iterdir()] == ["t.npz"]  # no partial file left beside it
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", r"does not exist \(experiments/teacher_targets.py writes one\)$"),
+    ("not npz", r"is not a file of teacher targets"),
+    ("dataset", r"holds fashion_mnist's targets, not mnist's$"),
+    ("order", r"was computed for other images: its 5 labels are not those of mnist's 5 "),
+    ("count", r"was computed for other images: its 4 labels are not those of mnist's 5 training images, in order$"),
+    ("classes", r"holds probabilities of shape \(5, 9\), not \(5, 10\)$"),
+    ("not probabilities", r"holds rows that are not probabilities"),
+])
+def test_a_file_of_other_targets_is_refused_in_one_line(tmp_path, case, message):
+  labels = np.array([3, 1, 4, 1, 5], np.int32)
+  path = tmp_path / "t.npz"
+  if case == "not npz":
+    path.write_text("not an npz")
+  elif case != "missing":
+    written_labels = {"order": labels[::-1], "count": labels[:4]}.get(case, labels)
+    probabilities = {"classes": np.full((5, 9), 1 / 9),
+                     "not probabilities": np.full((5, 10), 0.2)}.get(case)
+    targets_file(path, written_labels, probabilities,
+                 "fashion_mnist" if case == "dataset" else "mnist")
+  with pytest.raises(ValueError, match=rf"^distill_targets='{path}' " + message):
+    distillation.load_targets(path, "mnist", labels, 10)
+
+
+def test_a_run_handed_data_without_a_teacher_is_refused(tmp_path, digits):
+  with pytest.raises(ValueError, match=r"^config.distill_weight=0.3 needs the teacher's "):
+    train.train_and_evaluate(distilled(), tmp_path / "run", data=subset(digits, 1024))
+
+
+@pytest.mark.slow
+def test_a_student_learns_what_its_teacher_says_not_the_labels(tmp_path, digits):
+  """At weight 1 the labels are not used: a teacher that names the next class for every
+  image makes a student that does so too (its test accuracy against the labels near 0)."""
+  data = subset(digits, 1024)
+  data["train"]["teacher"] = np.asarray(onehot((data["train"]["label"] + 1) % 10))
+  config = small_config(distill_targets="t.npz", distill_weight=1.0, augment_max_shift=0,
+                        num_epochs=3)
+  result = train.train_and_evaluate(config, tmp_path / "run", data=data)
+  probabilities = inference.predict(config, tmp_path / "run", data["test"]["image"])
+  assert result["eval_accuracy"] < 0.1
+  assert np.mean(probabilities.argmax(-1) == (data["test"]["label"] + 1) % 10) > 0.8
+
+
+def test_the_teacher_s_targets_follow_their_images_through_the_hold_out(tmp_path, monkeypatch):
+  from vit_jax import mnist_source
+
+  def numbered(n):  # image i shows grey level i % 256 and has label i % 10
+    return np.broadcast_to((np.arange(n) % 256).astype(np.uint8)[:, None, None, None],
+                           (n, 28, 28, 1)), (np.arange(n) % 10).astype(np.int32)
+
+  sizes = {"train": 60000, "test": 10000}
+  monkeypatch.setattr(mnist_source, "load_split", lambda dataset, split, *dirs: numbered(
+      sizes[split]))
+  labels = numbered(60000)[1]
+  path = targets_file(tmp_path / "t.npz", labels, onehot((labels + 1) % 10))
+  config = small_config(distill_targets=str(path), distill_weight=0.5, train_examples=None,
+                        validation_examples=5000)
+  data = train.load_data(config)
+  assert "teacher" not in data["validation"] and len(data["train"]["teacher"]) == 55000
+  np.testing.assert_array_equal(data["train"]["teacher"].argmax(-1),
+                                (data["train"]["label"] + 1) % 10)
+  with pytest.raises(ValueError, match="was computed for other images"):
+    monkeypatch.setattr(mnist_source, "load_split", lambda dataset, split, *dirs: (
+        numbered(sizes[split])[0], (numbered(sizes[split])[1] + 3) % 10))
+    train.load_data(config)
+
+
+@pytest.mark.slow
+def test_the_teachers_targets_are_the_mean_of_their_predictions(tmp_path, digits):
+  data = subset(digits, 256)
+  for name in ("a", "b"):  # two teachers of other seeds
+    train.train_and_evaluate(small_config(seed=ord(name)), tmp_path / name, data=data)
+  images = data["train"]["image"][:40]
+  mean = distillation.teacher_targets([tmp_path / "a", tmp_path / "b"], images, batch_size=16)
+  each = [inference.predict(small_config(), tmp_path / n, images) for n in ("a", "b")]
+  np.testing.assert_allclose(mean, (each[0] + each[1]) / 2, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(each[0], each[1])
+
+
+@pytest.mark.slow
+def test_the_command_writes_a_file_a_run_reads(tmp_path, digits, mnist, tfds_dir):
+  teacher = tmp_path / "teacher"
+  train.train_and_evaluate(small_config(tfds_data_dir=tfds_dir, idx_dir=None), teacher,
+                           data=subset(digits, 256))
+  out = tmp_path / "targets.npz"
+  done = subprocess.run([sys.executable, "experiments/teacher_targets.py",
+                         f"--teachers={teacher}", f"--out={out}", "--batch_size=2000"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr
+  assert f"wrote {out}: 60000 mnist training images" in done.stdout
+  labels = mnist["train"]["label"]
+  targets = distillation.load_targets(out, "mnist", labels, 10)
+  np.testing.assert_allclose(targets[:5], inference.predict(
+      small_config(), teacher, mnist["train"]["image"][:5]), rtol=1e-5, atol=1e-7)
+  bad = subprocess.run([sys.executable, "experiments/teacher_targets.py", f"--teachers={teacher}",
+                        f"--out={out}", "--batch_size=0"], cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+  assert bad.returncode != 0 and "--batch_size=0 must be positive" in bad.stderr
