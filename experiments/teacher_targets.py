@@ -6,7 +6,8 @@
 
 Each teacher is a finished run; its latest checkpoint (its moving average where it kept one)
 looks at each of the dataset's training images with its own test-time views, and the file
-holds the mean of the teachers' probabilities (`vit_jax.distillation`). The teachers must be
+holds the mean of the teachers' probabilities (`vit_jax.distillation`); `--one_view` looks at
+each image itself instead (a ninth of the work for runs that average 9 shifts). The teachers must be
 of one dataset. A student run that holds images out for validation holds out their targets
 too: it trains on the rest, as the teachers did if they held out the same images.
 """
@@ -23,6 +24,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("teachers", None, "The finished runs' workdirs.", required=True)
 flags.DEFINE_string("out", None, "The .npz file to write.", required=True)
 flags.DEFINE_integer("batch_size", 500, "Images per forward call (each with its views).")
+flags.DEFINE_bool("one_view", False, "Each image itself, not each teacher's test-time views.")
 
 
 def dataset_of(teachers: list[str]) -> tuple[str, str | None, str]:
@@ -54,7 +56,8 @@ def main(argv):
       print(f"teacher {teacher + 1}/{len(FLAGS.teachers)} ({FLAGS.teachers[teacher]}): "
             f"{done}/{total} images, {time.monotonic() - start:.0f} s", flush=True)
 
-  targets = distillation.teacher_targets(FLAGS.teachers, images, FLAGS.batch_size, progress)
+  targets = distillation.teacher_targets(FLAGS.teachers, images, FLAGS.batch_size, progress,
+                                         FLAGS.one_view)
   distillation.save_targets(FLAGS.out, targets, labels, dataset, FLAGS.teachers)
   agree = float((targets.argmax(-1) == labels).mean())
   print(f"wrote {FLAGS.out}: {len(labels)} {dataset} training images, the teachers' mean "

@@ -107,7 +107,8 @@ def test_targets_read_back_as_written(tmp_path):
     ("not npz", r"is not a file of teacher targets"),
     ("dataset", r"holds fashion_mnist's targets, not mnist's$"),
     ("order", r"was computed for other images: its 5 labels are not those of mnist's 5 "),
-    ("count", r"was computed for other images: its 4 labels are not those of mnist's 5 training images, in order$"),
+    ("count", r"was computed for other images: its 4 labels are not those of mnist's 5 "
+              r"training images, in order$"),
     ("classes", r"holds probabilities of shape \(5, 9\), not \(5, 10\)$"),
     ("not probabilities", r"holds rows that are not probabilities"),
 ])
@@ -172,13 +173,24 @@ def test_the_teacher_s_targets_follow_their_images_through_the_hold_out(tmp_path
 @pytest.mark.slow
 def test_the_teachers_targets_are_the_mean_of_their_predictions(tmp_path, digits):
   data = subset(digits, 256)
-  for name in ("a", "b"):  # two teachers of other seeds
-    train.train_and_evaluate(small_config(seed=ord(name)), tmp_path / name, data=data)
+  shifts = {"a": 0, "b": 1}  # b averages 9 shifted views of each image
+  for name, shift in shifts.items():  # two teachers of other seeds
+    train.train_and_evaluate(small_config(seed=ord(name), eval_max_shift=shift), tmp_path / name,
+                             data=data)
   images = data["train"]["image"][:40]
-  mean = distillation.teacher_targets([tmp_path / "a", tmp_path / "b"], images, batch_size=16)
-  each = [inference.predict(small_config(), tmp_path / n, images) for n in ("a", "b")]
-  np.testing.assert_allclose(mean, (each[0] + each[1]) / 2, rtol=1e-5, atol=1e-7)
-  assert not np.allclose(each[0], each[1])
+  teachers = [tmp_path / "a", tmp_path / "b"]
+
+  def predictions(shift_of_b):
+    return [inference.predict(small_config(eval_max_shift=shift_of_b if n == "b" else 0),
+                              tmp_path / n, images) for n in shifts]
+
+  own, one = predictions(1), predictions(0)
+  np.testing.assert_allclose(distillation.teacher_targets(teachers, images, batch_size=16),
+                             (own[0] + own[1]) / 2, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+      distillation.teacher_targets(teachers, images, batch_size=16, one_view=True),
+      (one[0] + one[1]) / 2, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(own[0], own[1]) and not np.allclose(own[1], one[1])
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ Layer 4 of vit_jax.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Sequence
@@ -30,11 +31,15 @@ SUM_TOLERANCE = 1e-3  # how far a row of probabilities may sum from 1 (float32 r
 
 
 def teacher_probabilities(workdir: str | os.PathLike, images: np.ndarray,
-                          batch_size: int = 500, progress=None) -> np.ndarray:
+                          batch_size: int = 500, progress=None, one_view: bool = False
+                          ) -> np.ndarray:
   """uint8 (N, H, W, C) images -> float32 (N, K): the latest checkpoint of the run in
-  `workdir` (its moving average where it kept one), averaged over its test-time views.
+  `workdir` (its moving average where it kept one), averaged over its test-time views, or
+  with `one_view` of each image itself (a ninth of the work where a run averages 9 shifts).
   `progress(done, total)` is called after each batch."""
   config = inference.resolved_config(read_config(workdir), workdir)
+  if one_view:
+    config = dataclasses.replace(config, eval_max_shift=0, eval_flip=False)
   state = inference.restore_state(config, workdir)
   predict = jax.jit(functools.partial(inference.probabilities, config, state.apply_fn))
   parts = []
@@ -47,7 +52,8 @@ def teacher_probabilities(workdir: str | os.PathLike, images: np.ndarray,
 
 
 def teacher_targets(workdirs: Sequence[str | os.PathLike], images: np.ndarray,
-                    batch_size: int = 500, progress=None) -> np.ndarray:
+                    batch_size: int = 500, progress=None, one_view: bool = False
+                    ) -> np.ndarray:
   """The mean of `teacher_probabilities` over the runs in `workdirs`, float32 (N, K).
   `progress(teacher, done, total)`, teacher counted from 0."""
   if not workdirs:
@@ -55,7 +61,7 @@ def teacher_targets(workdirs: Sequence[str | os.PathLike], images: np.ndarray,
   total = None
   for i, workdir in enumerate(workdirs):
     report = None if progress is None else functools.partial(progress, i)
-    probabilities = teacher_probabilities(workdir, images, batch_size, report)
+    probabilities = teacher_probabilities(workdir, images, batch_size, report, one_view)
     total = probabilities if total is None else total + probabilities
   return (total / len(workdirs)).astype(np.float32)
 
