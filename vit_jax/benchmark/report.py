@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import resource
 import signal
@@ -19,6 +18,7 @@ import jax
 from vit_jax import auto, host_cpu, steps
 from vit_jax.benchmark import baseline, ceiling, flops, step_speed, timing
 from vit_jax.experiment_config import validate
+from vit_jax.metrics import read_metrics
 from vit_jax.parallel import Runner, choose_mode
 
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -54,7 +54,7 @@ def time_to_accuracy(config_path: str, overrides: list[str], targets: list[float
   if status:
     raise ValueError(f"the timed launch.py run ended with status {status} (its output is "
                      "above)")
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  records = read_metrics(workdir)
   held_out = any("validation_accuracy" in r for r in records)
   watched = "validation_accuracy" if held_out else "eval_accuracy"
   evals = [r for r in records if watched in r]
