@@ -27,8 +27,9 @@ flags.DEFINE_integer("batch_size", 500, "Images per forward call (each with its 
 flags.DEFINE_bool("one_view", False, "Each image itself, not each teacher's test-time views.")
 
 
-def dataset_of(teachers: list[str]) -> tuple[str, str | None, str]:
-  """(dataset, tfds_data_dir, idx_dir) the teachers share; a one-line error otherwise."""
+def dataset_of(teachers: list[str]) -> tuple[str, str | None, str, int]:
+  """(dataset, tfds_data_dir, idx_dir) the teachers share, and the fewest training images
+  any of them held out for validation; a one-line error for teachers of several datasets."""
   from vit_jax.experiment_config import validate
   from vit_jax.workdir import read_config
 
@@ -36,7 +37,8 @@ def dataset_of(teachers: list[str]) -> tuple[str, str | None, str]:
   if len(names := {c.dataset for c in configs}) > 1:
     raise ValueError(f"--teachers={','.join(teachers)} were trained on {sorted(names)}: "
                      "one dataset's teachers only")
-  return configs[0].dataset, configs[0].tfds_data_dir, configs[0].idx_dir
+  held_out = min(c.validation_examples for c in configs)
+  return configs[0].dataset, configs[0].tfds_data_dir, configs[0].idx_dir, held_out
 
 
 def main(argv):
@@ -47,7 +49,7 @@ def main(argv):
   keep_the_console_for_ours()
   if FLAGS.batch_size < 1:
     raise ValueError(f"--batch_size={FLAGS.batch_size} must be positive")
-  dataset, tfds_data_dir, idx_dir = dataset_of(FLAGS.teachers)
+  dataset, tfds_data_dir, idx_dir, held_out = dataset_of(FLAGS.teachers)
   images, labels = mnist_source.load_split(dataset, "train", tfds_data_dir, idx_dir)
   start = time.monotonic()
 
@@ -58,7 +60,8 @@ def main(argv):
 
   targets = distillation.teacher_targets(FLAGS.teachers, images, FLAGS.batch_size, progress,
                                          FLAGS.one_view)
-  distillation.save_targets(FLAGS.out, targets, labels, dataset, FLAGS.teachers)
+  distillation.save_targets(FLAGS.out, targets, images, labels, dataset, FLAGS.teachers,
+                            held_out)
   agree = float((targets.argmax(-1) == labels).mean())
   print(f"wrote {FLAGS.out}: {len(labels)} {dataset} training images, the teachers' mean "
         f"agrees with {agree:.2%} of their labels")

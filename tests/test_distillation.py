@@ -1,6 +1,7 @@
 """Knowledge distillation: a teacher's probabilities as a share of each training target, the
 file that carries them, and a student that learns what its teacher says."""
 
+import dataclasses
 import functools
 import subprocess
 import sys
@@ -59,10 +60,11 @@ def test_a_distilled_batch_s_loss_is_the_cross_entropy_of_its_targets():
   assert abs(float(plain["loss"]) - float(metrics["loss"])) > 1e-3
 
 
-def test_a_teacher_that_says_the_labels_changes_nothing():
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_a_teacher_that_says_the_labels_changes_nothing(label_smoothing):
   state, x = model_and_images()
   labels = jnp.array([3, 1, 4, 1, 5, 9])
-  step = jax.jit(steps.train_step)
+  step = jax.jit(functools.partial(steps.train_step, label_smoothing=label_smoothing))
   taught, taught_metrics = step(state, {"image": x, "label": labels, "target": onehot(labels)},
                                 jax.random.PRNGKey(0))
   plain, plain_metrics = step(state, {"image": x, "label": labels}, jax.random.PRNGKey(0))
@@ -87,18 +89,26 @@ def test_a_bad_distillation_config_is_one_line_naming_the_field(overrides, messa
     small_config(**overrides)
 
 
-def targets_file(path, labels, probabilities=None, dataset="mnist"):
+def five_images(order=(0, 1, 2, 3, 4)):
+  """Five uint8 images, image i all grey level 10 i, in `order`."""
+  return np.broadcast_to((10 * np.asarray(order, np.uint8))[:, None, None, None], (len(order),
+                                                                                  28, 28, 1))
+
+
+def targets_file(path, images, labels, probabilities=None, dataset="mnist", held_out=0):
   probabilities = onehot(labels) if probabilities is None else probabilities
-  distillation.save_targets(path, np.asarray(probabilities), labels, dataset, ["runs/a"])
+  distillation.save_targets(path, np.asarray(probabilities), images, labels, dataset,
+                            ["runs/a"], held_out)
   return path
 
 
 def test_targets_read_back_as_written(tmp_path):
   labels = np.array([3, 1, 4, 1, 5], np.int32)
   probabilities = np.asarray(jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (5, 10))))
-  path = targets_file(tmp_path / "t.npz", labels, probabilities)
-  np.testing.assert_array_equal(distillation.load_targets(path, "mnist", labels, 10),
-                                probabilities)
+  path = targets_file(tmp_path / "t.npz", five_images(), labels, probabilities, held_out=2)
+  for validation_examples in (0, 2):
+    np.testing.assert_array_equal(distillation.load_targets(
+        path, "mnist", five_images(), labels, 10, validation_examples), probabilities)
   assert [p.name for p in tmp_path.iterdir()] == ["t.npz"]  # no partial file left beside it
 
 
@@ -106,11 +116,14 @@ def test_targets_read_back_as_written(tmp_path):
     ("missing", r"does not exist \(experiments/teacher_targets.py writes one\)$"),
     ("not npz", r"is not a file of teacher targets"),
     ("dataset", r"holds fashion_mnist's targets, not mnist's$"),
-    ("order", r"was computed for other images: its 5 labels are not those of mnist's 5 "),
-    ("count", r"was computed for other images: its 4 labels are not those of mnist's 5 "
-              r"training images, in order$"),
-    ("classes", r"holds probabilities of shape \(5, 9\), not \(5, 10\)$"),
+    ("labels", r"was computed for other images: its 5 are not mnist's 5 training images, in "
+               r"order$"),
+    ("images", r"was computed for other images: its 5 are not mnist's 5 training images"),
+    ("count", r"was computed for other images: its 4 are not mnist's 5 training images"),
+    ("classes", r"holds probabilities of shape \(5, 9\), not of shape \(5, 10\)$"),
     ("not probabilities", r"holds rows that are not probabilities"),
+    ("held out", r"comes from teachers that held out 2 training images: they trained on some "
+                 r"of the 3 this run holds out \(config.validation_examples\)$"),
 ])
 def test_a_file_of_other_targets_is_refused_in_one_line(tmp_path, case, message):
   labels = np.array([3, 1, 4, 1, 5], np.int32)
@@ -118,18 +131,36 @@ def test_a_file_of_other_targets_is_refused_in_one_line(tmp_path, case, message)
   if case == "not npz":
     path.write_text("not an npz")
   elif case != "missing":
-    written_labels = {"order": labels[::-1], "count": labels[:4]}.get(case, labels)
+    written_labels = {"labels": labels[::-1], "count": labels[:4]}.get(case, labels)
+    images = five_images({"images": (0, 1, 2, 4, 3), "count": (0, 1, 2, 3)}.get(
+        case, (0, 1, 2, 3, 4)))
     probabilities = {"classes": np.full((5, 9), 1 / 9),
                      "not probabilities": np.full((5, 10), 0.2)}.get(case)
-    targets_file(path, written_labels, probabilities,
-                 "fashion_mnist" if case == "dataset" else "mnist")
-  with pytest.raises(ValueError, match=rf"^distill_targets='{path}' " + message):
-    distillation.load_targets(path, "mnist", labels, 10)
+    targets_file(path, images, written_labels, probabilities,
+                 "fashion_mnist" if case == "dataset" else "mnist", held_out=2)
+  with pytest.raises(ValueError, match=rf"^config.distill_targets='{path}' " + message):
+    distillation.load_targets(path, "mnist", five_images(), labels, 10, 3 if case == "held out"
+                              else 0)
 
 
-def test_a_run_handed_data_without_a_teacher_is_refused(tmp_path, digits):
-  with pytest.raises(ValueError, match=r"^config.distill_weight=0.3 needs the teacher's "):
-    train.train_and_evaluate(distilled(), tmp_path / "run", data=subset(digits, 1024))
+@pytest.mark.parametrize("teacher, message", [
+    (None, r"holds probabilities of none, not of shape \(1024, 10\)$"),
+    (np.full((1000, 10), 0.1), r"holds probabilities of shape \(1000, 10\), not of shape "),
+    (np.full((1024, 10), 0.2), r"holds rows that are not probabilities"),
+])
+def test_a_run_handed_data_without_the_teacher_s_rows_is_refused(tmp_path, digits, teacher,
+                                                                 message):
+  from vit_jax import seeds
+
+  data = subset(digits, 1024)
+  if teacher is not None:
+    data["train"]["teacher"] = teacher
+  expected = r"^config.distill_weight=0.3: data\['train'\]\['teacher'\] " + message
+  with pytest.raises(ValueError, match=expected):
+    train.train_and_evaluate(distilled(), tmp_path / "run", data=data)
+  with pytest.raises(ValueError, match=expected):
+    seeds.train_and_evaluate_seeds(distilled(), [0, 1], tmp_path / "group",
+                                   [tmp_path / "s0", tmp_path / "s1"], data=data)
 
 
 @pytest.mark.slow
@@ -146,28 +177,42 @@ def test_a_student_learns_what_its_teacher_says_not_the_labels(tmp_path, digits)
   assert np.mean(probabilities.argmax(-1) == (data["test"]["label"] + 1) % 10) > 0.8
 
 
-def test_the_teacher_s_targets_follow_their_images_through_the_hold_out(tmp_path, monkeypatch):
-  from vit_jax import mnist_source
+def numbered(n):
+  """Image i of a split shows i in its first two pixels (i = 256 p0 + p1); label i % 10."""
+  images = np.zeros((n, 28, 28, 1), np.uint8)
+  images[:, 0, 0, 0], images[:, 0, 1, 0] = np.arange(n) // 256, np.arange(n) % 256
+  return images, (np.arange(n) % 10).astype(np.int32)
 
-  def numbered(n):  # image i shows grey level i % 256 and has label i % 10
-    return np.broadcast_to((np.arange(n) % 256).astype(np.uint8)[:, None, None, None],
-                           (n, 28, 28, 1)), (np.arange(n) % 10).astype(np.int32)
+
+def test_the_teacher_s_rows_follow_their_images_through_the_hold_out(tmp_path, monkeypatch):
+  """Row i of the file names image i's class by its index (i % 7): after the hold-out and
+  the cut to train_examples, each training image still has its own row."""
+  from vit_jax import mnist_source
 
   sizes = {"train": 60000, "test": 10000}
   monkeypatch.setattr(mnist_source, "load_split", lambda dataset, split, *dirs: numbered(
       sizes[split]))
-  labels = numbered(60000)[1]
-  path = targets_file(tmp_path / "t.npz", labels, onehot((labels + 1) % 10))
-  config = small_config(distill_targets=str(path), distill_weight=0.5, train_examples=None,
+  images, labels = numbered(60000)
+  path = targets_file(tmp_path / "t.npz", images, labels, onehot(np.arange(60000) % 7),
+                      held_out=5000)
+  config = small_config(distill_targets=str(path), distill_weight=0.5, train_examples=1000,
                         validation_examples=5000)
   data = train.load_data(config)
-  assert "teacher" not in data["validation"] and len(data["train"]["teacher"]) == 55000
-  np.testing.assert_array_equal(data["train"]["teacher"].argmax(-1),
-                                (data["train"]["label"] + 1) % 10)
-  with pytest.raises(ValueError, match="was computed for other images"):
-    monkeypatch.setattr(mnist_source, "load_split", lambda dataset, split, *dirs: (
-        numbered(sizes[split])[0], (numbered(sizes[split])[1] + 3) % 10))
-    train.load_data(config)
+  assert "teacher" not in data["validation"] and len(data["train"]["teacher"]) == 1000
+  index = 256 * data["train"]["image"][:, 0, 0, 0].astype(int) + data["train"]["image"][:, 0, 1, 0]
+  assert len(set(index)) == 1000
+  np.testing.assert_array_equal(data["train"]["teacher"].argmax(-1), index % 7)
+  with pytest.raises(ValueError, match="held out 5000 training images: they trained on some "
+                                       "of the 6000 this run holds out"):
+    train.load_data(dataclasses.replace(config, validation_examples=6000))
+
+
+def test_the_benchmark_s_synthetic_data_carries_a_teacher_where_the_config_distils():
+  from vit_jax.benchmark import step_speed
+
+  assert "teacher" not in step_speed.synthetic_digits(small_config(), 16)
+  data = step_speed.synthetic_digits(distilled(), 16)
+  distillation.check_teacher(distilled(), data)
 
 
 @pytest.mark.slow
@@ -204,10 +249,13 @@ def test_the_command_writes_a_file_a_run_reads(tmp_path, digits, mnist, tfds_dir
                         cwd=REPO, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr
   assert f"wrote {out}: 60000 mnist training images" in done.stdout
-  labels = mnist["train"]["label"]
-  targets = distillation.load_targets(out, "mnist", labels, 10)
+  student = small_config(tfds_data_dir=tfds_dir, idx_dir=None, train_examples=None,
+                         distill_targets=str(out), distill_weight=0.5)
+  targets = train.load_data(student)["train"]["teacher"]
   np.testing.assert_allclose(targets[:5], inference.predict(
       small_config(), teacher, mnist["train"]["image"][:5]), rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="comes from teachers that held out 0 training images"):
+    train.load_data(dataclasses.replace(student, validation_examples=100))
   bad = subprocess.run([sys.executable, "experiments/teacher_targets.py", f"--teachers={teacher}",
                         f"--out={out}", "--batch_size=0"], cwd=REPO, capture_output=True,
                        text=True, timeout=600)

@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vit_jax import auto, input_pipeline
+from vit_jax import auto, distillation, input_pipeline
 from vit_jax.checkpoints import Checkpoints
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.files import write_text_atomically
@@ -128,6 +128,7 @@ class _Group:
     self.configs, self.dirs, self.runner, self.config = configs, dirs, runner, configs[0]
     self.workdir = workdir
     num_train = len(data["train"]["label"])
+    distillation.check_teacher(self.config, data["train"])
     self.total_steps = total_train_steps(self.config, num_train)
     self.orders = [input_pipeline.EpochOrder(num_train, c.batch_size, c.seed) for c in configs]
     self.keys = np.stack([np.asarray(jax.random.PRNGKey(c.seed)) for c in configs])

@@ -88,7 +88,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
                axis_name: str | None = None):
   """One AdamW update on `batch` = {'image': (B, H, W, C) float, 'label': (B,) int}, and of
   the parameters' moving average where `state` keeps one (`EmaTrainState`); a mixed batch
-  has 'mix_label' and 'mix_weight' too (`target_losses`; `larger_share_labels` for accuracy).
+  has 'mix_label' and 'mix_weight' too, a distilled one 'target' (B, K) (`target_losses`).
 
   The batch goes through the model in `num_microbatches` micro-batches of
   B / num_microbatches examples (`lax.scan`), their gradients summed: the update of the

@@ -61,7 +61,8 @@ def load_data(config: ExperimentConfig) -> Data:
     out[split] = {"image": images, "label": labels}
   if config.distill_targets is not None:  # before the hold-out: the file follows the dataset
     out["train"]["teacher"] = distillation.load_targets(
-        config.distill_targets, config.dataset, out["train"]["label"], config.model.num_classes)
+        config.distill_targets, config.dataset, out["train"]["image"], out["train"]["label"],
+        config.model.num_classes, config.validation_examples)
   if config.validation_examples:
     out["train"], out["validation"] = input_pipeline.hold_out(out["train"],
                                                               config.validation_examples)
@@ -151,9 +152,7 @@ class _Run:
     if num_train < config.batch_size:  # data handed in directly skips the config's own check
       raise ValueError(f"config.batch_size={config.batch_size} exceeds the {num_train} "
                        "training examples")
-    if config.distill_weight and "teacher" not in data["train"]:
-      raise ValueError(f"config.distill_weight={config.distill_weight} needs the teacher's "
-                       "probabilities, data['train']['teacher'] (load_data reads them)")
+    distillation.check_teacher(config, data["train"])
     self.config, self.workdir, self.runner = config, workdir, runner
     self.total_steps = total_train_steps(config, num_train)
     self.order = input_pipeline.EpochOrder(num_train, config.batch_size, config.seed)

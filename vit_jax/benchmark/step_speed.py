@@ -21,12 +21,16 @@ from vit_jax.seeds import fold_in_each, stack
 
 
 def synthetic_digits(config: ExperimentConfig, num_examples: int) -> dict[str, np.ndarray]:
-  """Random uint8 images and labels of the config's shapes: speed needs no real data."""
+  """Random uint8 images and labels of the config's shapes, and where it distils a teacher's
+  probabilities ('teacher' (N, K)): speed needs no real data."""
   c = config.model
   rng = np.random.default_rng(0)
-  return {"image": rng.integers(0, 256, (num_examples, c.image_size, c.image_size,
+  data = {"image": rng.integers(0, 256, (num_examples, c.image_size, c.image_size,
                                          c.num_channels), dtype=np.uint8),
           "label": rng.integers(0, c.num_classes, num_examples).astype(np.int32)}
+  if config.distill_weight:
+    data["teacher"] = rng.dirichlet(np.ones(c.num_classes), num_examples).astype(np.float32)
+  return data
 
 
 def measure_steps(config: ExperimentConfig, runner: Runner, peak: timing.MatmulPeak,
