@@ -4,8 +4,9 @@ A teacher is a trained run (its workdir); several are averaged, an ensemble (Hin
 2015). `teacher_targets` computes, for every image of the dataset's training split in the
 dataset's order, each teacher's class probabilities (averaged over its own test-time views,
 as its evaluation averages them), then their mean over the teachers. `save_targets` writes
-them with the labels they were computed for; `load_targets` reads them back for a run whose
-`config.distill_targets` names the file, and refuses a file of another dataset or order.
+them with the labels and images' digest they were computed for and the teachers' held-out
+count; `load_targets` reads them back for a run whose `config.distill_targets` names the file,
+and refuses a file of another dataset or order, or teachers that saw its validation images.
 `experiments/teacher_targets.py` is the command. Teachers trained on the training split add
 no data: the student still learns from those 60,000 images only.
 
