@@ -247,7 +247,7 @@ def main(argv):
 
 
 def run():
-  from vit_jax.command_line import ending_in_one_line
+  from vit_jax.command_line import ending_in_one_line, parse_flags
 
   def parse_and_run():
     # Defined here, not at import: without --config, defining it loads the default file and
@@ -256,7 +256,7 @@ def run():
         "config", DEFAULT_CONFIG, "Experiment config file. Without it, a workdir "
         "that holds a run takes the run's own (WORKDIR/config.json), a new one "
         "experiments/mnist.py.", lock_config=True)
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
   ending_in_one_line(parse_and_run)
 

@@ -14,13 +14,27 @@ kept on validation accuracy (docs/performance.md, "The long recipe"). The test s
 once, at the end; the 5,000 held-out training images are evaluated every sixth epoch. About
 30 minutes a run at 1,185 training images/s on the faster of this project's 2-core AMD EPYC
 machines, about 50 at 720 on the slower; the README's results table has what it reached.
+
+Distilled: after the file's name, the path of a teachers' file (`experiments/teacher_targets.py`
+writes it from trained runs) makes each training target half the label and half the
+teachers' mean class probabilities (`vit_jax/distillation.py`); the same model learns, the
+teachers are only read. docs/performance.md ("The long recipe") has the four teachers'
+commands, and the README's results table what the distilled recipe reached:
+
+    python launch.py --config=experiments/mnist_best.py:runs/teachers4.npz \
+        --workdir=runs/mnist_best_distilled
 """
 
 from vit_jax.experiment_config import ExperimentConfig, as_config_dict
 from vit_jax.model_configs import get_model_config
 
+DISTILL_WEIGHT = 0.5  # the teachers' share of each target, kept on validation
 
-def get_config():
+
+def get_config(teachers: str | None = None):
+  """The recipe; with `teachers` (what follows `mnist_best.py:` in --config), distilled."""
+  if teachers is not None and not teachers.strip():
+    raise ValueError(f"teachers={teachers!r} (after 'mnist_best.py:') names no file")
   return as_config_dict(ExperimentConfig(
       model=get_model_config("best", patch_overlap=2, attention_kernel="auto",
                              compute_dtype="auto"),
@@ -42,4 +56,6 @@ def get_config():
       eval_max_shift=1,  # each evaluated image averaged over its 9 shifts by up to 1 pixel
       eval_every_steps=2580,  # about every sixth epoch: the held-out accuracy as it climbs
       checkpoint_every_steps=1290,
+      distill_targets=teachers,
+      distill_weight=DISTILL_WEIGHT if teachers else 0.0,
   ))

@@ -135,7 +135,7 @@ def _analyzer(data):
 
 
 if __name__ == "__main__":
-  from vit_jax.command_line import ending_in_one_line
+  from vit_jax.command_line import ending_in_one_line, parse_flags
 
   def define_config_and_run():  # a misspelt --config.x then ends in one line (launch.run)
     config_flags.DEFINE_config_file(
@@ -144,6 +144,6 @@ if __name__ == "__main__":
         "run, and their --config.x flags refused; with --fixed=head_dim, the width is "
         "set per run and model.num_heads x hidden_size choose the head dim.",
         lock_config=True)
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
   ending_in_one_line(define_config_and_run)

@@ -9,18 +9,27 @@ import pytest
 from conftest import REPO
 
 
-@pytest.mark.parametrize("command", [["experiments/sweep_heads.py", "--root=ROOT"],
+@pytest.mark.parametrize("command", [["launch.py", "--workdir=ROOT/run"],
+                                     ["experiments/sweep_heads.py", "--root=ROOT"],
                                      ["-m", "vit_jax.benchmark", "--out=ROOT/b.json"],
                                      ["-m", "vit_jax.benchmark.scaling", "--out=ROOT/s.json"]],
-                         ids=["sweep_heads", "benchmark", "scaling"])
-def test_every_command_says_a_misspelt_config_key_in_one_line(command, tmp_path):
+                         ids=["launch", "sweep_heads", "benchmark", "scaling"])
+@pytest.mark.parametrize("flag,line", [
+    ("--config.model.nmu_heads=4", "error: config.model.nmu_heads is not a known key of the "
+     "config"),
+    # get_config() raising (ml_collections would put its traceback in absl's message).
+    ("--config=experiments/mnist_best.py:", "error: --config=experiments/mnist_best.py: cannot "
+     "be loaded: ValueError: teachers='' (after 'mnist_best.py:') names no file"),
+    ("--config=experiments/tiny.py:x", "error: --config=experiments/tiny.py:x cannot be "
+     "loaded: TypeError: get_config() takes 0 positional arguments but 1 was given"),
+], ids=["misspelt_key", "config_raises", "config_takes_no_argument"])
+def test_every_command_says_a_bad_config_in_one_line(command, flag, line, tmp_path):
   args = [a.replace("ROOT", str(tmp_path)) for a in command]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  result = subprocess.run([sys.executable, *args, "--config.model.nmu_heads=4"], cwd=REPO,
+  result = subprocess.run([sys.executable, *args, flag], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2, result.stderr[-2000:]
-  assert result.stderr.strip().splitlines()[-1].startswith(
-      "error: config.model.nmu_heads is not a known key of the config")
+  assert result.stderr.strip().splitlines()[-1].startswith(line), result.stderr[-2000:]
   assert "Traceback" not in result.stderr
   assert not list(tmp_path.iterdir())  # no run folder, no results file
 

@@ -3,6 +3,8 @@
 import dataclasses
 import importlib.util
 import re
+import sys
+import types
 import typing
 from pathlib import Path
 
@@ -27,6 +29,24 @@ def test_every_experiment_file_validates(path):
   config = validate(load(path).get_config())
   # Every field survives the way back to flags: as_config_dict loses or retypes none.
   assert validate(as_config_dict(config)) == config
+
+
+def test_mnist_best_after_a_colon_takes_a_teachers_file_and_distils_from_it(monkeypatch):
+  from absl import flags
+  from ml_collections import config_flags
+
+  # ml_collections loads the file into sys.modules' 'config_config', where a later load of
+  # that name would find this file's get_config: a module of the test's own, undone after it.
+  monkeypatch.setitem(sys.modules, "config_config", types.ModuleType("config_config"))
+  parsed = flags.FlagValues()  # as launch.py parses --config=FILE:ARGUMENT
+  config_flags.DEFINE_config_file("config", None, "", flag_values=parsed)
+  parsed(["launch.py", f"--config={EXPERIMENT_DIR}/mnist_best.py:runs/t.npz"])
+  distilled = validate(parsed.config)
+  assert (distilled.distill_targets, distilled.distill_weight) == ("runs/t.npz", 0.5)
+  plain = validate(load(EXPERIMENT_DIR / "mnist_best.py").get_config())
+  assert (plain.distill_targets, plain.distill_weight) == (None, 0.0)
+  # The distilled recipe is the recipe with a teacher, nothing else changed.
+  assert dataclasses.replace(distilled, distill_targets=None, distill_weight=0.0) == plain
 
 
 def base():

@@ -141,6 +141,22 @@ def unknown_config_key(error: Exception) -> str | None:
 
 
 _NOT_LOADED = "Configuration is not available because of an earlier failure to load: "
+# ml_collections' words for a get_config() that raised a TypeError or ValueError (e.g.
+# `--config=experiments/mnist.py:x`, an argument it takes none of); the traceback follows.
+_GET_CONFIG_RAISED = "Error whilst parsing config file"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (`app.run`'s flags_parser), except that a --config file whose
+  get_config() raised reaches `ending_in_one_line`, where absl would print its traceback."""
+  from absl import app, flags
+
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if _GET_CONFIG_RAISED in str(e):
+      raise
+  return app.parse_flags_with_usage(argv)  # the same error again, told absl's way
 
 
 def config_file_failure(error: Exception) -> str | None:
@@ -148,6 +164,9 @@ def config_file_failure(error: Exception) -> str | None:
   messages take four lines naming the flag 'config_config', or speak of "an earlier
   failure"; an error in the file itself (a SyntaxError, no get_config) is a traceback."""
   lines = [line.strip() for line in str(error).splitlines()]
+  if lines and _GET_CONFIG_RAISED in lines[0]:
+    flag = lines[0].removeprefix("flag ").partition(f": {_GET_CONFIG_RAISED}")[0]
+    return f"{flag} cannot be loaded: {lines[-1]}"
   if len(lines) >= 3 and "Failed loading config file" in lines[0]:
     return f"--config={lines[2]} cannot be read: {lines[-1]}"
   if str(error).startswith(_NOT_LOADED):  # e.g. a folder

@@ -31,6 +31,7 @@ from vit_jax.command_line import (
     checked_config,
     ending_in_one_line,
     keep_the_console_for_ours,
+    parse_flags,
 )
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.files import write_text_atomically
@@ -189,4 +190,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  ending_in_one_line(lambda: (_define_flags(), app.run(main)))  # a misspelt --config.x: a line
+  # A misspelt --config.x, or a --config file that fails: one line.
+  ending_in_one_line(lambda: (_define_flags(), app.run(main, flags_parser=parse_flags)))
