@@ -28,7 +28,7 @@ commands, and the README's results table what the distilled recipe reached:
 from vit_jax.experiment_config import ExperimentConfig, as_config_dict
 from vit_jax.model_configs import get_model_config
 
-DISTILL_WEIGHT = 0.5  # the teachers' share of each target, kept on validation
+DISTILL_WEIGHT = 0.5  # the teachers' share of each target: the one tried, kept on validation
 
 
 def get_config(teachers: str | None = None):
