@@ -86,6 +86,12 @@ def test_a_config_file_that_is_not_there_is_one_line_naming_the_flag(monkeypatch
     ("def get_config():\n  return undefined", " cannot be loaded: NameError: name 'undefined' is "
      "not defined"),
     ("def get_config():\n  return 5", ": get_config() returned int 5, not a ConfigDict"),
+    # ml_collections wraps what get_config() raises (ValueError, TypeError) with its
+    # traceback as text, and absl that in a flag error: the original, on one line.
+    ("def get_config():\n  raise ValueError('one\\ntwo')",
+     " cannot be loaded: ValueError: one two"),
+    ("def get_config(arg):\n  return {}", " cannot be loaded: TypeError: get_config() missing 1 "
+     "required positional argument: 'arg'"),
 ])
 def test_a_config_file_that_cannot_be_run_is_one_line_naming_the_flag(source, line, monkeypatch,
                                                                        tmp_path):
@@ -107,6 +113,23 @@ def test_a_config_file_that_cannot_be_run_is_one_line_naming_the_flag(source, li
   with pytest.raises(SystemExit) as exit_:
     command_line.ending_in_one_line(command)
   assert exit_.value.code == 2 and said == [f"error: --config={tmp_path}/c.py{line}"]
+
+
+def test_a_type_error_inside_the_code_a_config_calls_keeps_its_traceback(monkeypatch, tmp_path):
+  from absl import flags
+  from ml_collections import config_flags
+
+  (tmp_path / "c.py").write_text("import json\ndef get_config():\n  return json.loads(5)")
+  argv = ["launch.py", f"--config={tmp_path}/c.py"]
+  monkeypatch.setattr("sys.argv", argv)
+
+  def command():
+    parsed = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=parsed)
+    parsed(argv)
+
+  with pytest.raises(flags.IllegalFlagValueError, match="json"):  # a bug, not a user's slip
+    command_line.ending_in_one_line(command)
 
 
 def test_a_config_flag_naming_a_folder_is_one_line(monkeypatch, tmp_path):

@@ -80,3 +80,17 @@ def test_the_benchmarks_refuse_bad_flags_in_one_line_before_measuring(module, fl
                           capture_output=True, text=True, timeout=300)
   assert result.returncode in (1, 2) and "Traceback" not in result.stderr
   assert message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("flags,told", [
+    (["--config.model.num_heads=x"], "flag --config.model.num_heads=x: invalid literal for int()"),
+    (["--config.seed=2", "--bogus"], "Unknown command line flag 'bogus'"),
+])
+def test_other_flag_errors_beside_a_config_are_absls_own(flags, told, tmp_path):
+  # Parsed once: a second parse would define the --config.x flags again and tell that instead.
+  result = subprocess.run([sys.executable, "launch.py", f"--workdir={tmp_path}/run",
+                           "--config=experiments/tiny.py", *flags], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert told in result.stderr and "defined twice" not in result.stderr, result.stderr[-2000:]
+  assert not list(tmp_path.iterdir())

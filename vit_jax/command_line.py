@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import sys
+import textwrap
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -148,42 +149,67 @@ _GET_CONFIG_RAISED = "Error whilst parsing config file"
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing (`app.run`'s flags_parser), except that a --config file whose
-  get_config() raised reaches `ending_in_one_line`, where absl would print its traceback."""
-  from absl import app, flags
+  get_config() failed in one line's worth reaches `ending_in_one_line`, where absl would
+  print ml_collections' traceback. Everything else is told as absl tells it."""
+  from absl import flags
 
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    if _GET_CONFIG_RAISED in str(e):
+    if config_file_failure(e) is not None:
       raise
-  return app.parse_flags_with_usage(argv)  # the same error again, told absl's way
+    message = str(e)  # as absl's app.parse_flags_with_usage says it (which parses again)
+    sys.stderr.write(f"FATAL Flags parsing error:\n{textwrap.indent(message, '  ')}\n"
+                     if "\n" in message else f"FATAL Flags parsing error: {message}\n")
+    sys.stderr.write("Pass --helpshort or --helpfull to see help on flags.\n")
+    sys.exit(1)
 
 
 def config_file_failure(error: Exception) -> str | None:
   """One line for a --config file that cannot be read or run, or None. ml_collections' own
   messages take four lines naming the flag 'config_config', or speak of "an earlier
-  failure"; an error in the file itself (a SyntaxError, no get_config) is a traceback."""
+  failure"; an error in the file itself (a SyntaxError, no get_config) is a traceback, and a
+  ValueError or TypeError that get_config() raised comes inside absl's flag error."""
   lines = [line.strip() for line in str(error).splitlines()]
-  if lines and _GET_CONFIG_RAISED in lines[0]:
-    flag = lines[0].removeprefix("flag ").partition(f": {_GET_CONFIG_RAISED}")[0]
-    return f"{flag} cannot be loaded: {lines[-1]}"
+  if (raised := _raised_by_get_config(error)) is not None:
+    if not (isinstance(raised, ValueError) or _raised_by_the_file(raised)):
+      return None
+    flag = lines[0].removeprefix("flag ").removesuffix(f": {_GET_CONFIG_RAISED}:")
+    told = " ".join(line.strip() for line in str(raised).splitlines() if line.strip())
+    return f"{flag} cannot be loaded: {type(raised).__name__}: {told}"
   if len(lines) >= 3 and "Failed loading config file" in lines[0]:
     return f"--config={lines[2]} cannot be read: {lines[-1]}"
   if str(error).startswith(_NOT_LOADED):  # e.g. a folder
     return f"--config cannot be read: {str(error).removeprefix(_NOT_LOADED)}"
+  if not _raised_by_the_file(error):
+    return None
+  return f"--config={_config_flag_value()} cannot be loaded: {type(error).__name__}: {error}"
+
+
+def _raised_by_get_config(error: Exception) -> BaseException | None:
+  """What get_config() raised, where `error` is absl's flag error around ml_collections'
+  (which holds the traceback as text); None for any other error."""
+  from absl import flags
+
+  wrapped = error.__context__
+  if isinstance(error, flags.Error) and str(wrapped).startswith(_GET_CONFIG_RAISED):
+    return wrapped.__context__
+  return None
+
+
+def _raised_by_the_file(error: BaseException) -> bool:
+  """Whether the --config file's own lines raised `error`, or the loader calling its
+  get_config (none there, or called with an argument it does not take); an error inside the
+  code a config calls (vit_jax's) is that code's, and keeps its traceback."""
   path = _config_flag_value()
   if path is None or not os.path.isfile(path):
-    return None
+    return False
   frames = [frame.filename for frame in traceback.extract_tb(error.__traceback__)]
   if isinstance(error, SyntaxError):  # raised compiling the file: its frame is not there
     frames.append(error.filename or "")
-  # Raised by the file's own lines, or by the loader finding no get_config; an error inside
-  # the code a config calls (vit_jax's) is that code's, and keeps its traceback.
   in_file = bool(frames) and os.path.abspath(frames[-1]) == os.path.abspath(path)
   loading = "get_config" in str(error) and bool(frames) and frames[-1].endswith("config_flags.py")
-  if not (in_file or loading):
-    return None
-  return f"--config={path} cannot be loaded: {type(error).__name__}: {error}"
+  return in_file or loading
 
 
 def _config_flag_value() -> str | None:
