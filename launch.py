@@ -247,18 +247,17 @@ def main(argv):
 
 
 def run():
-  from vit_jax.command_line import ending_in_one_line, parse_flags
+  from vit_jax.command_line import run_command
 
-  def parse_and_run():
+  def define_config():
     # Defined here, not at import: without --config, defining it loads the default file and
     # applies the `--config.x=...` flags at once, and a misspelled key must be one line too.
     config_flags.DEFINE_config_file(
         "config", DEFAULT_CONFIG, "Experiment config file. Without it, a workdir "
         "that holds a run takes the run's own (WORKDIR/config.json), a new one "
         "experiments/mnist.py.", lock_config=True)
-    app.run(main, flags_parser=parse_flags)
 
-  ending_in_one_line(parse_and_run)
+  run_command(define_config, main)
 
 
 if __name__ == "__main__":

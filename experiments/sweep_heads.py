@@ -20,7 +20,7 @@ that finds every run finished, or by --report_only.
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -135,15 +135,14 @@ def _analyzer(data):
 
 
 if __name__ == "__main__":
-  from vit_jax.command_line import ending_in_one_line, parse_flags
+  from vit_jax.command_line import run_command
 
-  def define_config_and_run():  # a misspelt --config.x then ends in one line (launch.run)
+  def define_config():  # a misspelt --config.x then ends in one line (launch.run)
     config_flags.DEFINE_config_file(
         "config", str(Path(__file__).resolve().parent / "sweep_small.py"),
         "Base experiment config; qkv, seed and (with --fixed=width) heads are set per "
         "run, and their --config.x flags refused; with --fixed=head_dim, the width is "
         "set per run and model.num_heads x hidden_size choose the head dim.",
         lock_config=True)
-    app.run(main, flags_parser=parse_flags)
 
-  ending_in_one_line(define_config_and_run)
+  run_command(define_config, main)

@@ -17,6 +17,15 @@ from pathlib import Path
 from typing import Any
 
 
+def run_command(define_flags: Callable[[], None], main: Callable[[list[str]], None]) -> None:
+  """A command's whole life: `define_flags()` (where a --config file's flags are defined,
+  its misspelt keys already fail), absl's parsing (`parse_flags`), then `main(argv)`, each
+  failure a user can fix ending in one line (`ending_in_one_line`)."""
+  from absl import app
+
+  ending_in_one_line(lambda: (define_flags(), app.run(main, flags_parser=parse_flags)))
+
+
 def ending_in_one_line(command: Callable[[], None]) -> None:
   """Runs `command`. A bad config, data or file (ValueError, OSError) or a non-finite loss
   ends the process with 'error: ...' and exit status 2; SIGTERM or Ctrl-C, once training has

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from vit_jax import host_cpu
@@ -24,9 +24,8 @@ from vit_jax.benchmark.report import REPO, run, table, time_to_accuracy
 from vit_jax.command_line import (
     check_output_file,
     checked_config,
-    ending_in_one_line,
     keep_the_console_for_ours,
-    parse_flags,
+    run_command,
     to_console,
 )
 from vit_jax.files import write_text_atomically
@@ -117,5 +116,4 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  # A misspelt --config.x, or a --config file that fails: one line.
-  ending_in_one_line(lambda: (_define_flags(), app.run(main, flags_parser=parse_flags)))
+  run_command(_define_flags, main)

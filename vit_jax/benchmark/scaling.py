@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from vit_jax import auto, host_cpu
@@ -29,9 +29,8 @@ from vit_jax.benchmark.report import REPO
 from vit_jax.command_line import (
     check_output_file,
     checked_config,
-    ending_in_one_line,
     keep_the_console_for_ours,
-    parse_flags,
+    run_command,
 )
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.files import write_text_atomically
@@ -190,5 +189,4 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  # A misspelt --config.x, or a --config file that fails: one line.
-  ending_in_one_line(lambda: (_define_flags(), app.run(main, flags_parser=parse_flags)))
+  run_command(_define_flags, main)
