@@ -7,16 +7,18 @@
 Each teacher is a finished run; its latest checkpoint (its moving average where it kept one)
 looks at each of the dataset's training images with its own test-time views, and the file
 holds the mean of the teachers' probabilities (`vit_jax.distillation`); `--one_view` looks at
-each image itself instead (a ninth of the work for runs that average 9 shifts). The teachers must be
-of one dataset. A student run that holds images out for validation holds out their targets
-too: it trains on the rest, as the teachers did if they held out the same images.
+each image itself instead (a ninth of the work for runs that average 9 shifts). Each batch is
+shared by the CPU's cores (`--cpu_devices`, one device per core by default) and goes through
+the model in cache-sized passes, as evaluation does. The teachers must be of one dataset. A
+student run that holds images out for validation holds out their targets too: it trains on
+the rest, as the teachers did if they held out the same images.
 """
 
 import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -25,6 +27,9 @@ flags.DEFINE_list("teachers", None, "The finished runs' workdirs.", required=Tru
 flags.DEFINE_string("out", None, "The .npz file to write.", required=True)
 flags.DEFINE_integer("batch_size", 500, "Images per forward call (each with its views).")
 flags.DEFINE_bool("one_view", False, "Each image itself, not each teacher's test-time views.")
+flags.DEFINE_string("cpu_devices", "auto",
+                    "Split the CPU into this many JAX devices, which share each batch ('auto': "
+                    "one per core, as launch.py); an XLA_FLAGS device count wins.")
 
 
 def dataset_of(teachers: list[str]) -> tuple[str, str | None, str, int]:
@@ -43,18 +48,22 @@ def dataset_of(teachers: list[str]) -> tuple[str, str | None, str, int]:
 
 def main(argv):
   del argv
-  from vit_jax import distillation, mnist_source
+  from vit_jax import distillation, host_cpu, mnist_source
   from vit_jax.command_line import keep_the_console_for_ours
 
   keep_the_console_for_ours()
   if FLAGS.batch_size < 1:
     raise ValueError(f"--batch_size={FLAGS.batch_size} must be positive")
+  print(f"devices: {host_cpu.configure(FLAGS.cpu_devices, (FLAGS.batch_size,))}", flush=True)
   dataset, tfds_data_dir, idx_dir, held_out = dataset_of(FLAGS.teachers)
   images, labels = mnist_source.load_split(dataset, "train", tfds_data_dir, idx_dir)
   start = time.monotonic()
+  every = 20 * FLAGS.batch_size  # a line every 20 batches (of batch_size, before rounding)
+  shown = {}
 
   def progress(teacher, done, total):
-    if done == total or done % (20 * FLAGS.batch_size) == 0:
+    if done == total or done // every > shown.get(teacher, 0) // every:
+      shown[teacher] = done
       print(f"teacher {teacher + 1}/{len(FLAGS.teachers)} ({FLAGS.teachers[teacher]}): "
             f"{done}/{total} images, {time.monotonic() - start:.0f} s", flush=True)
 
@@ -68,4 +77,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from vit_jax.command_line import run_command
+
+  run_command(lambda: None, main)  # the flags are defined above; a bad value ends in one line

@@ -3,6 +3,7 @@ file that carries them, and a student that learns what its teacher says."""
 
 import dataclasses
 import functools
+import os
 import subprocess
 import sys
 
@@ -236,6 +237,18 @@ def test_the_teachers_targets_are_the_mean_of_their_predictions(tmp_path, digits
       distillation.teacher_targets(teachers, images, batch_size=16, one_view=True),
       (one[0] + one[1]) / 2, rtol=1e-5, atol=1e-7)
   assert not np.allclose(own[0], own[1]) and not np.allclose(own[1], one[1])
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--cpu_devices=0", "error: --cpu_devices='0' must be 'auto' or a positive integer"),
+    ("--batch_size=0", "error: --batch_size=0 must be positive")])
+def test_the_command_refuses_a_bad_value_in_one_line(tmp_path, flag, message):
+  environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # it would win
+  done = subprocess.run([sys.executable, "experiments/teacher_targets.py",
+                         f"--teachers={tmp_path}", f"--out={tmp_path / 'targets.npz'}", flag],
+                        cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+  assert (done.returncode, done.stderr.strip()) == (2, message)
+  assert not (tmp_path / "targets.npz").exists()
 
 
 @pytest.mark.slow

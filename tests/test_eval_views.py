@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import inference, input_pipeline, steps, train, train_state
+from vit_jax import auto, inference, input_pipeline, steps, train, train_state
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.model_configs import get_model_config
 from vit_jax.parallel import Runner
@@ -203,6 +203,24 @@ def test_evaluation_averages_the_nine_views_on_any_devices(mode, digits):
       -np.mean(np.log(probs[np.arange(40), labels])), rel=1e-4)
   plain = steps.Evaluator(runner, held, 40, 16, "mnist")(runner.replicate(state))
   assert plain["eval_loss"] != pytest.approx(result["eval_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("parallel", ["jit", "pmap", "shard"])
+def test_probabilities_in_batches_are_each_image_s_own_on_any_devices(parallel, digits,
+                                                                      monkeypatch):
+  # 13 images in batches of 5 (jit) or of 8 (5 rounded up to the 8 devices): the last batch
+  # padded. Each device's images x 9 views in passes of 3 (the largest divisor up to 4).
+  monkeypatch.setattr(auto, "eval_images_per_pass", lambda model: 4)
+  state = untrained_state()
+  config = ExperimentConfig(model=get_model_config("testing"), eval_max_shift=1,
+                            parallel=parallel)
+  images = digits["test"]["image"][:13]
+  calls = []
+  probs = inference.probabilities_in_batches(config, state, images, batch_size=5,
+                                             progress=lambda *done: calls.append(done))
+  assert probs.dtype == np.float32 and probs.shape == (13, 10)
+  np.testing.assert_allclose(probs, nine_view_reference(state, images), rtol=1e-4, atol=1e-6)
+  assert calls == ([(5, 13), (10, 13), (13, 13)] if parallel == "jit" else [(8, 13), (13, 13)])
 
 
 @pytest.mark.slow

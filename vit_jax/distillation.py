@@ -23,7 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from vit_jax import inference
@@ -43,20 +42,14 @@ def teacher_probabilities(workdir: str | os.PathLike, images: np.ndarray,
                           ) -> np.ndarray:
   """uint8 (N, H, W, C) images -> float32 (N, K): the latest checkpoint of the run in
   `workdir` (its moving average where it kept one), averaged over its test-time views, or
-  with `one_view` of each image itself (a ninth of the work where a run averages 9 shifts).
-  `progress(done, total)` is called after each batch."""
+  with `one_view` of each image itself (a ninth of the work where a run averages 9 shifts);
+  batches of `batch_size` over this process's devices, as evaluation runs them
+  (`inference.probabilities_in_batches`). `progress(done, total)` is called after each batch."""
   config = inference.resolved_config(read_config(workdir), workdir)
   state = inference.restore_state(config, workdir, one_view=one_view)
   if one_view:
     config = dataclasses.replace(config, eval_max_shift=0, eval_flip=False)
-  predict = jax.jit(functools.partial(inference.probabilities, config, state.apply_fn))
-  parts = []
-  for start in range(0, len(images), batch_size):
-    parts.append(np.asarray(predict(state.params, images[start:start + batch_size]),
-                            np.float32))
-    if progress is not None:
-      progress(start + len(parts[-1]), len(images))
-  return np.concatenate(parts)
+  return inference.probabilities_in_batches(config, state, images, batch_size, progress)
 
 
 def teacher_targets(workdirs: Sequence[str | os.PathLike], images: np.ndarray,

@@ -18,7 +18,7 @@ from vit_jax import auto, input_pipeline, mnist_source
 from vit_jax.checkpoints import Checkpoints
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.parallel import Runner, choose_mode
-from vit_jax.steps import Evaluator, view_averaged_log_probabilities
+from vit_jax.steps import Evaluator, cache_sized_part, view_averaged_log_probabilities
 from vit_jax.train_state import TrainState, create_train_state, evaluation_params
 from vit_jax.workdir import CONFIG_FILE, saved_config, write_or_check_config
 
@@ -102,12 +102,45 @@ def predict(config: Any, workdir: str | Path, images: np.ndarray) -> np.ndarray:
       state.params, images))
 
 
-def probabilities(config: ExperimentConfig, apply_fn, params, images: jax.Array) -> jax.Array:
+def probabilities(config: ExperimentConfig, apply_fn, params, images: jax.Array,
+                  num_passes: int = 1) -> jax.Array:
   """uint8 (B, H, W, C) images -> class probabilities (B, num_classes), averaged over the
-  views of `config.eval_max_shift` and `config.eval_flip` as evaluation averages them."""
+  views of `config.eval_max_shift` and `config.eval_flip` as evaluation averages them;
+  `num_passes` as `view_averaged_log_probabilities`'."""
   images = input_pipeline.evaluation_views(images, config.eval_max_shift, config.eval_flip)
   return jnp.exp(view_averaged_log_probabilities(
-      apply_fn, params, input_pipeline.normalize(images, config.dataset)))
+      apply_fn, params, input_pipeline.normalize(images, config.dataset), num_passes))
+
+
+def probabilities_in_batches(config: ExperimentConfig, state: TrainState, images: np.ndarray,
+                             batch_size: int = 500, progress=None) -> np.ndarray:
+  """`probabilities` of many uint8 (N, H, W, C) images -> float32 (N, num_classes), as
+  evaluation computes them: batches laid over the devices (`config.parallel`), each device's
+  images and their views in cache-sized passes (`auto.eval_images_per_pass`), the last batch
+  padded. `batch_size` is rounded up to a multiple of the devices; `progress(done, total)`
+  is called after each batch. One process's devices only."""
+  runner = Runner(choose_mode(config.parallel))
+  batch_size = -(-batch_size // runner.num_devices) * runner.num_devices
+  device_images = (batch_size // runner.num_devices
+                   * input_pipeline.num_evaluation_views(config.eval_max_shift, config.eval_flip))
+  num_passes = device_images // cache_sized_part(device_images,
+                                                 auto.eval_images_per_pass(config.model))
+  step = runner.compile(functools.partial(_probabilities_on_indices, config, state.apply_fn,
+                                          num_passes=num_passes), in_axes=(0, 0, 0))
+  params, data = runner.replicate(state.params), runner.replicate(images)
+  parts = []
+  for indices, mask in input_pipeline.eval_indices(len(images), batch_size):
+    batch = step(params, data, runner.split_batch(indices))
+    parts.append(np.asarray(batch, np.float32).reshape(batch_size, -1)[mask])
+    if progress is not None:
+      progress(sum(map(len, parts)), len(images))
+  return np.concatenate(parts)
+
+
+def _probabilities_on_indices(config, apply_fn, params, images, indices, *, num_passes,
+                              axis_name):
+  del axis_name  # each image's probabilities are its own: nothing to share
+  return probabilities(config, apply_fn, params, images[indices], num_passes)
 
 
 def restore_with_test_images(config: Any, workdir: str | Path, num_images: int,
