@@ -8,8 +8,9 @@ Each teacher is a finished run; its latest checkpoint (its moving average where 
 looks at each of the dataset's training images with its own test-time views, and the file
 holds the mean of the teachers' probabilities (`vit_jax.distillation`); `--one_view` looks at
 each image itself instead (a ninth of the work for runs that average 9 shifts). Each batch is
-shared by the CPU's cores (`--cpu_devices`, one device per core by default) and goes through
-the model in cache-sized passes, as evaluation does. The teachers must be of one dataset. A
+shared by the CPU's cores (`--cpu_devices`, one device per core by default; a teacher whose
+config says `parallel='jit'` keeps to one) and goes through the model in cache-sized passes,
+as evaluation does. The teachers must be of one dataset. A
 student run that holds images out for validation holds out their targets too: it trains on
 the rest, as the teachers did if they held out the same images.
 """

@@ -205,22 +205,32 @@ def test_evaluation_averages_the_nine_views_on_any_devices(mode, digits):
   assert plain["eval_loss"] != pytest.approx(result["eval_loss"], rel=1e-4)
 
 
+@pytest.mark.parametrize("fits", [4, 0])
 @pytest.mark.parametrize("parallel", ["jit", "pmap", "shard"])
-def test_probabilities_in_batches_are_each_image_s_own_on_any_devices(parallel, digits,
+def test_probabilities_in_batches_are_each_image_s_own_on_any_devices(parallel, fits, digits,
                                                                       monkeypatch):
-  # 13 images in batches of 5 (jit) or of 8 (5 rounded up to the 8 devices): the last batch
-  # padded. Each device's images x 9 views in passes of 3 (the largest divisor up to 4).
-  monkeypatch.setattr(auto, "eval_images_per_pass", lambda model: 4)
+  # 13 images in batches of 12 (jit; the second padded) or one padded batch of 16 (12 rounded
+  # up to the 8 devices: 2 images each). A device's images x 9 views in passes of up to 4
+  # (108 in 27 passes, 18 in 6), or where nothing is said to fit (a GPU's 0) in one pass.
+  monkeypatch.setattr(auto, "eval_images_per_pass", lambda model: fits)
   state = untrained_state()
   config = ExperimentConfig(model=get_model_config("testing"), eval_max_shift=1,
                             parallel=parallel)
   images = digits["test"]["image"][:13]
   calls = []
-  probs = inference.probabilities_in_batches(config, state, images, batch_size=5,
+  probs = inference.probabilities_in_batches(config, state, images, batch_size=12,
                                              progress=lambda *done: calls.append(done))
   assert probs.dtype == np.float32 and probs.shape == (13, 10)
   np.testing.assert_allclose(probs, nine_view_reference(state, images), rtol=1e-4, atol=1e-6)
-  assert calls == ([(5, 13), (10, 13), (13, 13)] if parallel == "jit" else [(8, 13), (13, 13)])
+  assert calls == ([(12, 13), (13, 13)] if parallel == "jit" else [(13, 13)])
+
+
+def test_probabilities_in_batches_refuse_several_processes(digits, monkeypatch):
+  state = untrained_state()
+  monkeypatch.setattr(jax, "process_count", lambda: 2)  # a second host's share would be lost
+  config = ExperimentConfig(model=get_model_config("testing"), parallel="pmap")
+  with pytest.raises(ValueError, match="^probabilities of images run in one process, not 2$"):
+    inference.probabilities_in_batches(config, state, digits["test"]["image"][:4])
 
 
 @pytest.mark.slow

@@ -117,14 +117,16 @@ def probabilities_in_batches(config: ExperimentConfig, state: TrainState, images
   """`probabilities` of many uint8 (N, H, W, C) images -> float32 (N, num_classes), as
   evaluation computes them: batches laid over the devices (`config.parallel`), each device's
   images and their views in cache-sized passes (`auto.eval_images_per_pass`), the last batch
-  padded. `batch_size` is rounded up to a multiple of the devices; `progress(done, total)`
-  is called after each batch. One process's devices only."""
+  padded. `batch_size` (at most the images') is rounded up to a multiple of the devices;
+  `progress(done, total)` is called after each batch. One process's devices only."""
   runner = Runner(choose_mode(config.parallel))
-  batch_size = -(-batch_size // runner.num_devices) * runner.num_devices
+  if runner.num_processes > 1:  # each process would get its own share of every batch back
+    raise ValueError(f"probabilities of images run in one process, not {runner.num_processes}")
+  batch_size = -(-min(batch_size, len(images)) // runner.num_devices) * runner.num_devices
   device_images = (batch_size // runner.num_devices
                    * input_pipeline.num_evaluation_views(config.eval_max_shift, config.eval_flip))
-  num_passes = device_images // cache_sized_part(device_images,
-                                                 auto.eval_images_per_pass(config.model))
+  fits = auto.eval_images_per_pass(config.model) or device_images  # 0 (GPU, TPU): one pass
+  num_passes = device_images // cache_sized_part(device_images, fits)
   step = runner.compile(functools.partial(_probabilities_on_indices, config, state.apply_fn,
                                           num_passes=num_passes), in_axes=(0, 0, 0))
   params, data = runner.replicate(state.params), runner.replicate(images)
