@@ -98,7 +98,7 @@ def test_passes_of_a_few_images_give_the_one_pass_result(num_images, num_views, 
     (101, 8, 1),     # but a share over 8 times what fits takes them
 ])
 def test_a_cache_sized_part_is_the_largest_divisor_that_fits_unless_too_small(total, fits, part):
-  assert steps.cache_sized_part(total, fits) == part
+  assert input_pipeline.cache_sized_part(total, fits) == part
 
 
 def perturbed(state, scale: float, seed: int):

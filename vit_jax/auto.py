@@ -22,10 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import host_cpu, kernels
+from vit_jax import host_cpu, input_pipeline, kernels
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.model_configs import ModelConfig
-from vit_jax.steps import cache_sized_part
 
 # On a CPU, a micro-batch holds about this many floats of one layer's activations (examples
 # x tokens x width), 200 KB: the size that measured fastest for the three shapes timed
@@ -141,7 +140,7 @@ def choose_microbatch_size(config: ExperimentConfig, per_device: int
                            ) -> tuple[int | None, str]:
   """-> (examples per micro-batch, or None for the whole share, why), for 'auto'.
 
-  `per_device`: a device's share of the batch. On a CPU: `steps.cache_sized_part` of the
+  `per_device`: a device's share of the batch. On a CPU: `input_pipeline.cache_sized_part` of the
   share, with what holds `CPU_MICROBATCH_FLOATS` of a layer's activations as what fits.
   """
   if config.microbatch_size != "auto":
@@ -152,7 +151,7 @@ def choose_microbatch_size(config: ExperimentConfig, per_device: int
   fits = max(1, CPU_MICROBATCH_FLOATS // (c.num_tokens * c.hidden_size))
   if fits >= per_device:
     return None, "the whole share fits the CPU's caches"
-  size = cache_sized_part(per_device, fits)
+  size = input_pipeline.cache_sized_part(per_device, fits)
   if size == per_device:
     return None, (f"the whole share: {per_device} examples have no divisor from {fits // 4} "
                   f"to {fits}, what fits the CPU's caches")

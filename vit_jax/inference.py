@@ -18,7 +18,7 @@ from vit_jax import auto, input_pipeline, mnist_source
 from vit_jax.checkpoints import Checkpoints
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.parallel import Runner, choose_mode
-from vit_jax.steps import Evaluator, cache_sized_part, view_averaged_log_probabilities
+from vit_jax.steps import Evaluator, view_averaged_log_probabilities
 from vit_jax.train_state import TrainState, create_train_state, evaluation_params
 from vit_jax.workdir import CONFIG_FILE, saved_config, write_or_check_config
 
@@ -123,10 +123,9 @@ def probabilities_in_batches(config: ExperimentConfig, state: TrainState, images
   if runner.num_processes > 1:  # each process would get its own share of every batch back
     raise ValueError(f"probabilities of images run in one process, not {runner.num_processes}")
   batch_size = -(-min(batch_size, len(images)) // runner.num_devices) * runner.num_devices
-  device_images = (batch_size // runner.num_devices
-                   * input_pipeline.num_evaluation_views(config.eval_max_shift, config.eval_flip))
-  fits = auto.eval_images_per_pass(config.model) or device_images  # 0 (GPU, TPU): one pass
-  num_passes = device_images // cache_sized_part(device_images, fits)
+  num_passes, _ = input_pipeline.evaluation_passes(
+      batch_size // runner.num_devices, config.eval_max_shift, config.eval_flip,
+      auto.eval_images_per_pass(config.model))
   step = runner.compile(functools.partial(_probabilities_on_indices, config, state.apply_fn,
                                           num_passes=num_passes), in_axes=(0, 0, 0))
   params, data = runner.replicate(state.params), runner.replicate(images)

@@ -129,6 +129,27 @@ def num_evaluation_views(max_shift: int, flip: bool) -> int:
   return (2 * max_shift + 1) ** 2 * (2 if flip else 1)
 
 
+def cache_sized_part(total: int, fits: int) -> int:
+  """How many of `total` examples one pass takes when `fits` fit a CPU's caches: the largest
+  divisor of `total` up to `fits`, or `total` itself where that divisor is under a quarter of
+  `fits` and `total` at most 8 times it (a prime share of 127 would take 127 passes of one;
+  passes of a quarter of what fits measured 0.90x, a whole share 4 times what fits about
+  0.7x: docs/performance.md, "Defaults that fit the machine"); all of them where `fits` is 0
+  (nothing is said to fit: a GPU's or TPU's `auto.eval_images_per_pass`)."""
+  if fits < 1 or fits >= total:
+    return total
+  size = max(d for d in range(1, fits + 1) if total % d == 0)
+  return total if size < fits // 4 and total <= 8 * fits else size
+
+
+def evaluation_passes(examples: int, max_shift: int, flip: bool, fits: int) -> tuple[int, int]:
+  """A device's `examples` times their views -> (forward passes, images a pass), the passes
+  `cache_sized_part`s (under 'shard' each strided pass spreads over the devices alike)."""
+  images = examples * num_evaluation_views(max_shift, flip)
+  part = cache_sized_part(images, fits)
+  return images // part, part
+
+
 def unshifted_view(max_shift: int) -> int:
   """Where each image itself is among its `shifted_views` (and its `evaluation_views`)."""
   return (2 * max_shift + 1) ** 2 // 2

@@ -179,18 +179,6 @@ def average_over_views(logits: jax.Array) -> jax.Array:
   return jax.nn.logsumexp(log_probs, axis=1) - jnp.log(logits.shape[1])
 
 
-def cache_sized_part(total: int, fits: int) -> int:
-  """How many of `total` examples one pass takes when `fits` fit a CPU's caches: the largest
-  divisor of `total` up to `fits`, or `total` itself where that divisor is under a quarter of
-  `fits` and `total` at most 8 times it (a prime share of 127 would take 127 passes of one;
-  passes of a quarter of what fits measured 0.90x, a whole share 4 times what fits about
-  0.7x: docs/performance.md, "Defaults that fit the machine")."""
-  if fits >= total:
-    return total
-  size = max(d for d in range(1, fits + 1) if total % d == 0)
-  return total if size < fits // 4 and total <= 8 * fits else size
-
-
 # --- The steps on device-resident data --------------------------------------------------
 
 def _train_on_indices(state, data, indices, positions, rng, *, config: ExperimentConfig,
@@ -272,13 +260,8 @@ class Evaluator:
   images_per_pass: int = 0  # a device's forward passes take up to this many (0: its share)
 
   def __post_init__(self):
-    # A device's images in a batch (its share of the examples, times the views), and its
-    # passes over them; under 'shard' the step sees all devices' images, and each strided
-    # pass spreads over the devices alike.
-    images = (self.batch_size // self.runner.num_devices
-              * input_pipeline.num_evaluation_views(self.max_shift, self.flip))
-    self.num_passes = images // cache_sized_part(images, self.images_per_pass or images)
-    self.device_images_per_pass = images // self.num_passes
+    self.num_passes, self.device_images_per_pass = input_pipeline.evaluation_passes(
+        self.batch_size // self.runner.num_devices, self.max_shift, self.flip, self.images_per_pass)
     self.step = self.runner.compile(functools.partial(
         _eval_on_indices, dataset=self.dataset, max_shift=self.max_shift, flip=self.flip,
         num_passes=self.num_passes), in_axes=(0, 0, 0, 0))
