@@ -9,7 +9,7 @@ import pytest
 from vit_jax import auto, host_cpu, inference, kernels, models, steps, train
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.kernels import fused_attention, timing
-from vit_jax.model_configs import get_model_config
+from vit_jax.model_configs import FUSED_QKV_MODES, QKV_MODES, get_model_config
 from vit_jax.parallel import Runner
 from vit_jax.workdir import saved_config, write_or_check_config
 
@@ -21,7 +21,7 @@ def kernel_speedup(monkeypatch):
   """Fakes the kernel as built, and its measured speedup over einsum as `value`."""
   def set_speedup(value):
     monkeypatch.setattr(fused_attention, "load", lambda: None)
-    monkeypatch.setattr(timing, "speedup_over_einsum", lambda shape, compute_dtype: value)
+    monkeypatch.setattr(timing, "speedup_over_einsum", lambda *probe: value)
   return set_speedup
 
 
@@ -67,11 +67,11 @@ def test_resolve_measures_the_micro_batch_a_device_takes(monkeypatch):
   resolved, line = auto.resolve(config, num_devices=2)
   assert resolved.model.attention_kernel == "fused_cpu"
   assert dataclasses.replace(resolved, model=SEED_SHAPE) == config  # nothing else changed
-  assert shapes == [((16, 4, 50, 16), "float32")]
+  assert shapes == [((16, 4, 50, 16), "float32", True)]
   assert line.startswith("2 cpu devices, float32 products (as configured), micro-batches of "
                          "16 per device (as configured), attention fused_cpu (")
   whole_share, _ = auto.resolve(dataclasses.replace(config, microbatch_size=None), 2)
-  assert shapes[-1] == ((64, 4, 50, 16), "float32")  # each device's half of the batch
+  assert shapes[-1] == ((64, 4, 50, 16), "float32", True)  # each device's half of the batch
 
 
 def test_the_kernel_is_timed_in_the_precision_the_run_chose(monkeypatch):
@@ -82,7 +82,23 @@ def test_the_kernel_is_timed_in_the_precision_the_run_chose(monkeypatch):
                       lambda *probe: probes.append(probe) or 2.0)
   model = dataclasses.replace(SEED_SHAPE, compute_dtype="auto")
   auto.resolve(ExperimentConfig(model=model, batch_size=128, microbatch_size=16), num_devices=2)
-  assert probes == [((16, 4, 50, 16), "bfloat16")]
+  assert probes == [((16, 4, 50, 16), "bfloat16", True)]
+
+
+@pytest.mark.parametrize("qkv", QKV_MODES)
+def test_the_kernel_is_timed_with_q_k_v_as_the_model_makes_them(monkeypatch, qkv):
+  """Fused: chunked out of one product, which the kernel reads in place; any other mode: apart,
+  which it concatenates (`models.projection_weights` says which has the one `to_qkv`)."""
+  probes = []
+  monkeypatch.setattr(fused_attention, "load", lambda: None)
+  monkeypatch.setattr(timing, "speedup_over_einsum", lambda *probe: probes.append(probe) or 2.0)
+  model = dataclasses.replace(SEED_SHAPE, qkv=qkv, qkv_rank=2 if qkv == "low_rank" else None)
+  auto.choose_attention_kernel(model, 16)
+  layer = models.MultiHeadSelfAttention(4, qkv, qkv_rank=model.qkv_rank)
+  owned = layer.init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 5, 64)))["params"]
+  one_product = "to_qkv" in models.projection_weights(owned, qkv, 64, "block0/attention")
+  assert probes == [((16, 4, 50, 16), "float32", one_product)]
+  assert one_product == (qkv in FUSED_QKV_MODES)
 
 
 def test_a_model_refuses_an_unresolved_auto():

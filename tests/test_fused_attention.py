@@ -252,27 +252,27 @@ def test_the_kernel_is_timed_against_einsum_on_the_model_s_heads(kernel, monkeyp
 
   # A clock only the two paths' gradient calls advance (einsum 3 s a call, the kernel 1 s):
   # the ratio then checks which path is which and how often each ran, not this machine's load.
-  clock = {"now": 0.0}
-  ran = {"einsum": 0, "fused": 0}
+  clock, ran = {"now": 0.0}, {"einsum": 0, "fused": 0}
   monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
   real_gradient_step = timing._gradient_step
 
-  def counted_gradient_step(attend, num_heads):
-    step = real_gradient_step(attend, num_heads)
+  def counted_gradient_step(attend, num_heads, fused_projection):
+    step = real_gradient_step(attend, num_heads, fused_projection)
     path = "fused" if getattr(attend, "func", attend) is F.attend else "einsum"
 
-    def call(qkv):  # (B, N, 3 D), the heads split out of it as the model does
-      grads = step(qkv)  # compiled and run for real: forward and backward
-      assert grads.shape == qkv.shape and bool(jnp.isfinite(grads).all()) and num_heads == 4
+    def call(*inputs):  # qkv (B, N, 3 D), or q, k, v (B, N, D): the heads split as the model does
+      grads = jax.tree.leaves(step(*inputs))  # compiled and run for real: forward and backward
+      assert [g.shape for g in grads] == [x.shape for x in inputs] and num_heads == 4
+      assert all(bool(jnp.isfinite(g).all()) for g in grads)
       ran[path] += 1
       clock["now"] += 3.0 if path == "einsum" else 1.0
       return grads
     return call
 
   monkeypatch.setattr(timing, "_gradient_step", counted_gradient_step)
-  for compute_dtype in ("float32", "bfloat16"):
+  for compute_dtype, fused in (("float32", True), ("bfloat16", True), ("float32", False)):
     ran.update(einsum=0, fused=0)
-    assert timing.speedup_over_einsum(SHAPES[0], compute_dtype, rounds=3, calls=2) == 3.0
+    assert timing.speedup_over_einsum(SHAPES[0], compute_dtype, fused, rounds=3, calls=2) == 3.0
     assert ran == {"einsum": 1 + 3 * 2, "fused": 1 + 3 * 2}  # a compiling call, then 3 rounds
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from vit_jax import host_cpu, input_pipeline, kernels
 from vit_jax.experiment_config import ExperimentConfig
-from vit_jax.model_configs import ModelConfig
+from vit_jax.model_configs import FUSED_QKV_MODES, ModelConfig
 
 # On a CPU, a micro-batch holds about this many floats of one layer's activations (examples
 # x tokens x width), 200 KB: the size that measured fastest for the three shapes timed
@@ -44,7 +44,8 @@ def choose_attention_kernel(model: ModelConfig, microbatch: int) -> tuple[str, s
 
   `microbatch`: the examples a device takes at once (one micro-batch), the batch the
   kernel would see. `model.compute_dtype` is already chosen (`resolve` chooses it first):
-  the einsum path is timed in it.
+  the einsum path is timed in it, both paths with Q, K and V as `model.qkv` makes them (one
+  fused projection that the kernel reads in place, or apart, which it concatenates).
   """
   if model.attention_kernel == "fused_cpu":
     _check_the_kernel_runs()
@@ -61,7 +62,8 @@ def choose_attention_kernel(model: ModelConfig, microbatch: int) -> tuple[str, s
   if (why := fused_attention.load()) is not None:
     return "einsum", f"the fused kernel is unavailable: {why}"
   shape = (microbatch, model.num_heads, model.num_tokens, model.head_dim)
-  speedup = timing.speedup_over_einsum(shape, model.compute_dtype)
+  speedup = timing.speedup_over_einsum(shape, model.compute_dtype,
+                                       model.qkv in FUSED_QKV_MODES)
   if speedup >= MIN_KERNEL_SPEEDUP:
     return "fused_cpu", f"its attention measured {speedup:.2f}x einsum's here"
   return "einsum", (f"the fused kernel measured {speedup:.2f}x einsum's attention here, "

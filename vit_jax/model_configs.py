@@ -16,6 +16,9 @@ QkvMode = Literal["fused", "separate", "identity", "identity_q", "identity_k", "
                   "tied_qk", "low_rank", "frozen_random"]
 AttentionKernel = Literal["auto", "einsum", "fused_cpu"]  # 'auto', then `kernels.KERNELS`
 COMPUTE_DTYPES, QKV_MODES = get_args(ComputeDtype), get_args(QkvMode)
+# The modes whose Q, K and V are chunked out of one (D, 3 D) product, `to_qkv`: the fused
+# kernel reads them in place there, and concatenates them where they come apart.
+FUSED_QKV_MODES = ("fused", "frozen_random")
 
 
 @dataclasses.dataclass(frozen=True)
