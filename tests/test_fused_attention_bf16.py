@@ -48,23 +48,30 @@ def _reference_with_rounded_products(q, k, v, d_out):
   return out, dq, dk, dv
 
 
+def _kernel_results(q, k, v, d_out, rounded: bool):
+  """(out, dq, dk, dv) from the kernel's two calls with bfloat16 products, each (B, H, N, D/H),
+  the results float32 or (`rounded`) bfloat16."""
+  qkv = jnp.stack([jnp.swapaxes(t, 1, 2) for t in (q, k, v)], axis=2)  # (B, N, 3, H, D/H)
+  out, lse = F._kernel_call("VitAttentionForward", True, rounded, qkv)
+  (dqkv,) = F._kernel_call("VitAttentionBackward", True, rounded, qkv, lse,
+                           jnp.swapaxes(d_out, 1, 2))
+  heads = [jnp.swapaxes(x, 1, 2) for x in (out, dqkv[:, :, 0], dqkv[:, :, 1], dqkv[:, :, 2])]
+  return [np.asarray(x.astype(jnp.float32)) for x in heads]
+
+
+BF16_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[2], SHAPES[3], SHAPES[7], SHAPES[8], SHAPES[11],
+               *LIMITS]
+
+
 @requires_kernel
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[2], SHAPES[3], SHAPES[7],
-                                   SHAPES[8], SHAPES[11], *LIMITS])
+@pytest.mark.parametrize("shape", BF16_SHAPES)
 def test_bf16_products_match_a_reference_rounding_the_same_operands(kernel, shape):
   if not kernel.bfloat16_products():
     pytest.skip("this build has no bfloat16 products (no AVX-512 BF16)")
   q, k, v, d_out = (rand(*shape, seed=s) for s in range(4))
-
-  def run(compute_dtype):
-    def loss(q, k, v):
-      out = kernel.attend(q, k, v, None, compute_dtype)[0]
-      return jnp.sum(out * d_out), out
-    grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    return [np.asarray(x) for x in (out, *grads)]
-
-  rounded, float32 = run(jnp.bfloat16), run(jnp.float32)
-  for got, exact, want in zip(rounded, float32, _reference_with_rounded_products(q, k, v, d_out),
+  float32 = [np.asarray(x) for x in _float32_results(kernel, q, k, v, d_out)]
+  bf16 = _kernel_results(q, k, v, d_out, rounded=False)
+  for got, exact, want in zip(bf16, float32, _reference_with_rounded_products(q, k, v, d_out),
                               strict=True):
     # A float32 sum may round an unnormalised weight to the other side of a bfloat16 step
     # than float64 does (a few elements in 10^4): hence 1e-3, where the float32 results
@@ -72,6 +79,36 @@ def test_bf16_products_match_a_reference_rounding_the_same_operands(kernel, shap
     size = np.abs(want).max()
     np.testing.assert_allclose(got, want, atol=1e-3 * size)
     assert np.abs(got - want).max() <= 0.3 * np.abs(exact - want).max()  # 0 for one token
+
+
+def _float32_results(kernel, q, k, v, d_out):
+  """(out, dq, dk, dv) of the kernel as a float32 model calls it."""
+  def loss(q, k, v):
+    out = kernel.attend(q, k, v, None, jnp.float32)[0]
+    return jnp.sum(out * d_out), out
+  grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return (out, *grads)
+
+
+@requires_kernel
+@pytest.mark.parametrize("shape", BF16_SHAPES)
+def test_a_bfloat16_model_gets_the_results_rounded_as_xla_rounds_them(kernel, shape):
+  """Under a bfloat16 model the kernel rounds out and dQ, dK, dV to bfloat16 itself, which
+  the products that read them would do: bit for bit XLA's rounding of its float32 results."""
+  if not kernel.bfloat16_products():
+    pytest.skip("this build has no bfloat16 products (no AVX-512 BF16)")
+  q, k, v, d_out = (rand(*shape, seed=s) for s in range(4))
+  unrounded = _kernel_results(q, k, v, d_out, rounded=False)
+  rounded = _kernel_results(q, k, v, d_out, rounded=True)
+
+  def loss(q, k, v):
+    out = kernel.attend(q, k, v, None, jnp.bfloat16)[0]
+    return jnp.sum(out * d_out), out
+  grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  for x, y, model in zip(unrounded, rounded, (out, *grads), strict=True):
+    np.testing.assert_array_equal(y, _bf16(x))
+    assert model.dtype == jnp.float32  # as attention.attend returns, and q, k, v are
+    np.testing.assert_array_equal(model, y)
 
 
 @requires_kernel

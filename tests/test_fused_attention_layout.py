@@ -49,7 +49,7 @@ def test_the_fused_projection_s_q_k_v_are_not_copied_for_the_kernel(kernel, comp
 def test_the_kernel_refuses_an_array_that_is_not_q_k_v_side_by_side(kernel):
   not_packed = jnp.zeros((2, 5, 2, 1, 16))  # (B, N, 2, H, D/H): no V
   with pytest.raises(Exception, match=r"qkv is not \(\.\.\., n, 3, h, d\)"):
-    jax.block_until_ready(F._kernel_call("VitAttentionForward", False, not_packed))
+    jax.block_until_ready(F._kernel_call("VitAttentionForward", False, False, not_packed))
 
 
 def _call_with_results(target: str, results, *arrays):

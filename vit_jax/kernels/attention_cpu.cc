@@ -26,6 +26,9 @@
 // heads of 8 or more Q^T dS and P^T dO; for heads of 4 and of 32 or more the weights times V
 // and dS K (each where it measured faster than float32); the softmax and its gradient stay
 // float32. Other builds ignore the attribute.
+// Results: out and dqkv in float32, or in bfloat16 where the caller declares them so (a
+// bfloat16 model: the products that read them round them anyway), rounded here as XLA
+// rounds (to nearest, ties to even): XLA's own conversion was a pass through memory.
 
 #include <immintrin.h>
 
@@ -335,11 +338,12 @@ class Head {
   }
 
   // out (n, D) and each query's log-sum-exp of its scaled scores, lse (n), from q, k, v
-  // (n, D), each token's row `stride` floats apart (out's `out_stride`): the weights are
+  // (n, D), each token's row `stride` floats apart (out's `out_at` apart): the weights are
   // exp(scores - lse), which the backward pass computes again instead of reading (n, n)
   // weights saved for it (16 heads of 50 tokens: 160 KB an image and layer, which spilled
   // out of the caches).
-  void forward(const float* q, const float* k, const float* v, float* out, float* lse) {
+  void forward(const float* q, const float* k, const float* v, float* out, int64_t out_at,
+               float* lse) {
     transpose(k, transposed_k_.data());
     if constexpr (kDotProducts) transpose(v, transposed_v_.data());
     scale_rows(q, q_.data());
@@ -349,8 +353,8 @@ class Head {
       float* scores = scores_.data();
       products(i0, q_.data(), q16_.data(), transposed_k_.data(), k16_t_.data(), scores);  // Q K^T
       const vec inv_sums = softmax(scores, i0);
-      weights_times(scores, v, transposed_v_.data(), v16_x_.data(), out + i0 * out_stride_,
-                    out_stride_, std::min(kRows, n_ - i0), inv_sums);
+      weights_times(scores, v, transposed_v_.data(), v16_x_.data(), out + i0 * out_at, out_at,
+                    std::min(kRows, n_ - i0), inv_sums);
     }
     // row_max_ becomes the log-sum-exp in place; past padded_n_ it stays 0 (0 + log 1).
     for (int b = 0; b < NB; ++b)
@@ -359,10 +363,10 @@ class Head {
     std::memcpy(lse, row_max_.data(), n_ * sizeof(float));
   }
 
-  // dq, dk, dv (n, D) from q, k, v, the forward pass's lse (n) and d_out (n, D), the
-  // cotangent of out (at `stride` and `out_stride`, as forward's).
+  // dq, dk, dv (n, D), each token's row `grad_at` floats apart, from q, k, v, the forward
+  // pass's lse (n) and d_out (n, D), the cotangent of out (at `stride` and `out_stride`).
   void backward(const float* q, const float* k, const float* v, const float* lse,
-                const float* d_out, float* dq, float* dk, float* dv) {
+                const float* d_out, float* dq, float* dk, float* dv, int64_t grad_at) {
     transpose(k, transposed_k_.data());
     transpose(v, transposed_v_.data());
     scale_rows(q, q_.data());
@@ -392,12 +396,33 @@ class Head {
       transposed_products(i0, q_.data(), q16_.data(), ds, dk_t_.data());
       transposed_products(i0, d_out_.data(), d_out16_.data(), p, dv_t_.data());
       // dQ = dS K / sqrt(D): softmax_backward leaves the scale to here (see scale_rows).
-      weights_times(ds, k, transposed_k_.data(), k16_x_.data(), dq + i0 * stride_, stride_,
-                    std::min(kRows, n_ - i0),
-                 splat(inv_sqrt_d_));
+      weights_times(ds, k, transposed_k_.data(), k16_x_.data(), dq + i0 * grad_at, grad_at,
+                    std::min(kRows, n_ - i0), splat(inv_sqrt_d_));
     }
-    untranspose(dk_t_.data(), dk);
-    untranspose(dv_t_.data(), dv);
+    untranspose(dk_t_.data(), dk, grad_at);
+    untranspose(dv_t_.data(), dv, grad_at);
+  }
+
+  // rows (n, parts, D), contiguous, rounded to bfloat16 as XLA converts float32 (to nearest,
+  // ties to even, denormals kept; a NaN stays a quiet NaN) into `to`: token j's part p at
+  // j * token_at + p * part_at. For results in bfloat16, which the model's products would
+  // round them to anyway: XLA's conversion, a pass through memory, took 4 % of the step.
+  void round_into(const float* rows, int parts, uint16_t* to, int64_t token_at,
+                  int64_t part_at) const {
+    typedef uint32_t bits_t __attribute__((vector_size(4 * kRowLanes)));
+    typedef uint16_t half_t __attribute__((vector_size(2 * kRowLanes)));
+    for (int j = 0; j < n_; ++j)
+      for (int p = 0; p < parts; ++p)
+#pragma GCC unroll 4
+        for (int c = 0; c < D; c += kRowLanes) {
+          const rvec x = R::load(rows + (j * parts + p) * D + c);
+          bits_t bits;
+          std::memcpy(&bits, &x, sizeof bits);
+          const bits_t nearest = (bits + 0x7fff + (bits >> 16 & 1)) >> 16;
+          const half_t half = __builtin_convertvector(x != x ? (bits >> 16 | 0x40) : nearest,
+                                                      half_t);
+          std::memcpy(to + j * token_at + p * part_at + c, &half, sizeof half);
+        }
   }
 
  private:
@@ -491,13 +516,13 @@ class Head {
       for (int c = 0; c < D; ++c) transposed[c * W + j] = x[j * stride_ + c];
   }
 
-  // transposed (D, W) -> x (n, D) at stride: transpose's inverse, for dK and dV.
-  void untranspose(const float* transposed, float* x) {
+  // transposed (D, W) -> x (n, D), rows x_at apart: transpose's inverse, for dK and dV.
+  void untranspose(const float* transposed, float* x, int64_t x_at) {
 #if defined(__AVX512F__)
     if constexpr (kBlockTranspose) {
       for (int j0 = 0; j0 < n_; j0 += 16)
         for (int c0 = 0; c0 < D; c0 += 16)
-          move_transposed_16x16(transposed + c0 * W + j0, W, 16, x + j0 * stride_ + c0, stride_,
+          move_transposed_16x16(transposed + c0 * W + j0, W, 16, x + j0 * x_at + c0, x_at,
                                 n_ - j0);
       return;
     }
@@ -505,9 +530,9 @@ class Head {
     const int whole = n_ / 4 * 4;
     for (int j = 0; j < whole; j += 4)
       for (int c = 0; c < D; c += 4)
-        move_transposed_4x4(transposed + c * W + j, W, x + j * stride_ + c, stride_);
+        move_transposed_4x4(transposed + c * W + j, W, x + j * x_at + c, x_at);
     for (int j = whole; j < n_; ++j)
-      for (int c = 0; c < D; ++c) x[j * stride_ + c] = transposed[c * W + j];
+      for (int c = 0; c < D; ++c) x[j * x_at + c] = transposed[c * W + j];
   }
 
   // (n, D) at stride -> (padded_n, D), zero padded.
@@ -864,8 +889,8 @@ class Head {
   }
 
   const int n_;
-  const int64_t stride_;      // between tokens' rows of q, k, v, dq, dk and dv
-  const int64_t out_stride_;  // and of out and d_out
+  const int64_t stride_;      // between tokens' rows of q, k and v
+  const int64_t out_stride_;  // and of d_out
   const int padded_n_;
   const bool bf16_;
   const float inv_sqrt_d_;
@@ -968,7 +993,8 @@ ffi::ErrorOr<Shape> PackedShape(const F32& qkv) {
 }
 
 // Whether x is (..., tail), its "..." qkv's batch axes (every axis before qkv's n).
-bool Follows(const F32& x, const F32& qkv, std::initializer_list<int64_t> tail) {
+template <typename Buffer>
+bool Follows(const Buffer& x, const F32& qkv, std::initializer_list<int64_t> tail) {
   auto dims = x.dimensions(), batch = qkv.dimensions();
   const size_t b = batch.size() - 4;
   return dims.size() == b + tail.size() &&
@@ -982,19 +1008,29 @@ ffi::Error Unsupported(const Shape& s) {
                  " and " + std::to_string(s.n) + " tokens");
 }
 
-// Runs per_head(head, g) for every head g, with a Head<D, NB> for each chunk of heads.
+// Runs per_head(head, scratch, g) for every head g, with a Head<D, NB> and room for a head's
+// n x 3 x d results (scratch) for each chunk of heads.
 template <typename PerHead>
 ffi::Error OverHeads(ffi::ThreadPool& pool, const Shape& s, bool bf16, PerHead per_head) {
   const bool ok = Dispatch(s.d, s.n, [&]<int D, int NB>() {
     ForEachChunk(pool, s.heads(), [&](int64_t begin, int64_t end) {
       Head<D, NB> head(s.n, 3 * s.width(), s.width(), bf16);
-      for (int64_t g = begin; g < end; ++g) per_head(head, g);
+      std::vector<float> scratch(s.n * 3 * D);
+      for (int64_t g = begin; g < end; ++g) per_head(head, scratch.data(), g);
     });
   });
   return ok ? ffi::Error::Success() : Unsupported(s);
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, F32 qkv, F32Out out, F32Out lse, bool bf16) {
+// Whether a result is float32 (false) or bfloat16 (true); an error for any other dtype.
+ffi::ErrorOr<bool> RoundsResult(const ffi::AnyBuffer& result, const char* name) {
+  if (result.element_type() == ffi::BF16) return true;
+  if (result.element_type() == ffi::F32) return false;
+  return ffi::Unexpected(Invalid(std::string(name) + " is neither float32 nor bfloat16"));
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, F32 qkv, ffi::Result<ffi::AnyBuffer> out, F32Out lse,
+                   bool bf16) {
   auto shape = PackedShape(qkv);
   if (!shape.has_value()) return shape.error();
   // The results' shapes come from the caller too: a wrong one would be written past its end.
@@ -1002,15 +1038,22 @@ ffi::Error Forward(ffi::ThreadPool pool, F32 qkv, F32Out out, F32Out lse, bool b
     return Invalid("out is not (..., n, h, d) for qkv's (..., n, 3, h, d)");
   if (!Follows(*lse, qkv, {shape->h, shape->n}))
     return Invalid("lse is not (..., h, n) for qkv's (..., n, 3, h, d)");
-  const int64_t w = shape->width();
-  return OverHeads(pool, *shape, bf16, [&](auto& head, int64_t g) {
+  auto rounded = RoundsResult(*out, "out");
+  if (!rounded.has_value()) return rounded.error();
+  const int64_t w = shape->width(), d = shape->d;
+  return OverHeads(pool, *shape, bf16, [&](auto& head, float* scratch, int64_t g) {
     const float* q = qkv.typed_data() + shape->packed_offset(g);
-    head.forward(q, q + w, q + 2 * w, out->typed_data() + shape->offset(g),
-                 lse->typed_data() + g * shape->n);
+    float* head_lse = lse->typed_data() + g * shape->n;
+    if (!*rounded)
+      return head.forward(q, q + w, q + 2 * w, out->reinterpret_data<float>() + shape->offset(g),
+                          w, head_lse);
+    head.forward(q, q + w, q + 2 * w, scratch, d, head_lse);
+    head.round_into(scratch, 1, out->reinterpret_data<uint16_t>() + shape->offset(g), w, 0);
   });
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, F32 qkv, F32 lse, F32 d_out, F32Out dqkv, bool bf16) {
+ffi::Error Backward(ffi::ThreadPool pool, F32 qkv, F32 lse, F32 d_out,
+                    ffi::Result<ffi::AnyBuffer> dqkv, bool bf16) {
   auto shape = PackedShape(qkv);
   if (!shape.has_value()) return shape.error();
   if (!Follows(d_out, qkv, {shape->n, shape->h, shape->d}))
@@ -1019,33 +1062,42 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 qkv, F32 lse, F32 d_out, F32Out dq
     return Invalid("lse is not (..., h, n) for qkv's (..., n, 3, h, d)");
   if (!Follows(*dqkv, qkv, {shape->n, 3, shape->h, shape->d}))
     return Invalid("dqkv is not shaped as qkv (..., n, 3, h, d)");
-  const int64_t w = shape->width();
-  return OverHeads(pool, *shape, bf16, [&](auto& head, int64_t g) {
+  auto rounded = RoundsResult(*dqkv, "dqkv");
+  if (!rounded.has_value()) return rounded.error();
+  const int64_t w = shape->width(), d = shape->d;
+  return OverHeads(pool, *shape, bf16, [&](auto& head, float* scratch, int64_t g) {
     const int64_t at = shape->packed_offset(g);
     const float* q = qkv.typed_data() + at;
-    float* dq = dqkv->typed_data() + at;
-    head.backward(q, q + w, q + 2 * w, lse.typed_data() + g * shape->n,
-                  d_out.typed_data() + shape->offset(g), dq, dq + w, dq + 2 * w);
+    const float* head_lse = lse.typed_data() + g * shape->n;
+    const float* head_d_out = d_out.typed_data() + shape->offset(g);
+    if (!*rounded) {
+      float* dq = dqkv->reinterpret_data<float>() + at;
+      return head.backward(q, q + w, q + 2 * w, head_lse, head_d_out, dq, dq + w, dq + 2 * w,
+                           3 * w);
+    }
+    head.backward(q, q + w, q + 2 * w, head_lse, head_d_out, scratch, scratch + d,
+                  scratch + 2 * d, 3 * d);
+    head.round_into(scratch, 3, dqkv->reinterpret_data<uint16_t>() + at, 3 * w, w);
   });
 }
 
 }  // namespace
 
-// qkv (..., n, 3, h, d) -> (out, lse): out (..., n, h, d), lse (..., h, n). The attribute
-// bf16: the products the header lists from bfloat16 operands (with AVX-512 BF16;
-// VitAttentionBf16 says whether this build has it).
+// qkv (..., n, 3, h, d) -> (out, lse): out (..., n, h, d), float32 or bfloat16 (rounded as
+// XLA converts), lse (..., h, n). The attribute bf16: the products the header lists from
+// bfloat16 operands (with AVX-512 BF16; VitAttentionBf16 says whether this build has it).
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionForward, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>()
-                                  .Ret<F32>().Ret<F32>()
+                                  .Ret<ffi::AnyBuffer>().Ret<F32>()
                                   .Attr<bool>("bf16"));
-// (qkv, lse, d_out) -> dqkv, laid out as qkv; bf16 as forward's
+// (qkv, lse, d_out) -> dqkv, laid out as qkv, float32 or bfloat16 as out; bf16 as forward's
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VitAttentionBackward, Backward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>().Arg<F32>().Arg<F32>()
-                                  .Ret<F32>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<bool>("bf16"));
 
 // Floats per vector, 16 (AVX-512) or 8 (AVX2): which build this is.

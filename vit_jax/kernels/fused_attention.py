@@ -9,12 +9,13 @@ kernel", has the figures). `build.py` compiles it on first use.
 
 It computes in float32; under a bfloat16 compute_dtype, where its build multiplies bfloat16
 (AVX-512 BF16; `bfloat16_products`), its products take operands rounded to bfloat16 as the
-einsum path's do, up to where the scale is applied (attention_cpu.cc's header says which).
-It takes no mask, and needs a head dim in `kernels.HEAD_DIMS` and at most
-`kernels.MAX_TOKENS` tokens. Where it cannot be built (no compiler, no AVX2), `attend` warns
-once and uses `attention.attend` (in float32), as it does when the computation is compiled
-for a GPU or TPU. It differentiates once, in reverse mode: `jax.grad`
-of `jax.grad` and `jax.jvp` raise errors that say so.
+einsum path's do, up to where the scale is applied (attention_cpu.cc's header says which),
+and it rounds its results to bfloat16 itself, where XLA would have next. It takes no mask,
+and needs a head dim in `kernels.HEAD_DIMS` and at most `kernels.MAX_TOKENS` tokens. Where
+it cannot be built (no compiler, no AVX2), `attend` warns once and uses `attention.attend`
+(in float32), as it does when the computation is compiled for a GPU or TPU. It
+differentiates once, in reverse mode: `jax.grad` of `jax.grad` and `jax.jvp` raise errors
+that say so.
 """
 
 from __future__ import annotations
@@ -81,7 +82,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: None = None,
     compute_dtype: None or float32: every product in float32. bfloat16, where the build
       multiplies it (`bfloat16_products`): the products from operands rounded to bfloat16,
       summed in float32 (some products stay float32 at some head sizes, where that measured
-      faster: attention_cpu.cc's header says which); the softmax in float32.
+      faster: attention_cpu.cc's header says which); the softmax in float32; out and the
+      gradients of q, k, v rounded to bfloat16 (returned as float32), as the products that
+      read them would round them (see `_fused`).
 
   Returns:
     out: (B, H, N, D/H) and weights: (B, H, N, N), as `attention.attend`.
@@ -132,43 +135,54 @@ def _fused_heads_apart(bf16: bool, q, k, v):
   return jnp.swapaxes(_fused(bf16, qkv), -3, -2)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _kernel_call(target: str, bf16: bool, qkv, *arrays):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _kernel_call(target: str, bf16: bool, rounded: bool, qkv, *arrays):
   """The FFI call `target`: qkv -> (out, lse) or (qkv, lse, d_out) -> (dqkv,); qkv and dqkv
   (..., N, 3, H, D/H), out and d_out (..., N, H, D/H), lse (..., H, N), each query's
   log-sum-exp of its scaled scores; `bf16`: products from bfloat16 operands, where the build
-  has them (`bfloat16_products`)."""
+  has them (`bfloat16_products`); `rounded`: out or dqkv in bfloat16 (rounded to nearest,
+  ties to even, as XLA's conversion), else float32."""
   tokens, _, heads, head_dim = qkv.shape[-4:]
   out = qkv.shape[:-4] + (tokens, heads, head_dim)
   lse = qkv.shape[:-4] + (heads, tokens)
-  results = (out, lse) if target == _TARGETS[0] else (qkv.shape,)
+  result = jnp.bfloat16 if rounded else jnp.float32
+  results = (((out, result), (lse, jnp.float32)) if target == _TARGETS[0]
+             else ((qkv.shape, result),))
   # Every axis before (N, 3, H, D/H) is a batch axis to the kernel, so vmap may just add one.
-  return jax.ffi.ffi_call(target, tuple(jax.ShapeDtypeStruct(r, jnp.float32) for r in results),
+  return jax.ffi.ffi_call(target, tuple(jax.ShapeDtypeStruct(*r) for r in results),
                           vmap_method="broadcast_all")(qkv, *arrays, bf16=bf16)
 
 
 @_kernel_call.defjvp
-def _kernel_call_jvp(target, bf16, primals, tangents):
+def _kernel_call_jvp(target, bf16, rounded, primals, tangents):
   # Reached only by differentiating the custom VJP's own rules: a second derivative.
-  del target, bf16, primals, tangents
+  del target, bf16, rounded, primals, tangents
   raise NotImplementedError(
       "attention_kernel='fused_cpu' has first derivatives only: for jax.grad of jax.grad, "
       "use attention_kernel='einsum'")
 
 
+# Under bfloat16 products, the kernel rounds its results, out and dqkv, to bfloat16 itself:
+# they go on to products that round them to it anyway (to_out's and, backward, the Q, K and V
+# projections'), and XLA's own conversion, a pass through memory of its own, took 4 % of the
+# training step. Where a model's Q, K or V is its tokens themselves (no projection: the
+# `identity` qkv modes) or a projection has a bias, their gradient is summed from these
+# rounded values instead of float32 ones. Both come back as float32, what `attention.attend`
+# returns and qkv's dtype: XLA cancels that conversion against the products' own.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(bf16, qkv):
-  return _kernel_call(_TARGETS[0], bf16, qkv)[0]
+  return _fused_forward(bf16, qkv)[0]
 
 
 def _fused_forward(bf16, qkv):
-  out, lse = _kernel_call(_TARGETS[0], bf16, qkv)
-  return out, (qkv, lse)  # the weights are computed again from lse, not saved
+  out, lse = _kernel_call(_TARGETS[0], bf16, bf16, qkv)
+  return out.astype(jnp.float32), (qkv, lse)  # the weights are computed again, not saved
 
 
 def _fused_backward(bf16, residuals, d_out):
   qkv, lse = residuals
-  return _kernel_call(_TARGETS[1], bf16, qkv, lse, d_out)
+  (dqkv,) = _kernel_call(_TARGETS[1], bf16, bf16, qkv, lse, d_out)
+  return (dqkv.astype(jnp.float32),)
 
 
 _fused.defvjp(_fused_forward, _fused_backward)
