@@ -101,14 +101,18 @@ def test_a_bfloat16_model_gets_the_results_rounded_as_xla_rounds_them(kernel, sh
   unrounded = _kernel_results(q, k, v, d_out, rounded=False)
   rounded = _kernel_results(q, k, v, d_out, rounded=True)
 
-  def loss(q, k, v):
-    out = kernel.attend(q, k, v, None, jnp.bfloat16)[0]
-    return jnp.sum(out * d_out), out
-  grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-  for x, y, model in zip(unrounded, rounded, (out, *grads), strict=True):
+  def run(round_results):
+    def loss(q, k, v):
+      out = kernel.attend(q, k, v, None, jnp.bfloat16, round_results)[0]
+      return jnp.sum(out * d_out), out
+    grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return out, *grads
+
+  for x, y, model, exact in zip(unrounded, rounded, run(True), run(False), strict=True):
     np.testing.assert_array_equal(y, _bf16(x))
     assert model.dtype == jnp.float32  # as attention.attend returns, and q, k, v are
     np.testing.assert_array_equal(model, y)
+    np.testing.assert_array_equal(exact, x)  # round_results=False: the float32 results
 
 
 @requires_kernel

@@ -21,19 +21,26 @@ def kernel():
   return F
 
 
-def _copies_in_attention(qkv: str, compute_dtype: str) -> list[str]:
-  """The slices and concatenations inside the attention modules of a compiled training step
-  (forward and backward) of a ViT with the kernel. (Not XLA's copies: one transposes the
-  gradient of `to_qkv`'s result for its weight's gradient, as it did before the kernel.)"""
+def _compiled_step(qkv: str, compute_dtype: str, **overrides) -> str:
+  """The optimised HLO of a training step (forward and backward) of a ViT with the kernel."""
   config = get_model_config("testing", hidden_size=32, num_heads=2, qkv=qkv,
-                            attention_kernel="fused_cpu", compute_dtype=compute_dtype)
+                            attention_kernel="fused_cpu", compute_dtype=compute_dtype,
+                            **overrides)
   model = models.ViT(config)
   images = rand(3, 28, 28, 1)
   params = model.init(jax.random.PRNGKey(0), images)["params"]
   step = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, images) ** 2)))
   hlo = step.lower(params).compile().as_text()
   assert "VitAttentionBackward" in hlo  # the kernel's step, not the einsum's
-  return re.findall(r"= \S+ (?:slice|concatenate)\(.*op_name=\"[^\"]*/attention/", hlo)
+  return hlo
+
+
+def _copies_in_attention(qkv: str, compute_dtype: str) -> list[str]:
+  """The slices and concatenations inside the attention modules of a compiled training step
+  (forward and backward) of a ViT with the kernel. (Not XLA's copies: one transposes the
+  gradient of `to_qkv`'s result for its weight's gradient, as it did before the kernel.)"""
+  return re.findall(r"= \S+ (?:slice|concatenate)\(.*op_name=\"[^\"]*/attention/",
+                    _compiled_step(qkv, compute_dtype))
 
 
 @requires_kernel
@@ -43,6 +50,22 @@ def test_the_fused_projection_s_q_k_v_are_not_copied_for_the_kernel(kernel, comp
   # With W_Q, W_K, W_V apart, Q, K and V are concatenated for the kernel and dQ, dK, dV
   # sliced out again: the check sees copies where there are some.
   assert len(_copies_in_attention("separate", compute_dtype)) >= 2
+
+
+@requires_kernel
+@pytest.mark.parametrize("qkv, qkv_bias, rounded", [
+    ("fused", False, True), ("separate", False, True), ("tied_qk", False, True),
+    ("identity_q", False, False), ("identity", False, False), ("separate", True, False)])
+def test_the_kernel_rounds_the_gradients_only_where_products_read_them(kernel, qkv, qkv_bias,
+                                                                        rounded):
+  """Under a bfloat16 model the kernel's dQ, dK, dV come out in bfloat16 where each goes
+  straight into a projection's product; where one is the tokens' own gradient or a bias's,
+  they stay float32, as on the einsum path."""
+  if not kernel.bfloat16_products():
+    pytest.skip("this build has no bfloat16 products (no AVX-512 BF16)")
+  hlo = _compiled_step(qkv, "bfloat16", qkv_bias=qkv_bias)
+  dtypes = set(re.findall(r"= \(?(\w+)\[[^=]*custom_call_target=\"VitAttentionBackward\"", hlo))
+  assert dtypes == {"bf16" if rounded else "f32"}
 
 
 @requires_kernel

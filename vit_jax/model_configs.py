@@ -16,6 +16,15 @@ QkvMode = Literal["fused", "separate", "identity", "identity_q", "identity_k", "
                   "tied_qk", "low_rank", "frozen_random"]
 AttentionKernel = Literal["auto", "einsum", "fused_cpu"]  # 'auto', then `kernels.KERNELS`
 COMPUTE_DTYPES, QKV_MODES = get_args(ComputeDtype), get_args(QkvMode)
+
+
+def gradients_meet_products(qkv: str, qkv_bias: bool) -> bool:
+  """Whether the gradients of Q, K and V each go straight into a product (so a bfloat16
+  model's fused kernel may round them itself): not where one is the tokens themselves (the
+  `identity` modes) or passes a bias on the way."""
+  return not qkv.startswith("identity") and not qkv_bias
+
+
 # The modes whose Q, K and V are chunked out of one (D, 3 D) product, `to_qkv`: the fused
 # kernel reads them in place there, and concatenates them where they come apart.
 FUSED_QKV_MODES = ("fused", "frozen_random")

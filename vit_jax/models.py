@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from vit_jax import attention as A
 from vit_jax import kernels
 from vit_jax.layer_norm import standardize
-from vit_jax.model_configs import QKV_MODES, ModelConfig
+from vit_jax.model_configs import QKV_MODES, ModelConfig, gradients_meet_products
 
 
 def _linear_params(module: nn.Module, d_in: int, features: int, use_bias: bool,
@@ -93,8 +93,7 @@ class MultiHeadSelfAttention(nn.Module):
   qkv: 'fused' (one `to_qkv` matrix D -> 3D, then chunked), 'separate' (`to_q`, `to_k`,
   `to_v`), 'identity' (no projection: Q = K = V = x, so head h reads slice h of x), or
   another of `model_configs.QKV_MODES` (`projection_weights` builds each).
-  attention_kernel: which implementation of `attention.attend` runs step 4
-  (`vit_jax.kernels.attend_function`): 'einsum' (the definition) or 'fused_cpu'.
+  attention_kernel: step 4, `kernels.attend_function`'s 'einsum' (the definition) or 'fused_cpu'.
   """
   num_heads: int
   qkv: str = "fused"
@@ -123,9 +122,10 @@ class MultiHeadSelfAttention(nn.Module):
         owned[f"to_{t}_b"] = self.param(f"to_{t}_b", per_head, (self.num_heads, rank, head_dim))
     weights = projection_weights(owned, self.qkv, width, "/".join(self.scope.path))
     weights["to_out"] = LinearWeights(width, name="to_out")(width)
-    out, attention_weights = A.self_attention(
-        x, weights, self.num_heads, mask, kernels.attend_function(self.attention_kernel),
-        self.compute_dtype, head_mask, head_means)
+    attend = kernels.attend_function(self.attention_kernel,
+                                     gradients_meet_products(self.qkv, self.qkv_bias))
+    out, attention_weights = A.self_attention(x, weights, self.num_heads, mask, attend,
+                                              self.compute_dtype, head_mask, head_means)
     self.sow("intermediates", "attention_weights", attention_weights)
     return out
 

@@ -24,17 +24,21 @@ def supports(tokens: int, head_dim: int) -> bool:
   return head_dim in HEAD_DIMS and 0 < tokens <= MAX_TOKENS
 
 
-def attend_function(name: str) -> Callable:
+def attend_function(name: str, round_results: bool = True) -> Callable:
   """The implementation of `attention.attend` named `name`: (q, k, v, mask, compute_dtype)
-  -> (out, weights), each q, k, v (B, H, N, D/H)."""
+  -> (out, weights), each q, k, v (B, H, N, D/H). `round_results`: whether the fused kernel,
+  under bfloat16 products, may round its output and the gradients of q, k, v to bfloat16
+  (`fused_attention.attend`): only where each goes straight into a product."""
   if name == "einsum":
     from vit_jax import attention
 
     return attention.attend
   if name == "fused_cpu":
+    import functools
+
     from vit_jax.kernels import fused_attention
 
-    return fused_attention.attend
+    return functools.partial(fused_attention.attend, round_results=round_results)
   if name == "auto":
     raise ValueError("attention_kernel='auto' is chosen when a run starts (vit_jax.auto); "
                      "a model takes 'einsum' or 'fused_cpu'")

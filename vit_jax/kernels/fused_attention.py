@@ -73,7 +73,7 @@ def available() -> bool:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: None = None,
-           compute_dtype=None) -> tuple[jax.Array, jax.Array]:
+           compute_dtype=None, round_results: bool = True) -> tuple[jax.Array, jax.Array]:
   """`attention.attend(q, k, v)` in float32, no mask, by the fused kernel on CPUs.
 
   Args:
@@ -83,8 +83,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: None = None,
       multiplies it (`bfloat16_products`): the products from operands rounded to bfloat16,
       summed in float32 (some products stay float32 at some head sizes, where that measured
       faster: attention_cpu.cc's header says which); the softmax in float32; out and the
-      gradients of q, k, v rounded to bfloat16 (returned as float32), as the products that
-      read them would round them (see `_fused`).
+      gradients of q, k, v rounded to bfloat16 (returned as float32) with `round_results`,
+      as the products that read them would round them (see `_fused`).
+    round_results: False where a gradient of q, k or v goes anywhere but straight into a
+      product (q, k or v the tokens themselves, or a projection with a bias): then they stay
+      float32, as on the einsum path.
 
   Returns:
     out: (B, H, N, D/H) and weights: (B, H, N, N), as `attention.attend`.
@@ -104,7 +107,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: None = None,
   q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
   low = (compute_dtype is not None and jnp.dtype(compute_dtype) == jnp.bfloat16
          and bfloat16_products())
-  out = jax.lax.platform_dependent(q, k, v, cpu=functools.partial(_fused_heads_apart, low),
+  out = jax.lax.platform_dependent(q, k, v, cpu=functools.partial(_fused_heads_apart, low,
+                                                                   low and round_results),
                                    default=lambda q, k, v: A.attend(q, k, v)[0])
   # The weights for whatever reads them (attention maps), by the definition; where nothing
   # does (training, evaluation), XLA drops them and the kernel's (n, n) never exist.
@@ -119,7 +123,7 @@ def _warn_once(why: str) -> None:
   warnings.warn(f"fused attention unavailable, using attention.attend: {why}", stacklevel=3)
 
 
-def _fused_heads_apart(bf16: bool, q, k, v):
+def _fused_heads_apart(bf16: bool, rounded: bool, q, k, v):
   """`_fused` for (B, H, N, D/H) heads. The kernel takes the tokens before the heads and Q, K
   and V side by side, (B, N, 3, H, D/H), as the fused projection `to_qkv` lays them out:
   XLA cancels these transposes against `split_heads`' and `merge_heads`', and this
@@ -132,7 +136,7 @@ def _fused_heads_apart(bf16: bool, q, k, v):
   # three slices and folds them back into the projection's result.
   qkv = jnp.concatenate([t.reshape(*t.shape[:-2], heads * head_dim) for t in tokens_first], -1)
   qkv = qkv.reshape(*qkv.shape[:-1], 3, heads, head_dim)
-  return jnp.swapaxes(_fused(bf16, qkv), -3, -2)
+  return jnp.swapaxes(_fused(bf16, rounded, qkv), -3, -2)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
@@ -164,24 +168,24 @@ def _kernel_call_jvp(target, bf16, rounded, primals, tangents):
 
 # Under bfloat16 products, the kernel rounds its results, out and dqkv, to bfloat16 itself:
 # they go on to products that round them to it anyway (to_out's and, backward, the Q, K and V
-# projections'), and XLA's own conversion, a pass through memory of its own, took 4 % of the
-# training step. Where a model's Q, K or V is its tokens themselves (no projection: the
-# `identity` qkv modes) or a projection has a bias, their gradient is summed from these
-# rounded values instead of float32 ones. Both come back as float32, what `attention.attend`
-# returns and qkv's dtype: XLA cancels that conversion against the products' own.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(bf16, qkv):
-  return _fused_forward(bf16, qkv)[0]
+# projections'), where XLA's own conversions, passes through memory of their own, took 2.4 %
+# of the training step's device time (`rounded`; not where a gradient goes elsewhere:
+# `attend`'s round_results).
+# Both come back as float32, what `attention.attend` returns and qkv's dtype: XLA cancels
+# that conversion against the products' own.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fused(bf16, rounded, qkv):
+  return _fused_forward(bf16, rounded, qkv)[0]
 
 
-def _fused_forward(bf16, qkv):
-  out, lse = _kernel_call(_TARGETS[0], bf16, bf16, qkv)
+def _fused_forward(bf16, rounded, qkv):
+  out, lse = _kernel_call(_TARGETS[0], bf16, rounded, qkv)
   return out.astype(jnp.float32), (qkv, lse)  # the weights are computed again, not saved
 
 
-def _fused_backward(bf16, residuals, d_out):
+def _fused_backward(bf16, rounded, residuals, d_out):
   qkv, lse = residuals
-  (dqkv,) = _kernel_call(_TARGETS[1], bf16, bf16, qkv, lse, d_out)
+  (dqkv,) = _kernel_call(_TARGETS[1], bf16, rounded, qkv, lse, d_out)
   return (dqkv.astype(jnp.float32),)
 
 
