@@ -295,7 +295,7 @@ constexpr int kRows = 4;  // queries per block: the key (or value) loaded once s
 // One head of n tokens and D dims, a token's D at `stride` floats from the next one's in q,
 // k and v (3 H D: the heads and Q, K, V interleaved) and at `out_stride` in d_out (H D); the
 // results' strides are forward's and backward's arguments. NB = ceil(n / kLanes) vectors span
-// a row of scores. Holds the padded copies a head needs; one per thread, reused over heads.
+// a row of scores. Holds the padded copies a head needs; one per chunk of heads, reused over them.
 template <int D, int NB>
 class Head {
   using R = Row<D>;
@@ -407,12 +407,6 @@ class Head {
     }
     untranspose(dk_t_.data(), dk, grad_at);
     untranspose(dv_t_.data(), dv, grad_at);
-  }
-
-  // Whether this Head serves the arguments it would be constructed with (then it can be kept).
-  bool made_for(int n, int64_t stride, int64_t out_stride, bool bf16) const {
-    return n == n_ && stride == stride_ && out_stride == out_stride_ &&
-           (kHasBf16 && bf16) == bf16_;
   }
 
   // Room for a head's results (n, 3, D), contiguous, for those that go to a bfloat16 array.
@@ -1026,19 +1020,13 @@ ffi::Error Unsupported(const Shape& s) {
                  " and " + std::to_string(s.n) + " tokens");
 }
 
-// Runs per_head(head, g) for every head g, with a Head<D, NB> on each thread that takes a
-// chunk of heads.
+// Runs per_head(head, g) for every head g, with a Head<D, NB> for each chunk of heads.
 template <typename PerHead>
 ffi::Error OverHeads(ffi::ThreadPool& pool, const Shape& s, bool bf16, PerHead per_head) {
   const bool ok = Dispatch(s.d, s.n, [&]<int D, int NB>() {
     ForEachChunk(pool, s.heads(), [&](int64_t begin, int64_t end) {
-      // One per thread, kept from call to call while the shape stays: constructing one for
-      // every chunk of heads (a dozen allocations, zeroed) measured 1.02x and 1.05x slower at
-      // 4 heads of 16, 0.98x and 1.05x at 16 heads of 4 (kernel alone, interleaved).
-      thread_local std::unique_ptr<Head<D, NB>> kept;
-      if (!kept || !kept->made_for(s.n, 3 * s.width(), s.width(), bf16))
-        kept = std::make_unique<Head<D, NB>>(s.n, 3 * s.width(), s.width(), bf16);
-      for (int64_t g = begin; g < end; ++g) per_head(*kept, g);
+      Head<D, NB> head(s.n, 3 * s.width(), s.width(), bf16);
+      for (int64_t g = begin; g < end; ++g) per_head(head, g);
     });
   });
   return ok ? ffi::Error::Success() : Unsupported(s);
