@@ -11,6 +11,7 @@ import contextlib
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,11 @@ from vit_jax.parallel import gathered
 from vit_jax.run_log import LOG_FILE, absl_quiet
 
 log = logging.getLogger("vit_jax")
+
+
+# (a state's abstract arrays, the function that takes a state restored with them to the
+# current layout, or None for the current layout itself)
+Layout = tuple[Any, Callable[[Any], Any] | None]
 
 
 class CheckpointError(ValueError):
@@ -63,17 +69,22 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
-  def restore_latest(self, like: Any) -> Any | None:
+  def restore_latest(self, like: Any, earlier: Layout | None = None) -> Any | None:
     """The newest readable checkpoint, shaped like `like`; None if there is none.
 
+    `earlier`: (`like` as an earlier version of this code saved it, the function that takes
+    a checkpoint restored in that layout to `like`'s), e.g. `train_state.per_array_moments`:
+    a checkpoint whose digests record that layout is read in it and brought up to date.
     A checkpoint that cannot be read, or whose arrays differ from the digests recorded when it
     was saved, is reported and moved to `checkpoints_unreadable/` (kept for inspection, out of
     the way of the step that will be saved again). A checkpoint of another model is an error.
     """
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like)
+    layouts = [(like, None)] + ([earlier] if earlier else [])
+    layouts = [(jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree), upgrade)
+               for tree, upgrade in layouts]
     restored, moved = None, False
     for step in sorted(self.manager.all_steps(), reverse=True):
-      restored, why = self._read(step, abstract)
+      restored, why = self._read(step, layouts)
       if why is None:
         break
       self._move_aside(step, why)
@@ -83,7 +94,7 @@ class Checkpoints:
       self.manager.reload()
     return restored
 
-  def _read(self, step: int, abstract: Any) -> tuple[Any | None, str | None]:
+  def _read(self, step: int, layouts: list[Layout]) -> tuple[Any | None, str | None]:
     """(the checkpoint at `step`, None) or (None, why it cannot be read). With several
     processes, each step is read by all or none (orbax's restore is collective) and is
     readable where it is in all: every process goes on from the same step."""
@@ -93,7 +104,7 @@ class Checkpoints:
       recorded, why = None, str(e)
     if (why := _in_every_process(why)) is not None:
       return None, why
-    self._refuse_another_model(step, recorded, abstract)
+    abstract, upgrade = self._layout_of(step, recorded, layouts)
     try:
       restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
       _verify(step, restored, recorded)
@@ -101,7 +112,16 @@ class Checkpoints:
       why = str(e).splitlines()[0] if str(e) else type(e).__name__
     if (why := _in_every_process(why)) is not None:
       return None, why
-    return restored, None
+    return (upgrade(restored) if upgrade else restored), None
+
+  def _layout_of(self, step: int, recorded: Digests | None, layouts: list[Layout]) -> Layout:
+    """The layout whose arrays the digests of `step` record (the current one where there
+    are no digests); a checkpoint in none of them is another model's: an error."""
+    for layout in layouts if recorded is not None else ():
+      if first_difference(recorded, shapes_of(layout[0]), keys=("shape", "dtype")) is None:
+        return layout
+    self._refuse_another_model(step, recorded, layouts[0][0])
+    return layouts[0]
 
   def _refuse_another_model(self, step: int, recorded: Digests | None, abstract: Any) -> None:
     if recorded is None:

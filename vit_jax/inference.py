@@ -19,7 +19,12 @@ from vit_jax.checkpoints import Checkpoints
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.parallel import Runner, choose_mode
 from vit_jax.steps import Evaluator, view_averaged_log_probabilities
-from vit_jax.train_state import TrainState, create_train_state, evaluation_params
+from vit_jax.train_state import (
+  TrainState,
+  create_train_state,
+  evaluation_params,
+  per_array_moments,
+)
 from vit_jax.workdir import CONFIG_FILE, saved_config, write_or_check_config
 
 
@@ -60,7 +65,7 @@ def restore_state(config: Any, workdir: str | Path, one_view: bool = False) -> T
   template = create_train_state(config, total_steps=1)
   checkpoints = Checkpoints(workdir, read_only=True)  # nothing is written there
   try:
-    state = checkpoints.restore_latest(template)
+    state = checkpoints.restore_latest(template, earlier=per_array_moments(template))
   finally:
     checkpoints.close()
   if state is None:

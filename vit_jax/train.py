@@ -43,6 +43,7 @@ from vit_jax.train_state import (
   create_train_state,
   evaluation_params,
   learning_rate_schedule,
+  per_array_moments,
 )
 from vit_jax.workdir import CONFIG_FILE, locked_workdir, saved_config, write_or_check_config
 
@@ -134,7 +135,7 @@ def restore_or_start(checkpoints: Checkpoints, fresh: Any, config: ExperimentCon
                      total_steps: int) -> Any:
   """The latest checkpoint, or `fresh`; refuses a workdir past the last step, where training
   would not run and the final state would be labelled as another schedule's."""
-  restored = checkpoints.restore_latest(fresh)
+  restored = checkpoints.restore_latest(fresh, earlier=per_array_moments(fresh))
   if restored is None:
     return fresh
   step = int(np.max(restored.step))  # seeds trained as one share their step

@@ -6,10 +6,12 @@ Layer 4 of vit_jax.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from flax.training import train_state
@@ -56,17 +58,56 @@ def learning_rate_schedule(config: ExperimentConfig, total_steps: int) -> optax.
       decay_steps=max(total_steps, warmup + 1), end_value=0.0)
 
 
+def optimizer(config: ExperimentConfig, total_steps: int) -> optax.GradientTransformation:
+  """AdamW with the global norm of the gradient clipped, on arrays as it is handed them."""
+  return optax.chain(
+      optax.clip_by_global_norm(config.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(config, total_steps),
+                  weight_decay=config.weight_decay))
+
+
 def create_train_state(config: ExperimentConfig, total_steps: int) -> TrainState:
-  """Fresh parameters from `config.seed` and an AdamW optimizer with clipping."""
+  """Fresh parameters from `config.seed` and the `optimizer` run on them as one flat vector:
+  its moments are flat vectors too (`ravel_pytree`'s order of the parameters)."""
   model = ViT(config.model)
   c = config.model
   dummy = jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32)
   params = jax.jit(model.init)(jax.random.PRNGKey(config.seed), dummy)["params"]
-  tx = optax.chain(
-      optax.clip_by_global_norm(config.grad_clip_norm),
-      optax.adamw(learning_rate_schedule(config, total_steps),
-                  weight_decay=config.weight_decay))
+  # One vector: the update is a few operations, not several for each of the model's arrays
+  # (on a CPU each costs microseconds to launch; docs/performance.md).
+  tx = optax.flatten(optimizer(config, total_steps))
   if config.ema_decay:
     return EmaTrainState.create(apply_fn=model.apply, params=params, tx=tx,
                                 ema_params=params, ema_decay=config.ema_decay)
   return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+def per_array_moments(state: TrainState) -> tuple[TrainState, Callable[[TrainState], TrainState]]:
+  """`state` as checkpoints written before the optimizer ran on one flat vector hold it
+  (2026-12-08: Adam's moments as trees shaped like the parameters, as `pretrained/mnist_seed`
+  does), and the function that takes a state restored in that layout to `state`'s.
+
+  `state` may be several seeds' stacked on a leading axis (`vit_jax.seeds`): each seed's
+  moments are flattened on their own.
+  """
+  seeds = np.shape(state.step)  # () or (number of seeds,)
+  size = sum(np.size(p) for p in jax.tree_util.tree_leaves(state.params)) // math.prod(seeds)
+
+  def is_flat(leaf) -> bool:
+    return np.shape(leaf) == (*seeds, size)
+
+  def per_array(leaf):
+    return jax.tree_util.tree_map(lambda p: jax.ShapeDtypeStruct(np.shape(p), leaf.dtype),
+                                  state.params) if is_flat(leaf) else leaf
+
+  def flattened(leaf, earlier):
+    if not is_flat(leaf):
+      return earlier
+    arrays = jax.tree_util.tree_leaves(earlier)  # the parameters' order, as `ravel_pytree`'s
+    return jnp.concatenate([jnp.reshape(a, (*seeds, -1)) for a in arrays], axis=-1)
+
+  def upgrade(restored: TrainState) -> TrainState:
+    return restored.replace(opt_state=jax.tree_util.tree_map(flattened, state.opt_state,
+                                                             restored.opt_state))
+
+  return state.replace(opt_state=jax.tree_util.tree_map(per_array, state.opt_state)), upgrade
