@@ -104,20 +104,26 @@ class Checkpoints:
       recorded, why = None, str(e)
     if (why := _in_every_process(why)) is not None:
       return None, why
-    abstract, upgrade = self._layout_of(step, recorded, layouts)
-    try:
-      restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
-      _verify(step, restored, recorded)
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is handled alike
-      why = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if (why := _in_every_process(why)) is not None:
-      return None, why
-    return (upgrade(restored) if upgrade else restored), None
+    # Without digests (saved before they were recorded) its layout is not known: each is tried,
+    # all processes together.
+    reasons = []
+    for abstract, upgrade in (layouts if recorded is None
+                              else [self._layout_of(step, recorded, layouts)]):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        _verify(step, restored, recorded)
+        why = None
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is handled alike
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+      if (why := _in_every_process(why)) is None:
+        return (upgrade(restored) if upgrade else restored), None
+      reasons.append(why)
+    return None, reasons[0]
 
-  def _layout_of(self, step: int, recorded: Digests | None, layouts: list[Layout]) -> Layout:
-    """The layout whose arrays the digests of `step` record (the current one where there
-    are no digests); a checkpoint in none of them is another model's: an error."""
-    for layout in layouts if recorded is not None else ():
+  def _layout_of(self, step: int, recorded: Digests, layouts: list[Layout]) -> Layout:
+    """The layout whose arrays the digests of `step` record; a checkpoint in none of them is
+    another model's: an error."""
+    for layout in layouts:
       if first_difference(recorded, shapes_of(layout[0]), keys=("shape", "dtype")) is None:
         return layout
     self._refuse_another_model(step, recorded, layouts[0][0])

@@ -94,9 +94,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   B / num_microbatches examples (`lax.scan`), their gradients summed: the update of the
   whole batch at once, up to float rounding (and dropout's draws), with one micro-batch's
   activations in memory at a time.
-  The gradients are summed as one flat vector (`ravel_pytree`'s order), the form in which the
-  all-reduce and the optimizer (`train_state.create_train_state`) take them: a handful of
-  operations a step instead of several for each of the model's arrays.
+  The gradients are summed as one flat vector (`ravel_pytree`'s order), which the all-reduce
+  and the norm take as it is and the optimizer, itself on one flat vector
+  (`train_state.create_train_state`), forms again: a handful of operations a step instead of
+  several for each of the model's arrays.
   Under pmap (`axis_name` set) gradients and metrics are averaged across devices,
   so each device must hold the same number of examples.
 

@@ -84,7 +84,7 @@ def create_train_state(config: ExperimentConfig, total_steps: int) -> TrainState
 
 def per_array_moments(state: TrainState) -> tuple[TrainState, Callable[[TrainState], TrainState]]:
   """`state` as checkpoints written before the optimizer ran on one flat vector hold it
-  (2026-12-08: Adam's moments as trees shaped like the parameters, as `pretrained/mnist_seed`
+  (before 2026-12-07: Adam's moments as trees shaped like the parameters, as `pretrained/mnist_seed`
   does), and the function that takes a state restored in that layout to `state`'s.
 
   `state` may be several seeds' stacked on a leading axis (`vit_jax.seeds`): each seed's
