@@ -123,22 +123,18 @@ class Checkpoints:
   def _layout_of(self, step: int, recorded: Digests, layouts: list[Layout]) -> Layout:
     """The layout whose arrays the digests of `step` record; a checkpoint in none of them is
     another model's: an error."""
+    differences = []
     for layout in layouts:
-      if first_difference(recorded, shapes_of(layout[0]), keys=("shape", "dtype")) is None:
+      expected = shapes_of(layout[0])
+      path = first_difference(recorded, expected, keys=("shape", "dtype"))
+      if path is None:
         return layout
-    self._refuse_another_model(step, recorded, layouts[0][0])
-    return layouts[0]
-
-  def _refuse_another_model(self, step: int, recorded: Digests | None, abstract: Any) -> None:
-    if recorded is None:
-      return
-    expected = shapes_of(abstract)
-    path = first_difference(recorded, expected, keys=("shape", "dtype"))
-    if path is not None:
-      raise CheckpointError(
-          f"checkpoint at step {step} in {self.directory} holds another model: its array "
-          f"{path} is {_described(recorded.get(path))}, this model's "
-          f"{_described(expected.get(path))}; use another workdir")
+      differences.append((path, expected))
+    path, expected = differences[0]  # named against the current layout
+    raise CheckpointError(
+        f"checkpoint at step {step} in {self.directory} holds another model: its array "
+        f"{path} is {_described(recorded.get(path))}, this model's "
+        f"{_described(expected.get(path))}; use another workdir")
 
   def _move_aside(self, step: int, reason: str) -> None:
     if self.read_only:
