@@ -51,13 +51,19 @@ SHAPES = [(2, 4, 50, 16),   # the seed's heads
           (2, 8, 50, 8),    # 8 heads over a width of 64
           (1, 3, 9, 4),     # heads of 4 over fewer tokens than a vector
           (1, 2, 100, 16),  # Q K^T in several passes of vectors, the last with padded keys
-          (1, 2, 99, 4)]    # the same with heads of 4, and padded query rows
+          (1, 2, 99, 4),    # the same with heads of 4, and padded query rows
+          # Heads of 4, a vector's lanes of them to a token or a multiple (attention_cpu.cc's
+          # LaneHeads: one head to each lane):
+          (3, 32, 5, 4),    # two or four groups of heads an image, an odd number of keys
+          (1, 16, 128, 4),  # the longest sequence
+          (2, 16, 1, 4)]    # one token
 # The limits Python states (`kernels.HEAD_DIMS`, `MAX_TOKENS`), which the C++ must honour.
 LIMITS = [(1, 1, tokens, d) for d in kernels.HEAD_DIMS for tokens in (1, kernels.MAX_TOKENS)]
 
 
 @requires_kernel
-@pytest.mark.parametrize("shape,spread", [(s, 2.0) for s in SHAPES + LIMITS] + [(SHAPES[0], 6.0)])
+@pytest.mark.parametrize("shape,spread", [(s, 2.0) for s in SHAPES + LIMITS]
+                         + [(SHAPES[0], 6.0), (SHAPES[7], 6.0)])
 def test_values_match_numpy(kernel, shape, spread):
   # spread 2: logits over a few units; 6: over about +-100, so that most weights underflow
   # to 0 (and the float32 logits' own rounding, about 1e-5, sets the tolerance)
@@ -99,11 +105,11 @@ def test_gradients_match_autodiff_of_attend(kernel, shape, reads):
 
 
 @requires_kernel
-@pytest.mark.parametrize("head_dim", [16, 4])
-def test_a_nan_query_makes_its_own_output_row_nan_and_no_other(kernel, head_dim):
+@pytest.mark.parametrize("heads,head_dim", [(2, 16), (2, 4), (16, 4)])  # (16, 4): in lanes
+def test_a_nan_query_makes_its_own_output_row_nan_and_no_other(kernel, heads, head_dim):
   # As attention.attend does: no clamp inside the kernel may turn a NaN into a weight of 0,
   # which would hide it from the training loop's NaN check.
-  q, k, v = (rand(1, 2, 50, head_dim, seed=s) for s in range(3))
+  q, k, v = (rand(1, heads, 50, head_dim, seed=s) for s in range(3))
   q[0, 1, 7, 0] = np.nan
   out = np.asarray(jax.jit(lambda q: kernel.attend(q, k, v)[0])(q))
   np.testing.assert_array_equal(np.isnan(out), np.isnan(A.attend(q, k, v)[0]))
@@ -241,7 +247,7 @@ def test_the_avx2_build_passes_the_same_tests(tmp_path):
        __file__.replace(".py", "_bf16.py"), "-k", AVX2_TESTS], cwd=REPO, env=env,
       capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stdout[-3000:]
-  expected = (len(SHAPES + LIMITS) + 1) + 3 * len(SHAPES) + 4 + 2 + 1  # ..., NaNs, bfloat16
+  expected = (len(SHAPES + LIMITS) + 2) + 3 * len(SHAPES) + 4 + 3 + 1  # ..., NaNs, bfloat16
   assert re.search(r"\b(\d+) passed", result.stdout).group(1) == str(expected), (
       result.stdout[-500:])
 

@@ -60,7 +60,7 @@ def _kernel_results(q, k, v, d_out, rounded: bool):
 
 
 BF16_SHAPES = [SHAPES[0], SHAPES[1], SHAPES[2], SHAPES[3], SHAPES[7], SHAPES[8], SHAPES[11],
-               *LIMITS]
+               *SHAPES[12:], *LIMITS]
 
 
 @requires_kernel

@@ -17,7 +17,10 @@
 // computed a few vectors at a time).
 // A vector holds kLanes of a row's scores; a head's row (4 to 64 wide) is held in vectors of
 // min(D, kLanes) floats, so that heads of 4 and 8 (16 or 8 heads over a width of 64) take
-// the kernel too.
+// the kernel too. Heads of 4 that come kLanes or a multiple of it to a token (16 over a
+// width of 64) go one head to each lane instead (LaneHeads): a vector then holds one score
+// of each of kLanes heads, no key is padded to whole vectors and no maximum or sum is
+// folded across lanes (1.45-1.59x the time of a row at a time, forward and backward).
 // Under a bfloat16 model (the handlers' bf16 attribute), a build with AVX-512 BF16 rounds
 // the products' operands to bfloat16 and sums them in float32 with vdpbf16ps, as the
 // einsum path rounds its own (but for where the scale is applied: Q / sqrt(D) is rounded,
@@ -40,6 +43,7 @@
 #include <initializer_list>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -165,6 +169,18 @@ inline vec log_at_least_one(vec x) {
   return ((p * f * f2 + n * -2.12194440e-4f) - 0.5f * f2 + f) + n * 0.693359375f;
 }
 
+// x rounded to bfloat16 as XLA converts float32 (to nearest, ties to even; a NaN stays a
+// quiet NaN, its payload kept), into kLanes bfloat16 at `to`.
+inline void store_bfloat16(uint16_t* to, vec x) {
+  typedef uint32_t bits_t __attribute__((vector_size(4 * kLanes)));
+  typedef uint16_t half_t __attribute__((vector_size(2 * kLanes)));
+  bits_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const bits_t nearest = (bits + 0x7fff + (bits >> 16 & 1)) >> 16;
+  const half_t half = __builtin_convertvector(x != x ? (bits >> 16 | 0x40) : nearest, half_t);
+  std::memcpy(to, &half, sizeof half);
+}
+
 #if defined(__AVX512F__)
 // The sum of each of sixteen vectors, in lane i for vector i: pairs, then fours, eights and
 // sixteens of lanes added at each step (15 additions, where sixteen reductions take 64).
@@ -284,6 +300,22 @@ inline vec max_each_of_4(const vec (&a)[4]) {
 inline vec sum_each_of_4(const vec (&a)[4]) {
   return fold_each_of_4(a, [](vec x, vec y) { return x + y; });
 }
+
+#if defined(__AVX512BF16__)
+// The permutation that interleaves a vector's two halves of bfloat16: lane 2i takes lane i,
+// lane 2i + 1 lane 16 + i.
+inline __m512i interleave_halves() {
+  return _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                          22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+}
+
+// first and second rounded to bfloat16 side by side, lane i of each in lane i of the result:
+// the pairs vdpbf16ps multiplies.
+inline __m512bh bfloat16_pairs(vec first, vec second) {
+  return (__m512bh)_mm512_permutexvar_epi16(
+      interleave_halves(), (__m512i)_mm512_cvtne2ps_pbh((__m512)second, (__m512)first));
+}
+#endif
 
 // --- One head ---------------------------------------------------------------------------
 
@@ -419,16 +451,8 @@ class Head {
   // step's device time. Whole vectors first, then a row's D at a time, so that heads of 4
   // round sixteen floats at once.
   void round_results_into(int parts, uint16_t* to, int64_t token_at, int64_t part_at) {
-    typedef uint32_t bits_t __attribute__((vector_size(4 * kLanes)));
-    typedef uint16_t half_t __attribute__((vector_size(2 * kLanes)));
-    for (int i = 0; i < n_ * parts * D; i += kLanes) {
-      const vec x = load(results_.data() + i);
-      bits_t bits;
-      std::memcpy(&bits, &x, sizeof bits);
-      const bits_t nearest = (bits + 0x7fff + (bits >> 16 & 1)) >> 16;
-      const half_t half = __builtin_convertvector(x != x ? (bits >> 16 | 0x40) : nearest, half_t);
-      std::memcpy(results16_.data() + i, &half, sizeof half);
-    }
+    for (int i = 0; i < n_ * parts * D; i += kLanes)
+      store_bfloat16(results16_.data() + i, load(results_.data() + i));
     for (int j = 0; j < n_; ++j)
       for (int p = 0; p < parts; ++p)
         std::memcpy(to + j * token_at + p * part_at, results16_.data() + (j * parts + p) * D,
@@ -586,7 +610,7 @@ class Head {
     // As one row: padded_n_ D is a multiple of 16 (padded_n_ of 4, D >= 4).
     round_rows(rows, 0, rows16, padded_n_ * D, 1, padded_n_ * D);
     // Lane 2j of the result takes key j of dim c, lane 2j + 1 key j of dim c + 1.
-    const __m512i pairs = kInterleave();
+    const __m512i pairs = interleave_halves();
     for (int c = 0; c < D; c += 2)
       for (int j = 0; j < W; j += 16) {
         const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(transposed + (c + 1) * W + j),
@@ -641,7 +665,7 @@ class Head {
     if (!bf16_) return;
     if constexpr (kDotProducts) round_rows(transposed, W, x16, W2, D, W);
     if constexpr (kPairedKeys) {
-      const __m512i pairs = kInterleave();
+      const __m512i pairs = interleave_halves();
       for (int j = 0; j < n_; j += 2)
         for (int c = 0; c < D; c += kLanes) {
           const __m512 second = j + 1 < n_ ? _mm512_loadu_ps(x + (j + 1) * stride_ + c)
@@ -726,7 +750,7 @@ class Head {
   // rows side by side; each vdpbf16ps adds two rows' products to sixteen keys of a dim.
   void bf16_add_transposed_products(const uint16_t* a, const float* rows, float* out_t) {
     static_assert(kRows == 4);
-    const __m512i pairs = kInterleave();
+    const __m512i pairs = interleave_halves();
     __m512bh rows16[2][NB];  // (rows 0 and 1, rows 2 and 3) x keys, interleaved
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h)
@@ -788,12 +812,6 @@ class Head {
     }
   }
 
-  // The permutation that interleaves a vector's two halves of bfloat16: lane 2i takes lane i,
-  // lane 2i + 1 lane 16 + i.
-  static __m512i kInterleave() {
-    return _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
-                            22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  }
 #endif
 
   // out[r] (W) = then(a[r] (D) @ transposed (D, W)) for the kRows rows of a block, from the
@@ -919,6 +937,361 @@ class Head {
   std::vector<uint16_t> k16_x_, v16_x_;
 };
 
+// --- Heads in lanes ----------------------------------------------------------------------
+
+#if defined(__AVX512BF16__)
+// x rounded to bfloat16 (to nearest, ties to even, denormals to 0) and back to float32.
+inline vec rounded_to_bfloat16(vec x) {
+  const __m256i half = (__m256i)_mm512_cvtneps_pbh((__m512)x);
+  return (vec)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+#else
+inline vec rounded_to_bfloat16(vec x) { return x; }  // never reached: bf16_ is false
+#endif
+
+#if defined(__AVX512F__)
+// Four vectors as a 4 x 4 block of 128-bit lanes, transposed: lane t of r[m] to lane m of
+// r[t].
+inline void transpose_lanes_4x4(__m512 (&r)[4]) {
+  const __m512 t0 = _mm512_shuffle_f32x4(r[0], r[1], 0x44),
+               t1 = _mm512_shuffle_f32x4(r[0], r[1], 0xee),
+               t2 = _mm512_shuffle_f32x4(r[2], r[3], 0x44),
+               t3 = _mm512_shuffle_f32x4(r[2], r[3], 0xee);
+  r[0] = _mm512_shuffle_f32x4(t0, t2, 0x88);
+  r[1] = _mm512_shuffle_f32x4(t0, t2, 0xdd);
+  r[2] = _mm512_shuffle_f32x4(t1, t3, 0x88);
+  r[3] = _mm512_shuffle_f32x4(t1, t3, 0xdd);
+}
+
+// Within each 128-bit lane, the 4 x 4 floats of four vectors transposed: float c of r[t] to
+// float t of r[c].
+inline void transpose_within_lanes_4x4(__m512 (&r)[4]) {
+  const __m512 t0 = _mm512_unpacklo_ps(r[0], r[1]), t1 = _mm512_unpackhi_ps(r[0], r[1]),
+               t2 = _mm512_unpacklo_ps(r[2], r[3]), t3 = _mm512_unpackhi_ps(r[2], r[3]);
+  r[0] = _mm512_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  r[1] = _mm512_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  r[2] = _mm512_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  r[3] = _mm512_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+}
+#else
+inline void transpose_within_lanes_4x4(__m256 (&r)[4]) {  // as above, two lanes a vector
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]),
+               t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  r[0] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  r[1] = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  r[2] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  r[3] = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+}
+#endif
+
+// kLanes heads of 4 dims at once, one head to a lane (16 heads of 4 over a width of 64).
+// Head pads a row of scores to whole vectors (50 keys to 64) and folds each row's maximum
+// and sum across the lanes, which at heads of 4 cost more than the products; here a vector
+// holds one score of each of kLanes heads, so no key is padded, every maximum and sum is a
+// lane's own, and each product is 4 FMAs a vector of scores. The heads' rows go into lanes
+// once, as they are read, and back as the results are written. The same maths as Head; bf16
+// rounds the operands the header lists for heads of 4. (Heads of 8 in lanes measured 0.71x
+// Head's backward with AVX-512: their rows of Q and dO do not fit in the registers.)
+class LaneHeads {
+  static constexpr int D = 4;
+  // Query rows per block, held in registers while the keys go by: with 32 registers, 4
+  // rows of Q forward, and 2 rows each of Q and dO backward.
+  static constexpr int kForwardRows = kRegisters == 32 ? 4 : 2;
+  static constexpr int kBackwardRows = kRegisters == 32 ? 2 : 1;
+  // Under bf16 the weights times V and dS K take two keys at a time, as vdpbf16ps does,
+  // where rounding each vector of weights (or dS) on its own takes three instructions beside
+  // its four FMAs: forward and backward 1.10x (1.04-1.13x in three processes).
+  static constexpr bool kKeyPairs = kHasBf16;
+
+ public:
+  // n tokens of h heads a token (so h D floats between tokens' rows of out and d_out, 3 h D
+  // of q, k, v); bf16: products from operands rounded to bfloat16 (the header lists which).
+  LaneHeads(int n, int64_t h, bool bf16)
+      : n_(n), h_(h), padded_n_((n + 3) / 4 * 4), bf16_(kHasBf16 && bf16),
+        memory_(std::make_unique_for_overwrite<vec[]>(
+            (4 * padded_n_ + 6 * n + n / 2 * 2) * D + padded_n_ + kForwardRows * n +
+            2 * kBackwardRows * n)) {
+    vec* next = memory_.get();
+    auto take = [&next](int count) { return std::exchange(next, next + count); };
+    q_ = take(padded_n_ * D), q16_ = take(padded_n_ * D);
+    d_out_ = take(padded_n_ * D), d_out16_ = take(padded_n_ * D);
+    k_ = take(n * D), k16_ = take(n * D), v_ = take(n * D), v16_ = take(n * D);
+    dk_ = take(n * D), dv_ = take(n * D);
+    k_pairs_ = take(n / 2 * D), v_pairs_ = take(n / 2 * D);
+    lse_ = take(padded_n_), scores_ = take(kForwardRows * n);
+    p_ = take(kBackwardRows * n), dp_ = take(kBackwardRows * n);
+  }
+
+  // Heads g .. g + kLanes of one image: q at its first token's Q of head g (K and V h D and
+  // 2 h D floats on), out at its first token's out of head g (token rows h D apart, float32
+  // or bfloat16), lse at head g's row of the image's (h, n) log-sum-exps.
+  template <typename Out>
+  [[gnu::flatten]] void forward(const float* q, Out* out, float* lse) {
+    const int64_t at = 3 * h_ * D;
+    gather(q, at, 1.0f / std::sqrt(float(D)), q_, q16_, padded_n_);
+    gather(q + h_ * D, at, 1.0f, k_, k16_, n_);
+    gather(q + 2 * h_ * D, at, 1.0f, v_, v16_, n_);
+    if (!bf16_) return forward_blocks<false>(out, lse);
+    pair_keys(v_, v_pairs_);
+    forward_blocks<true>(out, lse);
+  }
+
+  // dq, dk, dv at the first token's dQ of head g (rows 3 h D apart, as q's; dK and dV h D
+  // and 2 h D floats on), from q, lse as forward's and d_out, out's cotangent, laid out as out.
+  template <typename Grad>
+  [[gnu::flatten]] void backward(const float* q, const float* lse, const float* d_out,
+                                 Grad* dq) {
+    const int64_t at = 3 * h_ * D;
+    gather(q, at, 1.0f / std::sqrt(float(D)), q_, q16_, padded_n_);
+    gather(q + h_ * D, at, 1.0f, k_, k16_, n_);
+    gather(q + 2 * h_ * D, at, 1.0f, v_, v16_, n_);
+    gather(d_out, h_ * D, 1.0f, d_out_, d_out16_, padded_n_);
+    for (int i = 0; i < padded_n_; ++i)  // a padded query row gets zero weights
+      for (int g = 0; g < kLanes; ++g) lse_[i][g] = i < n_ ? lse[g * n_ + i] : -kNoWeight;
+    std::fill(dk_, dk_ + n_ * D, vec{});
+    std::fill(dv_, dv_ + n_ * D, vec{});
+    if (bf16_) {
+      pair_keys(k_, k_pairs_);
+      backward_blocks<true>(dq);
+    } else {
+      backward_blocks<false>(dq);
+    }
+    for (int j = 0; j < n_; ++j) {
+      put(dk_ + j * D, dq + h_ * D + j * at);
+      put(dv_ + j * D, dq + 2 * h_ * D + j * at);
+    }
+  }
+
+ private:
+  template <bool Rounds, typename Out>
+  void forward_blocks(Out* out, float* lse) {
+    constexpr int R = kForwardRows;
+    const vec* q = Rounds ? q16_ : q_;
+    const vec* k = Rounds ? k16_ : k_;
+    const vec* v = Rounds ? v16_ : v_;
+    vec* scores = scores_;
+    for (int i0 = 0; i0 < n_; i0 += R) {
+      vec rows[R][D], high[R];
+      for (int r = 0; r < R; ++r) {
+        high[r] = splat(-INFINITY);
+        for (int c = 0; c < D; ++c) rows[r][c] = q[(i0 + r) * D + c];
+      }
+      for (int j = 0; j < n_; ++j)  // Q K^T, each row's maximum
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const vec s = dot(rows[r], k + j * D);
+          scores[r * n_ + j] = s;
+          high[r] = s > high[r] ? s : high[r];
+        }
+      // exp(scores - maximum), their sum, times V
+      vec sum[R] = {}, acc[R][D] = {};
+      int j = 0;
+#if defined(__AVX512BF16__)
+      if constexpr (Rounds && kKeyPairs)
+        for (; j + 1 < n_; j += 2)
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) {
+            const vec p0 = exp_nonpositive(scores[r * n_ + j] - high[r]);
+            const vec p1 = exp_nonpositive(scores[r * n_ + j + 1] - high[r]);
+            sum[r] += p0;
+            sum[r] += p1;
+            const __m512bh pair = bfloat16_pairs(p0, p1);
+#pragma GCC unroll 8
+            for (int c = 0; c < D; ++c)
+              acc[r][c] = (vec)_mm512_dpbf16_ps((__m512)acc[r][c], pair,
+                                                (__m512bh)v_pairs_[j / 2 * D + c]);
+          }
+#endif
+      for (; j < n_; ++j)
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          vec p = exp_nonpositive(scores[r * n_ + j] - high[r]);
+          sum[r] += p;
+          if constexpr (Rounds) p = rounded_to_bfloat16(p);
+#pragma GCC unroll 8
+          for (int c = 0; c < D; ++c) acc[r][c] += p * v[j * D + c];
+        }
+      for (int r = 0; r < std::min(R, n_ - i0); ++r) {
+        const vec inv_sum = 1.0f / sum[r];
+        vec o[D];
+        for (int c = 0; c < D; ++c) o[c] = acc[r][c] * inv_sum;
+        put(o, out + (i0 + r) * h_ * D);
+        const vec row_lse = high[r] + log_at_least_one(sum[r]);
+        for (int g = 0; g < kLanes; ++g) lse[g * n_ + i0 + r] = row_lse[g];
+      }
+    }
+  }
+
+  template <bool Rounds, typename Grad>
+  void backward_blocks(Grad* dq) {
+    constexpr int R = kBackwardRows;
+    const vec* scores_q = Rounds ? q16_ : q_;        // Q K^T
+    const vec* scores_k = Rounds ? k16_ : k_;
+    const vec* dp_d_out = Rounds ? d_out16_ : d_out_;  // dP = dO V^T
+    const vec* dp_v = Rounds ? v16_ : v_;
+    const vec* dq_k = Rounds ? k16_ : k_;  // dQ = dS K; dK = dS^T Q and dV = P^T dO stay float32
+    const int64_t at = 3 * h_ * D;
+    for (int i0 = 0; i0 < n_; i0 += R) {
+      vec rows[R][D], d_rows[R][D], row_lse[R], dot_p_dp[R] = {};
+      for (int r = 0; r < R; ++r) {
+        row_lse[r] = lse_[i0 + r];
+        for (int c = 0; c < D; ++c) {
+          rows[r][c] = scores_q[(i0 + r) * D + c];
+          d_rows[r][c] = dp_d_out[(i0 + r) * D + c];
+        }
+      }
+      for (int j = 0; j < n_; ++j)  // the weights again, dP, and sum(P dP) of each row
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const vec pj = exp_nonpositive(dot(rows[r], scores_k + j * D) - row_lse[r]);
+          const vec dpj = dot(d_rows[r], dp_v + j * D);
+          p_[r * n_ + j] = pj;
+          dp_[r * n_ + j] = dpj;
+          dot_p_dp[r] += pj * dpj;
+        }
+      // Key j's dS = P (dP - sum(P dP)) of each row, into ds; key j's dK and dV from them.
+      auto key = [&](int j, vec (&ds)[R]) {
+        vec dk_j[D], dv_j[D];
+        for (int c = 0; c < D; ++c) dk_j[c] = dk_[j * D + c], dv_j[c] = dv_[j * D + c];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const vec pj = p_[r * n_ + j];
+          ds[r] = pj * (dp_[r * n_ + j] - dot_p_dp[r]);
+#pragma GCC unroll 8
+          for (int c = 0; c < D; ++c) {
+            dk_j[c] += ds[r] * q_[(i0 + r) * D + c];
+            dv_j[c] += pj * d_out_[(i0 + r) * D + c];
+          }
+        }
+        for (int c = 0; c < D; ++c) dk_[j * D + c] = dk_j[c], dv_[j * D + c] = dv_j[c];
+      };
+      vec dq_acc[R][D] = {};
+      int j = 0;
+#if defined(__AVX512BF16__)
+      if constexpr (Rounds && kKeyPairs)
+        for (; j + 1 < n_; j += 2) {
+          vec ds0[R], ds1[R];
+          key(j, ds0);
+          key(j + 1, ds1);
+#pragma GCC unroll 4
+          for (int r = 0; r < R; ++r) {
+            const __m512bh pair = bfloat16_pairs(ds0[r], ds1[r]);
+#pragma GCC unroll 8
+            for (int c = 0; c < D; ++c)
+              dq_acc[r][c] = (vec)_mm512_dpbf16_ps((__m512)dq_acc[r][c], pair,
+                                                   (__m512bh)k_pairs_[j / 2 * D + c]);
+          }
+        }
+#endif
+      for (; j < n_; ++j) {
+        vec ds[R];
+        key(j, ds);
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          const vec ds_k = Rounds ? rounded_to_bfloat16(ds[r]) : ds[r];
+#pragma GCC unroll 8
+          for (int c = 0; c < D; ++c) dq_acc[r][c] += ds_k * dq_k[j * D + c];
+        }
+      }
+      const vec scale = splat(1.0f / std::sqrt(float(D)));
+      for (int r = 0; r < std::min(R, n_ - i0); ++r) {
+        vec g[D];
+        for (int c = 0; c < D; ++c) g[c] = dq_acc[r][c] * scale;
+        put(g, dq + (i0 + r) * at);
+      }
+    }
+  }
+
+  static vec dot(const vec (&row)[D], const vec* x) {
+    vec s = row[0] * x[0];
+#pragma GCC unroll 8
+    for (int c = 1; c < D; ++c) s += row[c] * x[c];
+    return s;
+  }
+
+  // Every token's rows of the kLanes heads at src (D floats each, side by side; tokens `at`
+  // floats apart) times scale, into lanes: dim c of token i in dst[i D + c], lane g head g's;
+  // with bf16_ also rounded to bfloat16, into dst16. Rows from n to `rows` are zero.
+  void gather(const float* src, int64_t at, float scale, vec* dst, vec* dst16, int rows) {
+    for (int i = 0; i < n_; ++i) {
+      vec x[D];
+      to_lanes(src + i * at, x);
+      for (int c = 0; c < D; ++c) {
+        dst[i * D + c] = x[c] * scale;
+        if (bf16_) dst16[i * D + c] = rounded_to_bfloat16(x[c] * scale);
+      }
+    }
+    std::fill(dst + n_ * D, dst + rows * D, vec{});
+    std::fill(dst16 + n_ * D, dst16 + rows * D, vec{});
+  }
+
+  // With kKeyPairs, x (n, D, in lanes) as bfloat16 pairs of keys: keys 2i and 2i + 1's dim c
+  // in pairs[i D + c], as bfloat16_pairs makes them (an odd n's last key left out).
+  void pair_keys(const vec* x, vec* pairs) {
+#if defined(__AVX512BF16__)
+    if constexpr (kKeyPairs)
+      for (int i = 0; i < n_ / 2; ++i)
+        for (int c = 0; c < D; ++c)
+          pairs[i * D + c] =
+              (vec)(__m512)bfloat16_pairs(x[2 * i * D + c], x[(2 * i + 1) * D + c]);
+#endif
+    (void)x, (void)pairs;
+  }
+
+  // A token's rows of the kLanes heads (D floats each, side by side) -> D vectors, head g's
+  // dim c in lane g of x[c].
+  static void to_lanes(const float* rows, vec (&x)[D]) {
+#if defined(__AVX512F__)
+    __m512 r[4];  // four heads' rows in each, one per 128-bit lane
+    for (int m = 0; m < 4; ++m) r[m] = _mm512_loadu_ps(rows + 16 * m);
+    transpose_lanes_4x4(r);
+    transpose_within_lanes_4x4(r);
+    for (int c = 0; c < D; ++c) x[c] = (vec)r[c];
+#else
+    __m256 r[4];  // two heads' rows in each
+    for (int m = 0; m < 4; ++m) r[m] = _mm256_loadu_ps(rows + 8 * m);
+    transpose_within_lanes_4x4(r);  // heads 0, 2, 4, 6, 1, 3, 5, 7 in each
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int c = 0; c < D; ++c) x[c] = (vec)_mm256_permutevar8x32_ps(r[c], order);
+#endif
+  }
+
+  // to_lanes' inverse, written to `to` as float32 or rounded to bfloat16 (uint16_t).
+  template <typename T>
+  static void put(const vec* x, T* to) {
+    float rows[kLanes * D];
+#if defined(__AVX512F__)
+    __m512 r[4];
+    for (int c = 0; c < D; ++c) r[c] = (__m512)x[c];
+    transpose_within_lanes_4x4(r);
+    transpose_lanes_4x4(r);
+    for (int m = 0; m < 4; ++m) store(rows + 16 * m, (vec)r[m]);
+#else
+    __m256 r[4];
+    const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    for (int c = 0; c < D; ++c) r[c] = _mm256_permutevar8x32_ps((__m256)x[c], order);
+    transpose_within_lanes_4x4(r);
+    for (int m = 0; m < 4; ++m) store(rows + 8 * m, (vec)r[m]);
+#endif
+    if constexpr (std::is_same_v<T, float>) {
+      std::memcpy(to, rows, sizeof rows);
+    } else {
+      for (int i = 0; i < kLanes * D; i += kLanes) store_bfloat16(to + i, load(rows + i));
+    }
+  }
+
+  const int n_;
+  const int64_t h_;
+  const int padded_n_;  // n rounded up to whole blocks of query rows
+  const bool bf16_;
+  std::unique_ptr<vec[]> memory_;  // all of the below, uninitialised until written
+  // In lanes: Q / sqrt(D) and dO (padded_n_ rows), K and V, each also rounded to bfloat16
+  // (for bf16_); K and V as pairs of keys (kKeyPairs); dK and dV as they are summed.
+  vec *q_, *q16_, *d_out_, *d_out16_, *k_, *k16_, *v_, *v16_, *dk_, *dv_, *k_pairs_, *v_pairs_;
+  vec *lse_, *scores_, *p_, *dp_;  // the backward's log-sum-exps; a block's rows of scores,
+                                   // of weights and of dP
+};
+
 // --- Heads, threads and the FFI handlers ------------------------------------------------
 
 constexpr int kMaxTokens = 128;
@@ -949,22 +1322,21 @@ bool Dispatch(int64_t d, int64_t n, F f) {
 
 namespace ffi = xla::ffi;
 
-// Runs work(begin, end) over [0, heads) in chunks, on the calling thread and on XLA's
-// intra-op threads. The caller waits only for chunks a helper has already taken, never for
+// Runs work(begin, end) over [0, count) in chunks of `chunk`, on the calling thread and on
+// XLA's intra-op threads. The caller waits only for chunks a helper has already taken, never for
 // a helper still queued (the pool's threads may all be busy, e.g. running other devices'
 // programs): a helper that starts after the last chunk is gone returns without calling
 // `work`, whose references into the caller's frame may be gone by then.
 template <typename Work>
-void ForEachChunk(ffi::ThreadPool& pool, int64_t heads, const Work& work) {
-  constexpr int64_t kChunk = 8;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), heads / kChunk) - 1;
-  if (helpers <= 0) return work(0, heads);
+void ForEachChunk(ffi::ThreadPool& pool, int64_t count, int64_t chunk, const Work& work) {
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count / chunk) - 1;
+  if (helpers <= 0) return work(0, count);
   struct Progress {
     std::atomic<int64_t> next{0}, busy{0};
   };
   auto progress = std::make_shared<Progress>();
-  auto take_chunks = [heads](Progress& p, const Work& w) {
-    for (int64_t i; (i = p.next.fetch_add(kChunk)) < heads;) w(i, std::min(i + kChunk, heads));
+  auto take_chunks = [count, chunk](Progress& p, const Work& w) {
+    for (int64_t i; (i = p.next.fetch_add(chunk)) < count;) w(i, std::min(i + chunk, count));
   };
   for (int64_t t = 0; t < helpers; ++t)
     pool.Schedule([progress, work, take_chunks] {
@@ -1024,12 +1396,28 @@ ffi::Error Unsupported(const Shape& s) {
 template <typename PerHead>
 ffi::Error OverHeads(ffi::ThreadPool& pool, const Shape& s, bool bf16, PerHead per_head) {
   const bool ok = Dispatch(s.d, s.n, [&]<int D, int NB>() {
-    ForEachChunk(pool, s.heads(), [&](int64_t begin, int64_t end) {
+    ForEachChunk(pool, s.heads(), 8, [&](int64_t begin, int64_t end) {
       Head<D, NB> head(s.n, 3 * s.width(), s.width(), bf16);
       for (int64_t g = begin; g < end; ++g) per_head(head, g);
     });
   });
   return ok ? ffi::Error::Success() : Unsupported(s);
+}
+
+// Whether the heads go kLanes to a vector (LaneHeads): heads of 4, kLanes or a multiple of
+// it to a token.
+bool InLanes(const Shape& s) {
+  return s.d == 4 && s.h % kLanes == 0 && s.n >= 1 && s.n <= kMaxTokens;
+}
+
+// Runs per_group(heads, g) for every group of kLanes heads from head g, with a LaneHeads for
+// each chunk of groups (one group: as much work as 16 heads of Head's chunks of 8).
+template <typename PerGroup>
+void OverLaneGroups(ffi::ThreadPool& pool, const Shape& s, bool bf16, PerGroup per_group) {
+  ForEachChunk(pool, s.heads() / kLanes, 1, [&](int64_t begin, int64_t end) {
+    LaneHeads heads(s.n, s.h, bf16);
+    for (int64_t group = begin; group < end; ++group) per_group(heads, group * kLanes);
+  });
 }
 
 // Whether a result is float32 (false) or bfloat16 (true); an error for any other dtype.
@@ -1050,6 +1438,16 @@ ffi::Error Forward(ffi::ThreadPool pool, F32 qkv, ffi::Result<ffi::AnyBuffer> ou
     return Invalid("lse is not (..., h, n) for qkv's (..., n, 3, h, d)");
   auto rounded = RoundsResult(*out, "out");
   if (!rounded.has_value()) return rounded.error();
+  if (InLanes(*shape)) {
+    OverLaneGroups(pool, *shape, bf16, [&](auto& heads, int64_t g) {
+      const float* q = qkv.typed_data() + shape->packed_offset(g);
+      float* group_lse = lse->typed_data() + g * shape->n;
+      if (*rounded)
+        return heads.forward(q, out->reinterpret_data<uint16_t>() + shape->offset(g), group_lse);
+      heads.forward(q, out->reinterpret_data<float>() + shape->offset(g), group_lse);
+    });
+    return ffi::Error::Success();
+  }
   const int64_t w = shape->width(), d = shape->d;
   return OverHeads(pool, *shape, bf16, [&](auto& head, int64_t g) {
     const float* q = qkv.typed_data() + shape->packed_offset(g);
@@ -1074,6 +1472,19 @@ ffi::Error Backward(ffi::ThreadPool pool, F32 qkv, F32 lse, F32 d_out,
     return Invalid("dqkv is not shaped as qkv (..., n, 3, h, d)");
   auto rounded = RoundsResult(*dqkv, "dqkv");
   if (!rounded.has_value()) return rounded.error();
+  if (InLanes(*shape)) {
+    OverLaneGroups(pool, *shape, bf16, [&](auto& heads, int64_t g) {
+      const int64_t at = shape->packed_offset(g);
+      const float* group_d_out = d_out.typed_data() + shape->offset(g);
+      const float* group_lse = lse.typed_data() + g * shape->n;
+      if (*rounded)
+        return heads.backward(qkv.typed_data() + at, group_lse, group_d_out,
+                              dqkv->reinterpret_data<uint16_t>() + at);
+      heads.backward(qkv.typed_data() + at, group_lse, group_d_out,
+                     dqkv->reinterpret_data<float>() + at);
+    });
+    return ffi::Error::Success();
+  }
   const int64_t w = shape->width(), d = shape->d;
   return OverHeads(pool, *shape, bf16, [&](auto& head, int64_t g) {
     const int64_t at = shape->packed_offset(g);
