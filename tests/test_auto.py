@@ -295,4 +295,4 @@ def test_unresolved_autos_are_refused_where_they_would_compute():
                ).init(jax.random.PRNGKey(0), jax.numpy.zeros((1, 28, 28, 1)))
   config = ExperimentConfig(model=get_model_config("testing"), microbatch_size="auto")
   with pytest.raises(ValueError, match="microbatch_size='auto' is chosen when a run starts"):
-    steps.compile_train_step(config, Runner("jit"))
+    steps.compile_train_steps(config, Runner("jit"))

@@ -57,7 +57,7 @@ def test_a_second_run_loads_its_compiled_steps_from_the_persistent_cache(tmp_pat
 
   written = entries()
   steps = {name.split("-")[0] for name in written}
-  assert {"jit__train_on_indices", "jit__eval_on_indices"} <= steps, sorted(written)
+  assert {"jit_train_steps", "jit__eval_on_indices"} <= steps, sorted(written)
   second = launch(*common, f"--workdir={tmp_path / 'second'}")
   assert second.returncode == 0, second.stderr[-3000:]
   # Every entry the first run wrote was loaded, none rewritten. The second run may add entries:

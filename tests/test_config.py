@@ -81,6 +81,7 @@ def test_config_dict_round_trips_and_optional_fields_stay_settable():
 
 @pytest.mark.parametrize("key,value,message", [
     ("batch_size", 0, "config.batch_size=0 must be positive"),
+    ("steps_per_call", 0, "config.steps_per_call=0 must be positive"),
     ("microbatch_size", 0, "config.microbatch_size=0 must be positive, None or 'auto'"),
     ("microbatch_size", "big", "config.microbatch_size='big' must be positive, None or 'auto'"),
     ("batch_size", 1.5, "config.batch_size=1.5 has type float, expected int"),

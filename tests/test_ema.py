@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_train import train_until_crash_after_saving
 
-from vit_jax import inference, steps, train, train_state
+from vit_jax import evaluation, inference, steps, train, train_state
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.model_configs import get_model_config
 
@@ -40,7 +40,7 @@ def test_the_average_follows_the_parameters_by_its_decay_and_is_what_evaluation_
                          state.ema_params, expected)
   # Evaluation reads the average, not the parameters.
   batch = {**batch_of(digits), "mask": jnp.ones(64, bool)}
-  loss = jax.jit(lambda state: steps.eval_step(state, batch)["loss"])
+  loss = jax.jit(lambda state: evaluation.eval_step(state, batch)["loss"])
   plain = train_state.TrainState.create(apply_fn=state.apply_fn, params=state.ema_params,
                                         tx=state.tx)
   assert loss(state) == loss(plain)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import auto, inference, input_pipeline, steps, train, train_state
+from vit_jax import auto, evaluation, inference, input_pipeline, steps, train, train_state
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.model_configs import get_model_config
 from vit_jax.parallel import Runner
@@ -67,11 +67,11 @@ def test_averaging_is_the_log_of_the_mean_probability_and_one_view_is_plain_soft
   rng = np.random.default_rng(2)
   weights = rng.normal(size=(12, 5)).astype(np.float32)
   views = rng.normal(size=(4, 3, 2, 2, 3)).astype(np.float32)  # 4 images, 3 views each
-  got = steps.view_averaged_log_probabilities(linear_model, weights, jnp.asarray(views))
+  got = evaluation.view_averaged_log_probabilities(linear_model, weights, jnp.asarray(views))
   logits = views.reshape(4, 3, 12) @ weights
   probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
   np.testing.assert_allclose(np.exp(got), probs.mean(1), rtol=1e-5, atol=1e-7)
-  one = steps.view_averaged_log_probabilities(linear_model, weights, jnp.asarray(views[:, 0]))
+  one = evaluation.view_averaged_log_probabilities(linear_model, weights, jnp.asarray(views[:, 0]))
   np.testing.assert_allclose(one, jax.nn.log_softmax(logits[:, 0]), rtol=1e-6, atol=1e-6)
 
 
@@ -80,14 +80,14 @@ def test_passes_of_a_few_images_give_the_one_pass_result(num_images, num_views, 
   rng = np.random.default_rng(3)
   weights = rng.normal(size=(12, 5)).astype(np.float32)
   views = jnp.asarray(rng.normal(size=(num_images, num_views, 2, 2, 3)).astype(np.float32))
-  whole = steps.view_averaged_log_probabilities(linear_model, weights, views)
+  whole = evaluation.view_averaged_log_probabilities(linear_model, weights, views)
   seen = []
 
   def counting_model(variables, images, train=False):
     seen.append(images.shape[0])
     return linear_model(variables, images, train)
 
-  got = steps.view_averaged_log_probabilities(counting_model, weights, views, num_passes)
+  got = evaluation.view_averaged_log_probabilities(counting_model, weights, views, num_passes)
   np.testing.assert_allclose(got, whole, rtol=1e-6, atol=1e-6)  # every image back in place
   assert seen == [num_images * num_views // num_passes]  # traced once: lax.map's body
 
@@ -122,7 +122,7 @@ def test_one_view_evaluates_as_plain_cross_entropy(digits):
   state = untrained_state()
   images = input_pipeline.normalize(jnp.asarray(digits["test"]["image"][:32]), "mnist")
   labels = jnp.asarray(digits["test"]["label"][:32])
-  sums = steps.eval_step(state, {"image": images, "label": labels, "mask": jnp.ones(32, bool)})
+  sums = evaluation.eval_step(state, {"image": images, "label": labels, "mask": jnp.ones(32, bool)})
   logits = state.apply_fn({"params": state.params}, images, train=False)
   np.testing.assert_allclose(sums["loss"], jnp.sum(steps.cross_entropy(logits, labels)),
                              rtol=1e-5)
@@ -174,8 +174,8 @@ def test_evaluation_passes_take_a_device_s_share_and_leave_the_result(mode, digi
   examples = 2 * runner.num_devices
   images, labels = digits["test"]["image"][:examples], digits["test"]["label"][:examples]
   held = runner.replicate({"image": images, "label": labels})
-  whole = steps.Evaluator(runner, held, examples, examples, "mnist", max_shift=1)
-  passes = steps.Evaluator(runner, held, examples, examples, "mnist", max_shift=1,
+  whole = evaluation.Evaluator(runner, held, examples, examples, "mnist", max_shift=1)
+  passes = evaluation.Evaluator(runner, held, examples, examples, "mnist", max_shift=1,
                            images_per_pass=4)
   assert (whole.num_passes, whole.device_images_per_pass) == (1, 18)  # 2 examples x 9 views
   assert (passes.num_passes, passes.device_images_per_pass) == (6, 3)  # 3 divides 18
@@ -196,12 +196,12 @@ def test_evaluation_averages_the_nine_views_on_any_devices(mode, digits):
   images, labels = digits["test"]["image"][:40], digits["test"]["label"][:40]
   runner = Runner(mode)
   held = runner.replicate({"image": images, "label": labels})
-  result = steps.Evaluator(runner, held, 40, 16, "mnist", max_shift=1)(runner.replicate(state))
+  result = evaluation.Evaluator(runner, held, 40, 16, "mnist", max_shift=1)(runner.replicate(state))
   probs = nine_view_reference(state, images)
   assert result["eval_accuracy"] == pytest.approx(np.mean(probs.argmax(-1) == labels))
   assert result["eval_loss"] == pytest.approx(
       -np.mean(np.log(probs[np.arange(40), labels])), rel=1e-4)
-  plain = steps.Evaluator(runner, held, 40, 16, "mnist")(runner.replicate(state))
+  plain = evaluation.Evaluator(runner, held, 40, 16, "mnist")(runner.replicate(state))
   assert plain["eval_loss"] != pytest.approx(result["eval_loss"], rel=1e-4)
 
 

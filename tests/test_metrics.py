@@ -4,6 +4,7 @@ import io
 import os
 import struct
 
+import numpy as np
 import pytest
 
 from vit_jax import metrics
@@ -83,15 +84,16 @@ def test_metrics_window_logs_means_rate_and_learning_rate_then_starts_again(monk
   clock = iter([100.0, 102.0, 102.0])  # opened at 100; flushed at 102, then reopened
   monkeypatch.setattr(metrics.time, "monotonic", lambda: next(clock))
   recorder = _Recorder()
-  window = metrics.MetricsWindow(lambda m: {k: float(v) for k, v in m.items()}, recorder,
+  window = metrics.MetricsWindow(lambda m: {k: np.asarray(v) for k, v in m.items()}, recorder,
                                  recorder, batch_size=64, learning_rate=lambda s: s / 100)
   window.flush(5)  # nothing pending: nothing written
   assert recorder.written == []
-  window.add(9, {"loss": 1.0, "accuracy": 0.5})
-  window.add(10, {"loss": 3.0, "accuracy": 1.0})
+  # Steps 8 and 9 in one call of three steps (the third column not run), step 10 alone.
+  window.add(7, 2, {"loss": [1.0, 2.0, 0.0], "accuracy": [0.5, 0.5, 0.0]})
+  window.add(9, 1, {"loss": [6.0, 0.0, 0.0], "accuracy": [1.0, 0.0, 0.0]})
   window.flush(10)
-  means = {"train_loss": 2.0, "train_accuracy": 0.75, "learning_rate": 0.09,
-           "images_per_sec": 2 * 64 / 2.0}
+  means = {"train_loss": 3.0, "train_accuracy": 2 / 3, "learning_rate": 0.09,
+           "images_per_sec": 3 * 64 / 2.0}
   assert recorder.written == [(10, means)] * 2  # to the writer and to the progress
   assert window.last == means and window.pending == []
 
@@ -99,10 +101,10 @@ def test_metrics_window_logs_means_rate_and_learning_rate_then_starts_again(monk
 def test_metrics_window_stops_on_a_non_finite_loss_and_names_its_step():
   recorder = _Recorder()
   window = metrics.MetricsWindow(dict, recorder, recorder, 64, lambda s: 0.0)
-  window.add(3, {"loss": 0.5})
-  window.add(4, {"loss": float("nan")})
-  with pytest.raises(FloatingPointError, match="training loss is nan at step 4"):
-    window.flush(4)
+  window.add(2, 1, {"loss": [0.5, 0.0]})
+  window.add(3, 2, {"loss": [1.0, float("nan")]})  # steps 4 and 5: the second is NaN
+  with pytest.raises(FloatingPointError, match="training loss is nan at step 5"):
+    window.flush(5)
   assert recorder.written == []  # nothing of a non-finite window is logged
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_eval_views import untrained_state
 
-from vit_jax import inference, steps, train
+from vit_jax import evaluation, inference, steps, train
 from vit_jax.checkpoints import Checkpoints
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.model_configs import get_model_config
@@ -114,7 +114,7 @@ def test_resume_gives_identical_parameters(tmp_path, digits, monkeypatch):
 
 EVALUATE_MANY_TIMES = """
 import numpy as np
-from vit_jax import steps, train_state
+from vit_jax import evaluation, train_state
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.model_configs import get_model_config
 from vit_jax.parallel import Runner
@@ -125,7 +125,7 @@ data = runner.replicate({"image": rng.integers(0, 256, (n, 28, 28, 1), dtype=np.
                          "label": rng.integers(0, 10, n).astype(np.int32)})
 config = ExperimentConfig(model=get_model_config("testing"), parallel="pmap")
 state = runner.replicate(train_state.create_train_state(config, total_steps=10))
-evaluate = steps.Evaluator(runner, data, n, 16, "mnist")
+evaluate = evaluation.Evaluator(runner, data, n, 16, "mnist")
 for _ in range(30):
   result = evaluate(state)
 print("accuracy", result["eval_accuracy"])
@@ -212,7 +212,7 @@ def test_evaluation_counts_a_padded_last_batch_s_real_examples_only(digits):
   loss, correct, _ = reference_predictions(state, images, labels)
   assert abs((loss.sum() + 2 * loss[0]) / 12 - loss.mean()) > 1e-3  # the padding would show
   runner = Runner("jit")
-  evaluate = steps.Evaluator(runner, runner.replicate({"image": images, "label": labels}),
+  evaluate = evaluation.Evaluator(runner, runner.replicate({"image": images, "label": labels}),
                              10, 4, "mnist")
   result = evaluate(runner.replicate(state))
   assert result["eval_accuracy"] == pytest.approx(correct.mean())

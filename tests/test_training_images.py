@@ -65,9 +65,10 @@ def step_loss(run, state, step=0):
   it sees the images the step makes."""
   data = step_speed.synthetic_digits(run, 16)
   index = np.arange(16, dtype=np.int32)
-  step_fn = steps.compile_train_step(run, Runner("jit"), total_steps=16)
+  step_fn = steps.compile_train_steps(run, Runner("jit"), total_steps=16)
   fresh = jax.tree_util.tree_map(jnp.array, state.replace(step=jnp.asarray(step)))
-  return float(step_fn(fresh, data, index, index, jax.random.PRNGKey(0))[1]["loss"])
+  one_step = steps.call_indices(lambda _: index, step, 1, run.steps_per_call)
+  return float(step_fn(fresh, data, one_step, index, jax.random.PRNGKey(0), 1)[1]["loss"][0])
 
 
 @pytest.mark.slow

@@ -56,6 +56,11 @@ class ExperimentConfig:
   # 'auto' is chosen when a run starts (`vit_jax.auto`): cache-sized on a CPU, the whole
   # share on a GPU or TPU.
   microbatch_size: int | Literal["auto"] | None = None
+  # Training steps per compiled call: the loop hands the devices this many steps' batches at
+  # once and they run them in a loop of their own (`steps.compile_train_steps`), a call ending
+  # early where the run logs, evaluates or checkpoints. The same updates as one step a call;
+  # fewer calls, less of the host's time between steps (docs/performance.md, "Steps per call").
+  steps_per_call: int = 10
   # Passes over the training set (fractions allowed); the steps are rounded up.
   num_epochs: float = 5.0
   # AdamW's peak learning rate, reached by a linear warm-up over warmup_steps (at most the
@@ -139,8 +144,8 @@ class ExperimentConfig:
 
   def _check_schedule(self):
     """Batches, steps, the optimizer and the loss."""
-    for key in ("batch_size", "eval_batch_size", "log_every_steps", "checkpoint_every_steps",
-                "keep_checkpoints"):
+    for key in ("batch_size", "eval_batch_size", "steps_per_call", "log_every_steps",
+                "checkpoint_every_steps", "keep_checkpoints"):
       value = getattr(self, key)
       require(value > 0, key, value, "must be positive")
     for key in ("warmup_steps", "eval_every_steps"):

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax import inference, input_pipeline, models
+from vit_jax.evaluation import average_over_views
 from vit_jax.experiment_config import ExperimentConfig
-from vit_jax.steps import average_over_views
 
 
 def serving_function(config: ExperimentConfig, params: Any) -> Callable[[jax.Array], tuple]:

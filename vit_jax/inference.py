@@ -16,9 +16,9 @@ import numpy as np
 
 from vit_jax import auto, input_pipeline, mnist_source
 from vit_jax.checkpoints import Checkpoints
+from vit_jax.evaluation import Evaluator, view_averaged_log_probabilities
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.parallel import Runner, choose_mode
-from vit_jax.steps import Evaluator, view_averaged_log_probabilities
 from vit_jax.train_state import (
   TrainState,
   create_train_state,

@@ -11,7 +11,7 @@ import signal
 
 
 class StopSignal:
-  """Turns SIGTERM / SIGINT into a flag the loop checks between steps."""
+  """Turns SIGTERM / SIGINT into a flag the loop checks between its calls of the steps."""
 
   def __init__(self):
     self.received: int | None = None

@@ -19,6 +19,7 @@ from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.interrupt import StopSignal, TrainingInterruptedError
 from vit_jax.metrics import Progress
 from vit_jax.parallel import Runner
+from vit_jax.steps import call_indices
 from vit_jax.training_images import undistorted_line
 
 
@@ -32,11 +33,14 @@ class Hooks(Protocol):
   progress: Progress
   step: int  # the last step taken, set by the loop, for errors
 
-  def batch(self, step: int) -> tuple[Any, Any]:
-    """(the batch's example indices on the devices, the rng) of step `step`, from 0."""
+  key: Any  # the run's key, or the seeds' keys, that each step folds with its own number
 
-  def add(self, step: int, metrics: Any) -> None:
-    """Takes the training metrics of the step that made `step` steps."""
+  def indices(self, step: int) -> np.ndarray:
+    """The batch's example indices (B, ...) of step `step`, from 0, on the host."""
+
+  def add(self, first: int, count: int, metrics: Any) -> None:
+    """Takes the training metrics of the `count` steps after step `first` (a leading axis of
+    `config.steps_per_call`), still on the devices."""
 
   def log(self, step: int) -> None:
     """Writes the metrics taken since the last log."""
@@ -49,19 +53,26 @@ class Hooks(Protocol):
 
 
 def step_through(run: Hooks, step_fn: Callable, device_state: Any, start_step: int) -> Any:
-  """Runs `run`'s training steps from `start_step` to its last, logging, evaluating and
-  saving on the way; -> the final device state. On SIGTERM or Ctrl-C, saves and raises
+  """Runs `run`'s training steps from `start_step` to its last, up to
+  `config.steps_per_call` a call (`steps.compile_train_steps`), logging, evaluating and saving
+  on the way; -> the final device state. On SIGTERM or Ctrl-C, saves and raises
   TrainingInterruptedError."""
   config, total = run.config, run.total_steps
   positions = run.runner.split_batch(np.arange(config.batch_size, dtype=np.int32))
+  done = start_step
   with StopSignal() as stop:
-    for done in range(start_step + 1, total + 1):
-      run.step = done - 1
-      if line := undistorted_line(config, total, done - 1, start_step):
-        run.progress.message(line)
-      indices, rng = run.batch(done - 1)
-      device_state, metrics = step_fn(device_state, run.train_data, indices, positions, rng)
-      run.add(done, metrics)
+    while done < total:
+      run.step = done
+      count = next_event(config, total, done) - done
+      for step in range(done, done + count):
+        if line := undistorted_line(config, total, step, start_step):
+          run.progress.message(line)
+      indices = call_indices(run.indices, done, count, config.steps_per_call)
+      device_state, metrics = step_fn(device_state, run.train_data,
+                                      run.runner.split_batch(indices), positions, run.key,
+                                      np.int32(count))
+      run.add(done, count, metrics)
+      done += count
       if done % config.log_every_steps == 0:
         run.log(done)
       run.save(done, device_state)
@@ -75,3 +86,11 @@ def step_through(run: Hooks, step_fn: Callable, device_state: Any, start_step: i
     run.log(total)
     run.save(total, device_state, force=True)
   return device_state
+
+
+def next_event(config: ExperimentConfig, total_steps: int, done: int) -> int:
+  """Where the call after `done` steps ends: `config.steps_per_call` steps on, or before
+  that the next step at which the run logs, checkpoints or evaluates, or its last."""
+  every = [config.log_every_steps, config.checkpoint_every_steps, config.eval_every_steps]
+  due = [(done // n + 1) * n for n in every if n]
+  return min(done + config.steps_per_call, total_steps, *due)

@@ -198,7 +198,7 @@ class MetricsWindow:
                label: str = ""):
     self.fetch, self.writer, self.progress, self.label = fetch, writer, progress, label
     self.batch_size, self.learning_rate = batch_size, learning_rate
-    self.pending: list[tuple[int, Any]] = []
+    self.pending: list[tuple[int, int, Any]] = []  # (first step, count, metrics)
     self.last: dict[str, float] = {}  # the means most recently written
     self.restart_clock()
 
@@ -206,9 +206,10 @@ class MetricsWindow:
     """Starts timing again, e.g. after an evaluation that is no training time."""
     self.started = time.monotonic()
 
-  def add(self, step: int, metrics: Any) -> None:
-    """`metrics` of the update that made `step`, still on the device."""
-    self.pending.append((step, metrics))
+  def add(self, first: int, count: int, metrics: Any) -> None:
+    """`metrics` of the `count` updates after step `first`, stacked on a leading axis (of
+    `steps.compile_train_steps`' steps per call), still on the device."""
+    self.pending.append((first, count, metrics))
 
   def flush(self, step: int) -> None:
     """Fetches the pending metrics, raises FloatingPointError on a non-finite loss or
@@ -216,10 +217,13 @@ class MetricsWindow:
     their means at `step`; nothing if none is pending."""
     if not self.pending:
       return
-    fetched = [(s, self.fetch(m)) for s, m in self.pending]
+    fetched = []  # (step, that step's metrics)
+    for first, count, metrics in self.pending:
+      stacked = self.fetch(metrics)
+      fetched += [(first + j + 1, {k: v[j] for k, v in stacked.items()}) for j in range(count)]
     for s, m in fetched:
       for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
-        if key in m and not np.isfinite(m[key]):
+        if key in m and not np.all(np.isfinite(m[key])):
           raise FloatingPointError(f"training {name}{self.label} is {m[key]} at step {s}; no "
                                    "checkpoint of a non-finite state was saved")
     elapsed = max(time.monotonic() - self.started, 1e-9)

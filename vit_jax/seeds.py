@@ -1,7 +1,7 @@
 """Several seeds of one config trained as one: `jax.vmap` over their stacked train states.
 
 Seeds of one configuration share every shape, so one compiled step can update them all
-(`steps.compile_train_step(..., seeds=True)`). Each seed keeps its own parameters, optimizer
+(`steps.compile_train_steps(..., seeds=True)`). Each seed keeps its own parameters, optimizer
 state, data order, augmentation and dropout, drawn from (seed, step) exactly as its own run
 (`train.train_and_evaluate`) draws them, so the results are a separate run's up to float
 rounding (a test holds them to it).
@@ -35,7 +35,7 @@ from vit_jax.loop import step_through
 from vit_jax.metrics import MetricsWindow, MetricWriter, Progress
 from vit_jax.parallel import Runner, choose_mode
 from vit_jax.run_log import logging_to
-from vit_jax.steps import compile_train_step, microbatches_per_step
+from vit_jax.steps import compile_train_steps, microbatches_per_step
 from vit_jax.train import (
   Data,
   attention_probe,
@@ -103,11 +103,6 @@ def train_and_evaluate_seeds(config: Any, seeds: Sequence[int], workdir: str | P
       return group.train(f"running {len(seeds)} seeds as one on {choices}")
 
 
-# Every seed's key for one step, folded with the step on the devices' side in one compiled
-# call: an eager `jax.vmap` traces anew each step (0.9 ms of host CPU a step, where this takes
-# 0.01).
-fold_in_each = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
-
 SEEDS_FILE = "seeds.json"  # a group's seeds, in the order of its stacked state
 
 
@@ -118,6 +113,11 @@ def _check_seeds(workdir: Path, seeds: list[int]) -> None:
   if path.exists() and (recorded := json.loads(path.read_text())) != seeds:
     raise ValueError(f"seeds={seeds} are not the group's {recorded} (workdir={str(workdir)!r}); "
                      "resume it with those, or train these in a new group workdir")
+
+
+def _seed_metrics(metrics: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+  """One seed's metrics of a call, (steps per call,), from all seeds' (steps per call, seeds)."""
+  return {k: v[:, index] for k, v in metrics.items()}
 
 
 class _Group:
@@ -131,7 +131,7 @@ class _Group:
     distillation.check_teacher(self.config, data["train"])
     self.total_steps = total_train_steps(self.config, num_train)
     self.orders = [input_pipeline.EpochOrder(num_train, c.batch_size, c.seed) for c in configs]
-    self.keys = np.stack([np.asarray(jax.random.PRNGKey(c.seed)) for c in configs])
+    self.key = np.stack([np.asarray(jax.random.PRNGKey(c.seed)) for c in configs])
     self.checkpoints = Checkpoints(workdir, self.config.checkpoint_every_steps,
                                    self.config.keep_checkpoints)
     self.train_data = runner.replicate(data["train"])
@@ -140,7 +140,7 @@ class _Group:
     self.watched = "validation" if "validation" in self.evaluators else "eval"
     self.writers = [MetricWriter(d) for d in dirs]
     self.quiet = Progress(self.total_steps, 0, enabled=False)
-    self.windows = [MetricsWindow(lambda m, i=i: unstack(runner.unreplicate(m), i), writer,
+    self.windows = [MetricsWindow(lambda m, i=i: _seed_metrics(runner.unreplicate(m), i), writer,
                                   self.quiet, self.config.batch_size,
                                   learning_rate_schedule(self.config, self.total_steps),
                                   label=f" of seed {c.seed}")
@@ -206,7 +206,7 @@ class _Group:
         if line:
           progress.message(line)
       with writes_checked(lambda: self.step, self.checkpoints):
-        step_fn = compile_train_step(self.config, self.runner, seeds=True,
+        step_fn = compile_train_steps(self.config, self.runner, seeds=True,
                                      total_steps=self.total_steps)
         device_states = step_through(self, step_fn, self.runner.replicate(states), start)
         results = self.evaluate(self.total_steps, device_states, tuple(self.evaluators))
@@ -225,13 +225,12 @@ class _Group:
     return finals
 
   # The hooks of `loop.step_through`, for every seed at once.
-  def batch(self, step: int) -> tuple[Any, jax.Array]:
-    indices = np.stack([order.indices(step) for order in self.orders], axis=1)
-    return self.runner.split_batch(indices), fold_in_each(self.keys, step)
+  def indices(self, step: int) -> np.ndarray:
+    return np.stack([order.indices(step) for order in self.orders], axis=1)
 
-  def add(self, step: int, metrics: Any) -> None:
+  def add(self, first: int, count: int, metrics: Any) -> None:
     for window in self.windows:
-      window.add(step, metrics)
+      window.add(first, count, metrics)
 
   def evaluate_watched(self, step: int, device_states: Any) -> str:
     key = f"{self.watched}_accuracy"

@@ -1,27 +1,28 @@
-"""The steps: pure functions of (state, batch, rng), the state as `train_state` makes it.
+"""The training step: a pure function of (state, batch, rng), the state as `train_state`
+makes it.
 
-`train_step` and `eval_step` take a batch of arrays; `compile_train_step` and `Evaluator`
-wrap them for data held on the device(s), gathering, augmenting and normalising each batch
-inside the compiled step, laid over the devices by a `parallel.Runner`.
+`train_step` takes a batch of arrays; `compile_train_steps` wraps it for data held on the
+device(s), gathering, augmenting and normalising each batch inside the compiled call, several
+steps a call, laid over the devices by a `parallel.Runner`. Evaluation: `vit_jax.evaluation`.
 
 Layer 4 of vit_jax.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
 from vit_jax import input_pipeline
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.parallel import Runner
-from vit_jax.train_state import TrainState, evaluation_params, update_average
+from vit_jax.train_state import TrainState, update_average
 from vit_jax.training_images import distortion_end_step, training_batch
 
 
@@ -133,62 +134,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, *
   return update_average(state.apply_gradients(grads=unflatten(grads))), metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array], *, axis_name: str | None = None,
-              num_passes: int = 1):
-  """Sums over the examples of `batch` whose 'mask' is True: loss, correct, count.
-
-  `batch`: 'image' float32 (B, H, W, C) normalised, or (B, V, H, W, C): V views of each
-  example, whose class probabilities are averaged; 'label' int32 (B,); 'mask' bool (B,).
-  `num_passes`: as `view_averaged_log_probabilities`'.
-  Returns three float32 scalars, summed over the devices of `axis_name` if given.
-  """
-  log_probs = view_averaged_log_probabilities(state.apply_fn, evaluation_params(state),
-                                              batch["image"], num_passes)
-  mask = batch["mask"].astype(jnp.float32)
-  label_log_probs = jnp.take_along_axis(log_probs, batch["label"][:, None], axis=-1)[:, 0]
-  sums = {"loss": -jnp.sum(label_log_probs * mask),
-          "correct": jnp.sum((jnp.argmax(log_probs, -1) == batch["label"]) * mask),
-          "count": jnp.sum(mask)}
-  if axis_name is not None:
-    sums = jax.lax.psum(sums, axis_name)
-  return sums
-
-
-def view_averaged_log_probabilities(apply_fn, params, images: jax.Array,
-                                    num_passes: int = 1) -> jax.Array:
-  """log of the class probabilities averaged over views: images (B, H, W, C), one view, or
-  (B, V, H, W, C) -> (B, num_classes).
-
-  The B * V images go through the model in `num_passes` forward passes (`lax.map`; it must
-  divide B * V): on a CPU, passes that fit its caches measured faster than one large pass,
-  as training's micro-batches do (`Evaluator` chooses them).
-  """
-  views = images if images.ndim == 5 else images[:, None]
-  batch, num_views = views.shape[:2]
-  flat = views.reshape(batch * num_views, *views.shape[2:])
-
-  forward = functools.partial(apply_fn, {"params": params}, train=False)
-  if num_passes > 1:  # strided, as training's micro-batches: (k, B*V/k, ...) and back
-    logits = jax.lax.map(forward, split_microbatches(flat, num_passes))
-    logits = logits.swapaxes(0, 1).reshape(len(flat), -1)
-  else:
-    logits = forward(flat)
-  return average_over_views(logits.reshape(batch, num_views, -1))
-
-
-def average_over_views(logits: jax.Array) -> jax.Array:
-  """(B, V, num_classes) logits of V views of each image -> (B, num_classes), the log of
-  their class probabilities' mean."""
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
-  return jax.nn.logsumexp(log_probs, axis=1) - jnp.log(logits.shape[1])
-
-
 # --- The steps on device-resident data --------------------------------------------------
 
-def _train_on_indices(state, data, indices, positions, rng, *, config: ExperimentConfig,
+def _train_on_indices(state, data, indices, positions, key, *, config: ExperimentConfig,
                       num_microbatches: int, distortion_end: int | None, axis_name):
-  """`training_batch`, then `train_step`."""
-  augment_rng, dropout_rng = jax.random.split(rng)
+  """`training_batch`, then `train_step`; the step's random numbers come from `key` folded
+  with the state's own step, so they depend on (seed, step) alone."""
+  augment_rng, dropout_rng = jax.random.split(jax.random.fold_in(key, state.step))
   keys = input_pipeline.example_keys(augment_rng, positions)
   batch = training_batch(data, indices, keys, state.step, config, distortion_end)
   if axis_name is not None:
@@ -211,16 +163,22 @@ def microbatches_per_step(config: ExperimentConfig, runner: Runner) -> int:
   return runner.num_microbatches(config.batch_size, config.microbatch_size)
 
 
-def compile_train_step(config: ExperimentConfig, runner: Runner, seeds: bool = False,
-                       total_steps: int | None = None):
-  """`_train_on_indices` for `runner`: (state, data, indices, positions, rng) -> (state, metrics).
+def compile_train_steps(config: ExperimentConfig, runner: Runner, seeds: bool = False,
+                        total_steps: int | None = None):
+  """Up to `config.steps_per_call` training steps in one call, for `runner`:
+  (state, data, indices, positions, key, count) -> (state, metrics).
 
+  indices: (B, steps_per_call) example indices, a column per step (`call_indices`), laid
+  over the devices by `runner.split_batch`; only the first `count` columns are taken.
+  key: the run's key (`jax.random.PRNGKey(seed)`), which each step folds with its own step
+  number. metrics: each step's, stacked on a leading axis of `steps_per_call` (zeros past
+  `count`).
   `total_steps`: the run's length, for `undistorted_final_epochs` (None: the distortions
   throughout, as the benchmark's timing windows take them).
 
-  With `seeds`, the step of several seeds at once (`vit_jax.seeds`): `jax.vmap` over a state
-  stacked on a leading seed axis, indices (B, seeds) (a column per seed) and rng (seeds, 2);
-  the data and positions are shared, the metrics gain the seed axis.
+  With `seeds`, the steps of several seeds at once (`vit_jax.seeds`): `jax.vmap` over a state
+  stacked on a leading seed axis, indices (B, steps_per_call, seeds) and keys (seeds, 2); the
+  data and positions are shared, the metrics gain the seed axis after the step axis.
   The state's buffers are donated: the caller keeps only the returned state.
   """
   if config.microbatch_size == "auto":
@@ -232,55 +190,41 @@ def compile_train_step(config: ExperimentConfig, runner: Runner, seeds: bool = F
       distortion_end=distortion_end_step(config, total_steps))
   if seeds:
     step = _over_seeds(step)
-  return runner.compile(step, in_axes=(0, 0, 0, 0, None), donate_argnums=(0,))
+  return runner.compile(_steps_in_one_call(step, config.steps_per_call),
+                        in_axes=(0, 0, 0, 0, None, None), donate_argnums=(0,))
 
 
 def _over_seeds(step):
-  def seeded(states, data, indices, positions, rngs, *, axis_name):
+  def seeded(states, data, indices, positions, keys, *, axis_name):
     one_seed = functools.partial(step, axis_name=axis_name)
     return jax.vmap(one_seed, in_axes=(0, None, 1, None, 0))(states, data, indices, positions,
-                                                             rngs)
+                                                             keys)
   return seeded
 
 
-def _eval_on_indices(state, data, indices, mask, *, dataset: str, max_shift: int, flip: bool,
-                     num_passes: int, axis_name):
-  views = input_pipeline.evaluation_views(data["image"][indices], max_shift, flip)
-  batch = {"image": input_pipeline.normalize(views, dataset),
-           "label": data["label"][indices], "mask": mask}
-  return eval_step(state, batch, axis_name=axis_name, num_passes=num_passes)
+def _steps_in_one_call(step, steps_per_call: int):
+  """`step` -> `count` of its updates in one compiled call (a `lax.fori_loop`): the host
+  dispatches, and the devices meet, once a call instead of once a step."""
+  def train_steps(state, data, indices, positions, key, count, *, axis_name):
+    def update(i, carry):
+      state, metrics = carry
+      state, step_metrics = step(state, data, indices[:, i], positions, key,
+                                 axis_name=axis_name)
+      return state, jax.tree_util.tree_map(lambda all_, one: all_.at[i].set(one), metrics,
+                                           step_metrics)
+
+    shapes = jax.eval_shape(lambda s: step(s, data, indices[:, 0], positions, key,
+                                           axis_name=axis_name)[1], state)
+    metrics = jax.tree_util.tree_map(
+        lambda m: jnp.zeros((steps_per_call, *m.shape), m.dtype), shapes)
+    return jax.lax.fori_loop(0, count, update, (state, metrics))
+  return train_steps
 
 
-@dataclasses.dataclass
-class Evaluator:
-  """Evaluates a state over a whole split, every example exactly once."""
-  runner: Runner
-  data: Any  # on device(s): {'image': uint8 (N, H, W, C), 'label': int32 (N,)}
-  num_examples: int
-  batch_size: int
-  dataset: str
-  max_shift: int = 0  # config.eval_max_shift: the shifted views averaged over (0: none)
-  flip: bool = False  # config.eval_flip: each view's mirror image averaged over too
-  images_per_pass: int = 0  # a device's forward passes take up to this many (0: its share)
-
-  def __post_init__(self):
-    self.num_passes, self.device_images_per_pass = input_pipeline.evaluation_passes(
-        self.batch_size // self.runner.num_devices, self.max_shift, self.flip, self.images_per_pass)
-    self.step = self.runner.compile(functools.partial(
-        _eval_on_indices, dataset=self.dataset, max_shift=self.max_shift, flip=self.flip,
-        num_passes=self.num_passes), in_axes=(0, 0, 0, 0))
-
-  def __call__(self, state) -> dict[str, float]:
-    totals = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-    for indices, mask in input_pipeline.eval_indices(self.num_examples, self.batch_size):
-      # Each batch finishes on every device, not only the first, before the next is sent:
-      # with several in flight (each has an all-reduce), XLA's CPU devices waited on each
-      # other until XLA aborted (two devices; reproduced with eight, tests/test_train.py).
-      sums = jax.block_until_ready(self.step(state, self.data, self.runner.split_batch(indices),
-                                             self.runner.split_batch(mask)))
-      sums = self.runner.unreplicate(sums)
-      for k in totals:
-        totals[k] += float(sums[k])
-    assert int(totals["count"]) == self.num_examples, totals
-    return {"eval_loss": totals["loss"] / totals["count"],
-            "eval_accuracy": totals["correct"] / totals["count"]}
+def call_indices(indices_of, first: int, count: int, steps_per_call: int) -> np.ndarray:
+  """The example indices of steps `first` .. `first + count - 1` (0-based) as one call of
+  `compile_train_steps` takes them: (B, steps_per_call, ...), `indices_of(step)` (B, ...) in
+  column j for step first + j, zeros in the columns past `count`."""
+  columns = [indices_of(step) for step in range(first, first + count)]
+  columns += [np.zeros_like(columns[0])] * (steps_per_call - count)
+  return np.stack(columns, axis=1)

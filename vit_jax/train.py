@@ -31,13 +31,14 @@ from vit_jax import (
   mnist_source,
 )
 from vit_jax.checkpoints import Checkpoints, WriteError
+from vit_jax.evaluation import Evaluator
 from vit_jax.experiment_config import ExperimentConfig, validate
 from vit_jax.loop import step_through
 from vit_jax.metrics import MetricsWindow, MetricWriter, Progress
 from vit_jax.models import ViT
 from vit_jax.parallel import Runner, choose_mode
 from vit_jax.run_log import logging_to, stderr_into_log
-from vit_jax.steps import Evaluator, compile_train_step, microbatches_per_step
+from vit_jax.steps import compile_train_steps, microbatches_per_step
 from vit_jax.train_state import (
   TrainState,
   create_train_state,
@@ -255,17 +256,16 @@ class _Run:
     return {**self.window.last, **result, "step": self.total_steps}
 
   def _steps(self, device_state: Any, start_step: int) -> Any:
-    step_fn = compile_train_step(self.config, self.runner, total_steps=self.total_steps)
-    self.base_rng = jax.random.PRNGKey(self.config.seed)  # each step's: folded with the step
+    step_fn = compile_train_steps(self.config, self.runner, total_steps=self.total_steps)
+    self.key = np.asarray(jax.random.PRNGKey(self.config.seed))  # each step folds in its own
     return step_through(self, step_fn, device_state, start_step)
 
   # The hooks of `loop.step_through`.
-  def batch(self, step: int) -> tuple[Any, jax.Array]:
-    return (self.runner.split_batch(self.order.indices(step)),
-            jax.random.fold_in(self.base_rng, step))
+  def indices(self, step: int) -> np.ndarray:
+    return self.order.indices(step)
 
-  def add(self, step: int, metrics: Any) -> None:
-    self.window.add(step, metrics)
+  def add(self, first: int, count: int, metrics: Any) -> None:
+    self.window.add(first, count, metrics)
 
   def log(self, step: int) -> None:
     self.window.flush(step)

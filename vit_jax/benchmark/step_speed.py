@@ -17,7 +17,7 @@ from vit_jax import inference, input_pipeline, steps, train_state
 from vit_jax.benchmark import flops, timing
 from vit_jax.experiment_config import ExperimentConfig
 from vit_jax.parallel import Runner
-from vit_jax.seeds import fold_in_each, stack
+from vit_jax.seeds import stack
 
 
 def synthetic_digits(config: ExperimentConfig, num_examples: int) -> dict[str, np.ndarray]:
@@ -78,9 +78,10 @@ def seeds_train_images_per_second(config: ExperimentConfig, runner: Runner,
 
 
 def training_window(config: ExperimentConfig, runner: Runner, device_data: Any, num_examples: int,
-              steps_per_window: int, num_seeds: int = 0):
-  """-> (a window of training steps, the holder of its state, the compiled step, its compile
-  seconds); with `num_seeds`, that many seeds' states stacked, a data order each."""
+                    steps_per_window: int, num_seeds: int = 0):
+  """-> (a window of training steps as `loop.step_through` takes them, `config.steps_per_call`
+  a call, the holder of its state, the compiled call, its compile seconds); with
+  `num_seeds`, that many seeds' states stacked, a data order each."""
   seeds = range(num_seeds or 1)
   states = [train_state.create_train_state(dataclasses.replace(config, seed=s), total_steps=10_000)
             for s in seeds]
@@ -88,23 +89,27 @@ def training_window(config: ExperimentConfig, runner: Runner, device_data: Any, 
   orders = [input_pipeline.EpochOrder(num_examples, config.batch_size, s) for s in seeds]
   positions = runner.split_batch(np.arange(config.batch_size, dtype=np.int32))
   keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds])
-  run_key = jax.random.PRNGKey(0)  # on the device, as `train.Training.base_rng`
+  key = keys if num_seeds else keys[0]
+  per_call = config.steps_per_call
 
-  def arguments(i):
-    indices = np.stack([order.indices(i) for order in orders], axis=1)
-    if not num_seeds:  # as `train.Training.batch` draws a run's key
-      return runner.split_batch(indices[:, 0]), positions, jax.random.fold_in(run_key, i)
-    return runner.split_batch(indices), positions, fold_in_each(keys, i)
+  def indices(i):
+    both = np.stack([order.indices(i) for order in orders], axis=1)
+    return both if num_seeds else both[:, 0]
 
-  step_fn = steps.compile_train_step(config, runner, seeds=bool(num_seeds))
+  def arguments(first, count):  # as `loop.step_through` hands them over
+    return (runner.split_batch(steps.call_indices(indices, first, count, per_call)), positions,
+            key, np.int32(count))
+
+  step_fn = steps.compile_train_steps(config, runner, seeds=bool(num_seeds))
   start = time.perf_counter()
-  compiled = step_fn.lower(holder["state"], device_data, *arguments(0)).compile()
+  compiled = step_fn.lower(holder["state"], device_data, *arguments(0, 1)).compile()
   compile_seconds = time.perf_counter() - start
 
   def train_window():
     state = holder["state"]
-    for i in range(steps_per_window):
-      state, metrics = step_fn(state, device_data, *arguments(i))
+    for first in range(0, steps_per_window, per_call):
+      state, metrics = step_fn(state, device_data,
+                               *arguments(first, min(per_call, steps_per_window - first)))
     jax.block_until_ready(metrics)
     holder["state"] = state
 
@@ -170,11 +175,12 @@ def _one_device_json(config: ExperimentConfig, microbatches: int) -> dict:
 
 
 def time_one_compile(config: ExperimentConfig) -> dict[str, float]:
-  """Lower and compile the single-device training step once; for `compile_times`."""
+  """Lower and compile the single-device training call once; for `compile_times`."""
   state = train_state.create_train_state(config, total_steps=10_000)
   data = synthetic_digits(config, config.batch_size)
-  step = steps.compile_train_step(config, Runner("jit"))
+  step = steps.compile_train_steps(config, Runner("jit"))
   idx = np.arange(config.batch_size, dtype=np.int32)
   start = time.perf_counter()
-  step.lower(state, data, idx, idx, jax.random.PRNGKey(0)).compile()
+  step.lower(state, data, np.stack([idx] * config.steps_per_call, axis=1), idx,
+             jax.random.PRNGKey(0), np.int32(1)).compile()
   return {"seconds": time.perf_counter() - start}
