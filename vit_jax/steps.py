@@ -204,7 +204,8 @@ def _over_seeds(step):
 
 def _steps_in_one_call(step, steps_per_call: int):
   """`step` -> `count` of its updates in one compiled call (a `lax.fori_loop`): the host
-  dispatches, and the devices meet, once a call instead of once a step."""
+  dispatches once a call instead of once a step (the devices still average each step's
+  gradients)."""
   def train_steps(state, data, indices, positions, key, count, *, axis_name):
     def update(i, carry):
       state, metrics = carry
