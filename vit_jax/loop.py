@@ -72,7 +72,7 @@ def step_through(run: Hooks, step_fn: Callable, device_state: Any, start_step: i
                                       run.runner.split_batch(indices), positions, run.key,
                                       np.int32(count))
       run.add(done, count, metrics)
-      done += count
+      done = run.step = done + count
       if done % config.log_every_steps == 0:
         run.log(done)
       run.save(done, device_state)

@@ -77,7 +77,7 @@ def with_mfu(row: dict[str, Any], peak_flops: float) -> dict[str, Any]:
                     / peak_flops for key in ("train", "eval")}}
 
 
-def run(config: ExperimentConfig, steps_per_window: int = 5, windows: int = 3,
+def run(config: ExperimentConfig, steps_per_window: int = 10, windows: int = 3,
         axes: dict[str, tuple[int, ...]] = AXES,
         after_row: Callable[[dict[str, Any]], None] = lambda result: None) -> dict[str, Any]:
   """Every row of `axes`, with the machine's description and the 16-over-4-heads ratio.
@@ -129,7 +129,7 @@ def _so_far(rows: list[dict[str, Any]], peak: timing.MatmulPeak, runner: Runner
 
 
 def interleaved_speedup(first: ExperimentConfig, second: ExperimentConfig, runner: Runner,
-                        steps_per_window: int = 5, rounds: int = 10) -> float:
+                        steps_per_window: int = 10, rounds: int = 10) -> float:
   """Training images/s of `second` over `first` (the same batch), their windows alternating
   `rounds` times in this process, in both orders (`kernels.timing.alternating_ratio`). A
   neighbour's load on a shared machine then weighs on both alike, where rows measured minutes
@@ -184,7 +184,8 @@ def _define_flags():
                                   "The base config.", lock_config=True)
   flags.DEFINE_string("cpu_devices", "auto", "As launch.py's.")
   flags.DEFINE_integer("windows", 3, "Timed windows per row.", lower_bound=1)
-  flags.DEFINE_integer("steps_per_window", 5, "Training steps per window.", lower_bound=1)
+  flags.DEFINE_integer("steps_per_window", 10, "Training steps per window (10: one call of the "
+                       "default steps_per_call).", lower_bound=1)
   flags.DEFINE_string("out", None, "Write the rows as JSON here (after every row).")
 
 

@@ -79,8 +79,9 @@ def seeds_train_images_per_second(config: ExperimentConfig, runner: Runner,
 
 def training_window(config: ExperimentConfig, runner: Runner, device_data: Any, num_examples: int,
                     steps_per_window: int, num_seeds: int = 0):
-  """-> (a window of training steps as `loop.step_through` takes them, `config.steps_per_call`
-  a call, the holder of its state, the compiled call, its compile seconds); with
+  """-> (a window of training steps, `config.steps_per_call` a call with its arguments made as
+  `loop.step_through` makes them (no call ends early: the window neither logs, evaluates nor
+  checkpoints), the holder of its state, the compiled call, its compile seconds); with
   `num_seeds`, that many seeds' states stacked, a data order each."""
   seeds = range(num_seeds or 1)
   states = [train_state.create_train_state(dataclasses.replace(config, seed=s), total_steps=10_000)
@@ -130,8 +131,9 @@ def _compiled_costs(config: ExperimentConfig, runner: Runner, compiled, evaluate
       # Parameters, optimizer state, the device's copy of the data, activations, gradients.
       "train_step_peak_megabytes": memory and memory.peak_memory_in_bytes / 2**20,
       # XLA counts a pmap-ed or sharded program once, for one device's share of the batch, and a
-      # loop's body once, for one of the step's micro-batches or evaluation passes (so the
-      # work outside the loop, gather and optimizer, is counted once a pass). A custom call is
+      # loop's body once: one step of a call's loop over its steps, and in it one of the step's
+      # micro-batches or evaluation passes (so the work outside the micro-batches' loop,
+      # gather and optimizer, is counted once a pass). A custom call is
       # opaque to XLA: with attention_kernel 'fused_cpu' the count lacks the attention's
       # products (QK^T and AV).
       "xla_train_flops_per_image": xla_train and xla_train
