@@ -62,7 +62,6 @@ def step_through(run: Hooks, step_fn: Callable, device_state: Any, start_step: i
   done = start_step
   with StopSignal() as stop:
     while done < total:
-      run.step = done
       count = next_event(config, total, done) - done
       for step in range(done, done + count):
         if line := undistorted_line(config, total, step, start_step):
